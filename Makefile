@@ -1,0 +1,20 @@
+# Two entry points (see README): `make train` and `make test`. Both set up .venv/ first.
+PY := .venv/bin/python
+
+.PHONY: setup train test lint format
+setup: .venv/.setup-done
+
+.venv/.setup-done: pyproject.toml scripts/setup.sh
+	bash scripts/setup.sh
+
+train: setup
+	$(PY) -m flowrl_async train $(ARGS)
+
+test: setup
+	$(PY) -m pytest -m "not slow" $(ARGS)
+
+lint: setup
+	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+
+format: setup
+	$(PY) -m ruff format . && $(PY) -m ruff check --fix .

@@ -1,0 +1,249 @@
+"""Policy objectives: FlowRL (trajectory balance), GRPO and REINFORCE, as pure tensor functions.
+
+Shapes: B sequences, T response tokens. ``mask`` is bool or 0/1 and True on response tokens.
+Invariants every function here keeps:
+- padded positions (mask False) never influence a result or a gradient, whatever finite or
+  non-finite value they hold (they are selected away with ``torch.where``, never multiplied);
+- importance weights are detached: gradients flow only through the current policy's
+  log-probs (and log Z), never through the weight itself;
+- ``normalizer`` (default: B) is the number the summed per-sequence losses are divided by,
+  so micro-batches of one optimizer step can all divide by the step's real sequence count.
+
+Log-prob names say which policy they come from: ``logprobs`` (current policy, with grad),
+``behavior_logprobs`` (recorded by the actor at sampling time), ``ref_logprobs`` (frozen
+reference policy).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+IS_MODES = ("clip", "truncate", "none")
+
+
+@dataclass(frozen=True)
+class LossOutput:
+    """A scalar loss to backpropagate and plain-float metrics to log."""
+
+    loss: torch.Tensor
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _as_bool(mask: torch.Tensor) -> torch.Tensor:
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+def masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Σ_t values[b, t] over response tokens -> [B]; padded entries are ignored."""
+    mask = _as_bool(mask)
+    return torch.where(mask, values, values.new_zeros(())).sum(-1)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over response tokens -> [B]; a sequence with no response tokens gives 0."""
+    count = _as_bool(mask).sum(-1).clamp(min=1).to(values.dtype)
+    return masked_sum(values, mask) / count
+
+
+def group_normalized_rewards(
+    rewards: torch.Tensor, group_ids: torch.Tensor | Sequence, eps: float = 1e-6
+) -> torch.Tensor:
+    """(r − group mean) / (group std + eps) per group -> [B].
+
+    ``group_ids`` is a [B] integer tensor or any sequence of hashable ids (e.g. group uuids).
+    The std is unbiased (torch.std's default); a group of one gives 0.
+    """
+    if not isinstance(group_ids, torch.Tensor):
+        index: dict = {}
+        group_ids = torch.tensor([index.setdefault(g, len(index)) for g in group_ids])
+    if group_ids.shape != rewards.shape or rewards.dim() != 1:
+        raise ValueError(
+            f"rewards and group_ids must both be [B]; got {tuple(rewards.shape)} "
+            f"and {tuple(group_ids.shape)}"
+        )
+    _, inverse = torch.unique(group_ids, return_inverse=True)
+    n_groups = int(inverse.max()) + 1 if inverse.numel() else 0
+    zeros = torch.zeros(n_groups, dtype=rewards.dtype, device=rewards.device)
+    count = zeros.index_add(0, inverse, torch.ones_like(rewards))
+    mean = zeros.index_add(0, inverse, rewards) / count
+    centered = rewards - mean[inverse]
+    var = zeros.index_add(0, inverse, centered**2) / (count - 1).clamp(min=1)
+    normalized = centered / (var.sqrt()[inverse] + eps)
+    return torch.where(count[inverse] > 1, normalized, torch.zeros_like(normalized))
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in IS_MODES:
+        raise ValueError(f"unknown importance-sampling mode {mode!r}; expected one of {IS_MODES}")
+
+
+def sequence_log_ratio(
+    logprobs: torch.Tensor, behavior_logprobs: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """s_i = Σ_t (log π_θ − log μ) over response tokens -> [B], detached."""
+    return masked_sum(logprobs.detach() - behavior_logprobs.detach(), mask)
+
+
+def _limit_weights(
+    raw: torch.Tensor, mode: str, clip_low: float, clip_high: float, truncate_at: float
+) -> torch.Tensor:
+    if mode == "clip":
+        return raw.clamp(1.0 - clip_low, 1.0 + clip_high)
+    if mode == "truncate":
+        return raw.clamp(max=truncate_at)
+    return raw
+
+
+def sequence_importance_weights(
+    logprobs: torch.Tensor,
+    behavior_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    mode: str = "clip",
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    truncate_at: float = 10.0,
+) -> torch.Tensor:
+    """w_i = exp(Σ_t mask·(logprobs − behavior_logprobs)) -> [B], detached.
+
+    mode "clip" clamps to [1 − clip_low, 1 + clip_high] (the paper), "truncate" clamps above
+    at ``truncate_at`` (truncated IS), "none" leaves the weight as it is.
+    """
+    _check_mode(mode)
+    raw = sequence_log_ratio(logprobs, behavior_logprobs, mask).exp()
+    return _limit_weights(raw, mode, clip_low, clip_high, truncate_at)
+
+
+def importance_metrics(raw: torch.Tensor, weights: torch.Tensor) -> dict[str, float]:
+    """IS weight mean, normalised effective sample size (Σw)²/(B·Σw²) and clip fraction."""
+    if raw.numel() == 0:
+        return {"is_weight_mean": 0.0, "is_ess": 0.0, "is_clip_fraction": 0.0}
+    raw64 = raw.detach().double()
+    ess = raw64.sum() ** 2 / (raw64.numel() * (raw64**2).sum())
+    clipped = (weights.detach() != raw.detach()).double().mean()
+    return {
+        "is_weight_mean": float(weights.detach().double().mean()),
+        "is_ess": float(ess),
+        "is_clip_fraction": float(clipped),
+    }
+
+
+def _divide(total: torch.Tensor, normalizer: float | None, batch: int) -> torch.Tensor:
+    denom = float(batch if normalizer is None else normalizer)
+    if denom <= 0:
+        raise ValueError(f"loss normalizer must be positive, got {denom}")
+    return total / denom
+
+
+def flowrl_loss(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    behavior_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    log_z: torch.Tensor,
+    rewards: torch.Tensor,
+    beta: float = 15.0,
+    is_mode: str = "clip",
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    truncate_at: float = 10.0,
+    normalizer: float | None = None,
+) -> LossOutput:
+    """FlowRL trajectory-balance loss.
+
+    δ_i = log_z_i + mean_t(logprobs_i) − beta·rewards_i − mean_t(ref_logprobs_i)
+    loss = Σ_i w_i·δ_i² / normalizer   (normalizer defaults to B: the mean)
+
+    logprobs, ref_logprobs, behavior_logprobs, mask: [B, T]; log_z, rewards: [B]. ``rewards``
+    are used as given (normalise them first for the paper's setting).
+    """
+    _check_mode(is_mode)
+    mean_logprob = masked_mean(logprobs, mask)
+    mean_ref = masked_mean(ref_logprobs.detach(), mask)
+    delta = log_z + mean_logprob - beta * rewards.detach() - mean_ref
+    raw = sequence_log_ratio(logprobs, behavior_logprobs, mask).exp()
+    weights = _limit_weights(raw, is_mode, clip_low, clip_high, truncate_at)
+    loss = _divide((weights * delta**2).sum(), normalizer, logprobs.shape[0])
+    with torch.no_grad():
+        metrics = {
+            "delta_sq": float((delta**2).mean()),
+            "log_z": float(log_z.mean()),
+            "logprob_mean": float(mean_logprob.mean()),
+            "ref_logprob_mean": float(mean_ref.mean()),
+            **importance_metrics(raw, weights),
+        }
+    return LossOutput(loss=loss, metrics=metrics)
+
+
+def grpo_loss(
+    logprobs: torch.Tensor,
+    behavior_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    ref_logprobs: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    normalizer: float | None = None,
+) -> LossOutput:
+    """GRPO: token-level clipped surrogate against the behaviour policy.
+
+    ρ_t = exp(logprobs_t − behavior_logprobs_t)
+    ℓ_i = mean_t −min(ρ_t·A_i, clip(ρ_t, 1 − clip_low, 1 + clip_high)·A_i)
+          [+ kl_coef · mean_t k3(π_θ ‖ π_ref) when ref_logprobs are given]
+    loss = Σ_i ℓ_i / normalizer   (normalizer defaults to B)
+
+    ``advantages`` [B] are usually group-normalised rewards.
+    """
+    mask = _as_bool(mask)
+    log_ratio = torch.where(mask, logprobs - behavior_logprobs.detach(), logprobs.new_zeros(()))
+    ratio = log_ratio.exp()
+    adv = advantages.detach()[:, None]
+    unclipped = ratio * adv
+    clipped = ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * adv
+    per_seq = masked_mean(-torch.minimum(unclipped, clipped), mask)
+    kl = torch.zeros_like(per_seq)
+    if ref_logprobs is not None and kl_coef:
+        # k3 estimator of KL(π_θ ‖ π_ref): e^(ref − θ) − (ref − θ) − 1 >= 0.
+        diff = torch.where(mask, ref_logprobs.detach() - logprobs, logprobs.new_zeros(()))
+        kl = masked_mean(diff.exp() - diff - 1.0, mask)
+        per_seq = per_seq + kl_coef * kl
+    loss = _divide(per_seq.sum(), normalizer, logprobs.shape[0])
+    with torch.no_grad():
+        n_tokens = mask.sum().clamp(min=1)
+        was_clipped = (unclipped != clipped) & mask
+        metrics = {
+            "ratio_mean": float(torch.where(mask, ratio, 0.0).sum() / n_tokens),
+            "clip_fraction": float(was_clipped.sum() / n_tokens),
+            "kl_ref": float(kl.mean()) if kl.numel() else 0.0,
+            "advantage_mean": float(advantages.mean()) if advantages.numel() else 0.0,
+        }
+    return LossOutput(loss=loss, metrics=metrics)
+
+
+def reinforce_loss(
+    logprobs: torch.Tensor,
+    behavior_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    advantages: torch.Tensor,
+    is_mode: str = "truncate",
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    truncate_at: float = 10.0,
+    normalizer: float | None = None,
+) -> LossOutput:
+    """REINFORCE with a baseline and sequence-level importance weights.
+
+    loss = −Σ_i w_i·A_i·Σ_t logprobs_it / normalizer, w_i detached (see
+    ``sequence_importance_weights``); A_i are baseline-subtracted rewards.
+    """
+    _check_mode(is_mode)
+    raw = sequence_log_ratio(logprobs, behavior_logprobs, mask).exp()
+    weights = _limit_weights(raw, is_mode, clip_low, clip_high, truncate_at)
+    per_seq = -weights * advantages.detach() * masked_sum(logprobs, mask)
+    loss = _divide(per_seq.sum(), normalizer, logprobs.shape[0])
+    metrics = importance_metrics(raw, weights)
+    metrics["advantage_mean"] = float(advantages.mean()) if advantages.numel() else 0.0
+    return LossOutput(loss=loss, metrics=metrics)

@@ -1,0 +1,53 @@
+"""The offline tiny model and the Auto-class loading path."""
+
+import json
+
+import torch
+
+from flowrl_async.model import CHARACTERS, build_tiny_model, load_policy, load_tokenizer
+
+
+def test_tiny_model_round_trip(tmp_path):
+    path = build_tiny_model(tmp_path / "tiny", seed=3)
+    config = json.loads((path / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    assert config["tie_word_embeddings"] is False
+    assert config["vocab_size"] == 64  # 4 special tokens + 60 characters
+    model = load_policy(path)
+    n_params = sum(p.numel() for p in model.parameters())
+    assert 1_000_000 < n_params < 10_000_000
+    # untied: the output layer is its own tensor
+    assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
+    # the saved weights are the ones loaded back: same seed, same logits
+    again = load_policy(build_tiny_model(tmp_path / "again", seed=3))
+    ids = torch.tensor([[1, 10, 11, 12]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, again(ids).logits)
+        different = load_policy(build_tiny_model(tmp_path / "other", seed=4))
+        assert not torch.equal(model(ids).logits, different(ids).logits)
+
+
+def test_char_tokenizer_round_trip_and_left_padding(tmp_path):
+    tok = load_tokenizer(build_tiny_model(tmp_path / "tiny"))
+    text = "sum=14 k=3: 5 9 0 (a, b)?"
+    ids = tok(text)["input_ids"]
+    assert ids[0] == tok.bos_token_id
+    assert len(ids) == 1 + len(text)  # one token per character, spaces kept
+    assert tok.decode(ids, skip_special_tokens=True) == text
+    assert tok.decode(tok(CHARACTERS)["input_ids"], skip_special_tokens=True) == CHARACTERS
+    batch = tok(["ab", "abcd"], padding=True)
+    # "ab" -> <pad> <pad> <bos> a b: padding on the left
+    assert batch["input_ids"][0][:2] == [tok.pad_token_id] * 2
+    assert batch["input_ids"][0][2] == tok.bos_token_id
+    assert batch["attention_mask"][0] == [0, 0, 1, 1, 1]
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
+    assert tok.convert_ids_to_tokens(tok.eos_token_id) == "<eos>"
+
+
+def test_tied_variant_and_rebuild_replaces_atomically(tmp_path):
+    path = build_tiny_model(tmp_path / "m", tie_word_embeddings=True)
+    model = load_policy(path)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    build_tiny_model(tmp_path / "m", tie_word_embeddings=False)
+    assert json.loads((path / "config.json").read_text())["tie_word_embeddings"] is False
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temp dirs left behind
