@@ -6,7 +6,6 @@ is π(y) ∝ π_ref(y)·exp(L·β·r(y)) (δ = 0 for every y ⇔ log π = log π
 """
 
 import torch
-from tabular import TabularPolicy
 
 from flowrl_async.learner.objectives import (
     flowrl_loss,
@@ -14,6 +13,8 @@ from flowrl_async.learner.objectives import (
     grpo_loss,
     sequence_importance_weights,
 )
+
+from tabular import TabularPolicy
 
 VOCAB, LENGTH, BETA = 3, 3, 1.0
 

@@ -1,0 +1,63 @@
+"""The Generator protocol: what a rollout actor needs from a generation engine.
+
+Invariants every backend keeps:
+- ``logprobs[i]`` is log μ(token_ids[i] | prefix) under the distribution actually sampled
+  from (temperature applied), float32, one per generated token;
+- ``load_weights`` replaces every parameter before it returns, and the next ``generate``
+  uses only the new weights (no cached prefix from the old ones);
+- ``probe_logprob`` is the summed teacher-forced log-prob (temperature 1) of a token
+  sequence after its first token: the learner computes the same number, and the two must
+  agree after every load.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+
+class WeightLoadError(RuntimeError):
+    """Loaded weights do not reproduce the learner's probe log-prob."""
+
+
+@dataclass(frozen=True)
+class Completion:
+    token_ids: np.ndarray  # int32 [L]
+    logprobs: np.ndarray  # float32 [L]
+    finish_reason: str  # "stop" (eos) or "length"
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    n: int
+    temperature: float
+    top_p: float
+    max_tokens: int
+    seed: int | None = None
+
+
+class Generator(Protocol):
+    def generate(
+        self, prompts: Sequence[Sequence[int]], spec: SampleSpec
+    ) -> list[list[Completion]]:
+        """n completions for each prompt (token ids, <bos> included)."""
+        ...
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None: ...
+
+    def probe_logprob(self, token_ids: Sequence[int]) -> float: ...
+
+
+def check_probe(generator: Generator, token_ids: Sequence[int], expected: float, tol: float):
+    """Raise WeightLoadError when the engine's probe log-prob differs from the learner's."""
+    got = generator.probe_logprob(token_ids)
+    if not abs(got - expected) <= tol:
+        raise WeightLoadError(
+            f"weight load not reproduced: probe log-prob {got:.6f} vs learner's "
+            f"{expected:.6f} (gap {abs(got - expected):.2e} > tolerance {tol:.1e})"
+        )
+    return got

@@ -1,0 +1,101 @@
+"""TorchGenerator: a plain PyTorch KV-cache sampler with the Generator interface.
+
+The light fallback and the engine of fast unit tests. Log-probs are those of the sampled
+distribution: log_softmax(logits / temperature), renormalised over the top-p nucleus when
+top_p < 1. Finished rows keep stepping (cheaper than re-batching) but their extra tokens are
+dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from flowrl_async.actors.generator import Completion, SampleSpec
+
+
+def nucleus_logprobs(logprobs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of tokens whose mass reaches top_p; renormalise; -inf elsewhere."""
+    if top_p >= 1.0:
+        return logprobs
+    sorted_lp, order = logprobs.sort(-1, descending=True)
+    mass_before = sorted_lp.exp().cumsum(-1) - sorted_lp.exp()
+    drop_sorted = mass_before >= top_p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    kept = logprobs.masked_fill(drop, float("-inf"))
+    return kept - kept.logsumexp(-1, keepdim=True)
+
+
+class TorchGenerator:
+    def __init__(self, model, eos_token_id: int, pad_token_id: int, seed: int = 0):
+        self.model = model.eval()
+        self.eos, self.pad = eos_token_id, pad_token_id
+        self.rng = torch.Generator().manual_seed(seed)
+
+    @torch.no_grad()
+    def generate(
+        self, prompts: Sequence[Sequence[int]], spec: SampleSpec
+    ) -> list[list[Completion]]:
+        rng = torch.Generator().manual_seed(spec.seed) if spec.seed is not None else self.rng
+        rows = [list(p) for p in prompts for _ in range(spec.n)]
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([[self.pad] * (width - len(r)) + r for r in rows])
+        attn = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
+        tokens, logps = [], []
+        done = torch.zeros(len(rows), dtype=torch.bool)
+        for _ in range(spec.max_tokens):
+            lp = nucleus_logprobs(
+                torch.log_softmax(out.logits[:, -1].float() / spec.temperature, -1), spec.top_p
+            )
+            tok = torch.multinomial(lp.exp(), 1, generator=rng).squeeze(-1)
+            tokens.append(tok)
+            logps.append(lp.gather(-1, tok[:, None]).squeeze(-1))
+            done |= tok == self.eos
+            if bool(done.all()):
+                break
+            attn = torch.cat([attn, torch.ones(len(rows), 1, dtype=attn.dtype)], -1)
+            pos = pos[:, -1:] + 1
+            out = self.model(
+                input_ids=tok[:, None],
+                attention_mask=attn,
+                position_ids=pos,
+                past_key_values=out.past_key_values,
+                use_cache=True,
+            )
+        tok_mat = torch.stack(tokens, 1).numpy()
+        lp_mat = torch.stack(logps, 1).numpy()
+        completions = []
+        for i in range(len(rows)):
+            eos_at = np.flatnonzero(tok_mat[i] == self.eos)
+            end = int(eos_at[0]) + 1 if len(eos_at) else tok_mat.shape[1]
+            completions.append(
+                Completion(
+                    tok_mat[i, :end].astype(np.int32),
+                    lp_mat[i, :end].astype(np.float32),
+                    "stop" if len(eos_at) else "length",
+                )
+            )
+        return [completions[i * spec.n : (i + 1) * spec.n] for i in range(len(prompts))]
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        state = dict(named_tensors)
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        missing = [
+            k
+            for k in missing
+            if not (k == "lm_head.weight" and self.model.config.tie_word_embeddings)
+        ]
+        if missing or unexpected:
+            raise KeyError(
+                f"weights do not fit the model: missing {missing}, unexpected {unexpected}"
+            )
+
+    @torch.no_grad()
+    def probe_logprob(self, token_ids: Sequence[int]) -> float:
+        ids = torch.tensor([list(token_ids)])
+        logits = self.model(input_ids=ids).logits[0, :-1].float()
+        return float(torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None]).sum())

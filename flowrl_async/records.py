@@ -1,0 +1,101 @@
+"""Typed records shared by every process.
+
+A ``Group`` holds all responses to one prompt: the unit of insert, storage and sampling
+(FlowRL needs the whole group to normalise rewards). Arrays are numpy (int32 token ids,
+float32 log-probs) so the wire codec can send them as raw bytes.
+
+Invariants (checked by ``Group.validate``, which the decoder calls on every group):
+- every response has as many behaviour log-probs as token ids, all finite and <= 0;
+- rewards are finite; 0 <= first_version <= last_version;
+- a group has at least one response and a non-empty id.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+
+FINISH_REASONS = ("stop", "length", "abort")
+
+
+class RecordError(ValueError):
+    """A record that breaks one of the invariants above."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 16
+    n: int = 8
+
+
+@dataclass(frozen=True)
+class Response:
+    token_ids: np.ndarray  # int32 [L]
+    behavior_logprobs: np.ndarray  # float32 [L], log μ(token) at the sampling temperature
+    reward: float
+    finish_reason: str
+    first_version: int  # weight version that generated the first token
+    last_version: int  # ... and the last token
+    info: str = ""  # the verifier's reason, e.g. "ok", "no answer", "timeout"
+
+    def validate(self, where: str = "response") -> None:
+        n = len(self.token_ids)
+        if self.token_ids.ndim != 1 or self.behavior_logprobs.ndim != 1:
+            raise RecordError(f"{where}: token_ids and behavior_logprobs must be 1-D")
+        if len(self.behavior_logprobs) != n:
+            raise RecordError(
+                f"{where}: {n} token ids but {len(self.behavior_logprobs)} behavior log-probs"
+            )
+        lp = self.behavior_logprobs
+        if n and not (np.isfinite(lp).all() and (lp <= 0).all()):
+            raise RecordError(f"{where}: behavior log-probs must be finite and <= 0")
+        if not math.isfinite(self.reward):
+            raise RecordError(f"{where}: reward {self.reward} is not finite")
+        if self.finish_reason not in FINISH_REASONS:
+            raise RecordError(f"{where}: unknown finish reason {self.finish_reason!r}")
+        if not 0 <= self.first_version <= self.last_version:
+            raise RecordError(
+                f"{where}: versions must satisfy 0 <= first ({self.first_version}) "
+                f"<= last ({self.last_version})"
+            )
+
+
+@dataclass(frozen=True)
+class Group:
+    group_id: str
+    prompt_id: int
+    prompt_token_ids: np.ndarray  # int32 [P]
+    task: str
+    responses: tuple[Response, ...]
+    actor_id: int = 0
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    created_at: float = 0.0  # when generation started (unix seconds)
+    finished_at: float = 0.0  # when the group was verified
+
+    @property
+    def min_version(self) -> int:
+        """The oldest weight version that generated any token of this group."""
+        return min(r.first_version for r in self.responses)
+
+    @property
+    def rewards(self) -> np.ndarray:
+        return np.array([r.reward for r in self.responses], dtype=np.float64)
+
+    def validate(self) -> None:
+        if not self.group_id:
+            raise RecordError("group: empty group id")
+        if not self.responses:
+            raise RecordError(f"group {self.group_id}: no responses")
+        if self.prompt_token_ids.ndim != 1:
+            raise RecordError(f"group {self.group_id}: prompt_token_ids must be 1-D")
+        for i, response in enumerate(self.responses):
+            response.validate(f"group {self.group_id} response {i}")
+
+
+def new_group_id() -> str:
+    return uuid.uuid4().hex

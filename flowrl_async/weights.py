@@ -1,0 +1,145 @@
+"""Weight publication layout and the torch.distributed group both sides share.
+
+A publication is: one int64 tensor with the header's byte length, the msgpack header as a
+uint8 tensor (version, probe token ids and the learner's probe log-prob, and for each
+bucket its dtype, byte size and the (name, shape, offset) of every parameter in it), then
+each bucket as one flat tensor, broadcast from rank 0 in order.
+
+Invariants: buckets hold one dtype each and at most ``bucket_bytes`` unless a single tensor
+is larger (then it is alone in its bucket); parameters appear in the order given; the
+layout depends only on names, shapes and dtypes, so sender and receiver agree without
+negotiation. The group is built from its own TCPStore and never touches torch.distributed's
+default group (NCCL on GPU, gloo on CPU).
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import msgpack
+import torch
+import torch.distributed as dist
+
+DEFAULT_BUCKET_BYTES = 64 * 1024 * 1024
+_DTYPES = {
+    str(d).removeprefix("torch."): d
+    for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32)
+}
+
+
+@dataclass(frozen=True)
+class Slot:
+    name: str
+    shape: tuple[int, ...]
+    offset: int  # in elements, within its bucket
+    numel: int
+
+
+@dataclass(frozen=True)
+class Bucket:
+    dtype: torch.dtype
+    numel: int
+    slots: tuple[Slot, ...]
+
+
+@dataclass(frozen=True)
+class Header:
+    version: int
+    buckets: tuple[Bucket, ...]
+    probe_token_ids: tuple[int, ...] = ()
+    probe_logprob: float = 0.0
+
+    def to_bytes(self) -> bytes:
+        return msgpack.packb(
+            {
+                "version": self.version,
+                "probe": [list(self.probe_token_ids), self.probe_logprob],
+                "buckets": [
+                    [
+                        str(b.dtype).removeprefix("torch."),
+                        b.numel,
+                        [[s.name, list(s.shape), s.offset, s.numel] for s in b.slots],
+                    ]
+                    for b in self.buckets
+                ],
+            }
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Header:
+        obj = msgpack.unpackb(data)
+        buckets = tuple(
+            Bucket(
+                _DTYPES[dtype],
+                numel,
+                tuple(Slot(n, tuple(shape), off, k) for n, shape, off, k in slots),
+            )
+            for dtype, numel, slots in obj["buckets"]
+        )
+        ids, lp = obj["probe"]
+        return cls(obj["version"], buckets, tuple(ids), lp)
+
+
+def plan_buckets(
+    named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int = DEFAULT_BUCKET_BYTES
+) -> tuple[Bucket, ...]:
+    """Group parameters into per-dtype buckets of at most ``bucket_bytes`` each."""
+    open_slots: dict[torch.dtype, list[Slot]] = {}
+    open_numel: dict[torch.dtype, int] = {}
+    done: list[Bucket] = []
+    for name, t in named:
+        if t.dtype not in _DTYPES.values():
+            raise TypeError(f"cannot publish {name} of dtype {t.dtype}")
+        slots = open_slots.setdefault(t.dtype, [])
+        used = open_numel.get(t.dtype, 0)
+        if slots and (used + t.numel()) * t.element_size() > bucket_bytes:
+            done.append(Bucket(t.dtype, used, tuple(slots)))
+            slots, used = [], 0
+            open_slots[t.dtype] = slots
+        slots.append(Slot(name, tuple(t.shape), used, t.numel()))
+        open_numel[t.dtype] = used + t.numel()
+    for dtype, slots in open_slots.items():
+        if slots:
+            done.append(Bucket(dtype, open_numel[dtype], tuple(slots)))
+    return tuple(done)
+
+
+def pack_bucket(bucket: Bucket, tensors: dict[str, torch.Tensor], device=None) -> torch.Tensor:
+    flat = torch.empty(bucket.numel, dtype=bucket.dtype, device=device)
+    for s in bucket.slots:
+        flat[s.offset : s.offset + s.numel].copy_(tensors[s.name].detach().reshape(-1))
+    return flat
+
+
+def unpack_bucket(bucket: Bucket, flat: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    """Views into ``flat``: (name, tensor) in the sender's order."""
+    for s in bucket.slots:
+        yield s.name, flat[s.offset : s.offset + s.numel].view(s.shape)
+
+
+def new_group(
+    host: str,
+    port: int,
+    rank: int,
+    world_size: int,
+    backend: str = "gloo",
+    timeout_s: float = 120.0,
+) -> dist.ProcessGroup:
+    """A process group of its own (rank 0 hosts the TCPStore); the default group is untouched."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = dist.TCPStore(
+        host, port, world_size, is_master=rank == 0, timeout=timeout, wait_for_workers=False
+    )
+    if backend == "gloo":
+        return dist.ProcessGroupGloo(store, rank, world_size, timeout)
+    if backend == "nccl":
+        return dist.ProcessGroupNCCL(store, rank, world_size)
+    raise ValueError(f"unknown weight-sync backend {backend!r}; expected gloo or nccl")
+
+
+def broadcast(group: dist.ProcessGroup, tensor: torch.Tensor, root: int = 0) -> None:
+    opts = dist.BroadcastOptions()
+    opts.rootRank = root
+    group.broadcast([tensor], opts).wait()

@@ -1,0 +1,137 @@
+"""The replay buffer: whole groups, deduplicated, with bounded staleness and admission control.
+
+Invariants:
+- a group id is accepted at most once, ever (retries of an acknowledged insert are no-ops);
+- a group whose oldest version is more than ``max_staleness`` behind the learner's version is
+  never returned by ``sample``: it is evicted and counted (``max_staleness=None`` disables
+  the bound, for off-policy trajectory balance);
+- ``sample`` returns whole groups or nothing: fewer than ``batch_size`` eligible groups give
+  None and change no state;
+- a group sampled ``max_times_sampled`` times leaves the buffer; FIFO uses each group once;
+- when full, the oldest group is evicted (counted) to make room.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+SELECTORS = ("fifo", "uniform", "prioritized")
+
+
+@dataclass
+class Entry:
+    group_id: str
+    min_version: int
+    payload: dict  # the group as it came off the wire; sent back as is
+    priority: float = 1.0  # e.g. reward spread within the group
+    inserted_at: float = field(default_factory=time.time)
+    times_sampled: int = 0
+
+
+@dataclass
+class Counters:
+    inserted: int = 0
+    duplicates: int = 0
+    sampled_groups: int = 0
+    evicted_stale: int = 0
+    evicted_capacity: int = 0
+    evicted_used: int = 0
+
+
+class ReplayBuffer:
+    def __init__(
+        self,
+        capacity: int = 10_000,
+        max_staleness: int | None = 1,
+        selector: str = "fifo",
+        max_times_sampled: int = 1,
+        seed: int = 0,
+    ):
+        if selector not in SELECTORS:
+            raise ValueError(f"unknown selector {selector!r}; expected one of {SELECTORS}")
+        if capacity < 1 or max_times_sampled < 1:
+            raise ValueError("capacity and max_times_sampled must be >= 1")
+        if max_staleness is not None and max_staleness < 0:
+            raise ValueError("max_staleness must be >= 0 or None")
+        if selector == "fifo" and max_times_sampled != 1:
+            raise ValueError("the fifo selector uses each group once: set max_times_sampled=1")
+        self.capacity, self.max_staleness = capacity, max_staleness
+        self.selector, self.max_times_sampled = selector, max_times_sampled
+        self.rng = random.Random(seed)
+        self.entries: OrderedDict[str, Entry] = OrderedDict()
+        self.seen: set[str] = set()
+        self.counters = Counters()
+        self.version = 0  # the learner's, as last reported
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def insert(self, entry: Entry) -> bool:
+        """Add a group; False (and nothing changes) when its id was seen before."""
+        if entry.group_id in self.seen:
+            self.counters.duplicates += 1
+            return False
+        self.seen.add(entry.group_id)
+        while len(self.entries) >= self.capacity:
+            self.entries.popitem(last=False)
+            self.counters.evicted_capacity += 1
+        self.entries[entry.group_id] = entry
+        self.counters.inserted += 1
+        return True
+
+    def staleness(self, entry: Entry, version: int | None = None) -> int:
+        return (self.version if version is None else version) - entry.min_version
+
+    def evict_stale(self, version: int) -> int:
+        self.version = max(self.version, version)
+        if self.max_staleness is None:
+            return 0
+        stale = [k for k, e in self.entries.items() if self.staleness(e) > self.max_staleness]
+        for k in stale:
+            del self.entries[k]
+        self.counters.evicted_stale += len(stale)
+        return len(stale)
+
+    def sample(self, batch_size: int, version: int) -> list[tuple[Entry, int]] | None:
+        """``batch_size`` distinct groups with their staleness, or None when too few."""
+        self.evict_stale(version)
+        if len(self.entries) < batch_size:
+            return None
+        keys = list(self.entries)
+        if self.selector == "fifo":
+            chosen = keys[:batch_size]
+        elif self.selector == "uniform":
+            chosen = self.rng.sample(keys, batch_size)
+        else:
+            chosen = self._prioritized(keys, batch_size)
+        out = []
+        for k in chosen:
+            e = self.entries[k]
+            e.times_sampled += 1
+            out.append((e, self.staleness(e)))
+            if e.times_sampled >= self.max_times_sampled:
+                del self.entries[k]
+                self.counters.evicted_used += 1
+        self.counters.sampled_groups += len(out)
+        return out
+
+    def _prioritized(self, keys: list[str], k: int) -> list[str]:
+        # weighted sampling without replacement (Efraimidis–Spirakis keys u^(1/w))
+        def key(name: str) -> float:
+            w = max(self.entries[name].priority, 1e-6)
+            return self.rng.random() ** (1.0 / w)
+
+        return sorted(keys, key=key, reverse=True)[:k]
+
+    def admission_capacity(self, version: int, groups_per_version: int, in_flight: int) -> int:
+        """AReaL-style: (max_staleness + version + 1)·groups_per_version − (accepted + in flight).
+
+        Unbounded (a large number) when there is no staleness bound.
+        """
+        if self.max_staleness is None:
+            return 1 << 30
+        allowed = (self.max_staleness + version + 1) * groups_per_version
+        return max(0, allowed - (self.counters.inserted + in_flight))

@@ -1,0 +1,116 @@
+"""The replay client: the only way actors and the learner talk to the replay service.
+
+Invariants: ``insert`` returns only once the server has acknowledged the group (it is in
+the log); on a timeout it resends the same group, which the server deduplicates by id, so
+the effect is exactly once. A reply that does not answer the current request (a late
+answer to an earlier try) is ignored. Server-side errors raise ``ReplayError``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+import uuid
+from dataclasses import dataclass
+
+import zmq
+
+from flowrl_async.records import Group
+from flowrl_async.wire import WireLimits, decode, encode, group_from_wire, group_to_wire
+
+
+class ReplayError(RuntimeError):
+    """The replay service rejected a request, or did not answer in time."""
+
+
+@dataclass(frozen=True)
+class SampleInfo:
+    times_sampled: int
+    staleness: int
+    inserted_at: float
+
+
+class ReplayClient:
+    def __init__(
+        self,
+        address: str,
+        request_timeout_s: float = 5.0,
+        max_retries: int = 60,
+        limits: WireLimits = WireLimits(),
+    ):
+        self.address, self.timeout, self.max_retries = address, request_timeout_s, max_retries
+        self.limits = limits
+        self._rids = itertools.count(1)
+        self._ctx = zmq.Context.instance()
+        self._sock = None
+        self._connect()
+
+    def _connect(self) -> None:
+        if self._sock is not None:
+            self._sock.close(0)
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(self.address)
+
+    def request(self, msg_type: str, timeout_s: float | None = None, **fields) -> tuple[str, dict]:
+        """Send until answered (resending after each timeout); -> (reply type, fields)."""
+        rid = next(self._rids)
+        payload = encode(msg_type, rid=rid, **fields)
+        timeout = self.timeout if timeout_s is None else timeout_s
+        for _ in range(self.max_retries):
+            self._sock.send(payload)
+            deadline = time.monotonic() + timeout
+            while (left := deadline - time.monotonic()) > 0:
+                if not self._sock.poll(int(left * 1000) + 1):
+                    break
+                kind, msg = decode(self._sock.recv(), self.limits)
+                if msg.get("rid") != rid:
+                    continue  # a late answer to an earlier request
+                if kind == "error":
+                    raise ReplayError(f"replay service rejected {msg_type}: {msg.get('reason')}")
+                return kind, msg
+            self._connect()  # a fresh socket drops anything queued for a dead peer
+        raise ReplayError(
+            f"no answer to {msg_type} from {self.address} after {self.max_retries} tries"
+        )
+
+    def insert(self, group: Group) -> bool:
+        """Insert until acknowledged; -> False when the server already had this group."""
+        _, msg = self.request("insert", group=group_to_wire(group))
+        return not msg["duplicate"]
+
+    def admit(self, actor_id: int, k: int, version: int | None = None) -> int:
+        fields = {"actor": actor_id, "k": k}
+        if version is not None:
+            fields["version"] = version
+        return self.request("admit", **fields)[1]["n"]
+
+    def release(self, actor_id: int) -> None:
+        self.request("release", actor=actor_id)
+
+    def sample(
+        self, batch_size: int, version: int, timeout_s: float = 1.0
+    ) -> list[tuple[Group, SampleInfo]] | None:
+        """``batch_size`` whole groups, or None when the service had too few within timeout_s."""
+        kind, msg = self.request(
+            "sample",
+            timeout_s=timeout_s + self.timeout,
+            batch_size=batch_size,
+            version=version,
+            timeout_ms=int(timeout_s * 1000),
+            req=uuid.uuid4().hex,  # retries reuse it: the server answers each id once
+        )
+        if kind == "empty":
+            return None
+        return [
+            (group_from_wire(g, self.limits), SampleInfo(*info))
+            for g, info in zip(msg["groups"], msg["info"], strict=True)
+        ]
+
+    def stats(self) -> dict:
+        return {k: v for k, v in self.request("stats")[1].items() if k not in ("v", "t", "rid")}
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close(0)
+            self._sock = None

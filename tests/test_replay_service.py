@@ -1,0 +1,151 @@
+"""The replay service over real zmq sockets, with its log on disk."""
+
+import threading
+import time
+
+import msgpack
+import pytest
+import zmq
+
+from flowrl_async.replay.buffer import Entry, ReplayBuffer
+from flowrl_async.replay.client import ReplayClient, ReplayError
+from flowrl_async.replay.server import ReplayServer, ServerConfig
+from flowrl_async.wire import encode
+
+from factories import make_group
+
+
+class Running:
+    def __init__(self, directory, **kw):
+        self.server = ReplayServer(ServerConfig(str(directory), "tcp://127.0.0.1:0", **kw))
+        self.thread = threading.Thread(target=self.server.serve, daemon=True)
+        self.thread.start()
+        while self.server.bound_address is None:
+            time.sleep(0.01)
+        self.client = ReplayClient(self.server.bound_address, request_timeout_s=2.0, max_retries=2)
+
+    def stop(self):
+        self.client.close()
+        self.server.stop()
+        self.thread.join(5)
+
+
+@pytest.fixture
+def service(tmp_path):
+    running = Running(tmp_path / "replay", max_staleness=1, groups_per_version=4)
+    yield running
+    running.stop()
+
+
+def test_insert_is_acknowledged_once_and_sampled_fifo(service):
+    c = service.client
+    assert c.insert(make_group("a")) is True
+    assert c.insert(make_group("a")) is False  # a retry: deduplicated
+    assert c.insert(make_group("b")) is True
+    assert c.sample(3, version=0, timeout_s=0.05) is None  # too few: nothing changes
+    batch = c.sample(2, version=0)
+    assert [g.group_id for g, _ in batch] == ["a", "b"]
+    assert [info.times_sampled for _, info in batch] == [1, 1]
+    stats = c.stats()
+    assert (stats["inserted"], stats["duplicates"], stats["size"]) == (2, 1, 0)
+
+
+def test_stale_groups_are_evicted_and_never_returned(service):
+    c = service.client
+    for gid, version in [("v0", 0), ("v1", 1), ("v2", 2)]:
+        c.insert(make_group(gid, version=version))
+    # learner at version 2, bound 1: v0 (staleness 2) goes, v1 (1) and v2 (0) stay
+    batch = c.sample(2, version=2)
+    assert [(g.group_id, info.staleness) for g, info in batch] == [("v1", 1), ("v2", 0)]
+    assert c.stats()["evicted_stale"] == 1
+
+
+def test_admission_capacity(service):
+    c = service.client
+    # (max_staleness 1 + version 0 + 1) · 4 groups per version = 8 allowed in total
+    assert c.admit(actor_id=1, k=5) == 5
+    assert c.admit(actor_id=2, k=5) == 3
+    c.insert(make_group("x", actor_id=1))  # accepted 1, in flight 7: still 8
+    assert c.admit(actor_id=2, k=1) == 0
+    assert c.admit(actor_id=2, k=4, version=1) == 4  # one more version: 12 allowed
+    c.release(actor_id=2)  # actor 2 restarted: its 7 grants are void
+    assert c.stats()["in_flight"] == 4
+
+
+def test_a_parked_sample_is_served_when_groups_arrive(service):
+    result = {}
+    t = threading.Thread(
+        target=lambda: result.setdefault(
+            "b", ReplayClient(service.server.bound_address).sample(1, version=0, timeout_s=3.0)
+        )
+    )
+    t.start()
+    time.sleep(0.2)
+    service.client.insert(make_group("late"))
+    t.join(5)
+    assert [g.group_id for g, _ in result["b"]] == ["late"]
+
+
+def test_bad_input_is_counted_and_loses_nothing(service):
+    c = service.client
+    c.insert(make_group("keep"))
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.connect(service.server.bound_address)
+    bad = [
+        b"junk",
+        encode("insert", rid=1, group={"id": "x"}),
+        encode("nope", rid=2),
+        msgpack.packb({"v": 1, "t": "sample", "rid": 3, "batch_size": "many"}),
+    ]
+    for payload in bad:
+        sock.send(payload)
+        assert sock.poll(2000)
+        sock.recv()
+    sock.close(0)
+    with pytest.raises(ReplayError, match="unknown message type 'nope'"):
+        c.request("nope")
+    assert c.stats()["rejected"] == 5
+    assert [g.group_id for g, _ in c.sample(1, version=0)] == ["keep"]
+
+
+def test_restart_recovers_acknowledged_and_unused_groups(tmp_path):
+    first = Running(tmp_path / "r", max_staleness=None)
+    for gid in "abc":
+        first.client.insert(make_group(gid))
+    assert [g.group_id for g, _ in first.client.sample(1, version=0)] == ["a"]
+    first.stop()
+    second = Running(tmp_path / "r", max_staleness=None)
+    try:
+        stats = second.client.stats()
+        assert stats["recovered_records"] == 4  # 3 inserts + 1 sample
+        assert second.client.insert(make_group("a")) is False  # still known
+        assert [g.group_id for g, _ in second.client.sample(2, version=0)] == ["b", "c"]
+    finally:
+        second.stop()
+
+
+@pytest.mark.parametrize(
+    "selector, expected",
+    [("fifo", ["g0", "g1"]), ("uniform", None), ("prioritized", None)],
+)
+def test_selectors_return_distinct_groups(selector, expected):
+    buf = ReplayBuffer(
+        capacity=10,
+        max_staleness=None,
+        selector=selector,
+        max_times_sampled=1 if selector == "fifo" else 2,
+        seed=1,
+    )
+    for i in range(5):
+        buf.insert(Entry(f"g{i}", 0, {}, priority=float(i)))
+    picked = [e.group_id for e, _ in buf.sample(2, version=0)]
+    assert len(set(picked)) == 2
+    if expected:
+        assert picked == expected
+
+
+def test_capacity_eviction_drops_oldest():
+    buf = ReplayBuffer(capacity=2, max_staleness=None)
+    for i in range(3):
+        buf.insert(Entry(f"g{i}", 0, {}))
+    assert list(buf.entries) == ["g1", "g2"] and buf.counters.evicted_capacity == 1
