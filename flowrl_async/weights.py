@@ -15,7 +15,7 @@ default group (NCCL on GPU, gloo on CPU).
 from __future__ import annotations
 
 import datetime
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import msgpack
@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 DEFAULT_BUCKET_BYTES = 64 * 1024 * 1024
+STOP = -1  # a header length of -1 tells receivers the learner is done
 _DTYPES = {
     str(d).removeprefix("torch."): d
     for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32)
@@ -35,6 +36,7 @@ class Slot:
     shape: tuple[int, ...]
     offset: int  # in elements, within its bucket
     numel: int
+    index: int  # position in the sender's parameter order
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,7 @@ class Header:
                     [
                         str(b.dtype).removeprefix("torch."),
                         b.numel,
-                        [[s.name, list(s.shape), s.offset, s.numel] for s in b.slots],
+                        [[s.name, list(s.shape), s.offset, s.numel, s.index] for s in b.slots],
                     ]
                     for b in self.buckets
                 ],
@@ -74,7 +76,7 @@ class Header:
             Bucket(
                 _DTYPES[dtype],
                 numel,
-                tuple(Slot(n, tuple(shape), off, k) for n, shape, off, k in slots),
+                tuple(Slot(n, tuple(shape), off, k, i) for n, shape, off, k, i in slots),
             )
             for dtype, numel, slots in obj["buckets"]
         )
@@ -89,7 +91,7 @@ def plan_buckets(
     open_slots: dict[torch.dtype, list[Slot]] = {}
     open_numel: dict[torch.dtype, int] = {}
     done: list[Bucket] = []
-    for name, t in named:
+    for index, (name, t) in enumerate(named):
         if t.dtype not in _DTYPES.values():
             raise TypeError(f"cannot publish {name} of dtype {t.dtype}")
         slots = open_slots.setdefault(t.dtype, [])
@@ -98,7 +100,7 @@ def plan_buckets(
             done.append(Bucket(t.dtype, used, tuple(slots)))
             slots, used = [], 0
             open_slots[t.dtype] = slots
-        slots.append(Slot(name, tuple(t.shape), used, t.numel()))
+        slots.append(Slot(name, tuple(t.shape), used, t.numel(), index))
         open_numel[t.dtype] = used + t.numel()
     for dtype, slots in open_slots.items():
         if slots:
@@ -106,17 +108,25 @@ def plan_buckets(
     return tuple(done)
 
 
-def pack_bucket(bucket: Bucket, tensors: dict[str, torch.Tensor], device=None) -> torch.Tensor:
-    flat = torch.empty(bucket.numel, dtype=bucket.dtype, device=device)
+def pack_bucket(
+    bucket: Bucket, tensors: dict[str, torch.Tensor], out: torch.Tensor | None = None
+) -> torch.Tensor:
+    flat = torch.empty(bucket.numel, dtype=bucket.dtype) if out is None else out
     for s in bucket.slots:
         flat[s.offset : s.offset + s.numel].copy_(tensors[s.name].detach().reshape(-1))
     return flat
 
 
-def unpack_bucket(bucket: Bucket, flat: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
-    """Views into ``flat``: (name, tensor) in the sender's order."""
-    for s in bucket.slots:
-        yield s.name, flat[s.offset : s.offset + s.numel].view(s.shape)
+def unpack(
+    buckets: Iterable[Bucket], flats: Iterable[torch.Tensor]
+) -> list[tuple[str, torch.Tensor]]:
+    """Views into the received flat buckets: (name, tensor) in the sender's order."""
+    items = [
+        (s.index, s.name, flat[s.offset : s.offset + s.numel].view(s.shape))
+        for bucket, flat in zip(buckets, flats, strict=True)
+        for s in bucket.slots
+    ]
+    return [(name, t) for _, name, t in sorted(items, key=lambda item: item[0])]
 
 
 def new_group(

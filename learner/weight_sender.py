@@ -1,0 +1,61 @@
+"""WeightSender: publishes the policy's weights on the weight group (learner = rank 0).
+
+One publication = header length, header, then every bucket (flowrl_async.weights). The
+bucket plan is computed once per parameter signature and reused; staging buffers are reused
+too, so a publication allocates nothing after the first.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from flowrl_async.weights import (
+    DEFAULT_BUCKET_BYTES,
+    STOP,
+    Header,
+    broadcast,
+    pack_bucket,
+    plan_buckets,
+)
+
+
+class WeightSender:
+    def __init__(self, group, bucket_bytes: int = DEFAULT_BUCKET_BYTES, device: str = "cpu"):
+        self.group, self.bucket_bytes, self.device = group, bucket_bytes, device
+        self._signature = None
+        self._buckets = ()
+        self._staging: list[torch.Tensor] = []
+
+    def publish(
+        self,
+        named_tensors: list[tuple[str, torch.Tensor]],
+        version: int,
+        probe_token_ids: tuple[int, ...] = (),
+        probe_logprob: float = 0.0,
+    ) -> int:
+        """Broadcast the weights; -> bytes sent."""
+        signature = tuple((n, tuple(t.shape), t.dtype) for n, t in named_tensors)
+        if signature != self._signature:
+            self._buckets = plan_buckets(named_tensors, self.bucket_bytes)
+            self._staging = [
+                torch.empty(b.numel, dtype=b.dtype, device=self.device) for b in self._buckets
+            ]
+            self._signature = signature
+        header = Header(version, self._buckets, tuple(probe_token_ids), probe_logprob).to_bytes()
+        self._send_header(header)
+        tensors = dict(named_tensors)
+        sent = 0
+        for bucket, staging in zip(self._buckets, self._staging, strict=True):
+            flat = pack_bucket(bucket, tensors, out=staging)
+            broadcast(self.group, flat)
+            sent += flat.numel() * flat.element_size()
+        return sent
+
+    def _send_header(self, header: bytes) -> None:
+        broadcast(self.group, torch.tensor([len(header)], dtype=torch.int64, device=self.device))
+        data = torch.frombuffer(bytearray(header), dtype=torch.uint8).to(self.device)
+        broadcast(self.group, data)
+
+    def stop(self) -> None:
+        """Tell every receiver to end its receive loop."""
+        broadcast(self.group, torch.tensor([STOP], dtype=torch.int64, device=self.device))

@@ -1,0 +1,122 @@
+"""Weight publication across real processes on a gloo group."""
+
+import multiprocessing as mp
+import socket
+import time
+
+import pytest
+import torch
+
+from flowrl_async.weights import Header, new_group, plan_buckets
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_state(seed: int) -> list[tuple[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        ("embed.weight", torch.randn(64, 32, generator=g)),
+        ("layer.0.w", torch.randn(32, 32, generator=g).to(torch.bfloat16)),
+        ("layer.0.b", torch.randn(32, generator=g, dtype=torch.float64)),
+        ("layer.1.w", torch.randn(32, 48, generator=g)),
+        ("steps", torch.arange(5, dtype=torch.int64)),
+        ("head.weight", torch.randn(64, 32, generator=g).to(torch.float16)),
+    ]
+
+
+def receiver_main(port, rank, world, n_pubs, queue):
+    torch.set_num_threads(1)
+    from flowrl_async.actors.weight_receiver import WeightReceiver
+
+    try:
+        receiver = WeightReceiver(new_group("127.0.0.1", port, rank, world, timeout_s=60))
+        got = []
+        for _ in range(n_pubs):
+            pub = receiver.wait(60)
+            named = pub.named_tensors()
+            got.append(
+                (
+                    pub.header.version,
+                    pub.header.probe_logprob,
+                    [(n, t.dtype, t.clone()) for n, t in named],
+                )
+            )
+        receiver.stopped.wait(60)
+        queue.put((rank, got))
+    except BaseException as e:
+        queue.put((rank, repr(e)))
+
+
+def run_publications(bucket_bytes, world, seeds):
+    from flowrl_async.learner.weight_sender import WeightSender
+
+    ctx = mp.get_context("spawn")
+    queue, port = ctx.Queue(), free_port()
+    procs = [
+        ctx.Process(target=receiver_main, args=(port, r, world, len(seeds), queue))
+        for r in range(1, world)
+    ]
+    for p in procs:
+        p.start()
+    sender = WeightSender(new_group("127.0.0.1", port, 0, world, timeout_s=60), bucket_bytes)
+    for version, seed in enumerate(seeds, start=1):
+        sender.publish(make_state(seed), version, (1, 2, 3), probe_logprob=-1.5 * version)
+        # the receivers keep only the newest untaken publication, so pace them one by one
+        time.sleep(0.5)
+    sender.stop()
+    results = dict(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(30)
+    return results
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("bucket_bytes", [64, 4096, 1 << 20])
+def test_every_parameter_arrives_bit_identical(bucket_bytes):
+    results = run_publications(bucket_bytes, world=3, seeds=[0, 1])
+    assert set(results) == {1, 2}
+    for rank, got in results.items():
+        assert not isinstance(got, str), f"rank {rank}: {got}"
+        assert [v for v, _, _ in got] == [1, 2]
+        assert [p for _, p, _ in got] == [-1.5, -3.0]
+        for (_, _, named), seed in zip(got, [0, 1], strict=True):
+            expected = make_state(seed)
+            assert [n for n, _, _ in named] == [n for n, _ in expected]
+            for (name, dtype, t), (_, e) in zip(named, expected, strict=True):
+                assert dtype == e.dtype, name
+                assert torch.equal(
+                    t.view(torch.uint8) if t.dtype != torch.bool else t,
+                    e.contiguous().view(torch.uint8),
+                ), name
+
+
+@pytest.mark.integration
+def test_a_rebuilt_group_with_a_new_member_works():
+    # first a group of 2, then (an actor joined) a fresh group of 3 on a new port
+    assert set(run_publications(4096, world=2, seeds=[3])) == {1}
+    results = run_publications(4096, world=3, seeds=[4])
+    for got in results.values():
+        assert not isinstance(got, str), got
+        ((_, _, named),) = got
+        for (name, _, t), (_, e) in zip(named, make_state(4), strict=True):
+            assert torch.equal(t, e), name
+
+
+def test_bucket_plan_is_per_dtype_and_bounded():
+    state = make_state(0)
+    buckets = plan_buckets(state, bucket_bytes=4096)
+    for b in buckets:
+        size = b.numel * torch.empty(0, dtype=b.dtype).element_size()
+        assert size <= 4096 or len(b.slots) == 1  # a tensor larger than a bucket is alone
+    # every parameter appears once, in order within its dtype
+    names = [s.name for b in buckets for s in b.slots]
+    assert sorted(names) == sorted(n for n, _ in state)
+    # embed 64·32 fp32 = 8192 B > 4096: alone; layer.1.w 32·48·4 = 6144 B: alone
+    fp32 = [[s.name for s in b.slots] for b in buckets if b.dtype == torch.float32]
+    assert fp32 == [["embed.weight"], ["layer.1.w"]]
+    header = Header(7, buckets, (1, 5), -2.25)
+    assert Header.from_bytes(header.to_bytes()) == header
