@@ -74,6 +74,7 @@ class Group:
     responses: tuple[Response, ...]
     actor_id: int = 0
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    cursor: int = -1  # position in the prompt stream handed out at admission (-1: none)
     created_at: float = 0.0  # when generation started (unix seconds)
     finished_at: float = 0.0  # when the group was verified
 

@@ -70,6 +70,7 @@ def group_to_wire(g: Group) -> dict:
         "prompt": pack_array(np.asarray(g.prompt_token_ids, dtype=np.int32)),
         "task": g.task,
         "actor": g.actor_id,
+        "cursor": g.cursor,
         "sampling": [s.temperature, s.top_p, s.max_tokens, s.n],
         "times": [g.created_at, g.finished_at],
         "responses": [
@@ -142,6 +143,7 @@ def group_from_wire(obj: Any, limits: WireLimits = WireLimits()) -> Group:
         task=_get(obj, "task", str, what),
         responses=tuple(responses),
         actor_id=_get(obj, "actor", int, what),
+        cursor=_get(obj, "cursor", int, what),
         sampling=SamplingParams(float(temperature), float(top_p), int(max_tokens), int(n)),
         created_at=float(created),
         finished_at=float(finished),

@@ -79,11 +79,12 @@ class ReplayClient:
         _, msg = self.request("insert", group=group_to_wire(group))
         return not msg["duplicate"]
 
-    def admit(self, actor_id: int, k: int, version: int | None = None) -> int:
+    def admit(self, actor_id: int, k: int, version: int | None = None) -> list[int]:
+        """Ask to start up to k groups; -> the prompt-stream positions granted (maybe none)."""
         fields = {"actor": actor_id, "k": k}
         if version is not None:
             fields["version"] = version
-        return self.request("admit", **fields)[1]["n"]
+        return list(self.request("admit", **fields)[1]["positions"])
 
     def release(self, actor_id: int) -> None:
         self.request("release", actor=actor_id)

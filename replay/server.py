@@ -60,7 +60,9 @@ class ReplayServer:
             cfg.capacity, cfg.max_staleness, cfg.selector, cfg.max_times_sampled, cfg.seed
         )
         self.log = SegmentLog(cfg.directory, cfg.segment_bytes, cfg.fsync, cfg.fsync_interval_ms)
-        self.in_flight: dict[int, int] = {}
+        self.outstanding: dict[int, set[int]] = {}  # actor -> positions granted, not yet in
+        self.redo: list[int] = []  # positions of restarted actors, handed out first
+        self.cursor = 0  # the next new position in the prompt stream
         self.rejected = 0
         self.recovery = self._recover()
         self._stop = threading.Event()
@@ -69,35 +71,54 @@ class ReplayServer:
         self.bound_address: str | None = None
 
     # ---------------------------------------------------------------- state and recovery
-    def _apply_insert(self, obj: dict, group=None) -> bool:
-        group = group or group_from_wire(obj, self.limits)
-        entry = Entry(group.group_id, group.min_version, obj, priority=reward_spread(obj))
-        return self.buffer.insert(entry)
+    # Every state change is a log record applied by ``_apply``, live and during recovery:
+    #   ins {g}: a group; adm {a, p}: positions granted to actor a; rel {a}: actor a restarted;
+    #   smp {ids, v}: groups handed to the learner at version v.
+    def _record(self, record: dict) -> None:
+        self.log.append(msgpack.packb(record, use_bin_type=True))
+        self._apply(record)
 
-    def _apply_sample(self, ids: list[str], version: int) -> None:
-        self.buffer.evict_stale(version)
-        for gid in ids:
-            e = self.buffer.entries.get(gid)
-            if e is None:
-                continue
-            e.times_sampled += 1
-            self.buffer.counters.sampled_groups += 1
-            if e.times_sampled >= self.buffer.max_times_sampled:
-                del self.buffer.entries[gid]
-                self.buffer.counters.evicted_used += 1
+    def _apply(self, record: dict, group=None) -> None:
+        kind = record["k"]
+        if kind == "ins":
+            obj = record["g"]
+            group = group or group_from_wire(obj, self.limits)
+            entry = Entry(group.group_id, group.min_version, obj, priority=reward_spread(obj))
+            if self.buffer.insert(entry):
+                self.outstanding.get(group.actor_id, set()).discard(group.cursor)
+        elif kind == "adm":
+            positions = record["p"]
+            self.outstanding.setdefault(record["a"], set()).update(positions)
+            self.redo = [p for p in self.redo if p not in set(positions)]
+            self.cursor = max([self.cursor, *(p + 1 for p in positions)])
+        elif kind == "rel":
+            self.redo = sorted(set(self.redo) | self.outstanding.pop(record["a"], set()))
+        elif kind == "smp":
+            self.buffer.evict_stale(record["v"])
+            for gid in record["ids"]:
+                e = self.buffer.entries.get(gid)
+                if e is None:
+                    continue
+                e.times_sampled += 1
+                self.buffer.counters.sampled_groups += 1
+                if e.times_sampled >= self.buffer.max_times_sampled:
+                    del self.buffer.entries[gid]
+                    self.buffer.counters.evicted_used += 1
+        else:
+            raise KeyError(kind)
 
     def _recover(self) -> RecoveryReport:
         report = RecoveryReport()
         for payload in self.log.read_all(report):
             try:
-                record = msgpack.unpackb(payload, raw=False)
-                if record["k"] == "ins":
-                    self._apply_insert(record["g"])
-                elif record["k"] == "smp":
-                    self._apply_sample(record["ids"], record["v"])
+                self._apply(msgpack.unpackb(payload, raw=False))
             except (WireError, KeyError, TypeError, ValueError):
                 report.corrupt_skipped += 1
         return report
+
+    @property
+    def in_flight(self) -> int:
+        return sum(len(p) for p in self.outstanding.values())
 
     # ---------------------------------------------------------------- handlers
     def handle(self, msg_type: str, msg: dict) -> tuple[str, dict] | None:
@@ -106,26 +127,28 @@ class ReplayServer:
             obj = msg.get("group")
             group = group_from_wire(obj, self.limits)
             duplicate = group.group_id in self.buffer.seen
-            if not duplicate:
-                self.log.append(msgpack.packb({"k": "ins", "g": obj}, use_bin_type=True))
-                self._apply_insert(obj, group)
-                actor = group.actor_id
-                self.in_flight[actor] = max(0, self.in_flight.get(actor, 0) - 1)
-            else:
+            if duplicate:
                 self.buffer.counters.duplicates += 1
+            else:
+                self.log.append(msgpack.packb({"k": "ins", "g": obj}, use_bin_type=True))
+                self._apply({"k": "ins", "g": obj}, group)
             return "ack", {"group_id": group.group_id, "duplicate": duplicate}
         if msg_type == "admit":
             actor, k = _int(msg, "actor"), _int(msg, "k")
             if "version" in msg:
                 self.buffer.evict_stale(_int(msg, "version"))
             free = self.buffer.admission_capacity(
-                self.buffer.version, self.cfg.groups_per_version, sum(self.in_flight.values())
+                self.buffer.version, self.cfg.groups_per_version, self.in_flight
             )
             n = max(0, min(k, free))
-            self.in_flight[actor] = self.in_flight.get(actor, 0) + n
-            return "admitted", {"n": n}
-        if msg_type == "release":  # an actor restarted: its unfinished grants are void
-            self.in_flight.pop(_int(msg, "actor"), None)
+            positions = self.redo[:n] + list(
+                range(self.cursor, self.cursor + n - len(self.redo[:n]))
+            )
+            if positions:
+                self._record({"k": "adm", "a": actor, "p": positions})
+            return "admitted", {"n": n, "positions": positions}
+        if msg_type == "release":  # an actor restarted: its unfinished work is handed out again
+            self._record({"k": "rel", "a": _int(msg, "actor")})
             return "released", {}
         if msg_type == "sample":
             return self._try_sample(msg)
@@ -147,6 +170,7 @@ class ReplayServer:
             return None
         ids = [e.group_id for e, _ in picked]
         self.log.append(msgpack.packb({"k": "smp", "ids": ids, "v": version}, use_bin_type=True))
+        # the buffer already counted these samples in buffer.sample
         reply = (
             "batch",
             {
@@ -164,7 +188,8 @@ class ReplayServer:
             "size": len(self.buffer),
             "version": self.buffer.version,
             "rejected": self.rejected,
-            "in_flight": sum(self.in_flight.values()),
+            "in_flight": self.in_flight,
+            "cursor": self.cursor,
             **asdict(self.buffer.counters),
             "recovered_records": self.recovery.records,
             "recovery_corrupt_skipped": self.recovery.corrupt_skipped,

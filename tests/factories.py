@@ -6,7 +6,7 @@ from flowrl_async.records import Group, Response, SamplingParams
 
 
 def make_group(
-    group_id="g1", n=2, tokens=3, version=0, rewards=None, actor_id=0, prompt_id=7
+    group_id="g1", n=2, tokens=3, version=0, rewards=None, actor_id=0, prompt_id=7, cursor=-1
 ) -> Group:
     rewards = rewards if rewards is not None else [float(i % 2) for i in range(n)]
     return Group(
@@ -27,6 +27,7 @@ def make_group(
             for i in range(n)
         ),
         actor_id=actor_id,
+        cursor=cursor,
         sampling=SamplingParams(temperature=1.0, top_p=1.0, max_tokens=8, n=n),
         created_at=100.0,
         finished_at=101.5,

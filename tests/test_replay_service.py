@@ -60,16 +60,19 @@ def test_stale_groups_are_evicted_and_never_returned(service):
     assert c.stats()["evicted_stale"] == 1
 
 
-def test_admission_capacity(service):
+def test_admission_capacity_and_work_dispatch(service):
     c = service.client
     # (max_staleness 1 + version 0 + 1) · 4 groups per version = 8 allowed in total
-    assert c.admit(actor_id=1, k=5) == 5
-    assert c.admit(actor_id=2, k=5) == 3
-    c.insert(make_group("x", actor_id=1))  # accepted 1, in flight 7: still 8
-    assert c.admit(actor_id=2, k=1) == 0
-    assert c.admit(actor_id=2, k=4, version=1) == 4  # one more version: 12 allowed
-    c.release(actor_id=2)  # actor 2 restarted: its 7 grants are void
+    assert c.admit(actor_id=1, k=5) == [0, 1, 2, 3, 4]
+    assert c.admit(actor_id=2, k=5) == [5, 6, 7]
+    c.insert(make_group("x", actor_id=1, cursor=0))  # accepted 1, in flight 7: still 8
+    assert c.admit(actor_id=2, k=1) == []
+    assert c.admit(actor_id=2, k=4, version=1) == [8, 9, 10, 11]  # one more version: 12
+    c.release(actor_id=2)  # actor 2 restarted: its 7 positions are handed out again first
     assert c.stats()["in_flight"] == 4
+    assert c.admit(actor_id=3, k=3) == [5, 6, 7]
+    stats = c.stats()
+    assert (stats["in_flight"], stats["cursor"]) == (7, 12)
 
 
 def test_a_parked_sample_is_served_when_groups_arrive(service):
@@ -113,11 +116,13 @@ def test_restart_recovers_acknowledged_and_unused_groups(tmp_path):
     for gid in "abc":
         first.client.insert(make_group(gid))
     assert [g.group_id for g, _ in first.client.sample(1, version=0)] == ["a"]
+    assert first.client.admit(actor_id=4, k=2) == [0, 1]
     first.stop()
     second = Running(tmp_path / "r", max_staleness=None)
     try:
         stats = second.client.stats()
-        assert stats["recovered_records"] == 4  # 3 inserts + 1 sample
+        assert stats["recovered_records"] == 5  # 3 inserts, 1 sample, 1 admission
+        assert (stats["cursor"], stats["in_flight"]) == (2, 2)
         assert second.client.insert(make_group("a")) is False  # still known
         assert [g.group_id for g, _ in second.client.sample(2, version=0)] == ["b", "c"]
     finally:

@@ -1,0 +1,119 @@
+"""Collating whole groups into training tensors, and the policy forward pass over them.
+
+Layout of one row: ``[pad … pad, prompt][response, pad … pad]``: prompts left-padded to a
+common width P, responses right-padded to a common width T. The logits at positions
+P−1 … P+T−2 predict the response tokens. Positions count only real tokens, so padding
+never shifts a token's position.
+
+Invariants: rows of one group are contiguous; ``behavior_logprobs`` are exactly the ones the
+actor recorded (never recomputed); padded entries are masked and hold zeros.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from flowrl_async.records import Group
+
+
+@dataclass
+class TrainBatch:
+    input_ids: torch.Tensor  # [N, P+T]
+    attention_mask: torch.Tensor  # [N, P+T]
+    prompt_width: int  # P
+    response_mask: torch.Tensor  # [N, T] bool
+    behavior_logprobs: torch.Tensor  # [N, T] float32
+    rewards: torch.Tensor  # [N] float32, raw
+    group_index: torch.Tensor  # [N] int64, which group a row belongs to
+    staleness: torch.Tensor  # [N] int64
+    version: torch.Tensor  # [N] int64, first version of the response
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def prompt_mask(self) -> torch.Tensor:
+        return self.attention_mask[:, : self.prompt_width].bool()
+
+    def rows(self, index: slice) -> TrainBatch:
+        return TrainBatch(
+            self.input_ids[index],
+            self.attention_mask[index],
+            self.prompt_width,
+            self.response_mask[index],
+            self.behavior_logprobs[index],
+            self.rewards[index],
+            self.group_index[index],
+            self.staleness[index],
+            self.version[index],
+        )
+
+    def to(self, device: str) -> TrainBatch:
+        fields = {k: v.to(device) if torch.is_tensor(v) else v for k, v in vars(self).items()}
+        return TrainBatch(**fields)
+
+
+def collate(groups: list[Group], staleness: list[int], pad_token_id: int) -> TrainBatch:
+    rows = [(g, i, r) for i, g in enumerate(groups) for r in g.responses]
+    width_p = max(len(g.prompt_token_ids) for g in groups)
+    width_t = max(1, max(len(r.token_ids) for _, _, r in rows))
+    n = len(rows)
+    input_ids = torch.full((n, width_p + width_t), pad_token_id, dtype=torch.long)
+    attention = torch.zeros((n, width_p + width_t), dtype=torch.long)
+    response_mask = torch.zeros((n, width_t), dtype=torch.bool)
+    behavior = torch.zeros((n, width_t), dtype=torch.float32)
+    for row, (g, _, r) in enumerate(rows):
+        p, t = len(g.prompt_token_ids), len(r.token_ids)
+        input_ids[row, width_p - p : width_p] = torch.from_numpy(g.prompt_token_ids.astype("int64"))
+        input_ids[row, width_p : width_p + t] = torch.from_numpy(r.token_ids.astype("int64"))
+        attention[row, width_p - p : width_p + t] = 1
+        response_mask[row, :t] = True
+        behavior[row, :t] = torch.from_numpy(r.behavior_logprobs.copy())
+    return TrainBatch(
+        input_ids=input_ids,
+        attention_mask=attention,
+        prompt_width=width_p,
+        response_mask=response_mask,
+        behavior_logprobs=behavior,
+        rewards=torch.tensor([r.reward for _, _, r in rows], dtype=torch.float32),
+        group_index=torch.tensor([i for _, i, _ in rows], dtype=torch.long),
+        staleness=torch.tensor([staleness[i] for _, i, _ in rows], dtype=torch.long),
+        version=torch.tensor([r.first_version for _, _, r in rows], dtype=torch.long),
+    )
+
+
+@dataclass
+class PolicyOutput:
+    logprobs: torch.Tensor  # [N, T] log π(response token) at the given temperature
+    entropy: torch.Tensor  # [N, T] entropy of that distribution (no grad)
+    hidden: torch.Tensor | None  # [N, P, H] last hidden states over the prompt
+
+
+def forward(model, batch: TrainBatch, temperature: float, want_hidden: bool) -> PolicyOutput:
+    position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=position_ids,
+        output_hidden_states=want_hidden,
+        use_cache=False,
+    )
+    p, t = batch.prompt_width, batch.response_mask.shape[1]
+    logits = out.logits[:, p - 1 : p + t - 1].float() / temperature
+    logp_all = torch.log_softmax(logits, -1)
+    targets = batch.input_ids[:, p : p + t]
+    logprobs = logp_all.gather(-1, targets[..., None]).squeeze(-1)
+    with torch.no_grad():
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+    hidden = out.hidden_states[-1][:, :p] if want_hidden else None
+    return PolicyOutput(logprobs, entropy, hidden)
+
+
+def sequence_logprob(model, token_ids: list[int] | tuple[int, ...]) -> float:
+    """Σ log π(token_t | tokens_<t) for t >= 1 at temperature 1: the weight-load probe."""
+    ids = torch.tensor([list(token_ids)], device=next(model.parameters()).device)
+    with torch.no_grad():
+        logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+    return float(torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None]).sum())

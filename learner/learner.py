@@ -1,0 +1,208 @@
+"""The learner: sample whole groups, apply the objective with IS weights, step, publish.
+
+One step (``Learner.step``) reads like the method:
+    groups  = replay.sample(batch_size, version)            # whole groups, staleness-bounded
+    batch   = collate(groups)
+    rewards = normalise(rewards within each group)           # or raw, as configured
+    for micro in batch:                                      # gradient accumulation
+        π_θ, log Z = policy(micro);  π_ref = ref(micro)
+        loss = objective(π_θ, π_ref, μ (recorded), log Z, rewards) / len(batch)
+        loss.backward()
+    clip grads; optimizer.step(); scheduler.step()
+    every publish_every steps: version += 1; publish weights
+
+Invariants: the loss of a step is divided by the step's real number of sequences, however it
+is split into micro-batches; behaviour log-probs are the recorded ones; the reference policy
+and log Z head never reach the actors.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+
+from flowrl_async.learner.batch import TrainBatch, collate, forward, sequence_logprob
+from flowrl_async.learner.objectives import (
+    flowrl_loss,
+    group_normalized_rewards,
+    grpo_loss,
+    masked_mean,
+    masked_sum,
+    reinforce_loss,
+)
+
+ALGOS = ("flowrl", "grpo", "reinforce")
+
+
+@dataclass(frozen=True)
+class AlgoConfig:
+    name: str = "flowrl"
+    beta: float = 15.0
+    reward_norm: str = "group"  # "group" (the paper) or "raw"
+    is_mode: str = "clip"
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    truncate_at: float = 10.0
+    temperature: float = 1.0  # the actors' sampling temperature
+    kl_coef: float = 0.0  # GRPO only
+
+    def __post_init__(self):
+        if self.name not in ALGOS:
+            raise ValueError(f"unknown algorithm {self.name!r}; expected one of {ALGOS}")
+        if self.reward_norm not in ("group", "raw"):
+            raise ValueError(f"reward_norm must be 'group' or 'raw', got {self.reward_norm!r}")
+
+
+def lr_factor(step: int, warmup_steps: int) -> float:
+    return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+
+class Learner:
+    def __init__(
+        self,
+        policy,
+        ref_policy,
+        log_z_head,
+        algo: AlgoConfig,
+        sample_fn,
+        pad_token_id: int,
+        batch_groups: int = 8,
+        micro_batch: int = 64,
+        lr: float = 1e-4,
+        log_z_lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        grad_clip: float = 1.0,
+        warmup_steps: int = 0,
+        publish_every: int = 1,
+        publish_fn=None,
+        probe_token_ids: tuple[int, ...] = (),
+        device: str = "cpu",
+    ):
+        self.policy, self.ref, self.log_z = policy.train(), ref_policy.eval(), log_z_head
+        for p in self.ref.parameters():
+            p.requires_grad_(False)
+        self.algo, self.sample_fn, self.pad = algo, sample_fn, pad_token_id
+        self.batch_groups, self.micro_batch, self.grad_clip = batch_groups, micro_batch, grad_clip
+        self.publish_every, self.publish_fn = publish_every, publish_fn
+        self.probe_token_ids, self.device = tuple(probe_token_ids), device
+        groups = [{"params": list(policy.parameters()), "lr": lr}]
+        if algo.name == "flowrl":
+            groups.append({"params": list(log_z_head.parameters()), "lr": log_z_lr})
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, warmup_steps)
+        )
+        self.step_count = 0
+        self.version = 0
+
+    # ------------------------------------------------------------------ the step
+    def step(self) -> dict[str, float]:
+        started = time.perf_counter()
+        groups, infos = self.sample_fn(self.batch_groups, self.version)
+        waited = time.perf_counter() - started
+        batch = collate(groups, [i.staleness for i in infos], self.pad).to(self.device)
+        rewards = self.shape_rewards(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        totals: Counter = Counter()
+        for start in range(0, len(batch), self.micro_batch):
+            rows = slice(start, start + self.micro_batch)
+            metrics = self.accumulate(batch.rows(rows), rewards[rows], normalizer=len(batch))
+            totals.update({k: v * len(batch.rows(rows)) for k, v in metrics.items()})
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable(), self.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step_count += 1
+        if self.step_count % self.publish_every == 0:
+            self.publish()
+        out = {k: v / len(batch) for k, v in totals.items()}
+        out.update(self.batch_metrics(batch, groups))
+        out.update(
+            step=self.step_count,
+            version=self.version,
+            grad_norm=float(grad_norm),
+            lr=self.scheduler.get_last_lr()[0],
+            wait_s=waited,
+            step_s=time.perf_counter() - started,
+            tokens=float(batch.response_mask.sum()),
+        )
+        return out
+
+    def trainable(self):
+        params = list(self.policy.parameters())
+        if self.algo.name == "flowrl":
+            params += list(self.log_z.parameters())
+        return params
+
+    def shape_rewards(self, batch: TrainBatch) -> torch.Tensor:
+        if self.algo.name != "flowrl" or self.algo.reward_norm == "group":
+            return group_normalized_rewards(batch.rewards, batch.group_index)
+        return batch.rewards
+
+    def accumulate(self, micro: TrainBatch, rewards: torch.Tensor, normalizer: int) -> dict:
+        """Forward + backward of one micro-batch; the loss is divided by ``normalizer``."""
+        a = self.algo
+        pol = forward(self.policy, micro, a.temperature, want_hidden=a.name == "flowrl")
+        mask = micro.response_mask
+        behavior = micro.behavior_logprobs
+        with torch.no_grad():
+            ref = forward(self.ref, micro, a.temperature, want_hidden=False).logprobs
+        if a.name == "flowrl":
+            log_z = self.log_z(pol.hidden, micro.prompt_mask)
+            out = flowrl_loss(
+                pol.logprobs, ref, behavior, mask, log_z, rewards, a.beta, a.is_mode,
+                a.clip_low, a.clip_high, a.truncate_at, normalizer=normalizer,
+            )  # fmt: skip
+        elif a.name == "grpo":
+            out = grpo_loss(
+                pol.logprobs, behavior, mask, rewards, a.clip_low, a.clip_high, ref,
+                a.kl_coef, normalizer=normalizer,
+            )  # fmt: skip
+        else:
+            out = reinforce_loss(
+                pol.logprobs, behavior, mask, rewards, a.is_mode, a.clip_low, a.clip_high,
+                a.truncate_at, normalizer=normalizer,
+            )  # fmt: skip
+        out.loss.backward()
+        with torch.no_grad():
+            metrics = dict(out.metrics)
+            metrics["loss"] = float(out.loss) * normalizer / len(micro)
+            metrics["entropy"] = float(masked_mean(pol.entropy, mask).mean())
+            metrics["kl_ref"] = float(masked_mean(pol.logprobs - ref, mask).mean())
+            # the actor-vs-learner gap on rows generated by the learner's current weights
+            fresh = micro.version == self.version
+            gap = masked_sum((pol.logprobs - behavior).abs(), mask) / mask.sum(-1).clamp(min=1)
+            metrics["fresh_rows"] = float(fresh.float().mean())
+            metrics["logprob_gap_fresh"] = float(gap[fresh].mean()) if fresh.any() else 0.0
+        return metrics
+
+    def batch_metrics(self, batch: TrainBatch, groups) -> dict[str, float]:
+        rewards = batch.rewards
+        stale = Counter(batch.staleness.tolist())
+        out = {
+            "reward_mean": float(rewards.mean()),
+            "accuracy": float((rewards > 0).float().mean()),
+            "groups": float(len(groups)),
+            "staleness_mean": float(batch.staleness.float().mean()),
+            "staleness_max": float(batch.staleness.max()),
+        }
+        out.update({f"staleness_{k}": v / len(batch) for k, v in sorted(stale.items())})
+        out["response_len"] = float(batch.response_mask.sum(-1).float().mean())
+        return out
+
+    # ------------------------------------------------------------------ weights
+    def named_weights(self) -> list[tuple[str, torch.Tensor]]:
+        return [(n, p.detach()) for n, p in self.policy.state_dict().items()]
+
+    def probe(self) -> float:
+        if not self.probe_token_ids:
+            return math.nan
+        return sequence_logprob(self.policy, self.probe_token_ids)
+
+    def publish(self) -> None:
+        self.version += 1
+        if self.publish_fn is not None:
+            self.publish_fn(self.named_weights(), self.version, self.probe_token_ids, self.probe())
