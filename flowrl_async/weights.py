@@ -135,7 +135,7 @@ def new_group(
     rank: int,
     world_size: int,
     backend: str = "gloo",
-    timeout_s: float = 120.0,
+    timeout_s: float = 600.0,
 ) -> dist.ProcessGroup:
     """A process group of its own (rank 0 hosts the TCPStore); the default group is untouched."""
     timeout = datetime.timedelta(seconds=timeout_s)

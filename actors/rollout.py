@@ -1,0 +1,147 @@
+"""The rollout loop: admission → generate → verify → push → newer weights, without pause.
+
+    while not stopped:
+        load the newest published weights, if any (and prove them with the probe)
+        positions = replay.admit(k)                  # bounded staleness, work dispatch
+        prompts   = task prompts at those positions
+        responses = generator.generate(prompts, n per prompt)
+        rewards   = task.verify(each response)
+        replay.insert(group) for each prompt         # retried until acknowledged
+
+Invariants: every response records the weight version that generated it (weights change
+only between batches, so first == last version); behaviour log-probs are the generator's,
+at the sampling temperature; a verifier error becomes a reward with a reason, never an
+exception; a weight load that fails its probe raises (it is a bug, not noise).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from flowrl_async.actors.generator import Generator, SampleSpec, check_probe
+from flowrl_async.records import Group, Response, SamplingParams, new_group_id
+from flowrl_async.tasks import PromptSource
+
+
+@dataclass
+class ActorStats:
+    groups: int = 0
+    tokens: int = 0
+    generate_s: float = 0.0
+    verify_s: float = 0.0
+    push_s: float = 0.0
+    admission_waits: int = 0
+    weight_loads: int = 0
+    load_s: float = 0.0
+    rewards: Counter = field(default_factory=Counter)
+
+
+class RolloutLoop:
+    def __init__(
+        self,
+        actor_id: int,
+        generator: Generator,
+        prompts: PromptSource,
+        tokenizer,
+        replay,
+        spec: SampleSpec,
+        groups_per_batch: int = 4,
+        receiver=None,
+        probe_tolerance: float = 1e-3,
+        version: int = 0,
+        idle_sleep_s: float = 0.05,
+    ):
+        self.actor_id, self.generator, self.prompts = actor_id, generator, prompts
+        self.tokenizer, self.replay, self.spec = tokenizer, replay, spec
+        self.groups_per_batch, self.receiver = groups_per_batch, receiver
+        self.probe_tolerance, self.version, self.idle_sleep_s = (
+            probe_tolerance,
+            version,
+            idle_sleep_s,
+        )
+        self.stats = ActorStats()
+        self.stopped = False
+
+    def run(self, max_batches: int | None = None) -> None:
+        done = 0
+        while not self.stopped and (max_batches is None or done < max_batches):
+            done += self.run_once()
+
+    def run_once(self) -> int:
+        """One batch; -> 1 if it generated, 0 if admission said wait."""
+        self.maybe_load_weights()
+        positions = self.replay.admit(self.actor_id, self.groups_per_batch, None)
+        if not positions:
+            self.stats.admission_waits += 1
+            time.sleep(self.idle_sleep_s)
+            return 0
+        items = [(pos, self.prompts.at(pos)) for pos in positions]
+        token_ids = [self.tokenizer(p.text)["input_ids"] for _, p in items]
+        started = time.time()
+        completions = self.generator.generate(token_ids, self.spec)
+        self.stats.generate_s += time.time() - started
+        for (pos, prompt), ids, group_completions in zip(
+            items, token_ids, completions, strict=True
+        ):
+            group = self.build_group(pos, prompt, ids, group_completions, started)
+            t0 = time.perf_counter()
+            self.replay.insert(group)
+            self.stats.push_s += time.perf_counter() - t0
+            self.stats.groups += 1
+        return 1
+
+    def build_group(self, position, prompt, prompt_ids, completions, started) -> Group:
+        t0 = time.perf_counter()
+        responses = []
+        for c in completions:
+            text = self.tokenizer.decode(c.token_ids, skip_special_tokens=True)
+            verdict = self.prompts.verify(prompt, text)
+            responses.append(
+                Response(
+                    token_ids=c.token_ids,
+                    behavior_logprobs=c.logprobs,
+                    reward=float(verdict.reward),
+                    finish_reason=c.finish_reason,
+                    first_version=self.version,
+                    last_version=self.version,
+                    info=verdict.info,
+                )
+            )
+            self.stats.rewards[verdict.info] += 1
+            self.stats.tokens += len(c.token_ids)
+        self.stats.verify_s += time.perf_counter() - t0
+        s = self.spec
+        return Group(
+            group_id=new_group_id(),
+            prompt_id=prompt.prompt_id,
+            prompt_token_ids=np.asarray(prompt_ids, dtype=np.int32),
+            task=self.prompts.task_name,
+            responses=tuple(responses),
+            actor_id=self.actor_id,
+            sampling=SamplingParams(s.temperature, s.top_p, s.max_tokens, s.n),
+            cursor=position,
+            created_at=started,
+            finished_at=time.time(),
+        )
+
+    def maybe_load_weights(self) -> bool:
+        if self.receiver is None:
+            return False
+        publication = self.receiver.take()
+        if publication is None:
+            return False
+        t0 = time.perf_counter()
+        self.generator.load_weights(publication.named_tensors())
+        header = publication.header
+        if header.probe_token_ids:
+            check_probe(
+                self.generator, header.probe_token_ids, header.probe_logprob, self.probe_tolerance
+            )
+        self.version = header.version
+        self.stats.weight_loads += 1
+        self.stats.load_s += time.perf_counter() - t0
+        return True

@@ -1,0 +1,95 @@
+"""RolloutWorker: the process-level shell around RolloutLoop (wrapped as a Ray actor by the
+orchestrator; plain Python here so it is testable without Ray).
+
+A (re)started worker first releases its actor id at the replay service, so positions
+granted to a previous incarnation that never arrived are handed out again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import torch
+
+from flowrl_async.actors.generator import SampleSpec
+from flowrl_async.actors.rollout import RolloutLoop
+from flowrl_async.model import load_tokenizer
+from flowrl_async.replay.client import ReplayClient
+from flowrl_async.tasks import PromptSource, load_task
+from flowrl_async.weights import new_group
+
+ENGINES = ("vllm", "torch")
+
+
+def build_generator(engine: str, model_path: str, seed: int, max_model_len: int, dtype: str):
+    if engine == "vllm":
+        from flowrl_async.actors.vllm_generator import VLLMGenerator
+
+        return VLLMGenerator(model_path, dtype=dtype, max_model_len=max_model_len, seed=seed)
+    if engine == "torch":
+        from flowrl_async.actors.torch_generator import TorchGenerator
+        from flowrl_async.model import load_policy
+
+        tok = load_tokenizer(model_path)
+        model = load_policy(model_path, dtype=getattr(torch, dtype))
+        return TorchGenerator(model, tok.eos_token_id, tok.pad_token_id, seed=seed)
+    raise ValueError(f"unknown engine {engine!r}; expected one of {ENGINES}")
+
+
+class RolloutWorker:
+    def __init__(
+        self,
+        actor_id: int,
+        model_path: str,
+        task_target: str,
+        task_kwargs: dict,
+        replay_address: str,
+        spec: SampleSpec,
+        groups_per_batch: int = 4,
+        engine: str = "vllm",
+        data_seed: int = 0,
+        seed: int = 0,
+        threads: int = 1,
+        max_model_len: int = 256,
+        dtype: str = "float32",
+        probe_tolerance: float = 1e-3,
+    ):
+        torch.set_num_threads(threads)
+        self.actor_id = actor_id
+        self.replay = ReplayClient(replay_address)
+        self.replay.release(actor_id)
+        task = load_task(task_target, **task_kwargs)
+        self.generator = build_generator(engine, model_path, seed + actor_id, max_model_len, dtype)
+        self.loop = RolloutLoop(
+            actor_id,
+            self.generator,
+            PromptSource(task, seed=data_seed),
+            load_tokenizer(model_path),
+            self.replay,
+            spec,
+            groups_per_batch,
+            probe_tolerance=probe_tolerance,
+        )
+
+    def ready(self) -> bool:
+        return True
+
+    def init_weight_group(self, host: str, port: int, rank: int, world: int, backend: str):
+        from flowrl_async.actors.weight_receiver import WeightReceiver
+
+        self.loop.receiver = WeightReceiver(new_group(host, port, rank, world, backend))
+        return rank
+
+    def run(self, max_batches: int | None = None) -> dict:
+        self.loop.stopped = False
+        self.loop.run(max_batches)
+        return self.stats()
+
+    def stop(self) -> None:
+        self.loop.stopped = True
+
+    def stats(self) -> dict:
+        out = asdict(self.loop.stats)
+        out["rewards"] = dict(self.loop.stats.rewards)
+        out["version"] = self.loop.version
+        return out

@@ -1,0 +1,3 @@
+from flowrl_async.cli import main
+
+main()

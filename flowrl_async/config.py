@@ -1,0 +1,188 @@
+"""The configuration schema: structured configs registered in Hydra's ConfigStore.
+
+``configs/train.yaml`` picks one option per group (algo, model, task, generator, replay,
+learner, cluster); every field below can be overridden on the command line, e.g.
+``flowrl-async train algo=grpo replay.max_staleness=4 learner.steps=50``.
+``validate`` rejects bad combinations at start-up with a message that names the fields.
+Components never read this tree: the orchestrator turns it into flat constructor arguments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class AlgoSection:
+    name: str = "flowrl"
+    """Objective: flowrl (trajectory balance), grpo, or reinforce."""
+    beta: float = 15.0
+    """FlowRL reward temperature β in the target π ∝ π_ref·exp(β·r)."""
+    reward_norm: str = "group"
+    """FlowRL rewards: "group" normalised (the paper) or "raw" (off-policy TB)."""
+    is_mode: str = "clip"
+    """Importance weights toward the current policy: clip, truncate or none."""
+    clip_low: float = 0.2
+    """Lower clip ε: weights (or GRPO ratios) below 1 − ε are clipped."""
+    clip_high: float = 0.2
+    """Upper clip ε: weights (or GRPO ratios) above 1 + ε are clipped."""
+    truncate_at: float = 10.0
+    """Truncated IS: weights are capped at this value (is_mode=truncate)."""
+    kl_coef: float = 0.0
+    """GRPO only: weight of the k3 KL penalty toward the reference policy."""
+
+
+@dataclass
+class ModelSection:
+    path: str | None = None
+    """A local Hugging Face model directory; null builds the built-in tiny Llama."""
+    dtype: str = "float32"
+    """Parameter dtype on learner and actors (float32 keeps log-probs comparable on CPU)."""
+    init_seed: int = 0
+    """Seed of the tiny model's random initialisation."""
+    warm_start_steps: int = 80
+    """Supervised format warm-start steps before RL (0 to skip)."""
+    warm_start_lr: float = 2e-3
+    """Learning rate of the warm-start."""
+    max_model_len: int = 256
+    """Longest prompt + response the engines must handle."""
+
+
+@dataclass
+class TaskSection:
+    target: str = "flowrl_async.tasks.digits.DigitSumTask"
+    """Import path of the task class; users plug their own in here."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments for the task's constructor."""
+
+
+@dataclass
+class GeneratorSection:
+    engine: str = "vllm"
+    """Generation engine in the actors: vllm or torch (plain PyTorch sampler)."""
+    n: int = 8
+    """Responses per prompt (the group size)."""
+    temperature: float = 1.0
+    """Sampling temperature; the learner computes log-probs at the same temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling; keep 1.0 for RL (the learner does not truncate its log-probs)."""
+    max_tokens: int = 8
+    """Longest response in tokens."""
+    groups_per_batch: int = 4
+    """Prompts an actor generates for at once (it asks admission for this many)."""
+    probe_tolerance: float = 1e-3
+    """Largest accepted gap between actor and learner probe log-probs after a load."""
+
+
+@dataclass
+class ReplaySection:
+    capacity: int = 10_000
+    """Most groups held; the oldest are evicted beyond it."""
+    max_staleness: int | None = 1
+    """Groups more than this many versions behind the learner are never trained (null: no bound)."""
+    selector: str = "fifo"
+    """fifo (each group once, streaming), uniform, or prioritized (by reward spread)."""
+    max_times_sampled: int = 1
+    """A group leaves the buffer after this many samples."""
+    fsync: str = "interval"
+    """Log durability: always (fsync every record), interval, or never."""
+    fsync_interval_ms: float = 10.0
+    """With fsync=interval: the longest an acknowledged record waits for its fsync."""
+
+
+@dataclass
+class LearnerSection:
+    steps: int = 60
+    """Optimizer steps to train."""
+    batch_groups: int = 8
+    """Groups per optimizer step."""
+    micro_batch: int = 64
+    """Sequences per forward/backward pass (gradient accumulation over the step)."""
+    lr: float = 1e-4
+    """Policy learning rate (AdamW)."""
+    log_z_lr: float = 1e-3
+    """Learning rate of the log Z head."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip."""
+    warmup_steps: int = 5
+    """Linear learning-rate warm-up."""
+    publish_every: int = 1
+    """Publish weights (version + 1) every this many steps."""
+    sample_timeout_s: float = 300.0
+    """The learner gives up (with a clear error) after waiting this long for a batch."""
+    device: str = "auto"
+    """auto (cuda if available), cpu or cuda."""
+    threads: int = 1
+    """Torch threads of the learner process."""
+
+
+@dataclass
+class ClusterSection:
+    address: str | None = None
+    """Ray cluster address to join; null starts Ray locally."""
+    num_actors: int = 2
+    """Rollout actors."""
+    actor_threads: int = 1
+    """Torch threads per actor (one per process on small machines)."""
+    weight_backend: str = "auto"
+    """torch.distributed backend for weights: auto (nccl with a GPU learner), gloo, nccl."""
+    max_actor_restarts: int = 3
+    """Ray restarts a dead actor this many times."""
+
+
+@dataclass
+class TrainConfig:
+    algo: AlgoSection = field(default_factory=AlgoSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    task: TaskSection = field(default_factory=TaskSection)
+    generator: GeneratorSection = field(default_factory=GeneratorSection)
+    replay: ReplaySection = field(default_factory=ReplaySection)
+    learner: LearnerSection = field(default_factory=LearnerSection)
+    cluster: ClusterSection = field(default_factory=ClusterSection)
+    run_dir: str = "runs/latest"
+    """Where the run writes its config, metrics, checkpoints, replay log and plots."""
+    seed: int = 0
+    """Seed of the learner and the actors' samplers."""
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Reject bad combinations before anything starts."""
+    problems = []
+    a, g, r, lr = cfg.algo, cfg.generator, cfg.replay, cfg.learner
+    if a.name not in ("flowrl", "grpo", "reinforce"):
+        problems.append(f"algo.name={a.name!r}: expected flowrl, grpo or reinforce")
+    if a.is_mode not in ("clip", "truncate", "none"):
+        problems.append(f"algo.is_mode={a.is_mode!r}: expected clip, truncate or none")
+    if a.reward_norm not in ("group", "raw"):
+        problems.append(f"algo.reward_norm={a.reward_norm!r}: expected group or raw")
+    if g.engine not in ("vllm", "torch"):
+        problems.append(f"generator.engine={g.engine!r}: expected vllm or torch")
+    if g.n < 2 and (a.name != "flowrl" or a.reward_norm == "group"):
+        problems.append("generator.n must be >= 2: group-normalised rewards need a group")
+    if g.top_p != 1.0:
+        problems.append("generator.top_p must be 1.0: the learner's log-probs are untruncated")
+    if r.selector not in ("fifo", "uniform", "prioritized"):
+        problems.append(f"replay.selector={r.selector!r}: expected fifo, uniform, prioritized")
+    if r.selector == "fifo" and r.max_times_sampled != 1:
+        problems.append("replay.selector=fifo uses each group once: set max_times_sampled=1")
+    if r.max_staleness is None and a.name == "flowrl" and a.is_mode != "none":
+        problems.append(
+            "replay.max_staleness=null (unbounded) needs algo.is_mode=none: IS weights of "
+            "arbitrarily old groups are meaningless (off-policy TB uses weight 1)"
+        )
+    if r.capacity < lr.batch_groups:
+        problems.append("replay.capacity must be >= learner.batch_groups")
+    if lr.steps < 1 or lr.batch_groups < 1 or lr.publish_every < 1:
+        problems.append("learner.steps, batch_groups and publish_every must be >= 1")
+    if cfg.cluster.num_actors < 1:
+        problems.append("cluster.num_actors must be >= 1")
+    if problems:
+        raise ValueError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)

@@ -1,0 +1,91 @@
+"""LearnerWorker: the process-level shell around Learner (a Ray actor in the orchestrator).
+
+It owns the policy, the frozen reference, the log Z head, a replay client and the weight
+sender. ``step`` blocks until the replay service hands over a batch; waiting longer than
+``sample_timeout_s`` raises with a clear message instead of hanging a run forever.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from flowrl_async.learner.learner import AlgoConfig, Learner
+from flowrl_async.learner.log_z import LogZHead
+from flowrl_async.learner.weight_sender import WeightSender
+from flowrl_async.model import load_policy, load_tokenizer, save_model
+from flowrl_async.replay.client import ReplayClient
+from flowrl_async.weights import new_group
+
+
+class LearnerWorker:
+    def __init__(
+        self,
+        model_path: str,
+        algo: AlgoConfig,
+        replay_address: str,
+        batch_groups: int = 8,
+        micro_batch: int = 64,
+        lr: float = 1e-4,
+        log_z_lr: float = 1e-3,
+        grad_clip: float = 1.0,
+        warmup_steps: int = 0,
+        publish_every: int = 1,
+        probe_text: str = "",
+        seed: int = 0,
+        threads: int = 1,
+        device: str = "cpu",
+        sample_timeout_s: float = 300.0,
+        bucket_bytes: int = 64 * 1024 * 1024,
+    ):
+        torch.set_num_threads(threads)
+        torch.manual_seed(seed)
+        self.device, self.bucket_bytes = device, bucket_bytes
+        self.tokenizer = load_tokenizer(model_path)
+        policy = load_policy(model_path, device=device)
+        ref = load_policy(model_path, device=device)
+        head = LogZHead(policy.config.hidden_size).to(device)
+        self.replay = ReplayClient(replay_address)
+        self.sample_timeout_s = sample_timeout_s
+        self.sender: WeightSender | None = None
+        probe = tuple(self.tokenizer(probe_text)["input_ids"]) if probe_text else ()
+        self.learner = Learner(
+            policy, ref, head, algo, self._sample, self.tokenizer.pad_token_id,
+            batch_groups=batch_groups, micro_batch=micro_batch, lr=lr, log_z_lr=log_z_lr,
+            grad_clip=grad_clip, warmup_steps=warmup_steps, publish_every=publish_every,
+            publish_fn=self._publish, probe_token_ids=probe, device=device,
+        )  # fmt: skip
+
+    def ready(self) -> bool:
+        return True
+
+    def init_weight_group(self, host: str, port: int, world: int, backend: str) -> int:
+        self.sender = WeightSender(new_group(host, port, 0, world, backend), self.bucket_bytes)
+        return 0
+
+    def _sample(self, batch_size: int, version: int):
+        deadline = time.monotonic() + self.sample_timeout_s
+        while time.monotonic() < deadline:
+            got = self.replay.sample(batch_size, version, timeout_s=1.0)
+            if got is not None:
+                return [g for g, _ in got], [i for _, i in got]
+        raise TimeoutError(
+            f"learner waited {self.sample_timeout_s:.0f}s for {batch_size} groups at version "
+            f"{version}: are the actors alive? replay stats: {self.replay.stats()}"
+        )
+
+    def _publish(self, named, version, probe_ids, probe_logprob) -> None:
+        if self.sender is not None:
+            self.sender.publish(named, version, probe_ids, probe_logprob)
+
+    def step(self) -> dict:
+        return self.learner.step()
+
+    def save_policy(self, path: str) -> str:
+        return str(save_model(path, self.learner.policy, self.tokenizer))
+
+    def stop(self) -> None:
+        if self.sender is not None:
+            self.sender.stop()
+            self.sender = None

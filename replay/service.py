@@ -1,0 +1,31 @@
+"""ReplayService: the replay server running on a thread of its own (what the orchestrator
+wraps as a Ray actor; the same class as ``python -m flowrl_async.replay.server``)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from flowrl_async.replay.server import ReplayServer, ServerConfig
+
+
+class ReplayService:
+    def __init__(self, cfg: ServerConfig):
+        self.server = ReplayServer(cfg)
+        self.thread = threading.Thread(target=self.server.serve, name="replay", daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while self.server.bound_address is None and time.monotonic() < deadline:
+            if not self.thread.is_alive():
+                raise RuntimeError("replay server thread died while binding")
+            time.sleep(0.01)
+
+    def address(self) -> str:
+        return self.server.bound_address
+
+    def stats(self) -> dict:
+        return self.server.stats()
+
+    def stop(self) -> None:
+        self.server.stop()
+        self.thread.join(10)
