@@ -95,13 +95,13 @@ class ReplaySection:
 
 @dataclass
 class LearnerSection:
-    steps: int = 60
+    steps: int = 400
     """Optimizer steps to train."""
     batch_groups: int = 8
     """Groups per optimizer step."""
     micro_batch: int = 64
     """Sequences per forward/backward pass (gradient accumulation over the step)."""
-    lr: float = 1e-4
+    lr: float = 3e-4
     """Policy learning rate (AdamW)."""
     log_z_lr: float = 1e-3
     """Learning rate of the log Z head."""

@@ -29,6 +29,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def threads_env(threads: int) -> dict[str, str]:
+    return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
+
 def prepare_model(cfg: TrainConfig, run_dir: Path) -> str:
     """The initial policy directory: a given checkpoint, or the tiny model after warm-start."""
     if cfg.model.path is not None:
@@ -123,7 +127,12 @@ def train(cfg: TrainConfig) -> dict:
         address = ray.get(replay.address.remote())
         learner = (
             ray.remote(LearnerWorker)
-            .options(num_cpus=lc.threads, num_gpus=1 if use_gpu else 0, max_concurrency=2)
+            .options(
+                num_cpus=lc.threads,
+                num_gpus=1 if use_gpu else 0,
+                max_concurrency=2,
+                runtime_env={"env_vars": threads_env(lc.threads)},
+            )
             .remote(
                 model_path,
                 AlgoConfig(**asdict(cfg.algo), temperature=gc.temperature),
@@ -150,6 +159,9 @@ def train(cfg: TrainConfig) -> dict:
                 num_cpus=cfg.cluster.actor_threads,
                 max_concurrency=3,
                 max_restarts=cfg.cluster.max_actor_restarts,
+                # every thread of the process (Ray runs calls on pool threads) must see the
+                # engine's thread count: vLLM's CPU kernels check it on each call
+                runtime_env={"env_vars": threads_env(cfg.cluster.actor_threads)},
             )
             .remote(
                 i + 1,
@@ -228,6 +240,7 @@ def progress(m: dict, steps: int) -> None:
     line = (
         f"step {int(m['step']):>4}/{steps}  v{int(m['version'])}  "
         f"reward {m['reward_mean']:.3f}  acc {m['accuracy']:.3f}  "
+        f"distinct {m['distinct_correct']:.2f}  "
         f"stale {m['staleness_mean']:.2f}  tok/s {m['tokens'] / max(m['step_s'], 1e-9):,.0f}  "
         f"wait {m['wait_s']:.2f}s  loss {m['loss']:.4f}"
     )
@@ -251,6 +264,8 @@ def summarize(history: list[dict]) -> dict:
         "reward_last": mean(last, "reward_mean"),
         "accuracy_first": mean(first, "accuracy"),
         "accuracy_last": mean(last, "accuracy"),
+        "distinct_correct_first": mean(first, "distinct_correct"),
+        "distinct_correct_last": mean(last, "distinct_correct"),
         "wall_s": history[-1]["time"],
         "learner_wait_fraction": sum(r["wait_s"] for r in history)
         / max(sum(r["step_s"] for r in history), 1e-9),

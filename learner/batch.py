@@ -26,6 +26,7 @@ class TrainBatch:
     response_mask: torch.Tensor  # [N, T] bool
     behavior_logprobs: torch.Tensor  # [N, T] float32
     rewards: torch.Tensor  # [N] float32, raw
+    correct: torch.Tensor  # [N] bool, the verifier said "ok"
     group_index: torch.Tensor  # [N] int64, which group a row belongs to
     staleness: torch.Tensor  # [N] int64
     version: torch.Tensor  # [N] int64, first version of the response
@@ -45,6 +46,7 @@ class TrainBatch:
             self.response_mask[index],
             self.behavior_logprobs[index],
             self.rewards[index],
+            self.correct[index],
             self.group_index[index],
             self.staleness[index],
             self.version[index],
@@ -78,6 +80,7 @@ def collate(groups: list[Group], staleness: list[int], pad_token_id: int) -> Tra
         response_mask=response_mask,
         behavior_logprobs=behavior,
         rewards=torch.tensor([r.reward for _, _, r in rows], dtype=torch.float32),
+        correct=torch.tensor([r.info == "ok" for _, _, r in rows], dtype=torch.bool),
         group_index=torch.tensor([i for _, i, _ in rows], dtype=torch.long),
         staleness=torch.tensor([staleness[i] for _, i, _ in rows], dtype=torch.long),
         version=torch.tensor([r.first_version for _, _, r in rows], dtype=torch.long),

@@ -182,9 +182,13 @@ class Learner:
     def batch_metrics(self, batch: TrainBatch, groups) -> dict[str, float]:
         rewards = batch.rewards
         stale = Counter(batch.staleness.tolist())
+        distinct = [
+            len({r.token_ids.tobytes() for r in g.responses if r.info == "ok"}) for g in groups
+        ]
         out = {
             "reward_mean": float(rewards.mean()),
-            "accuracy": float((rewards > 0).float().mean()),
+            "accuracy": float(batch.correct.float().mean()),
+            "distinct_correct": sum(distinct) / len(groups),
             "groups": float(len(groups)),
             "staleness_mean": float(batch.staleness.float().mean()),
             "staleness_max": float(batch.staleness.max()),

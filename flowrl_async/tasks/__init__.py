@@ -19,7 +19,11 @@ class Task(Protocol):
     eval_prompts: list
 
     def verify(self, prompt, completion: str) -> Any:
-        """-> an object with ``reward: float`` and ``info: str``; never raises."""
+        """-> an object with ``reward: float`` and ``info: str``; never raises.
+
+        ``info == "ok"`` marks a correct answer (accuracy and distinct-answer metrics count
+        those); anything else is a short reason ("wrong sum", "timeout", ...).
+        """
         ...
 
 

@@ -51,6 +51,7 @@ class DigitSumTask:
         seed: int = 0,
         correct_reward: float = 1.0,
         wrong_reward: float = 0.0,
+        partial_credit: float = 0.0,
     ):
         prompts = [
             (total, k)
@@ -68,6 +69,7 @@ class DigitSumTask:
         self.train_prompts = [all_prompts[i] for i in sorted(order[n_eval:])]
         self._by_id = {p.prompt_id: p for p in all_prompts}
         self.correct_reward, self.wrong_reward = correct_reward, wrong_reward
+        self.partial_credit = partial_credit
 
     def prompt(self, prompt_id: int) -> Prompt:
         return self._by_id[prompt_id]
@@ -80,8 +82,11 @@ class DigitSumTask:
             return Verdict(self.wrong_reward, "not digits")
         if len(answer) != prompt.length:
             return Verdict(self.wrong_reward, "wrong length")
-        if sum(int(c) for c in answer) != prompt.total:
-            return Verdict(self.wrong_reward, "wrong sum", answer)
+        miss = abs(sum(int(c) for c in answer) - prompt.total)
+        if miss:
+            # optional shaping: well-formed answers earn partial_credit·2^(−miss)
+            shaped = self.partial_credit * 2.0 ** (-miss)
+            return Verdict(self.wrong_reward + shaped, "wrong sum", answer)
         return Verdict(self.correct_reward, "ok", answer)
 
     def format_example(self, prompt: Prompt, rng: random.Random) -> str:
