@@ -4,7 +4,10 @@ Invariants:
 - a group id is accepted at most once, ever (retries of an acknowledged insert are no-ops);
 - a group whose oldest version is more than ``max_staleness`` behind the learner's version is
   never returned by ``sample``: it is evicted and counted (``max_staleness=None`` disables
-  the bound, for off-policy trajectory balance);
+  the bound, for off-policy trajectory balance). Nothing held is ever stale at
+  ``self.version``: a group stale on arrival is accepted (its id is seen, it counts as
+  inserted) and evicted at once, so ``evict_stale`` scans only when the version rises;
+- accounting: inserted == len + evicted_used + evicted_stale + evicted_capacity;
 - ``sample`` returns whole groups or nothing: fewer than ``batch_size`` eligible groups give
   None and change no state;
 - a group sampled ``max_times_sampled`` times leaves the buffer; FIFO uses each group once;
@@ -75,20 +78,25 @@ class ReplayBuffer:
             self.counters.duplicates += 1
             return False
         self.seen.add(entry.group_id)
+        self.counters.inserted += 1
+        if self.max_staleness is not None and self.staleness(entry) > self.max_staleness:
+            self.counters.evicted_stale += 1  # stale on arrival: accepted, never held
+            return True
         while len(self.entries) >= self.capacity:
             self.entries.popitem(last=False)
             self.counters.evicted_capacity += 1
         self.entries[entry.group_id] = entry
-        self.counters.inserted += 1
         return True
 
     def staleness(self, entry: Entry, version: int | None = None) -> int:
         return (self.version if version is None else version) - entry.min_version
 
     def evict_stale(self, version: int) -> int:
-        self.version = max(self.version, version)
-        if self.max_staleness is None:
-            return 0
+        """Raise the learner's version to ``version``; evict what became stale."""
+        if version <= self.version or self.max_staleness is None:
+            self.version = max(self.version, version)
+            return 0  # nothing held is stale at self.version (stale arrivals leave at once)
+        self.version = version
         stale = [k for k, e in self.entries.items() if self.staleness(e) > self.max_staleness]
         for k in stale:
             del self.entries[k]
@@ -98,25 +106,39 @@ class ReplayBuffer:
     def sample(self, batch_size: int, version: int) -> list[tuple[Entry, int]] | None:
         """``batch_size`` distinct groups with their staleness, or None when too few."""
         self.evict_stale(version)
+        chosen = self.select(batch_size)
+        if chosen is None:
+            return None
+        out = [(self.entries[k], self.staleness(self.entries[k])) for k in chosen]
+        self.mark_sampled(chosen)
+        return out
+
+    def select(self, batch_size: int) -> list[str] | None:
+        """Pick ``batch_size`` distinct ids (only the selector's RNG moves), or None."""
         if len(self.entries) < batch_size:
             return None
-        keys = list(self.entries)
         if self.selector == "fifo":
-            chosen = keys[:batch_size]
-        elif self.selector == "uniform":
-            chosen = self.rng.sample(keys, batch_size)
-        else:
-            chosen = self._prioritized(keys, batch_size)
-        out = []
-        for k in chosen:
-            e = self.entries[k]
+            keys = iter(self.entries)
+            return [next(keys) for _ in range(batch_size)]
+        keys = list(self.entries)
+        if self.selector == "uniform":
+            return self.rng.sample(keys, batch_size)
+        return self._prioritized(keys, batch_size)
+
+    def mark_sampled(self, ids: list[str]) -> int:
+        """Count one sample of each id still held; used-up groups leave. -> groups counted."""
+        n = 0
+        for k in ids:
+            e = self.entries.get(k)
+            if e is None:
+                continue
             e.times_sampled += 1
-            out.append((e, self.staleness(e)))
+            n += 1
             if e.times_sampled >= self.max_times_sampled:
                 del self.entries[k]
                 self.counters.evicted_used += 1
-        self.counters.sampled_groups += len(out)
-        return out
+        self.counters.sampled_groups += n
+        return n
 
     def _prioritized(self, keys: list[str], k: int) -> list[str]:
         # weighted sampling without replacement (Efraimidis–Spirakis keys u^(1/w))

@@ -1,8 +1,9 @@
 """The replay client: the only way actors and the learner talk to the replay service.
 
-Invariants: ``insert`` returns only once the server has acknowledged the group (it is in
-the log); on a timeout it resends the same group, which the server deduplicates by id, so
-the effect is exactly once. A reply that does not answer the current request (a late
+Invariants: ``insert`` and ``insert_many`` return only once the server has acknowledged
+every group (it is in the log); on a timeout they resend the same groups, which the server
+deduplicates by id, so the effect is exactly once. ``insert_many`` keeps at most ``window``
+inserts unacknowledged. A reply that does not answer the current request (a late
 answer to an earlier try) is ignored. Server-side errors raise ``ReplayError``.
 """
 
@@ -11,6 +12,8 @@ from __future__ import annotations
 import itertools
 import time
 import uuid
+from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import zmq
@@ -74,10 +77,62 @@ class ReplayClient:
             f"no answer to {msg_type} from {self.address} after {self.max_retries} tries"
         )
 
-    def insert(self, group: Group) -> bool:
-        """Insert until acknowledged; -> False when the server already had this group."""
-        _, msg = self.request("insert", group=group_to_wire(group))
+    def insert(self, group: Group, timeout_s: float | None = None) -> bool:
+        """Insert until acknowledged; -> False when the server already had this group.
+
+        ``timeout_s``: the longest the server may hold it for its rate limiter (None: the
+        server's default); past it the server answers an error and this raises ReplayError,
+        after which inserting the same group again is safe (deduplicated by id).
+        """
+        if timeout_s is None:
+            _, msg = self.request("insert", group=group_to_wire(group))
+        else:
+            _, msg = self.request(
+                "insert",
+                timeout_s=timeout_s + self.timeout,
+                group=group_to_wire(group),
+                timeout_ms=int(timeout_s * 1000),
+            )
         return not msg["duplicate"]
+
+    def insert_many(self, groups: Sequence[Group], window: int = 64) -> list[bool]:
+        """Insert all, keeping up to ``window`` unacknowledged; -> per group, True when new.
+
+        Returns once every group is acknowledged. When no answer comes for a request timeout,
+        every unacknowledged insert is resent on a fresh socket (safe: the server
+        deduplicates by group id). An error reply raises ReplayError; inserts already sent may
+        still land, and calling again with the same groups is safe.
+        """
+        if window < 1:
+            raise ValueError("window must be >= 1")
+        result: list[bool | None] = [None] * len(groups)
+        todo = deque(range(len(groups)))
+        sent: dict[int, int] = {}  # rid -> index into groups
+        tries = 0
+        while todo or sent:
+            while todo and len(sent) < window:
+                i, rid = todo.popleft(), next(self._rids)
+                self._sock.send(encode("insert", rid=rid, group=group_to_wire(groups[i])))
+                sent[rid] = i
+            if not self._sock.poll(int(self.timeout * 1000) + 1):
+                tries += 1
+                if tries >= self.max_retries:
+                    raise ReplayError(
+                        f"no answer to {len(sent)} inserts from {self.address} "
+                        f"after {self.max_retries} tries"
+                    )
+                todo.extendleft(sorted(sent.values(), reverse=True))
+                sent.clear()
+                self._connect()
+                continue
+            kind, msg = decode(self._sock.recv(), self.limits)
+            i = sent.pop(msg.get("rid"), None)
+            if i is None:
+                continue  # a late answer to an earlier try
+            if kind == "error":
+                raise ReplayError(f"replay service rejected insert: {msg.get('reason')}")
+            result[i], tries = not msg["duplicate"], 0
+        return result  # type: ignore[return-value]
 
     def admit(self, actor_id: int, k: int, version: int | None = None) -> list[int]:
         """Ask to start up to k groups; -> the prompt-stream positions granted (maybe none)."""
@@ -107,6 +162,12 @@ class ReplayClient:
             (group_from_wire(g, self.limits), SampleInfo(*info))
             for g, info in zip(msg["groups"], msg["info"], strict=True)
         ]
+
+    def checkpoint(self, tag: str = "") -> dict:
+        """Ask for a replay checkpoint now (e.g. with the learner's step as ``tag``);
+        -> {path, segment, offset}. Recovery starts from the newest one."""
+        _, msg = self.request("checkpoint", tag=tag)
+        return {k: msg[k] for k in ("path", "segment", "offset")}
 
     def stats(self) -> dict:
         return {k: v for k, v in self.request("stats")[1].items() if k not in ("v", "t", "rid")}

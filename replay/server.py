@@ -2,17 +2,27 @@
 
 Protocol (flowrl_async.wire messages over a ROUTER socket; every request carries ``rid`` and
 its reply echoes it):
-  insert {group}                    -> ack {group_id, duplicate}      (after the log append)
-  admit  {actor, k, version?}       -> admitted {n}
-  sample {batch_size, version, timeout_ms} -> batch {groups, info} | empty {}  (parked until
-                                       enough groups or the timeout)
+  insert {group, timeout_ms?}       -> ack {group_id, duplicate}      (after the log append;
+                                       held while the rate limiter says wait, at most
+                                       timeout_ms, then error {reason})
+  admit  {actor, k, version?}       -> admitted {n, positions}
+  release {actor}                   -> released {}
+  sample {batch_size, version, timeout_ms, req} -> batch {groups, info} | empty {}  (held
+                                       until enough groups and the rate limiter allow, or
+                                       the timeout)
+  checkpoint {tag?}                 -> checkpointed {path, segment, offset}
   stats  {}                         -> stats {...}
-  anything malformed                -> error {reason}                 (counted; nothing else
-                                       changes)
+  anything malformed                -> error {reason}                 (counted in
+                                       ``rejected``; nothing else changes)
 
-Invariants: an insert is acknowledged only after its record is in the log; the log also
-records every sample, so after a restart the buffer holds exactly the acknowledged groups
-that were not yet used up, with their sample counts. The server never dies on bad input.
+Invariants: an insert is acknowledged only after its record is in the log; every state
+change is a log record (``flowrl_async.replay.state``), so after a restart the buffer holds
+exactly the acknowledged groups that were not yet used up, with their sample counts.
+Recovery loads the newest intact checkpoint and applies only the records after the log
+position it covers. Every malformed request gets exactly one error reply and is counted
+once; the server never dies on bad input (an unexpected exception is answered with an error
+too and counted in ``internal_errors``). Held inserts are answered in arrival order; a
+retry of a held insert (same group id) or sample (same ``req``) replaces the held one.
 
 Run: python -m flowrl_async.replay.server --dir RUN_DIR/replay --address tcp://127.0.0.1:5555
 """
@@ -21,15 +31,23 @@ from __future__ import annotations
 
 import argparse
 import signal
+import sys
 import threading
 import time
+import traceback
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import msgpack
 import zmq
 
-from flowrl_async.replay.buffer import Entry, ReplayBuffer
+from flowrl_async.records import Group
+from flowrl_async.replay import checkpoint as ckpt
+from flowrl_async.replay.buffer import ReplayBuffer
 from flowrl_async.replay.log import RecoveryReport, SegmentLog
+from flowrl_async.replay.rate_limiter import RateLimiter
+from flowrl_async.replay.state import ReplayState
 from flowrl_async.wire import WireError, WireLimits, decode, encode, group_from_wire
 
 
@@ -46,104 +64,120 @@ class ServerConfig:
     fsync_interval_ms: float = 10.0
     segment_bytes: int = 64 * 1024 * 1024
     seed: int = 0
+    # rate limiter (Reverb's SampleToInsertRatio, see rate_limiter.py); None: no limiter
+    samples_per_insert: float | None = None
+    min_size_to_sample: int = 1
+    error_buffer: float | None = None  # None: max(1, spi) + min_size_to_sample, which
+    # allows every batch size up to min_size_to_sample
+    insert_timeout_ms: int = 60_000  # the longest an insert is held, unless it says
+
+    def rate_limiter(self) -> RateLimiter | None:
+        spi = self.samples_per_insert
+        if spi is None:
+            return None
+        eb = self.error_buffer
+        eb = max(1.0, spi) + self.min_size_to_sample if eb is None else eb
+        return RateLimiter(spi, self.min_size_to_sample, eb)
 
 
-def reward_spread(group_obj: dict) -> float:
-    rewards = [r["r"] for r in group_obj["responses"]]
-    return max(rewards) - min(rewards)
+@dataclass
+class Held:
+    identity: bytes
+    msg: dict
+    deadline: float
+    group: Group | None = None  # a held insert's decoded group
 
 
 class ReplayServer:
     def __init__(self, cfg: ServerConfig, limits: WireLimits = WireLimits()):
         self.cfg, self.limits = cfg, limits
-        self.buffer = ReplayBuffer(
-            cfg.capacity, cfg.max_staleness, cfg.selector, cfg.max_times_sampled, cfg.seed
-        )
         self.log = SegmentLog(cfg.directory, cfg.segment_bytes, cfg.fsync, cfg.fsync_interval_ms)
-        self.outstanding: dict[int, set[int]] = {}  # actor -> positions granted, not yet in
-        self.redo: list[int] = []  # positions of restarted actors, handed out first
-        self.cursor = 0  # the next new position in the prompt stream
-        self.rejected = 0
+        self.checkpoint_dir = Path(cfg.directory) / "checkpoints"
+        self.rejected = 0  # malformed requests (each answered with one error)
+        self.internal_errors = 0  # unexpected exceptions while handling a request
+        self.insert_timeouts = 0  # inserts held by the rate limiter past their timeout
+        self.recovered_checkpoint = ""
         self.recovery = self._recover()
         self._stop = threading.Event()
-        self._pending: list[tuple[bytes, dict, float]] = []  # parked sample requests
+        self._held_samples: list[Held] = []
+        self._held_inserts: OrderedDict[str, Held] = OrderedDict()  # by group id
         self._answered: dict[str, tuple[str, dict]] = {}  # recent sample replies by request id
+        self._sock = None
         self.bound_address: str | None = None
 
-    # ---------------------------------------------------------------- state and recovery
-    # Every state change is a log record applied by ``_apply``, live and during recovery:
-    #   ins {g}: a group; adm {a, p}: positions granted to actor a; rel {a}: actor a restarted;
-    #   smp {ids, v}: groups handed to the learner at version v.
-    def _record(self, record: dict) -> None:
-        self.log.append(msgpack.packb(record, use_bin_type=True))
-        self._apply(record)
-
-    def _apply(self, record: dict, group=None) -> None:
-        kind = record["k"]
-        if kind == "ins":
-            obj = record["g"]
-            group = group or group_from_wire(obj, self.limits)
-            entry = Entry(group.group_id, group.min_version, obj, priority=reward_spread(obj))
-            if self.buffer.insert(entry):
-                self.outstanding.get(group.actor_id, set()).discard(group.cursor)
-        elif kind == "adm":
-            positions = record["p"]
-            self.outstanding.setdefault(record["a"], set()).update(positions)
-            self.redo = [p for p in self.redo if p not in set(positions)]
-            self.cursor = max([self.cursor, *(p + 1 for p in positions)])
-        elif kind == "rel":
-            self.redo = sorted(set(self.redo) | self.outstanding.pop(record["a"], set()))
-        elif kind == "smp":
-            self.buffer.evict_stale(record["v"])
-            for gid in record["ids"]:
-                e = self.buffer.entries.get(gid)
-                if e is None:
-                    continue
-                e.times_sampled += 1
-                self.buffer.counters.sampled_groups += 1
-                if e.times_sampled >= self.buffer.max_times_sampled:
-                    del self.buffer.entries[gid]
-                    self.buffer.counters.evicted_used += 1
-        else:
-            raise KeyError(kind)
-
-    def _recover(self) -> RecoveryReport:
-        report = RecoveryReport()
-        for payload in self.log.read_all(report):
-            try:
-                self._apply(msgpack.unpackb(payload, raw=False))
-            except (WireError, KeyError, TypeError, ValueError):
-                report.corrupt_skipped += 1
-        return report
+    def _new_state(self) -> ReplayState:
+        c = self.cfg
+        buffer = ReplayBuffer(c.capacity, c.max_staleness, c.selector, c.max_times_sampled, c.seed)
+        return ReplayState(buffer, c.rate_limiter(), self.limits)
 
     @property
-    def in_flight(self) -> int:
-        return sum(len(p) for p in self.outstanding.values())
+    def buffer(self) -> ReplayBuffer:
+        return self.state.buffer
+
+    # ---------------------------------------------------------------- state and recovery
+    def _record(self, record: dict, group: Group | None = None) -> None:
+        """Log, then apply: the only way the state changes while serving."""
+        self.log.append(msgpack.packb(record, use_bin_type=True))
+        self.state.apply(record, group)
+
+    def _recover(self) -> RecoveryReport:
+        report, start = RecoveryReport(), (0, 0)
+        self.state = self._new_state()
+        for path in ckpt.candidates(self.checkpoint_dir):
+            loaded = ckpt.load(path)
+            if loaded is None:
+                continue
+            header, snapshot = loaded
+            try:
+                self.state.restore(snapshot)
+            except (KeyError, TypeError, ValueError):
+                self.state = self._new_state()
+                continue
+            start, self.recovered_checkpoint = (header["segment"], header["offset"]), str(path)
+            break
+        for payload in self.log.read_all(report, start):
+            try:
+                self.state.apply(msgpack.unpackb(payload, raw=False))
+            except Exception:  # a record that does not decode or apply: skipped, counted
+                report.corrupt_skipped += 1
+        if self.log.position() < start:
+            # the log ends before the checkpoint (lost after its fsync?): write new records
+            # to a fresh segment so that they sort after the checkpoint
+            self.log.roll()
+        return report
+
+    def checkpoint(self, path: str | Path | None = None, tag: str = "") -> dict:
+        """Write the state and the log position it covers, atomically; -> header + path.
+
+        Default path: ``<dir>/checkpoints/ckpt-<segment>-<offset>[-tag].ckpt``, the only
+        place recovery looks. Call it on the serving thread (the ``checkpoint`` request) or
+        while the server is not serving.
+        """
+        self.log.sync()
+        position = self.log.position()
+        path = (
+            Path(path)
+            if path is not None
+            else self.checkpoint_dir / ckpt.default_name(position, ckpt.check_tag(tag))
+        )
+        header = ckpt.write(path, self.state.snapshot(), position, tag)
+        return {**header, "path": str(path)}
 
     # ---------------------------------------------------------------- handlers
-    def handle(self, msg_type: str, msg: dict) -> tuple[str, dict] | None:
-        """One request -> (reply type, fields), or None when parked."""
+    def handle(self, msg_type: str, msg: dict) -> tuple[str, dict] | Held | None:
+        """One request -> (reply type, fields), or a Held to park (identity filled later)."""
         if msg_type == "insert":
-            obj = msg.get("group")
-            group = group_from_wire(obj, self.limits)
-            duplicate = group.group_id in self.buffer.seen
-            if duplicate:
-                self.buffer.counters.duplicates += 1
-            else:
-                self.log.append(msgpack.packb({"k": "ins", "g": obj}, use_bin_type=True))
-                self._apply({"k": "ins", "g": obj}, group)
-            return "ack", {"group_id": group.group_id, "duplicate": duplicate}
+            return self._insert(msg)
         if msg_type == "admit":
             actor, k = _int(msg, "actor"), _int(msg, "k")
             if "version" in msg:
-                self.buffer.evict_stale(_int(msg, "version"))
+                self._advance_version(_int(msg, "version"))
             free = self.buffer.admission_capacity(
-                self.buffer.version, self.cfg.groups_per_version, self.in_flight
+                self.buffer.version, self.cfg.groups_per_version, self.state.in_flight
             )
             n = max(0, min(k, free))
-            positions = self.redo[:n] + list(
-                range(self.cursor, self.cursor + n - len(self.redo[:n]))
-            )
+            redo = self.state.redo[:n]
+            positions = redo + list(range(self.state.cursor, self.state.cursor + n - len(redo)))
             if positions:
                 self._record({"k": "adm", "a": actor, "p": positions})
             return "admitted", {"n": n, "positions": positions}
@@ -151,31 +185,72 @@ class ReplayServer:
             self._record({"k": "rel", "a": _int(msg, "actor")})
             return "released", {}
         if msg_type == "sample":
-            return self._try_sample(msg)
+            return self._sample(msg)
+        if msg_type == "checkpoint":
+            try:
+                tag = ckpt.check_tag(msg.get("tag", ""))
+            except ValueError as e:
+                raise WireError(str(e)) from None
+            header = self.checkpoint(tag=tag)
+            return "checkpointed", {k: header[k] for k in ("path", "segment", "offset")}
         if msg_type == "stats":
             return "stats", self.stats()
         raise WireError(f"unknown message type {msg_type!r}")
 
-    def _try_sample(self, msg: dict) -> tuple[str, dict] | None:
+    def _insert(self, msg: dict) -> tuple[str, dict] | Held:
+        obj = msg.get("group")
+        group = group_from_wire(obj, self.limits)
+        timeout_ms = _int(msg, "timeout_ms", self.cfg.insert_timeout_ms)
+        if group.group_id in self.buffer.seen:
+            self.buffer.counters.duplicates += 1
+            return "ack", {"group_id": group.group_id, "duplicate": True}
+        limiter = self.state.limiter
+        if limiter is not None and (self._held_inserts or not limiter.can_insert(len(self.buffer))):
+            return Held(b"", msg, time.monotonic() + timeout_ms / 1000.0, group)
+        self._record({"k": "ins", "g": obj, "at": time.time()}, group)
+        return "ack", {"group_id": group.group_id, "duplicate": False}
+
+    def _advance_version(self, version: int) -> None:
+        if version > self.buffer.version:
+            self._record({"k": "ver", "v": version})
+
+    def _sample(self, msg: dict) -> tuple[str, dict] | Held:
         batch_size, version = _int(msg, "batch_size"), _int(msg, "version")
+        timeout_ms = _int(msg, "timeout_ms", 0)
         req = msg.get("req")
         if batch_size < 1:
             raise WireError("batch_size must be >= 1")
         if not isinstance(req, str) or not req:
             raise WireError("sample needs a request id 'req'")
+        if self.state.limiter is not None:
+            try:
+                self.state.limiter.check_batch(batch_size)
+            except ValueError as e:
+                raise WireError(str(e)) from None
         if req in self._answered:  # a retry: the same answer again, never a second batch
             return self._answered[req]
-        picked = self.buffer.sample(batch_size, version)
-        if picked is None:
+        reply = self._try_sample(batch_size, version, req)
+        return reply or Held(b"", msg, time.monotonic() + timeout_ms / 1000.0)
+
+    def _try_sample(self, batch_size: int, version: int, req: str) -> tuple[str, dict] | None:
+        self._advance_version(version)
+        limiter = self.state.limiter
+        if limiter is not None and not limiter.can_sample(batch_size, len(self.buffer)):
             return None
-        ids = [e.group_id for e, _ in picked]
-        self.log.append(msgpack.packb({"k": "smp", "ids": ids, "v": version}, use_bin_type=True))
-        # the buffer already counted these samples in buffer.sample
+        ids = self.buffer.select(batch_size)
+        if ids is None:
+            return None
+        entries = [self.buffer.entries[i] for i in ids]
+        staleness = [self.buffer.staleness(e) for e in entries]
+        self._record({"k": "smp", "ids": ids, "v": self.buffer.version})
         reply = (
             "batch",
             {
-                "groups": [e.payload for e, _ in picked],
-                "info": [[e.times_sampled, s, e.inserted_at] for e, s in picked],
+                "groups": [e.payload for e in entries],
+                "info": [
+                    [e.times_sampled, s, e.inserted_at]
+                    for e, s in zip(entries, staleness, strict=True)
+                ],
             },
         )
         self._answered[req] = reply
@@ -184,80 +259,148 @@ class ReplayServer:
         return reply
 
     def stats(self) -> dict:
-        return {
+        out = {
             "size": len(self.buffer),
             "version": self.buffer.version,
             "rejected": self.rejected,
-            "in_flight": self.in_flight,
-            "cursor": self.cursor,
+            "internal_errors": self.internal_errors,
+            "insert_timeouts": self.insert_timeouts,
+            "held_inserts": len(self._held_inserts),
+            "held_samples": len(self._held_samples),
+            "in_flight": self.state.in_flight,
+            "cursor": self.state.cursor,
             **asdict(self.buffer.counters),
             "recovered_records": self.recovery.records,
             "recovery_corrupt_skipped": self.recovery.corrupt_skipped,
             "recovery_torn_bytes": self.recovery.torn_bytes_truncated,
+            "recovered_checkpoint": self.recovered_checkpoint,
         }
+        if (lim := self.state.limiter) is not None:
+            out.update(limiter_inserts=lim.inserts, limiter_samples=lim.samples)
+            out.update(limiter_diff=lim.diff, limiter_min_diff=lim.min_diff)
+            out.update(limiter_max_diff=lim.max_diff)
+        return out
 
     # ---------------------------------------------------------------- socket loop
-    def serve(self) -> None:
-        ctx = zmq.Context.instance()
-        sock = ctx.socket(zmq.ROUTER)
-        sock.setsockopt(zmq.LINGER, 0)
+    def bind(self) -> str:
+        self._sock = zmq.Context.instance().socket(zmq.ROUTER)
+        self._sock.setsockopt(zmq.LINGER, 0)
         if self.cfg.address.endswith(":0"):
-            port = sock.bind_to_random_port(self.cfg.address.rsplit(":", 1)[0])
-            self.bound_address = f"{self.cfg.address.rsplit(':', 1)[0]}:{port}"
+            host = self.cfg.address.rsplit(":", 1)[0]
+            self.bound_address = f"{host}:{self._sock.bind_to_random_port(host)}"
         else:
-            sock.bind(self.cfg.address)
+            self._sock.bind(self.cfg.address)
             self.bound_address = self.cfg.address
+        return self.bound_address
+
+    def serve(self) -> None:
+        """Bind (unless ``bind`` was called) and answer requests until ``stop``."""
+        if self._sock is None:
+            self.bind()
+        sock = self._sock
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         try:
             while not self._stop.is_set():
-                wait_ms = max(1, int(self.log.fsync_interval * 1000)) if self.log._dirty else 100
+                wait_ms = 100
+                if self.log._dirty:
+                    wait_ms = max(1, int(self.log.fsync_interval * 1000))
+                if self._held_inserts or self._held_samples:
+                    wait_ms = min(wait_ms, 10)
                 if dict(poller.poll(wait_ms)).get(sock):
                     while True:
                         try:
                             frames = sock.recv_multipart(zmq.NOBLOCK)
                         except zmq.Again:
                             break
-                        self._on_frames(sock, frames)
+                        self._on_frames(frames)
                 self.log.maybe_sync()
-                self._serve_parked(sock)
+                self._serve_held()
         finally:
             self.log.close()
             sock.close(0)
+            self._sock = None
 
-    def _on_frames(self, sock, frames: list[bytes]) -> None:
-        if len(frames) != 2:
+    def _send(self, identity: bytes, kind: str, rid, **fields) -> None:
+        self._sock.send_multipart([identity, encode(kind, rid=_safe_rid(rid), **fields)])
+
+    def _on_frames(self, frames: list[bytes]) -> None:
+        if len(frames) < 2:  # a ROUTER always prepends the identity; nobody to answer
             self.rejected += 1
             return
-        identity, data = frames
-        rid = None
+        identity, rid = frames[0], None
         try:
-            msg_type, msg = decode(data, self.limits)
+            if len(frames) > 2:
+                raise WireError(f"expected one message frame, got {len(frames) - 1}")
+            msg_type, msg = decode(frames[1], self.limits)
             rid = msg.get("rid")
             reply = self.handle(msg_type, msg)
-            if reply is None:
-                # a retry of a request already parked replaces it (new socket identity)
-                self._pending = [p for p in self._pending if p[1].get("req") != msg.get("req")]
-                deadline = time.monotonic() + _int(msg, "timeout_ms", 0) / 1000.0
-                self._pending.append((identity, msg, deadline))
+            if isinstance(reply, Held):
+                reply.identity = identity
+                self._hold(reply)
                 return
-            sock.send_multipart([identity, encode(reply[0], rid=rid, **reply[1])])
+            self._send(identity, reply[0], rid, **reply[1])
         except WireError as e:
             self.rejected += 1
-            sock.send_multipart([identity, encode("error", rid=_safe_rid(rid), reason=str(e))])
+            self._send(identity, "error", rid, reason=str(e))
+        except Exception as e:  # a bug, not bad input: answer, count, keep serving
+            self.internal_errors += 1
+            traceback.print_exc(file=sys.stderr)
+            self._send(identity, "error", rid, reason=f"internal error: {type(e).__name__}: {e}")
 
-    def _serve_parked(self, sock) -> None:
-        if not self._pending:
+    def _hold(self, held: Held) -> None:
+        if held.group is not None:
+            old = self._held_inserts.get(held.group.group_id)
+            if old is not None:  # a retry: answer the new socket, keep the first deadline
+                old.identity, old.msg = held.identity, held.msg
+            else:
+                self._held_inserts[held.group.group_id] = held
             return
-        now, still = time.monotonic(), []
-        for identity, msg, deadline in self._pending:
-            reply = self._try_sample(msg)
-            if reply is None and now < deadline:
-                still.append((identity, msg, deadline))
-                continue
-            kind, fields = reply if reply is not None else ("empty", {})
-            sock.send_multipart([identity, encode(kind, rid=msg.get("rid"), **fields)])
-        self._pending = still
+        # a retry of a held sample replaces it (new socket identity)
+        req = held.msg.get("req")
+        self._held_samples = [h for h in self._held_samples if h.msg.get("req") != req]
+        self._held_samples.append(held)
+
+    def _serve_held(self) -> None:
+        """Answer what can go now (inserts first, in order; samples free inserts, so repeat),
+        then time out the rest."""
+        if not (self._held_inserts or self._held_samples):
+            return
+        progress = True
+        while progress:
+            progress = False
+            limiter = self.state.limiter
+            while self._held_inserts and limiter.can_insert(len(self.buffer)):
+                gid, held = self._held_inserts.popitem(last=False)
+                dup = gid in self.buffer.seen  # cannot happen: a retry replaces the held one
+                if not dup:
+                    record = {"k": "ins", "g": held.msg["group"], "at": time.time()}
+                    self._record(record, held.group)
+                self._send(held.identity, "ack", held.msg.get("rid"), group_id=gid, duplicate=dup)
+            still = []
+            for held in self._held_samples:
+                m = held.msg
+                reply = self._try_sample(m["batch_size"], m["version"], m["req"])
+                if reply is None:
+                    still.append(held)
+                    continue
+                self._send(held.identity, reply[0], m.get("rid"), **reply[1])
+                progress = limiter is not None
+            self._held_samples = still
+        now = time.monotonic()
+        for gid, held in list(self._held_inserts.items()):
+            if held.deadline <= now:
+                del self._held_inserts[gid]
+                self.insert_timeouts += 1
+                waited = held.msg.get("timeout_ms", self.cfg.insert_timeout_ms)
+                reason = (
+                    f"{self.state.limiter.why_insert_waits(len(self.buffer))}; held {waited} ms"
+                )
+                self._send(held.identity, "error", held.msg.get("rid"), reason=reason)
+        expired = [h for h in self._held_samples if h.deadline <= now]
+        self._held_samples = [h for h in self._held_samples if h.deadline > now]
+        for held in expired:
+            self._send(held.identity, "empty", held.msg.get("rid"))
 
     def stop(self) -> None:
         self._stop.set()
@@ -277,7 +420,7 @@ def _safe_rid(rid):
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dir", required=True)
-    p.add_argument("--address", default="tcp://127.0.0.1:5555")
+    p.add_argument("--address", default="tcp://127.0.0.1:5555", help="port 0: pick a free one")
     p.add_argument("--capacity", type=int, default=10_000)
     p.add_argument("--max-staleness", type=int, default=1, help="-1 for no bound")
     p.add_argument("--selector", default="fifo")
@@ -285,23 +428,38 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--groups-per-version", type=int, default=8)
     p.add_argument("--fsync", default="interval")
     p.add_argument("--fsync-interval-ms", type=float, default=10.0)
+    p.add_argument("--segment-bytes", type=int, default=64 * 1024 * 1024)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--samples-per-insert", type=float, default=None, help="enables the rate limiter"
+    )
+    p.add_argument("--min-size-to-sample", type=int, default=1)
+    p.add_argument("--error-buffer", type=float, default=None)
+    p.add_argument("--insert-timeout-ms", type=int, default=60_000)
     a = p.parse_args(argv)
     server = ReplayServer(
         ServerConfig(
-            a.dir,
-            a.address,
-            a.capacity,
-            None if a.max_staleness < 0 else a.max_staleness,
-            a.selector,
-            a.max_times_sampled,
-            a.groups_per_version,
-            a.fsync,
-            a.fsync_interval_ms,
+            directory=a.dir,
+            address=a.address,
+            capacity=a.capacity,
+            max_staleness=None if a.max_staleness < 0 else a.max_staleness,
+            selector=a.selector,
+            max_times_sampled=a.max_times_sampled,
+            groups_per_version=a.groups_per_version,
+            fsync=a.fsync,
+            fsync_interval_ms=a.fsync_interval_ms,
+            segment_bytes=a.segment_bytes,
+            seed=a.seed,
+            samples_per_insert=a.samples_per_insert,
+            min_size_to_sample=a.min_size_to_sample,
+            error_buffer=a.error_buffer,
+            insert_timeout_ms=a.insert_timeout_ms,
         )
     )
     signal.signal(signal.SIGTERM, lambda *_: server.stop())
     signal.signal(signal.SIGINT, lambda *_: server.stop())
-    print(f"replay server on {server.cfg.address}, recovered {server.recovery}", flush=True)
+    address = server.bind()
+    print(f"replay server on {address}, recovered {server.recovery}", flush=True)
     server.serve()
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 
+from flowrl_async.replay.client import ReplayClient
 from flowrl_async.replay.server import ReplayServer, ServerConfig
 
 
@@ -25,6 +26,14 @@ class ReplayService:
 
     def stats(self) -> dict:
         return self.server.stats()
+
+    def checkpoint(self, tag: str = "") -> dict:
+        """A checkpoint taken on the serving thread (through a request, so never mid-update)."""
+        client = ReplayClient(self.address())
+        try:
+            return client.checkpoint(tag)
+        finally:
+            client.close()
 
     def stop(self) -> None:
         self.server.stop()

@@ -1,0 +1,112 @@
+"""Atomic checkpoints of the replay state, each tied to the log position it covers.
+
+A checkpoint file holds two frames in the log's framing (``<u32 length><u32 crc32>``): a
+small header ``{format, segment, offset, tag, created}`` and the state snapshot
+(``ReplayState.snapshot()``), both msgpack.
+
+Invariants:
+- a checkpoint file is complete or absent: it is written to a temporary file in the same
+  directory, fsynced, ``os.replace``d onto its name, and the directory is fsynced;
+- it covers exactly the log records before ``(segment, offset)``; the caller fsyncs the log
+  up to there first, so a crash can never leave a checkpoint ahead of the log it covers;
+- ``candidates`` lists the checkpoints of a directory newest first (by covered position,
+  then creation time); a damaged one (bad CRC, unreadable) is skipped by ``load``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+import zlib
+from pathlib import Path
+
+import msgpack
+
+from flowrl_async.replay.log import FRAME
+
+FORMAT = 1
+TAG = re.compile(r"[A-Za-z0-9_.-]{0,64}")
+
+
+def default_name(position: tuple[int, int], tag: str = "") -> str:
+    return f"ckpt-{position[0]:08d}-{position[1]:012d}{'-' + tag if tag else ''}.ckpt"
+
+
+def check_tag(tag: object) -> str:
+    if not isinstance(tag, str) or not TAG.fullmatch(tag):
+        raise ValueError(f"checkpoint tag must match {TAG.pattern}, got {tag!r}")
+    return tag
+
+
+def _frame(obj: object) -> bytes:
+    payload = msgpack.packb(obj, use_bin_type=True)
+    return FRAME.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+def write(path: Path, snapshot: dict, position: tuple[int, int], tag: str = "") -> dict:
+    """Write atomically; -> the header."""
+    header = {
+        "format": FORMAT,
+        "segment": position[0],
+        "offset": position[1],
+        "tag": check_tag(tag),
+        "created": time.time(),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(_frame(header))
+        f.write(_frame(snapshot))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return header
+
+
+def _read_frame(f) -> object | None:
+    head = f.read(FRAME.size)
+    if len(head) < FRAME.size:
+        return None
+    length, crc = FRAME.unpack(head)
+    payload = f.read(length)
+    if len(payload) != length or zlib.crc32(payload) != crc:
+        return None
+    return msgpack.unpackb(payload, raw=False, strict_map_key=False)
+
+
+def read_header(path: Path) -> dict | None:
+    try:
+        with open(path, "rb") as f:
+            header = _read_frame(f)
+    except (OSError, ValueError, msgpack.UnpackException):
+        return None
+    ok = isinstance(header, dict) and header.get("format") == FORMAT
+    return header if ok else None
+
+
+def load(path: Path) -> tuple[dict, dict] | None:
+    """-> (header, snapshot), or None when the file is damaged."""
+    try:
+        with open(path, "rb") as f:
+            header, snapshot = _read_frame(f), _read_frame(f)
+    except (OSError, ValueError, msgpack.UnpackException):
+        return None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        return None
+    return (header, snapshot) if isinstance(snapshot, dict) else None
+
+
+def candidates(directory: Path) -> list[Path]:
+    """Checkpoints in ``directory``, newest first; files without a readable header left out."""
+    found = []
+    for path in directory.glob("*.ckpt") if directory.is_dir() else []:
+        header = read_header(path)
+        if header is not None:
+            found.append(((header["segment"], header["offset"], header["created"]), path))
+    return [path for _, path in sorted(found, reverse=True)]

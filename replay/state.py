@@ -1,0 +1,126 @@
+"""The replay service's state, changed only by log records, and its snapshot.
+
+Records (msgpack maps; ``k`` says which):
+  ins {g, at}   a group (wire form) accepted at unix time ``at``
+  adm {a, p}    prompt-stream positions ``p`` granted to actor ``a``
+  rel {a}       actor ``a`` restarted: its outstanding positions are handed out again
+  ver {v}       the learner's version rose to ``v`` (stale groups are evicted)
+  smp {ids, v}  groups handed to the learner at version ``v``
+
+Invariants:
+- ``apply`` is the only way the state changes, so replaying the log in order rebuilds the
+  state exactly: the same groups in the same order with the same sample counts and insert
+  times, the same evictions, work dispatch and rate-limiter counters;
+- ``snapshot()`` is plain msgpack-able data and ``restore(snapshot())`` gives a state whose
+  ``snapshot()`` is equal. Runtime figures (duplicates, rejected requests) and the
+  selector's RNG are not part of the state: a restart counts duplicates from zero and
+  reseeds the RNG, the same with or without a checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+
+from flowrl_async.records import Group
+from flowrl_async.replay.buffer import Counters, Entry, ReplayBuffer
+from flowrl_async.replay.rate_limiter import RateLimiter
+from flowrl_async.wire import WireLimits, group_from_wire
+
+RUNTIME_COUNTERS = ("duplicates",)  # counted since the process started, not recovered
+
+
+def reward_spread(group_obj: dict) -> float:
+    rewards = [r["r"] for r in group_obj["responses"]]
+    return max(rewards) - min(rewards)
+
+
+class ReplayState:
+    def __init__(
+        self,
+        buffer: ReplayBuffer,
+        limiter: RateLimiter | None = None,
+        limits: WireLimits = WireLimits(),
+    ):
+        self.buffer, self.limiter, self.limits = buffer, limiter, limits
+        self.outstanding: dict[int, set[int]] = {}  # actor -> positions granted, not yet in
+        self.redo: list[int] = []  # positions of restarted actors, handed out first
+        self.cursor = 0  # the next new position in the prompt stream
+
+    @property
+    def in_flight(self) -> int:
+        return sum(len(p) for p in self.outstanding.values())
+
+    def apply(self, record: dict, group: Group | None = None) -> None:
+        """Apply one record (``group``: its already-decoded group, to skip a second decode)."""
+        kind = record["k"]
+        if kind == "ins":
+            obj = record["g"]
+            group = group or group_from_wire(obj, self.limits)
+            at = record.get("at")
+            entry = Entry(
+                group.group_id,
+                group.min_version,
+                obj,
+                priority=reward_spread(obj),
+                inserted_at=float(at) if isinstance(at, int | float) else time.time(),
+            )
+            if self.buffer.insert(entry):
+                self.outstanding.get(group.actor_id, set()).discard(group.cursor)
+                if self.limiter is not None:
+                    self.limiter.record_insert()
+        elif kind == "adm":
+            positions = record["p"]
+            self.outstanding.setdefault(record["a"], set()).update(positions)
+            granted = set(positions)
+            self.redo = [p for p in self.redo if p not in granted]
+            self.cursor = max([self.cursor, *(p + 1 for p in positions)])
+        elif kind == "rel":
+            self.redo = sorted(set(self.redo) | self.outstanding.pop(record["a"], set()))
+        elif kind == "ver":
+            self.buffer.evict_stale(record["v"])
+        elif kind == "smp":
+            self.buffer.evict_stale(record["v"])
+            n = self.buffer.mark_sampled(record["ids"])
+            if self.limiter is not None:
+                self.limiter.record_sample(n)
+        else:
+            raise KeyError(kind)
+
+    # ---------------------------------------------------------------- snapshot
+    def snapshot(self) -> dict:
+        b = self.buffer
+        counters = {k: v for k, v in asdict(b.counters).items() if k not in RUNTIME_COUNTERS}
+        return {
+            "entries": [
+                [e.group_id, e.min_version, e.payload, e.priority, e.inserted_at, e.times_sampled]
+                for e in b.entries.values()
+            ],
+            "seen": sorted(b.seen),
+            "counters": counters,
+            "version": b.version,
+            "cursor": self.cursor,
+            "outstanding": [[a, sorted(p)] for a, p in sorted(self.outstanding.items())],
+            "redo": list(self.redo),
+            "limiter": None
+            if self.limiter is None
+            else [self.limiter.inserts, self.limiter.samples],
+        }
+
+    def restore(self, snap: dict) -> None:
+        """Replace the state with a snapshot (the buffer's settings stay as configured)."""
+        b = self.buffer
+        b.entries.clear()
+        for gid, min_version, payload, priority, inserted_at, times_sampled in snap["entries"]:
+            b.entries[gid] = Entry(gid, min_version, payload, priority, inserted_at, times_sampled)
+        b.seen = set(snap["seen"])
+        b.counters = Counters(**snap["counters"], duplicates=b.counters.duplicates)
+        b.version = snap["version"]
+        self.cursor = snap["cursor"]
+        self.outstanding = {a: set(p) for a, p in snap["outstanding"]}
+        self.redo = list(snap["redo"])
+        if self.limiter is not None:
+            # a snapshot taken without a limiter: its counters are what replaying the log
+            # with one would have counted (every accepted insert, every sampled group)
+            counts = snap["limiter"] or [b.counters.inserted, b.counters.sampled_groups]
+            self.limiter.inserts, self.limiter.samples = counts

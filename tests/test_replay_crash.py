@@ -1,0 +1,130 @@
+"""The replay server as a real process: killed with SIGKILL mid-stream, then a damaged log."""
+
+import re
+import signal
+import subprocess
+import sys
+import threading
+
+import msgpack
+import pytest
+
+from flowrl_async.replay.client import ReplayClient
+from flowrl_async.replay.log import FRAME
+
+from factories import make_group
+
+pytestmark = pytest.mark.integration
+
+N = 150  # groups in the stream
+KILL_AFTER = 40  # acknowledged groups before the SIGKILL
+
+
+class ServerProcess:
+    """``python -m flowrl_async.replay.server``; ready once it answers a stats request."""
+
+    def __init__(self, directory, address="tcp://127.0.0.1:0"):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "flowrl_async.replay.server", "--dir", str(directory)]
+            + ["--address", address, "--fsync", "interval", "--max-staleness", "-1"]
+            + ["--selector", "uniform", "--max-times-sampled", "1000"],
+            stdout=subprocess.PIPE,
+            stderr=open(directory.parent / "server.err", "a"),  # noqa: SIM115
+            text=True,
+        )
+        line = self.proc.stdout.readline()  # "replay server on tcp://127.0.0.1:PORT, ..."
+        found = re.search(r"replay server on (tcp://[0-9.]+:\d+),", line)
+        assert found, f"no address in {line!r}"
+        self.address = found.group(1)
+        self.client = ReplayClient(self.address, request_timeout_s=0.2, max_retries=50)
+        self.stats = self.client.stats()  # answered: ready
+
+    def kill(self):
+        self.proc.send_signal(signal.SIGKILL)
+        assert self.proc.wait(10) == -signal.SIGKILL
+        self.client.close()
+
+    def stop(self):
+        self.client.close()
+        self.proc.send_signal(signal.SIGTERM)
+        assert self.proc.wait(10) == 0
+
+
+def frames(data: bytes) -> list[tuple[int, bytes]]:
+    """(offset of the payload, payload) of each frame in an intact segment."""
+    out, pos = [], 0
+    while pos < len(data):
+        length, _ = FRAME.unpack_from(data, pos)
+        out.append((pos + FRAME.size, data[pos + FRAME.size : pos + FRAME.size + length]))
+        pos += FRAME.size + length
+    return out
+
+
+def all_ids(client, n) -> list[str]:
+    batch = client.sample(n, version=0, timeout_s=0.5)
+    assert batch is not None, client.stats()
+    return sorted(g.group_id for g, _ in batch)
+
+
+def test_sigkill_mid_stream_then_damaged_log(tmp_path):
+    directory = tmp_path / "replay"
+    ids = [f"g{i:03d}" for i in range(N)]
+    server = ServerProcess(directory)
+    address = server.address
+
+    acked, enough = [], threading.Event()
+
+    def stream():  # one synchronous client: retries through the crash until acknowledged
+        client = ReplayClient(address, request_timeout_s=0.3, max_retries=100)
+        for gid in ids:
+            client.insert(make_group(gid, n=4, tokens=32))
+            acked.append(gid)
+            if len(acked) == KILL_AFTER:
+                enough.set()
+        client.close()
+
+    writer = threading.Thread(target=stream)
+    writer.start()
+    assert enough.wait(30)
+    acked_before_kill = len(acked)
+    server.kill()  # the writer is mid-stream: its next insert times out and is retried
+    server = ServerProcess(directory, address)
+    assert server.stats["recovered_records"] >= acked_before_kill  # every ack survived
+    writer.join(60)
+    assert not writer.is_alive() and acked == ids
+
+    stats = server.client.stats()
+    # every group exactly once: one accepted insert each, all held (nothing is used up)
+    assert (stats["inserted"], stats["size"]) == (N, N)
+    assert stats["duplicates"] <= 1  # at most the one insert in flight at the kill
+    assert all_ids(server.client, N) == ids
+    server.stop()
+
+    # damage the log: one flipped payload byte in a middle record, then a torn frame
+    (segment,) = sorted(directory.glob("seg-*.log"))
+    data = bytearray(segment.read_bytes())
+    inserts = [
+        (offset, payload)
+        for offset, payload in frames(bytes(data))
+        if msgpack.unpackb(payload)["k"] == "ins"
+    ]
+    assert len(inserts) == N
+    offset, payload = inserts[N // 2]
+    victim = msgpack.unpackb(payload)["g"]["id"]
+    data[offset + len(payload) // 2] ^= 0xFF
+    torn = FRAME.pack(1000, 0) + b"x" * 10  # claims 1000 bytes, has 10: 8 + 10 = 18 bytes
+    segment.write_bytes(bytes(data) + torn)
+
+    server = ServerProcess(directory, address)
+    try:
+        stats = server.stats
+        assert (stats["recovery_corrupt_skipped"], stats["recovery_torn_bytes"]) == (1, 18)
+        assert segment.stat().st_size == len(data)  # the torn tail was cut off
+        # N inserts + 1 sample record were written; the damaged insert is gone
+        assert stats["recovered_records"] == N + 1 - 1
+        assert stats["size"] == N - 1
+        assert all_ids(server.client, N - 1) == [i for i in ids if i != victim]
+        # the lost group is unknown again, so an actor's resend would be accepted
+        assert server.client.insert(make_group(victim, n=4, tokens=32)) is True
+    finally:
+        server.stop()
