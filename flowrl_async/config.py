@@ -111,6 +111,10 @@ class LearnerSection:
     """Linear learning-rate warm-up."""
     publish_every: int = 1
     """Publish weights (version + 1) every this many steps."""
+    checkpoint_every: int = 100
+    """Save an atomic checkpoint every this many steps (and at the end, and on Ctrl-C)."""
+    keep_checkpoints: int = 3
+    """Keep only the newest this many checkpoints."""
     sample_timeout_s: float = 300.0
     """The learner gives up (with a clear error) after waiting this long for a batch."""
     device: str = "auto"
@@ -146,6 +150,8 @@ class TrainConfig:
     """Where the run writes its config, metrics, checkpoints, replay log and plots."""
     seed: int = 0
     """Seed of the learner and the actors' samplers."""
+    resume: bool = False
+    """Continue the run in run_dir from its newest checkpoint (give run_dir explicitly)."""
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -177,6 +183,8 @@ def validate(cfg: TrainConfig) -> None:
         problems.append("replay.capacity must be >= learner.batch_groups")
     if lr.steps < 1 or lr.batch_groups < 1 or lr.publish_every < 1:
         problems.append("learner.steps, batch_groups and publish_every must be >= 1")
+    if lr.checkpoint_every < 1 or lr.keep_checkpoints < 1:
+        problems.append("learner.checkpoint_every and learner.keep_checkpoints must be >= 1")
     if cfg.cluster.num_actors < 1:
         problems.append("cluster.num_actors must be >= 1")
     if problems:

@@ -86,8 +86,11 @@ def start_ray(cfg: TrainConfig, run_dir: Path):
 def train(cfg: TrainConfig) -> dict:
     validate(cfg)
     run_dir = Path(cfg.run_dir).resolve()
+    if cfg.resume and not (run_dir / "checkpoints").is_dir():
+        raise ValueError(f"resume=true but {run_dir} has no checkpoints/ to resume from")
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    name = "config.resumed.json" if cfg.resume else "config.json"
+    (run_dir / name).write_text(json.dumps(asdict(cfg), indent=2))
     model_path = prepare_model(cfg, run_dir)
     ray = start_ray(cfg, run_dir)
     import torch
@@ -191,8 +194,27 @@ def train(cfg: TrainConfig) -> dict:
                 for i, a in enumerate(actors)
             ]
         )
+        start_step = 0
+        if cfg.resume:
+            resumed = ray.get(learner.resume.remote(str(run_dir / "checkpoints")))
+            start_step = resumed["step"]
+            print(
+                f"resumed from {resumed['path']} (step {start_step}, version {resumed['version']})"
+            )
+        ray.get(learner.publish_current.remote())  # every member starts from current weights
         loops = [a.run.remote() for a in actors]
-        history = run_steps(ray, learner, lc.steps, run_dir, loops)
+        ckpt = Checkpointer(ray, learner, run_dir / "checkpoints", lc.checkpoint_every,
+                            lc.keep_checkpoints)  # fmt: skip
+        try:
+            history = run_steps(ray, learner, start_step, lc.steps, run_dir, loops, ckpt)
+        except KeyboardInterrupt:
+            print("\ninterrupted: saving a checkpoint before stopping ...", flush=True)
+            print(
+                f"checkpoint: {ckpt.save()}\nresume with: flowrl-async train "
+                f"run_dir={run_dir} resume=true"
+            )
+            raise
+        ckpt.save()
         summary = {
             "run_dir": str(run_dir),
             "steps": len(history),
@@ -216,11 +238,23 @@ def check_actors(ray, loops) -> None:
         raise RuntimeError("a rollout actor stopped before the learner finished")
 
 
-def run_steps(ray, learner, steps: int, run_dir: Path, loops) -> list[dict]:
+class Checkpointer:
+    def __init__(self, ray, learner, root: Path, every: int, keep: int):
+        self.ray, self.learner, self.root, self.every, self.keep = ray, learner, root, every, keep
+
+    def maybe_save(self, step: int) -> None:
+        if step % self.every == 0:
+            self.save()
+
+    def save(self) -> str:
+        return self.ray.get(self.learner.save_checkpoint.remote(str(self.root), self.keep))
+
+
+def run_steps(ray, learner, start: int, steps: int, run_dir: Path, loops, ckpt) -> list[dict]:
     history = []
     started = time.time()
     with open(run_dir / "metrics.jsonl", "a") as f:
-        for _ in range(steps):
+        for _ in range(start, steps):
             step_ref = learner.step.remote()
             while not ray.wait([step_ref], timeout=1.0)[0]:
                 check_actors(ray, loops)
@@ -231,6 +265,7 @@ def run_steps(ray, learner, steps: int, run_dir: Path, loops) -> list[dict]:
             f.write(json.dumps(m) + "\n")
             f.flush()
             progress(m, steps)
+            ckpt.maybe_save(int(m["step"]))
     if sys.stdout.isatty():
         print()
     return history

@@ -197,6 +197,32 @@ class Learner:
         out["response_len"] = float(batch.response_mask.sum(-1).float().mean())
         return out
 
+    # ------------------------------------------------------------------ checkpoints
+    def training_state(self) -> dict:
+        """Everything but the policy weights (saved in Hugging Face format beside it)."""
+        return {
+            "log_z": self.log_z.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng_state(),
+            "step": self.step_count,
+            "version": self.version,
+        }
+
+    def load_training_state(self, state: dict, policy_state: dict) -> None:
+        missing, unexpected = self.policy.load_state_dict(policy_state, strict=False)
+        tied = getattr(self.policy.config, "tie_word_embeddings", False)
+        missing = [k for k in missing if not (tied and k == "lm_head.weight")]
+        if missing or unexpected:
+            raise KeyError(
+                f"checkpoint does not fit the policy: missing {missing}, unexpected {unexpected}"
+            )
+        self.log_z.load_state_dict(state["log_z"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        self.step_count, self.version = state["step"], state["version"]
+
     # ------------------------------------------------------------------ weights
     def named_weights(self) -> list[tuple[str, torch.Tensor]]:
         return [(n, p.detach()) for n, p in self.policy.state_dict().items()]
@@ -210,3 +236,25 @@ class Learner:
         self.version += 1
         if self.publish_fn is not None:
             self.publish_fn(self.named_weights(), self.version, self.probe_token_ids, self.probe())
+
+
+def rng_state() -> dict:
+    import random
+
+    import numpy as np
+
+    return {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])

@@ -7,10 +7,12 @@ sender. ``step`` blocks until the replay service hands over a batch; waiting lon
 
 from __future__ import annotations
 
+import threading
 import time
 
 import torch
 
+from flowrl_async.learner.checkpoint import latest, load_checkpoint, save_checkpoint
 from flowrl_async.learner.learner import AlgoConfig, Learner
 from flowrl_async.learner.log_z import LogZHead
 from flowrl_async.learner.weight_sender import WeightSender
@@ -49,6 +51,7 @@ class LearnerWorker:
         self.replay = ReplayClient(replay_address)
         self.sample_timeout_s = sample_timeout_s
         self.sender: WeightSender | None = None
+        self.lock = threading.Lock()  # a step and a checkpoint never overlap
         probe = tuple(self.tokenizer(probe_text)["input_ids"]) if probe_text else ()
         self.learner = Learner(
             policy, ref, head, algo, self._sample, self.tokenizer.pad_token_id,
@@ -80,7 +83,41 @@ class LearnerWorker:
             self.sender.publish(named, version, probe_ids, probe_logprob)
 
     def step(self) -> dict:
-        return self.learner.step()
+        with self.lock:
+            return self.learner.step()
+
+    @property
+    def step_count(self) -> int:
+        return self.learner.step_count
+
+    def state(self) -> dict:
+        return {"step": self.learner.step_count, "version": self.learner.version}
+
+    def publish_current(self) -> int:
+        """Send the current weights at the current version (a new or rebuilt group)."""
+        with self.lock:
+            lrn = self.learner
+            self._publish(lrn.named_weights(), lrn.version, lrn.probe_token_ids, lrn.probe())
+            return lrn.version
+
+    def save_checkpoint(self, root: str, keep: int, extra: dict | None = None) -> str:
+        with self.lock:
+            lrn = self.learner
+            path = save_checkpoint(
+                root, lrn.step_count, lrn.policy, self.tokenizer, lrn.training_state(),
+                extra or {}, keep,
+            )  # fmt: skip
+            return str(path)
+
+    def resume(self, root: str) -> dict:
+        """Load the newest checkpoint under ``root``; -> its step, version and extra."""
+        path = latest(root)
+        if path is None:
+            raise FileNotFoundError(f"resume: no checkpoint under {root}")
+        policy_state, state, extra = load_checkpoint(path)
+        with self.lock:
+            self.learner.load_training_state(state, policy_state)
+        return {"path": str(path), "step": state["step"], "version": state["version"], **extra}
 
     def save_policy(self, path: str) -> str:
         return str(save_model(path, self.learner.policy, self.tokenizer))
