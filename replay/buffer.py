@@ -149,11 +149,15 @@ class ReplayBuffer:
         return sorted(keys, key=key, reverse=True)[:k]
 
     def admission_capacity(self, version: int, groups_per_version: int, in_flight: int) -> int:
-        """AReaL-style: (max_staleness + version + 1)·groups_per_version − (accepted + in flight).
+        """AReaL-style: (max_staleness + version + 1)·groups_per_version − (accepted + in flight),
+        where "accepted" leaves out groups evicted as stale: they will never be trained, and
+        counting them would shrink the capacity for good (after a restart or a slow
+        learner, admission would stay at 0 forever: a deadlock seen in a resumed run).
 
         Unbounded (a large number) when there is no staleness bound.
         """
         if self.max_staleness is None:
             return 1 << 30
         allowed = (self.max_staleness + version + 1) * groups_per_version
-        return max(0, allowed - (self.counters.inserted + in_flight))
+        accepted = self.counters.inserted - self.counters.evicted_stale
+        return max(0, allowed - (accepted + in_flight))
