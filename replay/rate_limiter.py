@@ -22,8 +22,11 @@ when ``max_diff − spi < min_diff + B``, i.e. never when
     2·error_buffer = max_diff − min_diff >= spi + B    and    B <= min_size_to_sample.
 
 The constructor requires Reverb's ``error_buffer >= max(1, spi)`` (so B = 1 is always
-safe); ``check_batch(B)`` rejects a batch size that breaks the rule above. Comparisons are
-exact floating point, as in Reverb: prefer spi values that are exact in binary (0.5, 2, 1.25).
+safe); ``check_batch(B)`` rejects a batch size that breaks the rule above. The rule treats
+diff as a real number, so it is tight for a non-integer spi and error_buffer and
+conservative when every diff is an integer (spi 1, error_buffer 2, B 4 is refused although
+no integer lies in (5, 6)). Comparisons are exact floating point, as in Reverb: prefer spi
+values that are exact in binary (0.5, 2, 1.25).
 """
 
 from __future__ import annotations

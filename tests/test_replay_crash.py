@@ -23,11 +23,11 @@ KILL_AFTER = 40  # acknowledged groups before the SIGKILL
 class ServerProcess:
     """``python -m flowrl_async.replay.server``; ready once it answers a stats request."""
 
-    def __init__(self, directory, address="tcp://127.0.0.1:0"):
+    def __init__(self, directory, address="tcp://127.0.0.1:0", *extra: str):
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "flowrl_async.replay.server", "--dir", str(directory)]
             + ["--address", address, "--fsync", "interval", "--max-staleness", "-1"]
-            + ["--selector", "uniform", "--max-times-sampled", "1000"],
+            + ["--selector", "uniform", "--max-times-sampled", "1000", *extra],
             stdout=subprocess.PIPE,
             stderr=open(directory.parent / "server.err", "a"),  # noqa: SIM115
             text=True,
@@ -126,5 +126,15 @@ def test_sigkill_mid_stream_then_damaged_log(tmp_path):
         assert all_ids(server.client, N - 1) == [i for i in ids if i != victim]
         # the lost group is unknown again, so an actor's resend would be accepted
         assert server.client.insert(make_group(victim, n=4, tokens=32)) is True
+    finally:
+        server.stop()
+
+
+def test_cli_flags_turn_the_rate_limiter_on(tmp_path):
+    flags = ["--samples-per-insert", "0.5", "--min-size-to-sample", "2", "--error-buffer", "3"]
+    server = ServerProcess(tmp_path / "replay", "tcp://127.0.0.1:0", *flags)
+    try:
+        # min_diff = 2·0.5 − 3 = −2, max_diff = 2·0.5 + 3 = 4
+        assert (server.stats["limiter_min_diff"], server.stats["limiter_max_diff"]) == (-2, 4)
     finally:
         server.stop()
