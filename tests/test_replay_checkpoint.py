@@ -1,0 +1,171 @@
+"""Replay checkpoints: a restart from checkpoint + later log records gives exactly the state
+of a server that never restarted, and the same as replaying the whole log."""
+
+import shutil
+import threading
+import time
+
+from flowrl_async.replay.client import ReplayClient
+from flowrl_async.replay.server import ReplayServer, ServerConfig
+from flowrl_async.replay.service import ReplayService
+from flowrl_async.wire import group_to_wire
+
+from factories import make_group
+
+# uniform with 2 uses each, capacity 4 (so capacity evictions happen), staleness bound 1,
+# and a rate limiter wide enough never to hold anything (its counters are state too)
+SETTINGS = dict(
+    capacity=4,
+    max_staleness=1,
+    selector="uniform",
+    max_times_sampled=2,
+    samples_per_insert=1,
+    min_size_to_sample=2,
+    error_buffer=100,
+)
+
+
+class Running:
+    def __init__(self, directory):
+        self.server = ReplayServer(ServerConfig(str(directory), "tcp://127.0.0.1:0", **SETTINGS))
+        self.thread = threading.Thread(target=self.server.serve, daemon=True)
+        self.thread.start()
+        while self.server.bound_address is None:
+            time.sleep(0.01)
+        self.client = ReplayClient(self.server.bound_address, request_timeout_s=2.0, max_retries=2)
+
+    def stop(self) -> dict:
+        """Stop serving; -> the final state."""
+        self.client.close()
+        self.server.stop()
+        self.thread.join(5)
+        return self.server.state.snapshot()
+
+
+def before_checkpoint(c):
+    """Five records: adm, 3 ins, smp."""
+    assert c.admit(actor_id=1, k=2) == [0, 1]
+    for gid in "abc":
+        c.insert(make_group(gid, actor_id=1, cursor=0 if gid == "a" else -1))
+    assert len(c.sample(2, version=0)) == 2  # two of a, b, c, once each (they stay)
+    c.insert(make_group("a"))  # a duplicate: logs nothing, a runtime counter only
+
+
+def after_checkpoint(c):
+    """Six records: 2 ins, ver + smp, adm, rel."""
+    c.insert(make_group("d", version=1))
+    c.insert(make_group("e", version=2))  # capacity 4: a (the oldest) goes
+    # version 2 evicts b and c (staleness 2 > 1), then one of d, e is sampled (it stays)
+    assert len(c.sample(1, version=2)) == 1
+    # (1 + 2 + 1)·8 = 32 allowed − (5 accepted − 2 stale + 1 in flight) = 28 free
+    assert c.admit(actor_id=2, k=1) == [2]
+    c.release(actor_id=1)  # position 1 is handed out again
+
+
+def test_restart_from_checkpoint_equals_a_server_that_never_restarted(tmp_path):
+    directory = tmp_path / "replay"
+    live = Running(directory)
+    before_checkpoint(live.client)
+    info = live.client.checkpoint(tag="step-3")
+    segment = directory / "seg-00000001.log"
+    # it covers the whole log so far: 3 ins + adm + smp records (the duplicate logs nothing)
+    assert (info["segment"], info["offset"]) == (1, segment.stat().st_size)
+    assert info["path"] == str(
+        directory / "checkpoints" / f"ckpt-00000001-{info['offset']:012d}-step-3.ckpt"
+    )
+    after_checkpoint(live.client)
+    never_restarted = live.stop()
+    assert never_restarted["limiter"] == [5, 3]  # 5 inserts, 2 + 1 groups sampled
+    assert len(never_restarted["entries"]) == 2  # d and e: a, b, c evicted (used/stale/full)
+
+    resumed = Running(directory)
+    stats = resumed.client.stats()
+    assert stats["recovered_checkpoint"] == info["path"]
+    assert stats["recovered_records"] == 6  # only the records after the checkpoint
+    assert stats["duplicates"] == 0  # counted since the process started
+    resumed.client.insert(make_group("f", version=2))
+    after_resume = resumed.stop()
+    assert after_resume["entries"][:2] == never_restarted["entries"]
+    # minus the one new insert, the resumed state is the never-restarted one
+    expected = {**never_restarted, "seen": sorted([*never_restarted["seen"], "f"])}
+    expected["counters"] = {**expected["counters"], "inserted": 6}
+    expected["limiter"] = [6, 3]
+    assert {**after_resume, "entries": after_resume["entries"][:2]} == expected
+
+    # the whole log without the checkpoint gives the same state
+    replayed_dir = tmp_path / "replayed"
+    shutil.copytree(directory, replayed_dir)
+    shutil.rmtree(replayed_dir / "checkpoints")
+    replayed = Running(replayed_dir)
+    assert replayed.client.stats()["recovered_records"] == 5 + 6 + 1
+    assert replayed.stop() == after_resume
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_an_older_one(tmp_path):
+    directory = tmp_path / "replay"
+    live = Running(directory)
+    before_checkpoint(live.client)
+    older = live.client.checkpoint()
+    after_checkpoint(live.client)
+    newer = live.client.checkpoint(tag="newer")
+    final = live.stop()
+    assert older["path"].endswith(f"ckpt-00000001-{older['offset']:012d}.ckpt")
+    with open(newer["path"], "r+b") as f:  # flip a byte of the state frame
+        f.seek(-10, 2)
+        byte = f.read(1)
+        f.seek(-10, 2)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    (directory / "checkpoints" / ".ckpt-x.ckpt.tmp").write_bytes(b"half written")
+    (directory / "checkpoints" / "ckpt-99999999-000000000000.ckpt").write_bytes(b"junk")
+    resumed = Running(directory)
+    stats = resumed.client.stats()
+    assert (stats["recovered_checkpoint"], stats["recovered_records"]) == (older["path"], 6)
+    assert resumed.stop() == final
+
+
+def test_a_log_shorter_than_its_checkpoint_continues_in_a_new_segment(tmp_path):
+    directory = tmp_path / "replay"
+    live = Running(directory)
+    before_checkpoint(live.client)
+    info = live.client.checkpoint()
+    at_checkpoint = live.stop()
+    segment = directory / "seg-00000001.log"
+    with open(segment, "r+b") as f:  # lose the tail the checkpoint covers (a bad disk)
+        f.truncate(info["offset"] - 10)
+    resumed = Running(directory)
+    stats = resumed.client.stats()
+    # reading starts at the checkpoint's offset, past the end of the shortened segment
+    assert (stats["recovered_records"], stats["recovery_torn_bytes"]) == (0, 0)
+    resumed.client.insert(make_group("g"))  # goes to seg-00000002, after the checkpoint
+    after = resumed.stop()
+    assert (directory / "seg-00000002.log").exists()
+    again = Running(directory)
+    assert again.client.stats()["recovered_records"] == 1
+    assert again.stop() == after
+    assert after["seen"] == sorted([*at_checkpoint["seen"], "g"])
+
+
+def test_checkpoint_to_an_explicit_path_is_a_copy_recovery_ignores(tmp_path):
+    server = ReplayServer(ServerConfig(str(tmp_path / "replay"), **SETTINGS))
+    server.handle("insert", {"group": group_to_wire(make_group("x"))})
+    info = server.checkpoint(tmp_path / "elsewhere.ckpt")
+    size = (tmp_path / "replay" / "seg-00000001.log").stat().st_size
+    assert (info["path"], info["segment"], info["offset"]) == (
+        str(tmp_path / "elsewhere.ckpt"),
+        1,
+        size,
+    )
+    server.log.close()
+    again = ReplayServer(ServerConfig(str(tmp_path / "replay"), **SETTINGS))
+    assert (again.recovered_checkpoint, again.recovery.records) == ("", 1)
+    assert again.state.snapshot() == server.state.snapshot()
+    again.log.close()
+
+
+def test_the_service_wrapper_checkpoints_on_its_serving_thread(tmp_path):
+    service = ReplayService(ServerConfig(str(tmp_path / "replay"), "tcp://127.0.0.1:0"))
+    try:
+        info = service.checkpoint(tag="learner-step-7")
+        assert info["path"].endswith("ckpt-00000000-000000000000-learner-step-7.ckpt")  # empty
+    finally:
+        service.stop()
