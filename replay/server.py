@@ -25,6 +25,9 @@ too and counted in ``internal_errors``). Held inserts are answered in arrival or
 retry of a held insert (same group id) or sample (same ``req``) replaces the held one.
 
 Run: python -m flowrl_async.replay.server --dir RUN_DIR/replay --address tcp://127.0.0.1:5555
+(port 0 picks a free port; the first line printed names the bound address). The rate
+limiter is off unless ``--samples-per-insert`` is given (with ``--min-size-to-sample``,
+``--error-buffer``, ``--insert-timeout-ms``).
 """
 
 from __future__ import annotations
@@ -164,7 +167,7 @@ class ReplayServer:
         return {**header, "path": str(path)}
 
     # ---------------------------------------------------------------- handlers
-    def handle(self, msg_type: str, msg: dict) -> tuple[str, dict] | Held | None:
+    def handle(self, msg_type: str, msg: dict) -> tuple[str, dict] | Held:
         """One request -> (reply type, fields), or a Held to park (identity filled later)."""
         if msg_type == "insert":
             return self._insert(msg)
@@ -314,8 +317,12 @@ class ReplayServer:
                         except zmq.Again:
                             break
                         self._on_frames(frames)
-                self.log.maybe_sync()
-                self._serve_held()
+                try:
+                    self.log.maybe_sync()
+                    self._serve_held()
+                except Exception:  # e.g. a full disk: count it, keep serving (retries are safe)
+                    self.internal_errors += 1
+                    traceback.print_exc(file=sys.stderr)
         finally:
             self.log.close()
             sock.close(0)
