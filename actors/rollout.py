@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from flowrl_async.actors.generator import Generator, SampleSpec, check_probe
+from flowrl_async.actors.weight_receiver import WeightLinkError
 from flowrl_async.records import Group, Response, SamplingParams, new_group_id
 from flowrl_async.tasks import PromptSource
 
@@ -37,6 +38,7 @@ class ActorStats:
     admission_waits: int = 0
     weight_loads: int = 0
     load_s: float = 0.0
+    weight_link_errors: int = 0
     rewards: Counter = field(default_factory=Counter)
 
 
@@ -74,7 +76,7 @@ class RolloutLoop:
     def run_once(self) -> int:
         """One batch; -> 1 if it generated, 0 if admission said wait."""
         self.maybe_load_weights()
-        positions = self.replay.admit(self.actor_id, self.groups_per_batch, None)
+        positions = self.replay.admit(self.actor_id, self.groups_per_batch, weights=self.version)
         if not positions:
             self.stats.admission_waits += 1
             time.sleep(self.idle_sleep_s)
@@ -131,7 +133,14 @@ class RolloutLoop:
     def maybe_load_weights(self) -> bool:
         if self.receiver is None:
             return False
-        publication = self.receiver.take()
+        try:
+            publication = self.receiver.take()
+        except WeightLinkError:
+            # a member of the weight group died; keep generating with the weights we have
+            # (admission and the staleness bound keep that safe) until the group is re-formed
+            self.stats.weight_link_errors += 1
+            self.receiver = None
+            return False
         if publication is None:
             return False
         t0 = time.perf_counter()

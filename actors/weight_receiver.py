@@ -19,6 +19,10 @@ import torch
 from flowrl_async.weights import STOP, Header, broadcast, unpack
 
 
+class WeightLinkError(RuntimeError):
+    """The weight group broke (a member died): wait for the orchestrator to re-form it."""
+
+
 @dataclass
 class Publication:
     header: Header
@@ -66,7 +70,7 @@ class WeightReceiver:
         with self._lock:
             latest, self._latest = self._latest, None
         if latest is None and self._error is not None:
-            raise RuntimeError(f"weight receiver failed: {self._error}") from self._error
+            raise WeightLinkError(f"weight receiver failed: {self._error}") from self._error
         return latest
 
     def wait(self, timeout: float) -> Publication | None:

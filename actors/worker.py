@@ -74,6 +74,11 @@ class RolloutWorker:
     def ready(self) -> bool:
         return True
 
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
     def init_weight_group(self, host: str, port: int, rank: int, world: int, backend: str):
         from flowrl_async.actors.weight_receiver import WeightReceiver
 

@@ -103,7 +103,11 @@ class Learner:
     def step(self) -> dict[str, float]:
         started = time.perf_counter()
         groups, infos = self.sample_fn(self.batch_groups, self.version)
-        waited = time.perf_counter() - started
+        return self.train_on(groups, infos, waited=time.perf_counter() - started)
+
+    def train_on(self, groups, infos, waited: float = 0.0) -> dict[str, float]:
+        """One optimizer step on a batch of whole groups (and a publication if it is due)."""
+        started = time.perf_counter() - waited
         batch = collate(groups, [i.staleness for i in infos], self.pad).to(self.device)
         rewards = self.shape_rewards(batch)
         self.optimizer.zero_grad(set_to_none=True)

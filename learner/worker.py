@@ -52,6 +52,7 @@ class LearnerWorker:
         self.sample_timeout_s = sample_timeout_s
         self.sender: WeightSender | None = None
         self.lock = threading.Lock()  # a step and a checkpoint never overlap
+        self.published, self.publish_failures, self.last_publish_error = 0, 0, ""
         probe = tuple(self.tokenizer(probe_text)["input_ids"]) if probe_text else ()
         self.learner = Learner(
             policy, ref, head, algo, self._sample, self.tokenizer.pad_token_id,
@@ -79,19 +80,40 @@ class LearnerWorker:
         )
 
     def _publish(self, named, version, probe_ids, probe_logprob) -> None:
-        if self.sender is not None:
-            self.sender.publish(named, version, probe_ids, probe_logprob)
+        """Broadcast to the group; a broken group (a member died) is dropped, never fatal:
+        training goes on and the orchestrator re-forms the group with the restarted actor."""
+        sender = self.sender
+        if sender is None:
+            return
+        try:
+            sender.publish(named, version, probe_ids, probe_logprob)
+            self.published += 1
+        except Exception as e:  # gloo/NCCL raise RuntimeError subclasses of many kinds
+            self.publish_failures += 1
+            self.last_publish_error = f"{type(e).__name__}: {e}"
+            if self.sender is sender:
+                self.sender = None
 
     def step(self) -> dict:
+        # waiting for data holds no lock: a group re-formation (publish_current) or a
+        # checkpoint may run meanwhile
+        started = time.perf_counter()
+        groups, infos = self._sample(self.learner.batch_groups, self.learner.version)
         with self.lock:
-            return self.learner.step()
+            return self.learner.train_on(groups, infos, waited=time.perf_counter() - started)
 
     @property
     def step_count(self) -> int:
         return self.learner.step_count
 
     def state(self) -> dict:
-        return {"step": self.learner.step_count, "version": self.learner.version}
+        return {
+            "step": self.learner.step_count,
+            "version": self.learner.version,
+            "published": self.published,
+            "publish_failures": self.publish_failures,
+            "last_publish_error": self.last_publish_error,
+        }
 
     def publish_current(self) -> int:
         """Send the current weights at the current version (a new or rebuilt group)."""

@@ -134,11 +134,15 @@ class ReplayClient:
             result[i], tries = not msg["duplicate"], 0
         return result  # type: ignore[return-value]
 
-    def admit(self, actor_id: int, k: int, version: int | None = None) -> list[int]:
+    def admit(
+        self, actor_id: int, k: int, version: int | None = None, weights: int | None = None
+    ) -> list[int]:
         """Ask to start up to k groups; -> the prompt-stream positions granted (maybe none)."""
         fields = {"actor": actor_id, "k": k}
         if version is not None:
             fields["version"] = version
+        if weights is not None:  # the actor's weight version: refused if already too stale
+            fields["weights"] = weights
         return list(self.request("admit", **fields)[1]["positions"])
 
     def release(self, actor_id: int) -> None:

@@ -5,7 +5,8 @@ its reply echoes it):
   insert {group, timeout_ms?}       -> ack {group_id, duplicate}      (after the log append;
                                        held while the rate limiter says wait, at most
                                        timeout_ms, then error {reason})
-  admit  {actor, k, version?}       -> admitted {n, positions}
+  admit  {actor, k, version?, weights?} -> admitted {n, positions}  (0 when the actor's
+                                       weight version is already beyond the staleness bound)
   release {actor}                   -> released {}
   sample {batch_size, version, timeout_ms, req} -> batch {groups, info} | empty {}  (held
                                        until enough groups and the rate limiter allow, or
@@ -166,6 +167,10 @@ class ReplayServer:
         header = ckpt.write(path, self.state.snapshot(), position, tag)
         return {**header, "path": str(path)}
 
+    def _dead_on_arrival(self, weights_version: int) -> bool:
+        bound = self.buffer.max_staleness
+        return bound is not None and weights_version < self.buffer.version - bound
+
     # ---------------------------------------------------------------- handlers
     def handle(self, msg_type: str, msg: dict) -> tuple[str, dict] | Held:
         """One request -> (reply type, fields), or a Held to park (identity filled later)."""
@@ -178,6 +183,8 @@ class ReplayServer:
             free = self.buffer.admission_capacity(
                 self.buffer.version, self.cfg.groups_per_version, self.state.in_flight
             )
+            if "weights" in msg and self._dead_on_arrival(_int(msg, "weights")):
+                free = 0  # this actor's weights are too old: its groups would be evicted
             n = max(0, min(k, free))
             redo = self.state.redo[:n]
             positions = redo + list(range(self.state.cursor, self.state.cursor + n - len(redo)))

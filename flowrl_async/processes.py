@@ -1,0 +1,200 @@
+"""The processes of a run under Ray: the replay service, the learner, the rollout actors, and
+the weight group that joins learner and actors.
+
+Invariants:
+- the weight group always holds the learner (rank 0) and every live actor (ranks 1..N);
+  whenever it is (re)formed, the learner publishes its current weights at its current
+  version, so a newcomer never generates with weights the learner does not have;
+- an actor whose process died is restarted by Ray (``max_restarts``); ``heal`` waits for it,
+  re-forms the group on a fresh port and restarts its loop, while the learner keeps training;
+- an actor loop that ended with an application error (e.g. a failed weight probe) is a bug
+  and is raised, not healed.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import asdict
+
+from flowrl_async.config import TrainConfig
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def threads_env(threads: int) -> dict[str, str]:
+    # every thread of the process (Ray runs calls on pool threads) must see the engine's
+    # thread count: vLLM's CPU kernels check it on each call
+    return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
+
+class Processes:
+    def __init__(self, ray, cfg: TrainConfig, model_path: str, run_dir, device: str,
+                 backend: str, probe_text: str):  # fmt: skip
+        from flowrl_async.actors.generator import SampleSpec
+        from flowrl_async.actors.worker import RolloutWorker
+        from flowrl_async.learner.learner import AlgoConfig
+        from flowrl_async.learner.worker import LearnerWorker
+        from flowrl_async.replay.server import ServerConfig
+        from flowrl_async.replay.service import ReplayService
+
+        self.ray, self.backend, self.host = ray, backend, "127.0.0.1"
+        self.handles: list = []
+        lc, gc, rc = cfg.learner, cfg.generator, cfg.replay
+        self.replay = ray.remote(num_cpus=0)(ReplayService).remote(
+            ServerConfig(
+                directory=str(run_dir / "replay"),
+                address="tcp://127.0.0.1:0",
+                capacity=rc.capacity,
+                max_staleness=rc.max_staleness,
+                selector=rc.selector,
+                max_times_sampled=rc.max_times_sampled,
+                groups_per_version=lc.batch_groups * lc.publish_every,
+                fsync=rc.fsync,
+                fsync_interval_ms=rc.fsync_interval_ms,
+                seed=cfg.seed,
+            )
+        )
+        self.handles.append(self.replay)
+        address = ray.get(self.replay.address.remote())
+        self.learner = (
+            ray.remote(LearnerWorker)
+            .options(
+                num_cpus=lc.threads,
+                num_gpus=1 if device == "cuda" else 0,
+                max_concurrency=3,
+                runtime_env={"env_vars": threads_env(lc.threads)},
+            )
+            .remote(
+                model_path,
+                AlgoConfig(**asdict(cfg.algo), temperature=gc.temperature),
+                address,
+                batch_groups=lc.batch_groups,
+                micro_batch=lc.micro_batch,
+                lr=lc.lr,
+                log_z_lr=lc.log_z_lr,
+                grad_clip=lc.grad_clip,
+                warmup_steps=lc.warmup_steps,
+                publish_every=lc.publish_every,
+                probe_text=probe_text,
+                seed=cfg.seed,
+                threads=lc.threads,
+                device=device,
+                sample_timeout_s=lc.sample_timeout_s,
+            )  # fmt: skip
+        )
+        self.handles.append(self.learner)
+        spec = SampleSpec(gc.n, gc.temperature, gc.top_p, gc.max_tokens)
+        self.actors = [
+            ray.remote(RolloutWorker)
+            .options(
+                num_cpus=cfg.cluster.actor_threads,
+                max_concurrency=3,
+                max_restarts=cfg.cluster.max_actor_restarts,
+                max_task_retries=0,
+                runtime_env={"env_vars": threads_env(cfg.cluster.actor_threads)},
+            )
+            .remote(
+                i + 1,
+                model_path,
+                cfg.task.target,
+                dict(cfg.task.kwargs),
+                address,
+                spec,
+                groups_per_batch=gc.groups_per_batch,
+                engine=gc.engine,
+                data_seed=cfg.seed,
+                seed=cfg.seed,
+                threads=cfg.cluster.actor_threads,
+                max_model_len=cfg.model.max_model_len,
+                dtype=cfg.model.dtype,
+                probe_tolerance=gc.probe_tolerance,
+            )  # fmt: skip
+            for i in range(cfg.cluster.num_actors)
+        ]
+        self.handles.extend(self.actors)
+        self.loops: dict = {}  # loop ref -> actor index
+        self.restarts = 0
+        self.restarting: dict[int, float] = {}  # actor index -> when its death was noticed
+        self.restart_timeout_s = 300.0
+        ray.get([h.ready.remote() for h in [self.learner, *self.actors]])
+
+    # ---------------------------------------------------------------- weight group
+    def form_weight_group(self) -> int:
+        """(Re)form the group on a fresh port and publish the current weights; -> version."""
+        port, world = free_port(), len(self.actors) + 1
+        self.ray.get(
+            [self.learner.init_weight_group.remote(self.host, port, world, self.backend)]
+            + [
+                a.init_weight_group.remote(self.host, port, i + 1, world, self.backend)
+                for i, a in enumerate(self.actors)
+            ]
+        )
+        return self.ray.get(self.learner.publish_current.remote())
+
+    def start_loops(self, indices=None) -> None:
+        for i in range(len(self.actors)) if indices is None else indices:
+            self.loops[self.actors[i].run.remote()] = i
+
+    # ---------------------------------------------------------------- health
+    def heal(self) -> None:
+        """Notice dead actors, wait (without blocking training) for Ray to restart them, then
+        re-form the weight group and restart their loops. Raise the error of a loop that
+        failed for any other reason."""
+        from ray.exceptions import RayActorError
+
+        if self.loops:
+            finished, _ = self.ray.wait(list(self.loops), num_returns=len(self.loops), timeout=0)
+            for ref in finished:
+                index = self.loops.pop(ref)
+                try:
+                    self.ray.get(ref)
+                except RayActorError:
+                    self.restarting[index] = time.monotonic()
+                    continue
+                raise RuntimeError(f"rollout actor {index + 1} stopped before the learner ended")
+        if not self.restarting:
+            return
+        for index, since in list(self.restarting.items()):
+            try:  # calls fail while Ray restarts the process
+                self.ray.get(self.actors[index].ready.remote(), timeout=0.5)
+            except Exception:
+                if time.monotonic() - since > self.restart_timeout_s:
+                    raise RuntimeError(f"rollout actor {index + 1} did not come back") from None
+                return
+        back = sorted(self.restarting)
+        self.restarting.clear()
+        self.restarts += len(back)
+        version = self.form_weight_group()
+        print(f"\nrestarted actor(s) {[i + 1 for i in back]}; weight group re-formed at "
+              f"version {version}", flush=True)  # fmt: skip
+        self.start_loops(back)
+
+    def call_learner(self, method: str, *args, poll_s: float = 1.0):
+        """A learner call that keeps the actors healthy while it waits."""
+        ref = getattr(self.learner, method).remote(*args)
+        while not self.ray.wait([ref], timeout=poll_s)[0]:
+            self.heal()
+        result = self.ray.get(ref)
+        self.heal()
+        return result
+
+    # ---------------------------------------------------------------- teardown
+    def shutdown(self) -> None:
+        for a in self.actors:
+            _quietly(lambda a=a: a.stop.remote())
+        _quietly(lambda: self.ray.get(self.learner.stop.remote(), timeout=30))
+        time.sleep(0.5)
+        for h in self.handles:
+            _quietly(lambda h=h: self.ray.kill(h))
+
+
+def _quietly(fn) -> None:
+    try:
+        fn()
+    except Exception:
+        pass

@@ -1,0 +1,127 @@
+"""What a run shows and leaves behind: metrics.jsonl, TensorBoard events, a live progress
+line, the curves as a PNG, and the summary table."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+CURVES = ("reward_mean", "accuracy", "distinct_correct", "loss", "entropy", "staleness_mean")
+
+
+class MetricsLog:
+    def __init__(self, run_dir: Path, total_steps: int):
+        self.run_dir, self.total = run_dir, total_steps
+        self.file = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
+        self.started = time.time()
+        self.history: list[dict] = []
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        except ImportError:  # tensorboard is optional at run time
+            self.tb = None
+
+    def add(self, m: dict) -> None:
+        m["time"] = time.time() - self.started
+        self.history.append(m)
+        self.file.write(json.dumps(m) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in m.items():
+                if isinstance(v, int | float):
+                    self.tb.add_scalar(k, v, int(m["step"]))
+        self.show(m)
+
+    def show(self, m: dict) -> None:
+        line = (
+            f"step {int(m['step']):>4}/{self.total}  v{int(m['version'])}  "
+            f"reward {m['reward_mean']:.3f}  acc {m['accuracy']:.3f}  "
+            f"distinct {m['distinct_correct']:.2f}  stale {m['staleness_mean']:.2f}  "
+            f"tok/s {m['tokens'] / max(m['step_s'], 1e-9):,.0f}  wait {m['wait_s']:.2f}s"
+        )
+        if sys.stdout.isatty():
+            print("\r" + line + " " * 4, end="", flush=True)
+        elif int(m["step"]) % 10 == 0 or int(m["step"]) == self.total:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if sys.stdout.isatty() and self.history:
+            print()
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_curves(rows: list[dict], out: Path, title: str = "") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(12, 6), constrained_layout=True)
+    steps = [r["step"] for r in rows]
+    for ax, key in zip(axes.flat, CURVES, strict=True):
+        ax.plot(steps, [r.get(key, float("nan")) for r in rows], lw=1)
+        ax.set_title(key)
+        ax.set_xlabel("learner step")
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def summarize(history: list[dict]) -> dict:
+    if not history:
+        return {}
+    k = max(1, len(history) // 5)
+    first, last = history[:k], history[-k:]
+
+    def mean(rows, key):
+        return sum(r[key] for r in rows) / len(rows)
+
+    return {
+        "reward_first": mean(first, "reward_mean"),
+        "reward_last": mean(last, "reward_mean"),
+        "accuracy_first": mean(first, "accuracy"),
+        "accuracy_last": mean(last, "accuracy"),
+        "distinct_correct_first": mean(first, "distinct_correct"),
+        "distinct_correct_last": mean(last, "distinct_correct"),
+        "wall_s": history[-1]["time"],
+        "learner_wait_fraction": sum(r["wait_s"] for r in history)
+        / max(sum(r["step_s"] for r in history), 1e-9),
+    }
+
+
+def print_summary(s: dict) -> None:
+    rows = [
+        ("steps", f"{s['steps']}"),
+        ("wall time", f"{s.get('wall_s', 0):.0f} s"),
+        (
+            "reward (first → last fifth)",
+            f"{s.get('reward_first', 0):.3f} → {s.get('reward_last', 0):.3f}",
+        ),
+        ("accuracy", f"{s.get('accuracy_first', 0):.3f} → {s.get('accuracy_last', 0):.3f}"),
+        (
+            "distinct correct / group",
+            f"{s.get('distinct_correct_first', 0):.2f} → {s.get('distinct_correct_last', 0):.2f}",
+        ),
+        (
+            "learner waiting for data",
+            f"{100 * s.get('learner_wait_fraction', 0):.0f}% of step time",
+        ),
+        ("actor restarts", f"{s.get('actor_restarts', 0)}"),
+        ("run dir", s["run_dir"]),
+        ("final policy", s["final_policy"]),
+        ("curves", s.get("curves", "")),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print("\n" + "\n".join(f"{k:<{width}}  {v}" for k, v in rows))
