@@ -25,6 +25,7 @@ import numpy as np
 from flowrl_async.actors.generator import Generator, SampleSpec, check_probe
 from flowrl_async.actors.weight_receiver import WeightLinkError
 from flowrl_async.records import Group, Response, SamplingParams, new_group_id
+from flowrl_async.replay.client import InsertTimeout
 from flowrl_async.tasks import PromptSource
 
 
@@ -39,6 +40,7 @@ class ActorStats:
     weight_loads: int = 0
     load_s: float = 0.0
     weight_link_errors: int = 0
+    insert_retries: int = 0
     rewards: Counter = field(default_factory=Counter)
 
 
@@ -91,10 +93,22 @@ class RolloutLoop:
         ):
             group = self.build_group(pos, prompt, ids, group_completions, started)
             t0 = time.perf_counter()
-            self.replay.insert(group)
+            self.push(group)
             self.stats.push_s += time.perf_counter() - t0
             self.stats.groups += 1
         return 1
+
+    def push(self, group: Group) -> None:
+        """Insert until acknowledged. A rate-limiter timeout is answered by trying again (the
+        service deduplicates by group id, so the effect is exactly once)."""
+        while True:
+            try:
+                self.replay.insert(group)
+                return
+            except InsertTimeout:
+                if self.stopped:
+                    raise
+                self.stats.insert_retries += 1
 
     def build_group(self, position, prompt, prompt_ids, completions, started) -> Group:
         t0 = time.perf_counter()

@@ -91,6 +91,15 @@ class ReplaySection:
     """Log durability: always (fsync every record), interval, or never."""
     fsync_interval_ms: float = 10.0
     """With fsync=interval: the longest an acknowledged record waits for its fsync."""
+    samples_per_insert: float | None = None
+    """Rate limiter (Reverb's SampleToInsertRatio): target sampled groups per inserted group;
+    null disables it (admission control alone paces the actors)."""
+    min_size_to_sample: int = 1
+    """Rate limiter: groups inserted before the first sample is served."""
+    error_buffer: float | None = None
+    """Rate limiter: allowed drift from the ratio, in groups (null: max(1, spi) + min size)."""
+    insert_timeout_ms: int = 60_000
+    """Rate limiter: the longest an insert is held before the actor gets an error (and retries)."""
 
 
 @dataclass
@@ -178,6 +187,11 @@ def validate(cfg: TrainConfig) -> None:
         problems.append(
             "replay.max_staleness=null (unbounded) needs algo.is_mode=none: IS weights of "
             "arbitrarily old groups are meaningless (off-policy TB uses weight 1)"
+        )
+    if r.samples_per_insert is not None and lr.batch_groups > r.min_size_to_sample:
+        problems.append(
+            "replay.min_size_to_sample must be >= learner.batch_groups when the rate limiter "
+            "is on (samples_per_insert set); otherwise a batch can never be served"
         )
     if r.capacity < lr.batch_groups:
         problems.append("replay.capacity must be >= learner.batch_groups")

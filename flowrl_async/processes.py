@@ -57,6 +57,10 @@ class Processes:
                 fsync=rc.fsync,
                 fsync_interval_ms=rc.fsync_interval_ms,
                 seed=cfg.seed,
+                samples_per_insert=rc.samples_per_insert,
+                min_size_to_sample=rc.min_size_to_sample,
+                error_buffer=rc.error_buffer,
+                insert_timeout_ms=rc.insert_timeout_ms,
             )
         )
         self.handles.append(self.replay)

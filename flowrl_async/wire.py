@@ -10,6 +10,7 @@ was wrong; no other exception type escapes ``decode``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,7 +52,7 @@ def unpack_array(obj: Any, what: str, limits: WireLimits) -> np.ndarray:
     shape = obj["sh"]
     if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
         raise WireError(f"{what}: bad shape {shape!r}")
-    size = int(np.prod(shape)) if shape else 1
+    size = math.prod(shape)
     if size > limits.max_tokens:
         raise WireError(f"{what}: {size} elements exceed the limit of {limits.max_tokens}")
     raw = obj["b"]
@@ -182,7 +183,7 @@ def decode(data: bytes, limits: WireLimits = WireLimits()) -> tuple[str, dict]:
         raise WireError(f"not a valid msgpack message: {type(e).__name__}: {e}") from None
     if not isinstance(obj, dict):
         raise WireError("message must be a map")
-    if obj.get("v") != SCHEMA_VERSION:
+    if type(obj.get("v")) is not int or obj["v"] != SCHEMA_VERSION:  # True == 1 in Python
         raise WireError(f"schema version {obj.get('v')!r} is not {SCHEMA_VERSION}")
     msg_type = obj.get("t")
     if not isinstance(msg_type, str):

@@ -48,7 +48,8 @@ class LearnerWorker:
         policy = load_policy(model_path, device=device)
         ref = load_policy(model_path, device=device)
         head = LogZHead(policy.config.hidden_size).to(device)
-        self.replay = ReplayClient(replay_address)
+        self.replay = ReplayClient(replay_address)  # used by step() only
+        self.replay_control = ReplayClient(replay_address)  # other threads (zmq: one per thread)
         self.sample_timeout_s = sample_timeout_s
         self.sender: WeightSender | None = None
         self.lock = threading.Lock()  # a step and a checkpoint never overlap
@@ -123,11 +124,14 @@ class LearnerWorker:
             return lrn.version
 
     def save_checkpoint(self, root: str, keep: int, extra: dict | None = None) -> str:
+        """The learner's checkpoint, and the replay service's taken at the same point."""
         with self.lock:
             lrn = self.learner
+            tag = f"step-{lrn.step_count:08d}"
+            extra = {**(extra or {}), "replay_checkpoint": self.replay_control.checkpoint(tag)}
             path = save_checkpoint(
-                root, lrn.step_count, lrn.policy, self.tokenizer, lrn.training_state(),
-                extra or {}, keep,
+                root, lrn.step_count, lrn.policy, self.tokenizer, lrn.training_state(), extra,
+                keep,
             )  # fmt: skip
             return str(path)
 

@@ -26,6 +26,15 @@ class ReplayError(RuntimeError):
     """The replay service rejected a request, or did not answer in time."""
 
 
+class InsertTimeout(ReplayError):
+    """The rate limiter held an insert past its timeout; inserting it again is safe."""
+
+
+def _rejected(msg_type: str, msg: dict) -> ReplayError:
+    cls = InsertTimeout if msg.get("code") == "insert_timeout" else ReplayError
+    return cls(f"replay service rejected {msg_type}: {msg.get('reason')}")
+
+
 @dataclass(frozen=True)
 class SampleInfo:
     times_sampled: int
@@ -70,7 +79,7 @@ class ReplayClient:
                 if msg.get("rid") != rid:
                     continue  # a late answer to an earlier request
                 if kind == "error":
-                    raise ReplayError(f"replay service rejected {msg_type}: {msg.get('reason')}")
+                    raise _rejected(msg_type, msg)
                 return kind, msg
             self._connect()  # a fresh socket drops anything queued for a dead peer
         raise ReplayError(
@@ -130,7 +139,7 @@ class ReplayClient:
             if i is None:
                 continue  # a late answer to an earlier try
             if kind == "error":
-                raise ReplayError(f"replay service rejected insert: {msg.get('reason')}")
+                raise _rejected("insert", msg)
             result[i], tries = not msg["duplicate"], 0
         return result  # type: ignore[return-value]
 

@@ -410,7 +410,10 @@ class ReplayServer:
                 reason = (
                     f"{self.state.limiter.why_insert_waits(len(self.buffer))}; held {waited} ms"
                 )
-                self._send(held.identity, "error", held.msg.get("rid"), reason=reason)
+                self._send(
+                    held.identity, "error", held.msg.get("rid"), reason=reason,
+                    code="insert_timeout",
+                )  # fmt: skip
         expired = [h for h in self._held_samples if h.deadline <= now]
         self._held_samples = [h for h in self._held_samples if h.deadline > now]
         for held in expired:

@@ -7,7 +7,7 @@ import time
 import pytest
 import zmq
 
-from flowrl_async.replay.client import ReplayClient, ReplayError
+from flowrl_async.replay.client import InsertTimeout, ReplayClient, ReplayError
 from flowrl_async.replay.rate_limiter import RateLimiter
 from flowrl_async.replay.server import ReplayServer, ServerConfig
 from flowrl_async.wire import decode, encode, group_to_wire
@@ -240,7 +240,7 @@ def test_an_insert_held_past_its_timeout_fails_and_can_be_retried(tmp_path):
     try:
         c.insert(make_group("a"))
         c.insert(make_group("b"))
-        with pytest.raises(ReplayError, match="rate limiter: 2 groups held .* max_diff 2"):
+        with pytest.raises(InsertTimeout, match="rate limiter: 2 groups held .* max_diff 2"):
             c.insert(make_group("c"), timeout_s=0.05)
         stats = c.stats()
         assert (stats["insert_timeouts"], stats["inserted"], stats["rejected"]) == (1, 2, 0)

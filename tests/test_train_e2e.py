@@ -42,6 +42,16 @@ def test_short_training_run(tmp_path):
     assert (tmp_path / "run" / "final_policy" / "model.safetensors").exists()
     ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert ckpts == ["step-00000005", "step-00000010", "step-00000012"]
+    # the replay service took its checkpoint at the same point as the learner's
+    extra = json.loads(
+        (tmp_path / "run" / "checkpoints" / "step-00000010" / "extra.json").read_text()
+    )
+    from pathlib import Path
+
+    assert Path(extra["replay_checkpoint"]["path"]).exists()
+    assert "step-00000010" in Path(extra["replay_checkpoint"]["path"]).read_bytes().decode(
+        "latin-1"
+    )
 
     # resume: the run continues from step 12 at version 12 up to 15
     cfg.resume = True

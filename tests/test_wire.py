@@ -107,6 +107,8 @@ def test_limits_are_enforced():
         (msgpack.packb([1, 2]), "must be a map"),
         (msgpack.packb({"v": SCHEMA_VERSION + 1, "t": "x"}), "schema version"),
         (msgpack.packb({"v": SCHEMA_VERSION}), "no type"),
+        (msgpack.packb({"v": True, "t": "x"}), "schema version"),  # True == 1 in Python
+        (msgpack.packb({"v": 1.0, "t": "x"}), "schema version"),
         (msgpack.packb({1: 2}), "not a valid msgpack"),  # non-string keys
     ],
 )
