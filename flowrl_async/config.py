@@ -159,6 +159,10 @@ class TrainConfig:
     """Where the run writes its config, metrics, checkpoints, replay log and plots."""
     seed: int = 0
     """Seed of the learner and the actors' samplers."""
+    mode: str = "async"
+    """async: actors generate without pause while the learner trains. sync: lock-step
+    (generate a batch with the current weights, train on it, publish), for comparison and
+    debugging; it runs with max_staleness 0."""
     resume: bool = False
     """Continue the run in run_dir from its newest checkpoint (give run_dir explicitly)."""
 
@@ -199,6 +203,14 @@ def validate(cfg: TrainConfig) -> None:
         problems.append("learner.steps, batch_groups and publish_every must be >= 1")
     if lr.checkpoint_every < 1 or lr.keep_checkpoints < 1:
         problems.append("learner.checkpoint_every and learner.keep_checkpoints must be >= 1")
+    if cfg.mode not in ("async", "sync"):
+        problems.append(f"mode={cfg.mode!r}: expected async or sync")
+    per_round = cfg.cluster.num_actors * g.groups_per_batch
+    if cfg.mode == "sync" and lr.batch_groups % per_round:
+        problems.append(
+            f"mode=sync needs learner.batch_groups ({lr.batch_groups}) to be a multiple of "
+            f"cluster.num_actors × generator.groups_per_batch ({per_round})"
+        )
     if cfg.cluster.num_actors < 1:
         problems.append("cluster.num_actors must be >= 1")
     if problems:

@@ -72,6 +72,11 @@ def start_ray(cfg: TrainConfig, run_dir: Path):
     return ray
 
 
+def sync_batches_per_actor(cfg: TrainConfig) -> int:
+    per_round = cfg.cluster.num_actors * cfg.generator.groups_per_batch
+    return cfg.learner.batch_groups // per_round
+
+
 def pick_device(cfg: TrainConfig) -> tuple[str, str]:
     """-> (learner device, weight-sync backend)."""
     import torch
@@ -106,12 +111,17 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
             start = resumed["step"]
             print(f"resumed from {resumed['path']} (step {start}, version {resumed['version']})")
         procs.form_weight_group()  # every member starts from the learner's current weights
-        procs.start_loops()
+        if cfg.mode == "async":
+            procs.start_loops()  # actors generate without pause from here on
         log = MetricsLog(run_dir, cfg.learner.steps)
         ckpt_root, lc = str(run_dir / "checkpoints"), cfg.learner
         try:
             for step in range(start + 1, lc.steps + 1):
-                log.add(procs.call_learner("step"))
+                if cfg.mode == "sync":  # lock-step: generate this step's groups, then train
+                    generate_s = procs.generate_batch(sync_batches_per_actor(cfg))
+                    log.add({**procs.call_learner("step"), "generate_s": generate_s})
+                else:
+                    log.add(procs.call_learner("step"))
                 if step % lc.checkpoint_every == 0 or step == lc.steps:
                     procs.call_learner("save_checkpoint", ckpt_root, lc.keep_checkpoints)
                 if on_step is not None:

@@ -50,7 +50,7 @@ class Processes:
                 directory=str(run_dir / "replay"),
                 address="tcp://127.0.0.1:0",
                 capacity=rc.capacity,
-                max_staleness=rc.max_staleness,
+                max_staleness=0 if cfg.mode == "sync" else rc.max_staleness,
                 selector=rc.selector,
                 max_times_sampled=rc.max_times_sampled,
                 groups_per_version=lc.batch_groups * lc.publish_every,
@@ -143,6 +143,12 @@ class Processes:
     def start_loops(self, indices=None) -> None:
         for i in range(len(self.actors)) if indices is None else indices:
             self.loops[self.actors[i].run.remote()] = i
+
+    def generate_batch(self, batches_per_actor: int) -> float:
+        """mode=sync: every actor generates ``batches_per_actor`` batches now; -> seconds."""
+        started = time.perf_counter()
+        self.ray.get([a.run.remote(batches_per_actor) for a in self.actors])
+        return time.perf_counter() - started
 
     # ---------------------------------------------------------------- health
     def heal(self) -> None:

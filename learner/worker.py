@@ -83,6 +83,7 @@ class LearnerWorker:
     def _publish(self, named, version, probe_ids, probe_logprob) -> None:
         """Broadcast to the group; a broken group (a member died) is dropped, never fatal:
         training goes on and the orchestrator re-forms the group with the restarted actor."""
+        self.replay_control.set_version(version)  # admission opens for the new version
         sender = self.sender
         if sender is None:
             return

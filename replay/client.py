@@ -154,6 +154,10 @@ class ReplayClient:
             fields["weights"] = weights
         return list(self.request("admit", **fields)[1]["positions"])
 
+    def set_version(self, version: int) -> int:
+        """Tell the service the learner's weight version (after each publication)."""
+        return self.request("version", version=version)[1]["version"]
+
     def release(self, actor_id: int) -> None:
         self.request("release", actor=actor_id)
 

@@ -5,6 +5,7 @@ its reply echoes it):
   insert {group, timeout_ms?}       -> ack {group_id, duplicate}      (after the log append;
                                        held while the rate limiter says wait, at most
                                        timeout_ms, then error {reason})
+  version {version}                 -> version {version}   (the learner's, after a publication)
   admit  {actor, k, version?, weights?} -> admitted {n, positions}  (0 when the actor's
                                        weight version is already beyond the staleness bound)
   release {actor}                   -> released {}
@@ -191,6 +192,9 @@ class ReplayServer:
             if positions:
                 self._record({"k": "adm", "a": actor, "p": positions})
             return "admitted", {"n": n, "positions": positions}
+        if msg_type == "version":  # the learner published: admission may open up
+            self._advance_version(_int(msg, "version"))
+            return "version", {"version": self.buffer.version}
         if msg_type == "release":  # an actor restarted: its unfinished work is handed out again
             self._record({"k": "rel", "a": _int(msg, "actor")})
             return "released", {}

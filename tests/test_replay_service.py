@@ -67,7 +67,8 @@ def test_admission_capacity_and_work_dispatch(service):
     assert c.admit(actor_id=2, k=5) == [5, 6, 7]
     c.insert(make_group("x", actor_id=1, cursor=0))  # accepted 1, in flight 7: still 8
     assert c.admit(actor_id=2, k=1) == []
-    assert c.admit(actor_id=2, k=4, version=1) == [8, 9, 10, 11]  # one more version: 12
+    assert c.set_version(1) == 1  # the learner published version 1: 12 allowed in total
+    assert c.admit(actor_id=2, k=4) == [8, 9, 10, 11]
     c.release(actor_id=2)  # actor 2 restarted: its 7 positions are handed out again first
     assert c.stats()["in_flight"] == 4
     assert c.admit(actor_id=3, k=3) == [5, 6, 7]
