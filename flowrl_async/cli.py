@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from flowrl_async.config import TrainConfig, register
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
-COMMANDS = ("train",)
+COMMANDS = ("train", "eval")
 
 
 def _train(cfg) -> None:
@@ -19,6 +19,14 @@ def _train(cfg) -> None:
 
     config: TrainConfig = OmegaConf.to_object(cfg)
     train(config)
+
+
+def _eval(cfg) -> None:
+    from flowrl_async.config import EvalConfig
+    from flowrl_async.evaluate import run_eval
+
+    config: EvalConfig = OmegaConf.to_object(cfg)
+    run_eval(config)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -31,3 +39,5 @@ def main(argv: list[str] | None = None) -> None:
     sys.argv = [f"flowrl-async {command}", *rest]
     if command == "train":
         hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")(_train)()
+    elif command == "eval":
+        hydra.main(config_path=CONFIG_DIR, config_name="eval", version_base="1.3")(_eval)()

@@ -167,6 +167,28 @@ class TrainConfig:
     """Continue the run in run_dir from its newest checkpoint (give run_dir explicitly)."""
 
 
+@dataclass
+class EvalConfig:
+    checkpoint: str = "???"
+    """A model directory, a checkpoint directory (…/checkpoints/step-N) or a run directory
+    (its final policy, else its newest checkpoint)."""
+    task: TaskSection = field(default_factory=TaskSection)
+    split: str = "eval"
+    """Which prompts: eval (held out) or train."""
+    samples: int = 64
+    """Completions per prompt (k)."""
+    temperature: float = 1.0
+    """Sampling temperature (the paper reports 0.6 and 1.0)."""
+    max_tokens: int = 8
+    """Longest completion."""
+    engine: str = "vllm"
+    """vllm or torch."""
+    out_dir: str | None = None
+    """Where samples.jsonl and eval.json go (default: <checkpoint>/eval-T<temperature>)."""
+    seed: int = 0
+    """Sampling seed."""
+
+
 def validate(cfg: TrainConfig) -> None:
     """Reject bad combinations before anything starts."""
     problems = []
@@ -220,3 +242,4 @@ def validate(cfg: TrainConfig) -> None:
 def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="eval_schema", node=EvalConfig)

@@ -97,7 +97,7 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
     if cfg.resume and not (run_dir / "checkpoints").is_dir():
         raise ValueError(f"resume=true but {run_dir} has no checkpoints/ to resume from")
     run_dir.mkdir(parents=True, exist_ok=True)
-    name = "config.resumed.json" if cfg.resume else "config.json"
+    name = "run_config.resumed.json" if cfg.resume else "run_config.json"
     (run_dir / name).write_text(json.dumps(asdict(cfg), indent=2))
     model_path = prepare_model(cfg, run_dir)
     device, backend = pick_device(cfg)

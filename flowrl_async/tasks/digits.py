@@ -89,6 +89,10 @@ class DigitSumTask:
             return Verdict(self.wrong_reward + shaped, "wrong sum", answer)
         return Verdict(self.correct_reward, "ok", answer)
 
+    def valid_set(self, prompt: Prompt) -> tuple[str, ...]:
+        """Every correct answer: the task's valid set is enumerable."""
+        return valid_answers(prompt.total, prompt.length)
+
     def format_example(self, prompt: Prompt, rng: random.Random) -> str:
         """A well-formed (not necessarily correct) answer: the supervised warm-start target."""
         return "".join(rng.choice("0123456789") for _ in range(prompt.length))

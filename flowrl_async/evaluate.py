@@ -1,0 +1,129 @@
+"""Evaluation: sample k completions per prompt, verify, and measure accuracy and diversity.
+
+Writes ``samples.jsonl`` (one line per completion: prompt id, prompt, completion, reward,
+verifier info) and ``eval.json``:
+- avg@k: mean reward; accuracy: fraction correct (info "ok");
+- pass@k: the unbiased estimator 1 − C(n−c, k)/C(n, k) averaged over prompts (n samples, c
+  correct), for k = 1 and k = n;
+- distinct correct answers per prompt;
+- on tasks whose valid set is enumerable (``task.valid_set(prompt)``): coverage (fraction of
+  the valid set sampled at least once), total-variation distance between the empirical
+  distribution of correct answers and the uniform distribution over the valid set, and the
+  entropy (nats) of the correct answers' empirical distribution.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct (Chen et al., 2021)."""
+    if k > n:
+        raise ValueError(f"pass@{k} needs at least {k} samples, got {n}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def distribution_metrics(answers: list[str], valid: tuple[str, ...]) -> dict[str, float]:
+    """Coverage, TV to uniform over ``valid``, and entropy of the correct answers."""
+    counts = Counter(a for a in answers if a in set(valid))
+    total = sum(counts.values())
+    coverage = len(counts) / len(valid)
+    if total == 0:
+        return {"coverage": 0.0, "tv_to_uniform": 1.0, "entropy": 0.0}
+    uniform = 1.0 / len(valid)
+    tv = 0.5 * sum(abs(counts.get(v, 0) / total - uniform) for v in valid)
+    entropy = -sum((c / total) * math.log(c / total) for c in counts.values())
+    return {"coverage": coverage, "tv_to_uniform": tv, "entropy": entropy}
+
+
+def score_prompt(prompt, completions: list[str], verify, valid) -> tuple[dict, list[dict]]:
+    verdicts = [verify(prompt, text) for text in completions]
+    correct = [v for v in verdicts if v.info == "ok"]
+    n, c = len(verdicts), len(correct)
+    answers = [v.answer for v in correct]
+    row = {
+        "prompt_id": prompt.prompt_id,
+        "avg": sum(v.reward for v in verdicts) / n,
+        "accuracy": c / n,
+        "pass@1": pass_at_k(n, c, 1),
+        f"pass@{n}": pass_at_k(n, c, n),
+        "distinct_correct": len(set(answers)),
+    }
+    if valid is not None:
+        row.update(distribution_metrics(answers, valid))
+    samples = [
+        {"prompt_id": prompt.prompt_id, "prompt": prompt.text, "completion": text,
+         "reward": v.reward, "info": v.info}
+        for text, v in zip(completions, verdicts, strict=True)
+    ]  # fmt: skip
+    return row, samples
+
+
+def evaluate(generator, tokenizer, task, prompts, samples: int, temperature: float,
+             max_tokens: int, out_dir: Path, seed: int = 0) -> dict:  # fmt: skip
+    from flowrl_async.actors.generator import SampleSpec
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spec = SampleSpec(samples, temperature, 1.0, max_tokens, seed)
+    ids = [tokenizer(p.text)["input_ids"] for p in prompts]
+    groups = generator.generate(ids, spec)
+    rows, lines = [], []
+    for prompt, group in zip(prompts, groups, strict=True):
+        texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in group]
+        valid = task.valid_set(prompt) if hasattr(task, "valid_set") else None
+        row, sample_lines = score_prompt(prompt, texts, task.verify, valid)
+        rows.append(row)
+        lines.extend(sample_lines)
+    with open(out_dir / "samples.jsonl", "w") as f:
+        f.writelines(json.dumps(line) + "\n" for line in lines)
+    keys = [k for k in rows[0] if k != "prompt_id"]
+    result = {
+        "samples_per_prompt": samples,
+        "temperature": temperature,
+        "prompts": len(rows),
+        **{k: sum(r[k] for r in rows) / len(rows) for k in keys},
+        "per_prompt": rows,
+    }
+    (out_dir / "eval.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """A model dir as is; a checkpoint's policy/; a run's final_policy/ or newest checkpoint."""
+    from flowrl_async.learner.checkpoint import latest
+
+    path = Path(path)
+    for candidate in (path, path / "policy", path / "final_policy"):
+        if (candidate / "config.json").exists() and any(candidate.glob("*.safetensors")):
+            return candidate
+    newest = latest(path / "checkpoints")
+    if newest is not None:
+        return newest / "policy"
+    raise FileNotFoundError(f"no model found at {path} (a model, checkpoint or run directory)")
+
+
+def run_eval(cfg) -> dict:
+    """The ``flowrl-async eval`` command."""
+    from flowrl_async.actors.worker import build_generator
+    from flowrl_async.model import load_tokenizer
+    from flowrl_async.tasks import load_task
+
+    model_dir = resolve_model_dir(cfg.checkpoint)
+    task = load_task(cfg.task.target, **cfg.task.kwargs)
+    prompts = task.eval_prompts if cfg.split == "eval" else task.train_prompts
+    generator = build_generator(cfg.engine, str(model_dir), cfg.seed, 256, "float32")
+    out = Path(cfg.out_dir) if cfg.out_dir else model_dir.parent / f"eval-T{cfg.temperature}"
+    result = evaluate(generator, load_tokenizer(model_dir), task, prompts, cfg.samples,
+                      cfg.temperature, cfg.max_tokens, out, cfg.seed)  # fmt: skip
+    shown = {k: v for k, v in result.items() if k != "per_prompt"}
+    width = max(map(len, shown))
+    for k, v in shown.items():
+        print(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+    print(f"wrote {out / 'eval.json'} and {out / 'samples.jsonl'}")
+    return result

@@ -1,0 +1,110 @@
+"""Evaluation metrics on hand-worked cases, the digit task's enumeration, and the eval CLI."""
+
+import itertools
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from flowrl_async.evaluate import distribution_metrics, pass_at_k, resolve_model_dir
+from flowrl_async.model import build_tiny_model
+from flowrl_async.tasks.digits import DigitSumTask, valid_answers
+
+
+def test_pass_at_k_unbiased_estimator():
+    # n = 4 samples, c = 1 correct: pass@1 = 1 − C(3,1)/C(4,1) = 1 − 3/4 = 0.25
+    assert pass_at_k(4, 1, 1) == pytest.approx(0.25, abs=1e-12)
+    # pass@2 = 1 − C(3,2)/C(4,2) = 1 − 3/6 = 0.5
+    assert pass_at_k(4, 1, 2) == pytest.approx(0.5, abs=1e-12)
+    assert pass_at_k(4, 0, 4) == 0.0 and pass_at_k(4, 1, 4) == 1.0
+    assert pass_at_k(5, 3, 3) == 1.0  # n − c = 2 < k = 3: every 3-subset has a correct one
+    with pytest.raises(ValueError):
+        pass_at_k(2, 1, 3)
+
+
+def test_distribution_metrics_hand_worked():
+    valid = ("04", "13", "22", "31", "40")
+    # correct answers 13, 13, 22, 40 (+ one invalid "99" that is ignored):
+    # coverage 3/5; empirical 0.5, 0.25, 0.25 on 13, 22, 40; uniform 0.2 each
+    # TV = 0.5·(|0 − .2| + |.5 − .2| + |.25 − .2| + |0 − .2| + |.25 − .2|) = 0.5·0.8 = 0.4
+    # entropy = −(0.5 ln 0.5 + 2·0.25 ln 0.25) = 1.5 ln 2
+    m = distribution_metrics(["13", "13", "22", "40", "99"], valid)
+    assert m["coverage"] == pytest.approx(0.6, abs=1e-12)
+    assert m["tv_to_uniform"] == pytest.approx(0.4, abs=1e-12)
+    assert m["entropy"] == pytest.approx(1.5 * math.log(2), abs=1e-12)
+    assert distribution_metrics([], valid) == {
+        "coverage": 0.0,
+        "tv_to_uniform": 1.0,
+        "entropy": 0.0,
+    }
+
+
+def test_digit_task_verifier_and_enumeration_agree_everywhere():
+    task = DigitSumTask(lengths=(2, 3), min_solutions=1)
+    for prompt in task.train_prompts + task.eval_prompts:
+        valid = set(task.valid_set(prompt))
+        for digits in itertools.product("0123456789", repeat=prompt.length):
+            answer = "".join(digits)
+            assert (task.verify(prompt, answer).info == "ok") == (answer in valid), (prompt, answer)
+    # counts: 2 digits summing to 9 -> 10 ways; 3 digits summing to 13 -> 75 ways
+    assert len(valid_answers(9, 2)) == 10 and len(valid_answers(13, 3)) == 75
+
+
+@pytest.mark.parametrize(
+    "completion, info, reward",
+    [
+        (" 04 ", "ok", 1.0),
+        ("", "empty", 0.0),
+        ("4a", "not digits", 0.0),
+        ("004", "wrong length", 0.0),
+        ("05", "wrong sum", 0.25),
+        ("07", "wrong sum", 0.0625),
+        ("٤٠", "not digits", 0.0),
+    ],  # Arabic-Indic digits are not ASCII digits
+)
+def test_digit_task_verdicts(completion, info, reward):
+    # partial credit 0.5·2^(−miss): "05" misses sum 4 by 1 -> 0.25; "07" by 3 -> 0.0625
+    task = DigitSumTask(lengths=(2,), min_solutions=1, partial_credit=0.5)
+    prompt = next(p for p in task.train_prompts + task.eval_prompts if p.total == 4)
+    v = task.verify(prompt, completion)
+    assert (v.info, v.reward) == (info, pytest.approx(reward, abs=1e-12))
+
+
+def test_resolve_model_dir(tmp_path):
+    model = build_tiny_model(tmp_path / "run" / "final_policy")
+    (tmp_path / "run" / "config.json").write_text("{}")  # a run dir is not a model dir
+    assert resolve_model_dir(tmp_path / "run") == model
+    assert resolve_model_dir(model) == model
+    with pytest.raises(FileNotFoundError):
+        resolve_model_dir(tmp_path / "nothing")
+
+
+def test_eval_cli_writes_samples_and_metrics(tmp_path):
+    model = build_tiny_model(tmp_path / "m")
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flowrl_async",
+            "eval",
+            f"checkpoint={model}",
+            "engine=torch",
+            "samples=4",
+            f"out_dir={out}",
+            "split=train",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads((out / "eval.json").read_text())
+    lines = (out / "samples.jsonl").read_text().splitlines()
+    task = DigitSumTask(lengths=(2,), min_solutions=5, partial_credit=0.5)  # configs/task
+    assert metrics["prompts"] == len(task.train_prompts)
+    assert len(lines) == 4 * len(task.train_prompts)
+    rows = [json.loads(x) for x in lines]
+    assert sum(r["info"] == "ok" for r in rows) / len(rows) == pytest.approx(metrics["accuracy"])
