@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from flowrl_async.config import TrainConfig, register
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
-COMMANDS = ("train", "eval")
+COMMANDS = ("train", "eval", "summarize")
 
 
 def _train(cfg) -> None:
@@ -29,12 +29,16 @@ def _eval(cfg) -> None:
     run_eval(config)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> None:  # noqa: RET503
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
         print(f"usage: flowrl-async {{{','.join(COMMANDS)}}} [key=value ...]", file=sys.stderr)
         raise SystemExit(2)
     command, rest = argv[0], argv[1:]
+    if command == "summarize":  # plain arguments, not a Hydra app
+        from flowrl_async.summarize import main as summarize
+
+        return summarize(rest)
     register()
     sys.argv = [f"flowrl-async {command}", *rest]
     if command == "train":
