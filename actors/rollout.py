@@ -6,7 +6,7 @@
         prompts   = task prompts at those positions
         responses = generator.generate(prompts, n per prompt)
         rewards   = task.verify(each response)
-        replay.insert(group) for each prompt         # retried until acknowledged
+        replay.insert_many(groups)                   # pipelined, retried until acknowledged
 
 Invariants: every response records the weight version that generated it (weights change
 only between batches, so first == last version); behaviour log-probs are the generator's,
@@ -88,22 +88,24 @@ class RolloutLoop:
         started = time.time()
         completions = self.generator.generate(token_ids, self.spec)
         self.stats.generate_s += time.time() - started
-        for (pos, prompt), ids, group_completions in zip(
-            items, token_ids, completions, strict=True
-        ):
-            group = self.build_group(pos, prompt, ids, group_completions, started)
-            t0 = time.perf_counter()
-            self.push(group)
-            self.stats.push_s += time.perf_counter() - t0
-            self.stats.groups += 1
+        groups = [
+            self.build_group(pos, prompt, ids, completions_of_prompt, started)
+            for (pos, prompt), ids, completions_of_prompt in zip(
+                items, token_ids, completions, strict=True
+            )
+        ]
+        t0 = time.perf_counter()
+        self.push(groups)
+        self.stats.push_s += time.perf_counter() - t0
+        self.stats.groups += len(groups)
         return 1
 
-    def push(self, group: Group) -> None:
-        """Insert until acknowledged. A rate-limiter timeout is answered by trying again (the
-        service deduplicates by group id, so the effect is exactly once)."""
+    def push(self, groups: list[Group]) -> None:
+        """Insert all until acknowledged (pipelined). A rate-limiter timeout is answered by
+        trying again (the service deduplicates by group id, so the effect is exactly once)."""
         while True:
             try:
-                self.replay.insert(group)
+                self.replay.insert_many(groups)
                 return
             except InsertTimeout:
                 if self.stopped:
@@ -159,6 +161,7 @@ class RolloutLoop:
             return False
         t0 = time.perf_counter()
         self.generator.load_weights(publication.named_tensors())
+        publication.release()
         header = publication.header
         if header.probe_token_ids:
             check_probe(

@@ -1,7 +1,8 @@
 """WeightReceiver: receives publications on a background thread into staging buffers.
 
 The actor's loop calls ``take()`` between generation batches: it returns the newest complete
-publication (older ones not yet taken are dropped) or None. Receiving never blocks
+publication (older ones not yet taken are dropped) or None, and ``release()``s it once the
+engine has copied the weights, so its buffers are reused (double buffering). Receiving never blocks
 generation; loading happens only in the actor's thread.
 
 Invariants: a publication is visible to ``take`` only once every bucket has arrived; a
@@ -27,6 +28,13 @@ class WeightLinkError(RuntimeError):
 class Publication:
     header: Header
     buckets: list[torch.Tensor]
+    pool: list | None = None  # where release() returns the buckets for reuse
+
+    def release(self) -> None:
+        """The engine has copied the weights: the receiver may reuse these buffers."""
+        if self.pool is not None:
+            self.pool.append(self.buckets)
+            self.pool = None
 
     def named_tensors(self) -> list[tuple[str, torch.Tensor]]:
         return unpack(self.header.buckets, self.buckets)
@@ -40,6 +48,7 @@ class WeightReceiver:
         self._error: BaseException | None = None
         self.stopped = threading.Event()
         self.received = 0
+        self._pool: list[list[torch.Tensor]] = []  # released bucket sets (list ops are atomic)
         self._thread = threading.Thread(target=self._run, name="weight-receiver", daemon=True)
         self._thread.start()
 
@@ -53,18 +62,27 @@ class WeightReceiver:
                 raw = torch.empty(int(length), dtype=torch.uint8, device=self.device)
                 broadcast(self.group, raw)
                 header = Header.from_bytes(bytes(raw.cpu().numpy()))
-                buckets = []
-                for bucket in header.buckets:
-                    flat = torch.empty(bucket.numel, dtype=bucket.dtype, device=self.device)
+                buckets = self._buffers(header)
+                for flat in buckets:
                     broadcast(self.group, flat)
-                    buckets.append(flat)
                 with self._lock:
-                    self._latest = Publication(header, buckets)
+                    dropped, self._latest = self._latest, Publication(header, buckets, self._pool)
                     self.received += 1
+                if dropped is not None:  # never taken: a newer one replaces it
+                    dropped.release()
         except BaseException as e:  # surfaced by take()
             self._error = e
         finally:
             self.stopped.set()
+
+    def _buffers(self, header: Header) -> list[torch.Tensor]:
+        """Released buffers of the same layout when there are some (fresh ones cost ~0.5 s
+        per GB to allocate and first touch), else new ones."""
+        layout = [(b.numel, b.dtype) for b in header.buckets]
+        for i, buffers in enumerate(self._pool):
+            if [(t.numel(), t.dtype) for t in buffers] == layout:
+                return self._pool.pop(i)
+        return [torch.empty(n, dtype=d, device=self.device) for n, d in layout]
 
     def take(self) -> Publication | None:
         with self._lock:

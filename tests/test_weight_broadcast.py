@@ -43,8 +43,10 @@ def receiver_main(port, rank, world, n_pubs, queue):
                     pub.header.version,
                     pub.header.probe_logprob,
                     [(n, t.dtype, t.clone()) for n, t in named],
+                    [b.data_ptr() for b in pub.buckets],
                 )
             )
+            pub.release()  # the next publication of the same layout reuses these buffers
         receiver.stopped.wait(60)
         queue.put((rank, got))
     except BaseException as e:
@@ -81,9 +83,11 @@ def test_every_parameter_arrives_bit_identical(bucket_bytes):
     assert set(results) == {1, 2}
     for rank, got in results.items():
         assert not isinstance(got, str), f"rank {rank}: {got}"
-        assert [v for v, _, _ in got] == [1, 2]
-        assert [p for _, p, _ in got] == [-1.5, -3.0]
-        for (_, _, named), seed in zip(got, [0, 1], strict=True):
+        assert [v for v, _, _, _ in got] == [1, 2]
+        assert [p for _, p, _, _ in got] == [-1.5, -3.0]
+        # the second publication landed in the buffers the first one released
+        assert got[0][3] == got[1][3]
+        for (_, _, named, _), seed in zip(got, [0, 1], strict=True):
             expected = make_state(seed)
             assert [n for n, _, _ in named] == [n for n, _ in expected]
             for (name, dtype, t), (_, e) in zip(named, expected, strict=True):
@@ -101,7 +105,7 @@ def test_a_rebuilt_group_with_a_new_member_works():
     results = run_publications(4096, world=3, seeds=[4])
     for got in results.values():
         assert not isinstance(got, str), got
-        ((_, _, named),) = got
+        ((_, _, named, _),) = got
         for (name, _, t), (_, e) in zip(named, make_state(4), strict=True):
             assert torch.equal(t, e), name
 
