@@ -41,14 +41,17 @@ class Publication:
 
 
 class WeightReceiver:
-    def __init__(self, group, device: str = "cpu"):
+    def __init__(self, group, device: str = "cpu", pool: list | None = None):
+        """``pool``: released buffers to start from (e.g. the previous receiver's, when the
+        group is re-formed), shared with it."""
         self.group, self.device = group, device
         self._lock = threading.Lock()
         self._latest: Publication | None = None
         self._error: BaseException | None = None
         self.stopped = threading.Event()
         self.received = 0
-        self._pool: list[list[torch.Tensor]] = []  # released bucket sets (list ops are atomic)
+        # released bucket sets (list append/pop are atomic)
+        self.pool: list[list[torch.Tensor]] = [] if pool is None else pool
         self._thread = threading.Thread(target=self._run, name="weight-receiver", daemon=True)
         self._thread.start()
 
@@ -66,7 +69,7 @@ class WeightReceiver:
                 for flat in buckets:
                     broadcast(self.group, flat)
                 with self._lock:
-                    dropped, self._latest = self._latest, Publication(header, buckets, self._pool)
+                    dropped, self._latest = self._latest, Publication(header, buckets, self.pool)
                     self.received += 1
                 if dropped is not None:  # never taken: a newer one replaces it
                     dropped.release()
@@ -79,9 +82,9 @@ class WeightReceiver:
         """Released buffers of the same layout when there are some (fresh ones cost ~0.5 s
         per GB to allocate and first touch), else new ones."""
         layout = [(b.numel, b.dtype) for b in header.buckets]
-        for i, buffers in enumerate(self._pool):
+        for i, buffers in enumerate(self.pool):
             if [(t.numel(), t.dtype) for t in buffers] == layout:
-                return self._pool.pop(i)
+                return self.pool.pop(i)
         return [torch.empty(n, dtype=d, device=self.device) for n, d in layout]
 
     def take(self) -> Publication | None:

@@ -82,7 +82,9 @@ class RolloutWorker:
     def init_weight_group(self, host: str, port: int, rank: int, world: int, backend: str):
         from flowrl_async.actors.weight_receiver import WeightReceiver
 
-        self.loop.receiver = WeightReceiver(new_group(host, port, rank, world, backend))
+        old = self.loop.receiver
+        pool = old.pool if old is not None else None  # keep the allocated buffers
+        self.loop.receiver = WeightReceiver(new_group(host, port, rank, world, backend), pool=pool)
         return rank
 
     def run(self, max_batches: int | None = None) -> dict:

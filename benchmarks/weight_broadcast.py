@@ -112,10 +112,11 @@ def receiver_main(rank: int, world: int, port: int, conn, model_dir: str | None)
         flats: dict[tuple[int, str], torch.Tensor] = {}
         pool: dict[tuple, torch.Tensor] = {}
         last: list[tuple] = []
+        receiver_pool: list = []  # released buffers, kept across receivers as an actor does
         while True:
             cmd = conn.recv()
             if cmd[0] == "bucketed":
-                receiver = WeightReceiver(group)
+                receiver = WeightReceiver(group, pool=receiver_pool)
                 conn.send("ready")
                 pub = wait_taken(receiver)
                 conn.send("got")
@@ -127,6 +128,7 @@ def receiver_main(rank: int, world: int, port: int, conn, model_dir: str | None)
                     got = check_probe(gen, h.probe_token_ids, h.probe_logprob, 1e-3)
                     t2 = time.perf_counter()
                     conn.send((t1 - t0, t2 - t1, abs(got - h.probe_logprob)))
+                pub.release()  # as RolloutLoop does after loading
                 del pub
                 receiver.stopped.wait(600)  # the sender's STOP ends the receive thread
             elif cmd[0] == "reused":  # the same protocol into buffers kept between rounds

@@ -149,7 +149,12 @@ def new_group(
     raise ValueError(f"unknown weight-sync backend {backend!r}; expected gloo or nccl")
 
 
-def broadcast(group: dist.ProcessGroup, tensor: torch.Tensor, root: int = 0) -> None:
+def broadcast(group: dist.ProcessGroup, tensor: torch.Tensor, root: int = 0, wait: bool = True):
+    """Broadcast ``tensor`` from ``root``; with wait=False -> the work handle to wait on."""
     opts = dist.BroadcastOptions()
     opts.rootRank = root
-    group.broadcast([tensor], opts).wait()
+    work = group.broadcast([tensor], opts)
+    if wait:
+        work.wait()
+        return None
+    return work

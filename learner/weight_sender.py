@@ -44,11 +44,15 @@ class WeightSender:
         header = Header(version, self._buckets, tuple(probe_token_ids), probe_logprob).to_bytes()
         self._send_header(header)
         tensors = dict(named_tensors)
-        sent = 0
+        sent, works = 0, []
         for bucket, staging in zip(self._buckets, self._staging, strict=True):
+            # each bucket has its own staging buffer: the next one is packed while the
+            # previous ones are still on the wire (a group keeps its collectives in order)
             flat = pack_bucket(bucket, tensors, out=staging)
-            broadcast(self.group, flat)
+            works.append(broadcast(self.group, flat, wait=False))
             sent += flat.numel() * flat.element_size()
+        for work in works:
+            work.wait()
         return sent
 
     def _send_header(self, header: bytes) -> None:
