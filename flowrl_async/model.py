@@ -27,6 +27,9 @@ from transformers import (
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
 )
+from transformers.utils import logging as hf_logging
+
+hf_logging.disable_progress_bar()  # no "Loading weights" bars in every process's output
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 # 60 printable characters; with the 4 special tokens the vocabulary has 64 entries.
