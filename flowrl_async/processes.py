@@ -45,22 +45,28 @@ class Processes:
         self.ray, self.backend, self.host = ray, backend, "127.0.0.1"
         self.handles: list = []
         lc, gc, rc = cfg.learner, cfg.generator, cfg.replay
-        self.replay = ray.remote(num_cpus=0)(ReplayService).remote(
-            ServerConfig(
-                directory=str(run_dir / "replay"),
-                address="tcp://127.0.0.1:0",
-                capacity=rc.capacity,
-                max_staleness=0 if cfg.mode == "sync" else rc.max_staleness,
-                selector=rc.selector,
-                max_times_sampled=rc.max_times_sampled,
-                groups_per_version=lc.batch_groups * lc.publish_every,
-                fsync=rc.fsync,
-                fsync_interval_ms=rc.fsync_interval_ms,
-                seed=cfg.seed,
-                samples_per_insert=rc.samples_per_insert,
-                min_size_to_sample=rc.min_size_to_sample,
-                error_buffer=rc.error_buffer,
-                insert_timeout_ms=rc.insert_timeout_ms,
+        # a fixed address: if the service dies, Ray restarts it on the same directory and
+        # port, it recovers from its log, and the clients' retries reconnect by themselves
+        self.replay = (
+            ray.remote(ReplayService)
+            .options(num_cpus=0, max_restarts=cfg.cluster.max_actor_restarts, max_task_retries=-1)
+            .remote(
+                ServerConfig(
+                    directory=str(run_dir / "replay"),
+                    address=f"tcp://127.0.0.1:{free_port()}",
+                    capacity=rc.capacity,
+                    max_staleness=0 if cfg.mode == "sync" else rc.max_staleness,
+                    selector=rc.selector,
+                    max_times_sampled=rc.max_times_sampled,
+                    groups_per_version=lc.batch_groups * lc.publish_every,
+                    fsync=rc.fsync,
+                    fsync_interval_ms=rc.fsync_interval_ms,
+                    seed=cfg.seed,
+                    samples_per_insert=rc.samples_per_insert,
+                    min_size_to_sample=rc.min_size_to_sample,
+                    error_buffer=rc.error_buffer,
+                    insert_timeout_ms=rc.insert_timeout_ms,
+                )
             )
         )
         self.handles.append(self.replay)

@@ -21,6 +21,11 @@ class ReplayService:
                 raise RuntimeError("replay server thread died while binding")
             time.sleep(0.01)
 
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
     def address(self) -> str:
         return self.server.bound_address
 
