@@ -110,8 +110,9 @@ class LearnerSection:
     """Groups per optimizer step."""
     micro_batch: int = 64
     """Sequences per forward/backward pass (gradient accumulation over the step)."""
-    lr: float = 3e-4
-    """Policy learning rate (AdamW)."""
+    lr: float = 1e-4
+    """Policy learning rate (AdamW). 3e-4 learns faster on the tiny model but collapsed
+    (stopped emitting <eos>) for ~30 steps in one 400-step run; 1e-4 did not."""
     log_z_lr: float = 1e-3
     """Learning rate of the log Z head."""
     grad_clip: float = 1.0

@@ -8,17 +8,29 @@ import pytest
 from flowrl_async.config import TrainConfig, validate
 
 
+def small_config(tmp_path, steps: int, max_staleness: int | None = 0) -> TrainConfig:
+    """A short run on the 2-digit task: 4 groups per step, a brief warm-start."""
+    cfg = TrainConfig(run_dir=str(tmp_path / "run"))
+    cfg.learner.steps = steps
+    cfg.learner.batch_groups = 4
+    cfg.replay.max_staleness = max_staleness
+    cfg.model.warm_start_steps = 10
+    cfg.task.kwargs = {"lengths": [2], "min_solutions": 5, "partial_credit": 0.5}
+    return cfg
+
+
+def accounted_for(replay: dict) -> bool:
+    """Every acknowledged group is buffered, trained, or evicted (as stale or for room)."""
+    gone = replay["evicted_used"] + replay["evicted_stale"] + replay["evicted_capacity"]
+    return replay["inserted"] == replay["size"] + gone
+
+
 @pytest.mark.integration
 def test_short_training_run(tmp_path):
-    cfg = TrainConfig(run_dir=str(tmp_path / "run"))
-    cfg.learner.steps = 12
-    cfg.learner.checkpoint_every = 5
-    cfg.learner.batch_groups = 4
     # staleness 0: every trained group comes from the learner's current weights, so the
     # actor-vs-learner log-prob gap is measured on every row
-    cfg.replay.max_staleness = 0
-    cfg.model.warm_start_steps = 20
-    cfg.task.kwargs = {"lengths": [2], "min_solutions": 5, "partial_credit": 0.5}
+    cfg = small_config(tmp_path, steps=12, max_staleness=0)
+    cfg.learner.checkpoint_every = 5
     from flowrl_async.launch import train
 
     summary = train(cfg)
@@ -31,13 +43,7 @@ def test_short_training_run(tmp_path):
     actors = summary["actors"]
     assert len(actors) == 2 and all(a["weight_loads"] >= 1 for a in actors)
     replay = summary["replay"]
-    # every acknowledged group is either still buffered, trained, or evicted as stale
-    assert replay["inserted"] == (
-        replay["size"]
-        + replay["evicted_used"]
-        + replay["evicted_stale"]
-        + replay["evicted_capacity"]
-    )
+    assert accounted_for(replay)
     assert replay["sampled_groups"] == 12 * 4
     assert (tmp_path / "run" / "final_policy" / "model.safetensors").exists()
     ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
@@ -86,12 +92,7 @@ def test_an_actor_killed_mid_run_is_restarted_and_rejoins(tmp_path):
 
     import ray
 
-    cfg = TrainConfig(run_dir=str(tmp_path / "run"))
-    cfg.learner.steps = 40
-    cfg.learner.batch_groups = 4
-    cfg.replay.max_staleness = 0
-    cfg.model.warm_start_steps = 10
-    cfg.task.kwargs = {"lengths": [2], "min_solutions": 5, "partial_credit": 0.5}
+    cfg = small_config(tmp_path, steps=40, max_staleness=0)
     killed = {}
 
     def kill_actor_one(step, procs):
@@ -111,12 +112,7 @@ def test_an_actor_killed_mid_run_is_restarted_and_rejoins(tmp_path):
     assert restarted["version"] > 3
     replay = summary["replay"]
     # nothing acknowledged was lost, nothing was trained twice (FIFO hands each group out once)
-    assert replay["inserted"] == (
-        replay["size"]
-        + replay["evicted_used"]
-        + replay["evicted_stale"]
-        + replay["evicted_capacity"]
-    )
+    assert accounted_for(replay)
     assert replay["sampled_groups"] == 40 * 4
     assert all(r["fresh_rows"] == 1 for r in rows)
     assert max(r["logprob_gap_fresh"] for r in rows) < 1e-4
@@ -129,11 +125,7 @@ def test_the_replay_service_killed_mid_run_recovers_from_its_log(tmp_path):
 
     import ray
 
-    cfg = TrainConfig(run_dir=str(tmp_path / "run"))
-    cfg.learner.steps = 20
-    cfg.learner.batch_groups = 4
-    cfg.model.warm_start_steps = 10
-    cfg.task.kwargs = {"lengths": [2], "min_solutions": 5, "partial_credit": 0.5}
+    cfg = small_config(tmp_path, steps=20, max_staleness=1)
     killed = {}
 
     def kill_replay(step, procs):
@@ -149,10 +141,5 @@ def test_the_replay_service_killed_mid_run_recovers_from_its_log(tmp_path):
     replay = summary["replay"]
     assert replay["recovered_records"] > 0  # the restarted service rebuilt its state
     # every acknowledged group (before and after the crash) is accounted for
-    assert replay["inserted"] == (
-        replay["size"]
-        + replay["evicted_used"]
-        + replay["evicted_stale"]
-        + replay["evicted_capacity"]
-    )
+    assert accounted_for(replay)
     assert replay["duplicates"] >= 0 and replay["sampled_groups"] >= 20 * 4
