@@ -262,12 +262,18 @@ def test_a_resent_held_insert_replaces_the_first_and_is_answered_once(tmp_path):
             sock.setsockopt(zmq.LINGER, 0)
             sock.connect(running.address)
         first.send(encode("insert", rid=1, group=group_to_wire(make_group("c"))))
-        second.send(encode("insert", rid=2, group=group_to_wire(make_group("c"))))
         deadline = time.monotonic() + 5
         while running.client.stats()["held_inserts"] != 1 and time.monotonic() < deadline:
             time.sleep(0.01)
+        # the resend, then a stats request on the same connection: the server handles one
+        # connection's messages in order, so the stats answer proves the resend was handled
+        second.send(encode("insert", rid=2, group=group_to_wire(make_group("c"))))
+        second.send(encode("stats", rid=3))
+        assert second.poll(5000)
+        kind, msg = decode(second.recv())
+        assert (kind, msg["rid"], msg["held_inserts"]) == ("stats", 3, 1)  # replaced, not 2
         running.client.sample(1, version=0)
-        assert second.poll(2000)
+        assert second.poll(5000)
         kind, msg = decode(second.recv())
         assert (kind, msg["rid"], msg["duplicate"]) == ("ack", 2, False)
         assert not first.poll(100)  # the replaced request gets no answer
