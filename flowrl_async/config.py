@@ -84,9 +84,13 @@ class ReplaySection:
     max_staleness: int | None = 1
     """Groups more than this many versions behind the learner are never trained (null: no bound)."""
     selector: str = "fifo"
-    """fifo (each group once, streaming), uniform, or prioritized (by reward spread)."""
+    """fifo (each group once, streaming), uniform, prioritized (by reward spread), or mixed
+    (fresh groups plus groups replayed from those already trained on)."""
     max_times_sampled: int = 1
     """A group leaves the buffer after this many samples."""
+    fresh_fraction: float = 1.0
+    """selector=mixed: the share of each batch taken from never-trained groups; the rest is
+    replayed uniformly (off-policy trajectory balance, e.g. with algo=flowrl_tb)."""
     fsync: str = "interval"
     """Log durability: always (fsync every record), interval, or never."""
     fsync_interval_ms: float = 10.0
@@ -206,8 +210,14 @@ def validate(cfg: TrainConfig) -> None:
         problems.append("generator.n must be >= 2: group-normalised rewards need a group")
     if g.top_p != 1.0:
         problems.append("generator.top_p must be 1.0: the learner's log-probs are untruncated")
-    if r.selector not in ("fifo", "uniform", "prioritized"):
-        problems.append(f"replay.selector={r.selector!r}: expected fifo, uniform, prioritized")
+    if r.selector not in ("fifo", "uniform", "prioritized", "mixed"):
+        problems.append(
+            f"replay.selector={r.selector!r}: expected fifo, uniform, prioritized or mixed"
+        )
+    if r.selector == "mixed" and r.max_times_sampled < 2:
+        problems.append("replay.selector=mixed replays groups: set replay.max_times_sampled >= 2")
+    if not 0.0 <= r.fresh_fraction <= 1.0:
+        problems.append(f"replay.fresh_fraction={r.fresh_fraction}: expected a value in [0, 1]")
     if r.selector == "fifo" and r.max_times_sampled != 1:
         problems.append("replay.selector=fifo uses each group once: set max_times_sampled=1")
     if r.max_staleness is None and a.name == "flowrl" and a.is_mode != "none":

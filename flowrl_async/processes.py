@@ -62,6 +62,7 @@ class Processes:
                     fsync=rc.fsync,
                     fsync_interval_ms=rc.fsync_interval_ms,
                     seed=cfg.seed,
+                    fresh_fraction=rc.fresh_fraction,
                     samples_per_insert=rc.samples_per_insert,
                     min_size_to_sample=rc.min_size_to_sample,
                     error_buffer=rc.error_buffer,

@@ -11,7 +11,10 @@ Invariants:
 - ``sample`` returns whole groups or nothing: fewer than ``batch_size`` eligible groups give
   None and change no state;
 - a group sampled ``max_times_sampled`` times leaves the buffer; FIFO uses each group once;
-- when full, the oldest group is evicted (counted) to make room.
+- when full, the oldest group is evicted (counted) to make room;
+- "mixed" (off-policy trajectory balance): a batch is round(fresh_fraction·B) never-sampled
+  groups, oldest first, plus groups already trained on, drawn uniformly (replay); while too
+  few have been trained on, fresh groups fill the rest. It needs max_times_sampled > 1.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-SELECTORS = ("fifo", "uniform", "prioritized")
+SELECTORS = ("fifo", "uniform", "prioritized", "mixed")
 
 
 @dataclass
@@ -52,6 +55,7 @@ class ReplayBuffer:
         selector: str = "fifo",
         max_times_sampled: int = 1,
         seed: int = 0,
+        fresh_fraction: float = 1.0,
     ):
         if selector not in SELECTORS:
             raise ValueError(f"unknown selector {selector!r}; expected one of {SELECTORS}")
@@ -61,6 +65,11 @@ class ReplayBuffer:
             raise ValueError("max_staleness must be >= 0 or None")
         if selector == "fifo" and max_times_sampled != 1:
             raise ValueError("the fifo selector uses each group once: set max_times_sampled=1")
+        if selector == "mixed" and max_times_sampled < 2:
+            raise ValueError("the mixed selector replays groups: set max_times_sampled >= 2")
+        if not 0.0 <= fresh_fraction <= 1.0:
+            raise ValueError(f"fresh_fraction must be in [0, 1], got {fresh_fraction}")
+        self.fresh_fraction = fresh_fraction
         self.capacity, self.max_staleness = capacity, max_staleness
         self.selector, self.max_times_sampled = selector, max_times_sampled
         self.rng = random.Random(seed)
@@ -120,10 +129,21 @@ class ReplayBuffer:
         if self.selector == "fifo":
             keys = iter(self.entries)
             return [next(keys) for _ in range(batch_size)]
+        if self.selector == "mixed":
+            return self._mixed(batch_size)
         keys = list(self.entries)
         if self.selector == "uniform":
             return self.rng.sample(keys, batch_size)
         return self._prioritized(keys, batch_size)
+
+    def _mixed(self, batch_size: int) -> list[str] | None:
+        fresh = [k for k, e in self.entries.items() if e.times_sampled == 0]
+        seen = [k for k, e in self.entries.items() if e.times_sampled > 0]
+        n_replay = min(batch_size - round(self.fresh_fraction * batch_size), len(seen))
+        n_fresh = batch_size - n_replay
+        if len(fresh) < n_fresh:
+            return None  # fresh data paces the learner
+        return fresh[:n_fresh] + self.rng.sample(seen, n_replay)
 
     def mark_sampled(self, ids: list[str]) -> int:
         """Count one sample of each id still held; used-up groups leave. -> groups counted."""
@@ -154,10 +174,12 @@ class ReplayBuffer:
         counting them would shrink the capacity for good (after a restart or a slow
         learner, admission would stay at 0 forever: a deadlock seen in a resumed run).
 
-        Unbounded (a large number) when there is no staleness bound.
+        Without a staleness bound (off-policy trajectory balance) old groups are still valid
+        data, but actors must not run arbitrarily far ahead of the learner (measured: 1,472
+        groups generated for 240 trained in 30 steps, the "fresh" ones 26 versions old), so
+        admission then paces them as if the bound were 1.
         """
-        if self.max_staleness is None:
-            return 1 << 30
-        allowed = (self.max_staleness + version + 1) * groups_per_version
+        bound = 1 if self.max_staleness is None else self.max_staleness
+        allowed = (bound + version + 1) * groups_per_version
         accepted = self.counters.inserted - self.counters.evicted_stale
         return max(0, allowed - (accepted + in_flight))

@@ -69,6 +69,7 @@ class ServerConfig:
     fsync_interval_ms: float = 10.0
     segment_bytes: int = 64 * 1024 * 1024
     seed: int = 0
+    fresh_fraction: float = 1.0  # the mixed selector: share of never-sampled groups per batch
     # rate limiter (Reverb's SampleToInsertRatio, see rate_limiter.py); None: no limiter
     samples_per_insert: float | None = None
     min_size_to_sample: int = 1
@@ -112,7 +113,9 @@ class ReplayServer:
 
     def _new_state(self) -> ReplayState:
         c = self.cfg
-        buffer = ReplayBuffer(c.capacity, c.max_staleness, c.selector, c.max_times_sampled, c.seed)
+        buffer = ReplayBuffer(
+            c.capacity, c.max_staleness, c.selector, c.max_times_sampled, c.seed, c.fresh_fraction
+        )
         return ReplayState(buffer, c.rate_limiter(), self.limits)
 
     @property
@@ -451,6 +454,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fsync-interval-ms", type=float, default=10.0)
     p.add_argument("--segment-bytes", type=int, default=64 * 1024 * 1024)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fresh-fraction", type=float, default=1.0, help="selector mixed")
     p.add_argument(
         "--samples-per-insert", type=float, default=None, help="enables the rate limiter"
     )
@@ -471,6 +475,7 @@ def main(argv: list[str] | None = None) -> None:
             fsync_interval_ms=a.fsync_interval_ms,
             segment_bytes=a.segment_bytes,
             seed=a.seed,
+            fresh_fraction=a.fresh_fraction,
             samples_per_insert=a.samples_per_insert,
             min_size_to_sample=a.min_size_to_sample,
             error_buffer=a.error_buffer,

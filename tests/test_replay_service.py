@@ -155,3 +155,27 @@ def test_capacity_eviction_drops_oldest():
     for i in range(3):
         buf.insert(Entry(f"g{i}", 0, {}))
     assert list(buf.entries) == ["g1", "g2"] and buf.counters.evicted_capacity == 1
+
+
+def test_mixed_selector_takes_fresh_groups_then_replays_trained_ones():
+    buf = ReplayBuffer(capacity=100, max_staleness=None, selector="mixed", max_times_sampled=3,
+                       fresh_fraction=0.5, seed=0)  # fmt: skip
+    for i in range(4):
+        buf.insert(Entry(f"a{i}", 0, {}))
+    # nothing trained yet: the whole batch of 4 is fresh, oldest first
+    assert [e.group_id for e, _ in buf.sample(4, version=0)] == ["a0", "a1", "a2", "a3"]
+    assert buf.sample(4, version=0) is None  # round(0.5·4) = 2 fresh needed, none there
+    for i in range(3):
+        buf.insert(Entry(f"b{i}", 0, {}))
+    picked = [e.group_id for e, _ in buf.sample(4, version=0)]
+    assert picked[:2] == ["b0", "b1"]  # 2 fresh, oldest first
+    assert len(set(picked[2:])) == 2 and set(picked[2:]) <= {"a0", "a1", "a2", "a3"}  # replay
+    with pytest.raises(ValueError, match="max_times_sampled >= 2"):
+        ReplayBuffer(selector="mixed", max_times_sampled=1)
+
+
+def test_admission_paces_actors_even_without_a_staleness_bound():
+    buf = ReplayBuffer(capacity=100, max_staleness=None, selector="uniform", max_times_sampled=2)
+    # no bound for training, but admission paces as if it were 1: (1 + 0 + 1)·4 = 8
+    assert buf.admission_capacity(version=0, groups_per_version=4, in_flight=3) == 5
+    assert buf.admission_capacity(version=2, groups_per_version=4, in_flight=0) == 16

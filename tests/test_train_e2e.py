@@ -143,3 +143,30 @@ def test_the_replay_service_killed_mid_run_recovers_from_its_log(tmp_path):
     # every acknowledged group (before and after the crash) is accounted for
     assert accounted_for(replay)
     assert replay["duplicates"] >= 0 and replay["sampled_groups"] >= 20 * 4
+
+
+@pytest.mark.integration
+def test_off_policy_trajectory_balance_mixes_fresh_and_replayed_groups(tmp_path):
+    from collections import Counter
+
+    import msgpack
+
+    from flowrl_async.config import AlgoSection
+    from flowrl_async.launch import train
+    from flowrl_async.replay.log import SegmentLog
+
+    cfg = small_config(tmp_path, steps=12, max_staleness=None)
+    cfg.algo = AlgoSection(name="flowrl", beta=3.0, reward_norm="raw", is_mode="none")
+    cfg.replay.selector, cfg.replay.max_times_sampled, cfg.replay.fresh_fraction = "mixed", 3, 0.5
+    summary = train(cfg)
+    assert summary["replay"]["sampled_groups"] == 12 * 4
+    times = Counter()
+    for payload in SegmentLog(tmp_path / "run" / "replay").read_all():
+        record = msgpack.unpackb(payload, raw=False)
+        if record["k"] == "smp":
+            times.update(record["ids"])
+    # batches of 4 = 2 fresh + 2 replayed (once anything was trained): some groups are
+    # trained more than once, none more than max_times_sampled = 3
+    assert max(times.values()) <= 3 and any(n > 1 for n in times.values()), times
+    # fresh groups are trained once each at least: 12 steps × 2 fresh ≥ 24 distinct groups
+    assert len(times) >= 24
