@@ -16,6 +16,7 @@ exception; a weight load that fails its probe raises (it is a bug, not noise).
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -69,6 +70,7 @@ class RolloutLoop:
         )
         self.stats = ActorStats()
         self.stopped = False
+        self.engine_lock = threading.Lock()
 
     def run(self, max_batches: int | None = None) -> None:
         done = 0
@@ -86,7 +88,8 @@ class RolloutLoop:
         items = [(pos, self.prompts.at(pos)) for pos in positions]
         token_ids = [self.tokenizer(p.text)["input_ids"] for _, p in items]
         started = time.time()
-        completions = self.generator.generate(token_ids, self.spec)
+        with self.engine_lock:  # evaluation may share the engine from another thread
+            completions = self.generator.generate(token_ids, self.spec)
         self.stats.generate_s += time.time() - started
         groups = [
             self.build_group(pos, prompt, ids, completions_of_prompt, started)
@@ -160,14 +163,16 @@ class RolloutLoop:
         if publication is None:
             return False
         t0 = time.perf_counter()
-        self.generator.load_weights(publication.named_tensors())
-        publication.release()
         header = publication.header
-        if header.probe_token_ids:
-            check_probe(
-                self.generator, header.probe_token_ids, header.probe_logprob, self.probe_tolerance
-            )
-        self.version = header.version
+        with self.engine_lock:  # load, prove and switch versions as one step
+            self.generator.load_weights(publication.named_tensors())
+            publication.release()
+            if header.probe_token_ids:
+                check_probe(
+                    self.generator, header.probe_token_ids, header.probe_logprob,
+                    self.probe_tolerance,
+                )  # fmt: skip
+            self.version = header.version
         self.stats.weight_loads += 1
         self.stats.load_s += time.perf_counter() - t0
         return True

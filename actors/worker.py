@@ -95,6 +95,19 @@ class RolloutWorker:
     def stop(self) -> None:
         self.loop.stopped = True
 
+    def evaluate(self, split: str, samples: int, temperature: float, max_tokens: int) -> dict:
+        """Sample ``samples`` completions per prompt of ``split`` with the current weights;
+        -> mean metrics prefixed ``eval_`` (accuracy, pass@k, distinct correct, coverage...)."""
+        from flowrl_async.evaluate import sample_and_score
+
+        task = self.loop.prompts.task
+        prompts = task.eval_prompts if split == "eval" else task.train_prompts
+        spec = SampleSpec(samples, temperature, 1.0, max_tokens, seed=0)
+        with self.loop.engine_lock:
+            means, _, _ = sample_and_score(self.generator, self.loop.tokenizer, task, prompts, spec)
+            version = self.loop.version
+        return {"eval_version": version, **{f"eval_{k}": v for k, v in means.items()}}
+
     def stats(self) -> dict:
         out = asdict(self.loop.stats)
         out["rewards"] = dict(self.loop.stats.rewards)

@@ -152,6 +152,18 @@ class ClusterSection:
 
 
 @dataclass
+class PeriodicEvalSection:
+    every: int = 0
+    """Evaluate every this many learner steps (0: never), into metrics.jsonl as eval_*."""
+    split: str = "eval"
+    """eval (held-out prompts) or train."""
+    samples: int = 16
+    """Completions per prompt."""
+    temperature: float = 1.0
+    """Sampling temperature of the evaluation."""
+
+
+@dataclass
 class TrainConfig:
     algo: AlgoSection = field(default_factory=AlgoSection)
     model: ModelSection = field(default_factory=ModelSection)
@@ -160,6 +172,7 @@ class TrainConfig:
     replay: ReplaySection = field(default_factory=ReplaySection)
     learner: LearnerSection = field(default_factory=LearnerSection)
     cluster: ClusterSection = field(default_factory=ClusterSection)
+    evaluation: PeriodicEvalSection = field(default_factory=PeriodicEvalSection)
     run_dir: str = "runs/latest"
     """Where the run writes its config, metrics, checkpoints, replay log and plots."""
     seed: int = 0
@@ -236,6 +249,8 @@ def validate(cfg: TrainConfig) -> None:
         problems.append("learner.steps, batch_groups and publish_every must be >= 1")
     if lr.checkpoint_every < 1 or lr.keep_checkpoints < 1:
         problems.append("learner.checkpoint_every and learner.keep_checkpoints must be >= 1")
+    if cfg.evaluation.every < 0 or cfg.evaluation.split not in ("eval", "train"):
+        problems.append("evaluation.every must be >= 0 and evaluation.split eval or train")
     if cfg.mode not in ("async", "sync"):
         problems.append(f"mode={cfg.mode!r}: expected async or sync")
     per_round = cfg.cluster.num_actors * g.groups_per_batch

@@ -65,29 +65,36 @@ def score_prompt(prompt, completions: list[str], verify, valid) -> tuple[dict, l
     return row, samples
 
 
+def sample_and_score(generator, tokenizer, task, prompts, spec) -> tuple[dict, list, list]:
+    """Generate ``spec.n`` completions per prompt and score them.
+
+    -> (means over prompts of every per-prompt metric, per-prompt rows, sample lines)."""
+    ids = [tokenizer(p.text)["input_ids"] for p in prompts]
+    rows, lines = [], []
+    for prompt, group in zip(prompts, generator.generate(ids, spec), strict=True):
+        texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in group]
+        valid = task.valid_set(prompt) if hasattr(task, "valid_set") else None
+        row, sample_lines = score_prompt(prompt, texts, task.verify, valid)
+        rows.append(row)
+        lines.extend(sample_lines)
+    keys = [k for k in rows[0] if k != "prompt_id"]
+    return {k: sum(r[k] for r in rows) / len(rows) for k in keys}, rows, lines
+
+
 def evaluate(generator, tokenizer, task, prompts, samples: int, temperature: float,
              max_tokens: int, out_dir: Path, seed: int = 0) -> dict:  # fmt: skip
     from flowrl_async.actors.generator import SampleSpec
 
     out_dir.mkdir(parents=True, exist_ok=True)
     spec = SampleSpec(samples, temperature, 1.0, max_tokens, seed)
-    ids = [tokenizer(p.text)["input_ids"] for p in prompts]
-    groups = generator.generate(ids, spec)
-    rows, lines = [], []
-    for prompt, group in zip(prompts, groups, strict=True):
-        texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in group]
-        valid = task.valid_set(prompt) if hasattr(task, "valid_set") else None
-        row, sample_lines = score_prompt(prompt, texts, task.verify, valid)
-        rows.append(row)
-        lines.extend(sample_lines)
+    means, rows, lines = sample_and_score(generator, tokenizer, task, prompts, spec)
     with open(out_dir / "samples.jsonl", "w") as f:
         f.writelines(json.dumps(line) + "\n" for line in lines)
-    keys = [k for k in rows[0] if k != "prompt_id"]
     result = {
         "samples_per_prompt": samples,
         "temperature": temperature,
         "prompts": len(rows),
-        **{k: sum(r[k] for r in rows) / len(rows) for k in keys},
+        **means,
         "per_prompt": rows,
     }
     (out_dir / "eval.json").write_text(json.dumps(result, indent=2))

@@ -119,9 +119,19 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
             for step in range(start + 1, lc.steps + 1):
                 if cfg.mode == "sync":  # lock-step: generate this step's groups, then train
                     generate_s = procs.generate_batch(sync_batches_per_actor(cfg))
-                    log.add({**procs.call_learner("step"), "generate_s": generate_s})
+                    metrics = {**procs.call_learner("step"), "generate_s": generate_s}
                 else:
-                    log.add(procs.call_learner("step"))
+                    metrics = procs.call_learner("step")
+                ev = cfg.evaluation
+                if ev.every and step % ev.every == 0:  # on actor 1, with its current weights
+                    metrics.update(
+                        procs.ray.get(
+                            procs.actors[0].evaluate.remote(
+                                ev.split, ev.samples, ev.temperature, cfg.generator.max_tokens
+                            )
+                        )
+                    )
+                log.add(metrics)
                 if step % lc.checkpoint_every == 0 or step == lc.steps:
                     procs.call_learner("save_checkpoint", ckpt_root, lc.keep_checkpoints)
                 if on_step is not None:

@@ -31,12 +31,19 @@ def test_short_training_run(tmp_path):
     # actor-vs-learner log-prob gap is measured on every row
     cfg = small_config(tmp_path, steps=12, max_staleness=0)
     cfg.learner.checkpoint_every = 5
+    cfg.evaluation.every, cfg.evaluation.samples = 6, 4  # periodic held-out evaluation
     from flowrl_async.launch import train
 
     summary = train(cfg)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     assert [r["step"] for r in rows] == list(range(1, 13))
     assert [r["version"] for r in rows] == list(range(1, 13))  # one publication per step
+    evaluated = [r["step"] for r in rows if "eval_accuracy" in r]
+    assert evaluated == [6, 12]
+    for r in rows:
+        if "eval_accuracy" in r:
+            assert 0.0 <= r["eval_accuracy"] <= r["eval_pass@4"] <= 1.0
+            assert r["eval_version"] >= r["version"] - 2  # the actor's weights are recent
     assert all(r["staleness_max"] == 0 and r["fresh_rows"] == 1 for r in rows)  # bound held
     # behaviour log-probs recorded by vLLM match the learner's own for the same weights
     assert max(r["logprob_gap_fresh"] for r in rows) < 1e-4
