@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from flowrl_async.config import TrainConfig, register
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
-COMMANDS = ("train", "eval", "summarize")
+COMMANDS = ("train", "eval", "summarize", "replay")
 
 
 def _train(cfg) -> None:
@@ -39,6 +39,10 @@ def main(argv: list[str] | None = None) -> None:  # noqa: RET503
         from flowrl_async.summarize import main as summarize
 
         return summarize(rest)
+    if command == "replay":
+        from flowrl_async.replay.reader import main as replay
+
+        return replay(rest)
     register()
     sys.argv = [f"flowrl-async {command}", *rest]
     if command == "train":
