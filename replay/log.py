@@ -85,10 +85,13 @@ class SegmentLog:
         return (self.index(segs[-1]), segs[-1].stat().st_size) if segs else (0, 0)
 
     def read_all(
-        self, report: RecoveryReport | None = None, start: tuple[int, int] = (0, 0)
+        self,
+        report: RecoveryReport | None = None,
+        start: tuple[int, int] = (0, 0),
+        truncate: bool = True,
     ) -> Iterator[bytes]:
         """Every intact record at or after ``start``, oldest first. Truncates a torn tail of
-        the last segment."""
+        the last segment unless ``truncate`` is False (read-only readers of a stored run)."""
         report = report if report is not None else RecoveryReport()
         segs = [p for p in self.segments() if self.index(p) >= start[0]]
         for i, path in enumerate(segs):
@@ -110,7 +113,7 @@ class SegmentLog:
                 pos = nxt
             if pos < len(data):
                 report.torn_bytes_truncated += len(data) - pos
-                if i == len(segs) - 1:
+                if truncate and i == len(segs) - 1:
                     with open(path, "r+b") as f:
                         f.truncate(pos)
                         os.fsync(f.fileno())

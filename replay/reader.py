@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import zlib
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,27 +18,16 @@ from pathlib import Path
 import msgpack
 
 from flowrl_async.records import Group
-from flowrl_async.replay.log import FRAME, MAX_RECORD, RecoveryReport
+from flowrl_async.replay.log import RecoveryReport, SegmentLog
 from flowrl_async.wire import WireError, group_from_wire
 
 
 def read_log(directory: str | Path, report: RecoveryReport | None = None) -> Iterator[dict]:
-    report = report if report is not None else RecoveryReport()
-    for path in sorted(Path(directory).glob("seg-*.log")):
-        data, pos = path.read_bytes(), 0
-        while pos + FRAME.size <= len(data):
-            length, crc = FRAME.unpack_from(data, pos)
-            end = pos + FRAME.size + length
-            if length == 0 or length > MAX_RECORD or end > len(data):
-                report.torn_bytes_truncated += len(data) - pos
-                break
-            payload = data[pos + FRAME.size : end]
-            pos = end
-            if zlib.crc32(payload) != crc:
-                report.corrupt_skipped += 1
-                continue
-            report.records += 1
-            yield msgpack.unpackb(payload, raw=False)
+    """Every intact record, decoded, with the recovery's skipping rules and no writes."""
+    if not Path(directory).is_dir():
+        raise FileNotFoundError(f"no replay log at {directory}")
+    for payload in SegmentLog(directory).read_all(report, truncate=False):
+        yield msgpack.unpackb(payload, raw=False)
 
 
 def stored_groups(directory: str | Path) -> Iterator[tuple[Group, float, int]]:

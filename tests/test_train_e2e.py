@@ -19,6 +19,20 @@ def small_config(tmp_path, steps: int, max_staleness: int | None = 0) -> TrainCo
     return cfg
 
 
+def sigkill_at(step: int, pick):
+    """An on_step hook that SIGKILLs the process of ``pick(procs)`` after ``step``."""
+    import os
+    import signal
+
+    import ray
+
+    def hook(current, procs):
+        if current == step:
+            os.kill(ray.get(pick(procs).pid.remote()), signal.SIGKILL)
+
+    return hook
+
+
 def accounted_for(replay: dict) -> bool:
     """Every acknowledged group is buffered, trained, or evicted (as stale or for room)."""
     gone = replay["evicted_used"] + replay["evicted_stale"] + replay["evicted_capacity"]
@@ -94,22 +108,10 @@ def test_bad_combinations_are_rejected_with_the_field_names():
 
 @pytest.mark.integration
 def test_an_actor_killed_mid_run_is_restarted_and_rejoins(tmp_path):
-    import os
-    import signal
-
-    import ray
-
-    cfg = small_config(tmp_path, steps=40, max_staleness=0)
-    killed = {}
-
-    def kill_actor_one(step, procs):
-        if step == 3:
-            killed["pid"] = ray.get(procs.actors[0].pid.remote())
-            os.kill(killed["pid"], signal.SIGKILL)
-
     from flowrl_async.launch import train
 
-    summary = train(cfg, on_step=kill_actor_one)
+    cfg = small_config(tmp_path, steps=40, max_staleness=0)
+    summary = train(cfg, on_step=sigkill_at(3, lambda procs: procs.actors[0]))
     assert summary["actor_restarts"] == 1
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     assert [r["step"] for r in rows] == list(range(1, 41))
@@ -127,22 +129,10 @@ def test_an_actor_killed_mid_run_is_restarted_and_rejoins(tmp_path):
 
 @pytest.mark.integration
 def test_the_replay_service_killed_mid_run_recovers_from_its_log(tmp_path):
-    import os
-    import signal
-
-    import ray
-
-    cfg = small_config(tmp_path, steps=20, max_staleness=1)
-    killed = {}
-
-    def kill_replay(step, procs):
-        if step == 4:
-            killed["pid"] = ray.get(procs.replay.pid.remote())
-            os.kill(killed["pid"], signal.SIGKILL)
-
     from flowrl_async.launch import train
 
-    summary = train(cfg, on_step=kill_replay)
+    cfg = small_config(tmp_path, steps=20, max_staleness=1)
+    summary = train(cfg, on_step=sigkill_at(4, lambda procs: procs.replay))
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     assert [r["step"] for r in rows] == list(range(1, 21))
     replay = summary["replay"]
