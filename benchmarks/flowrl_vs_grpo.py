@@ -1,0 +1,202 @@
+"""FlowRL against GRPO on the real system: accuracy and diversity at the same budget.
+
+Three variants, each trained by the main job (Ray, replay service, learner, vLLM actors) with
+the same model, warm-start, task, steps × batch (= trained groups) and seeds:
+
+    grpo            algo=grpo, FIFO replay, max_staleness 1
+    flowrl          the paper: group-normalised reward, β = 15, clipped IS, FIFO, staleness 1
+    flowrl_replay   off-policy trajectory balance: raw reward, β = 3, IS weight 1, batches of
+                    fresh groups plus groups replayed uniformly from the buffer, no staleness bound
+
+Each final policy is evaluated with ``--samples`` completions per prompt at T = 1.0 on the
+training prompts (diversity of what the policy learned) and on held-out prompts. Prints one
+table (mean ± std over seeds) and writes ``results.json`` and ``flowrl_vs_grpo.png`` (eval
+accuracy and distinct correct answers over training; the answer histogram on one prompt
+against the target distribution π_ref restricted to the valid set, and uniform).
+
+    .venv/bin/python benchmarks/flowrl_vs_grpo.py --steps 400 --seeds 0 1 2 --out bench-out/fvg
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from collections import Counter
+from pathlib import Path
+
+import _common  # noqa: F401 - one thread per process, before torch
+from omegaconf import OmegaConf
+
+from flowrl_async.config import AlgoSection, TrainConfig
+from flowrl_async.launch import train
+from flowrl_async.progress import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+TASK = {"lengths": [2], "min_solutions": 5, "partial_credit": 0.5}
+VARIANTS = ("grpo", "flowrl", "flowrl_replay")
+COLUMNS = ("accuracy", "distinct_correct", "coverage", "tv_to_uniform", "entropy", "pass@1")
+
+
+def algo(name: str) -> AlgoSection:
+    return AlgoSection(**OmegaConf.to_container(OmegaConf.load(ROOT / f"configs/algo/{name}.yaml")))
+
+
+def config(variant: str, seed: int, steps: int, run_dir: Path, every: int) -> TrainConfig:
+    cfg = TrainConfig(run_dir=str(run_dir), seed=seed)
+    cfg.task.kwargs = dict(TASK)
+    cfg.learner.steps = steps
+    cfg.learner.checkpoint_every = 10**6  # the final policy is all this benchmark needs
+    cfg.evaluation.every, cfg.evaluation.split, cfg.evaluation.samples = every, "train", 16
+    if variant == "grpo":
+        cfg.algo = algo("grpo")
+    elif variant == "flowrl":
+        cfg.algo = algo("flowrl")
+    elif variant == "flowrl_replay":
+        cfg.algo = algo("flowrl_tb")
+        r = cfg.replay
+        r.selector, r.fresh_fraction, r.max_times_sampled, r.max_staleness = "mixed", 0.5, 8, None
+    else:
+        raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+    return cfg
+
+
+def evaluate_policy(run_dir: Path, samples: int, seed: int) -> dict:
+    """eval.json-style results on the train and the held-out prompts (torch sampler)."""
+    from flowrl_async.actors.worker import build_generator
+    from flowrl_async.evaluate import evaluate
+    from flowrl_async.model import load_tokenizer
+    from flowrl_async.tasks.digits import DigitSumTask
+
+    policy = run_dir / "final_policy"
+    task = DigitSumTask(**TASK)
+    gen = build_generator("torch", str(policy), seed, 256, "float32")
+    tok = load_tokenizer(policy)
+    return {
+        split: evaluate(gen, tok, task, prompts, samples, 1.0, 8, run_dir / f"eval-{split}", seed)
+        for split, prompts in (("train", task.train_prompts), ("eval", task.eval_prompts))
+    }
+
+
+def reference_target(model_dir: Path, prompt, valid: tuple[str, ...]) -> list[float]:
+    """π_ref(y | x) over the valid answers (y followed by <eos>), normalised: FlowRL's target
+    π_ref·exp(β·r) restricted to the answers that all earn the full reward."""
+    from flowrl_async.learner.batch import sequence_logprob
+    from flowrl_async.model import load_policy, load_tokenizer
+
+    model, tok = load_policy(model_dir), load_tokenizer(model_dir)
+    prompt_ids = tok(prompt.text)["input_ids"]
+    logps = [
+        sequence_logprob(
+            model, prompt_ids + tok(y, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        )
+        - sequence_logprob(model, prompt_ids)
+        for y in valid
+    ]
+    top = max(logps)
+    weights = [math.exp(v - top) for v in logps]
+    return [w / sum(weights) for w in weights]
+
+
+def mean_std(values: list[float]) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} ± {sd:.3f}"
+
+
+def plot(results: dict, out: Path, hist: dict) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for variant, runs in results.items():
+        for key, ax in (("eval_accuracy", axes[0]), ("eval_distinct_correct", axes[1])):
+            curves = [[(r["step"], r[key]) for r in run["metrics"] if key in r] for run in runs]
+            steps = [s for s, _ in curves[0]]
+            means = [statistics.mean(c[i][1] for c in curves) for i in range(len(steps))]
+            ax.plot(steps, means, marker="o", label=variant)
+    axes[0].set(title="accuracy on train prompts (16 samples, T=1)", xlabel="learner step")
+    axes[1].set(title="distinct correct answers per prompt", xlabel="learner step")
+    valid, width = hist["valid"], 0.8 / (len(results) + 2)
+    xs = range(len(valid))
+    for i, (label, probs) in enumerate([("target ∝ π_ref", hist["target"]),
+                                        *hist["empirical"].items()]):  # fmt: skip
+        axes[2].bar([x + i * width for x in xs], probs, width, label=label)
+    axes[2].axhline(1 / len(valid), color="gray", linestyle="--", label="uniform")
+    axes[2].set_xticks([x + width for x in xs], valid, rotation=90)
+    axes[2].set(title=f"answers to {hist['prompt']!r} (seed {hist['seed']})")
+    for ax in axes:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    return out
+
+
+def histogram(out: Path, results: dict, seed: int) -> dict:
+    """The prompt with the largest valid set: target vs each variant's correct answers."""
+    from flowrl_async.tasks.digits import DigitSumTask
+
+    task = DigitSumTask(**TASK)
+    prompt = max(task.train_prompts, key=lambda p: len(task.valid_set(p)))
+    valid = task.valid_set(prompt)
+    some_run = Path(results[VARIANTS[0]][0]["run_dir"])
+    empirical = {}
+    for variant, runs in results.items():
+        run = next(r for r in runs if r["seed"] == seed)
+        lines = Path(run["run_dir"], "eval-train", "samples.jsonl").read_text().splitlines()
+        got = Counter(
+            s["completion"].strip()
+            for s in map(json.loads, lines)
+            if s["prompt_id"] == prompt.prompt_id and s["info"] == "ok"
+        )
+        total = max(sum(got.values()), 1)
+        empirical[variant] = [got[v] / total for v in valid]
+    target = reference_target(some_run / "init_model", prompt, valid)
+    return {"prompt": prompt.text, "seed": seed, "valid": list(valid), "target": target,
+            "empirical": empirical}  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--samples", type=int, default=64, help="eval completions per prompt")
+    p.add_argument("--out", default="bench-out/flowrl_vs_grpo")
+    a = p.parse_args()
+    out = Path(a.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, list[dict]] = {v: [] for v in a.variants}
+    for seed in a.seeds:
+        for variant in a.variants:
+            run_dir = out / f"{variant}-seed{seed}"
+            if not (run_dir / "eval-train" / "eval.json").exists():  # resumable: skip done runs
+                train(config(variant, seed, a.steps, run_dir, max(a.steps // 8, 1)))
+                evaluate_policy(run_dir, a.samples, seed)
+            ev = {s: json.loads((run_dir / f"eval-{s}" / "eval.json").read_text())
+                  for s in ("train", "eval")}  # fmt: skip
+            results[variant].append({"seed": seed, "run_dir": str(run_dir), "eval": ev,
+                                     "metrics": read_metrics(run_dir / "metrics.jsonl")})  # fmt: skip
+    trained = a.steps * TrainConfig().learner.batch_groups
+    print(f"\n{len(a.seeds)} seeds, {a.steps} steps × {TrainConfig().learner.batch_groups} groups "
+          f"= {trained} trained groups each; eval {a.samples} samples/prompt at T=1.0")  # fmt: skip
+    for split in ("train", "eval"):
+        rows = [
+            (variant, *(mean_std([r["eval"][split][c] for r in runs]) for c in COLUMNS))
+            for variant, runs in results.items()
+        ]
+        print(f"\n{split} prompts:")
+        print(_common.table(("variant", *COLUMNS), rows, (14, *[15] * len(COLUMNS))))
+    hist = histogram(out, results, a.seeds[0])
+    png = plot(results, out / "flowrl_vs_grpo.png", hist)
+    slim = {v: [{k: r[k] for k in ("seed", "run_dir", "eval")} for r in runs]
+            for v, runs in results.items()}  # fmt: skip
+    (out / "results.json").write_text(json.dumps({"args": vars(a), "results": slim,
+                                                   "histogram": hist}, indent=2))  # fmt: skip
+    print(f"\nwrote {png} and {out / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()
