@@ -149,6 +149,11 @@ class ClusterSection:
     """torch.distributed backend for weights: auto (nccl with a GPU learner), gloo, nccl."""
     max_actor_restarts: int = 3
     """Ray restarts a dead actor this many times."""
+    actor_gpus: float = 0.0
+    """Cluster mode: GPUs reserved per rollout actor (1 for vLLM on CUDA; 0 on CPU nodes)."""
+    placement: str = "SPREAD"
+    """Cluster mode: Ray placement-group strategy for the learner and actor bundles
+    (SPREAD: actors over the nodes; PACK; STRICT_SPREAD; STRICT_PACK)."""
 
 
 @dataclass
@@ -259,6 +264,13 @@ def validate(cfg: TrainConfig) -> None:
             f"mode=sync needs learner.batch_groups ({lr.batch_groups}) to be a multiple of "
             f"cluster.num_actors × generator.groups_per_batch ({per_round})"
         )
+    if cfg.cluster.placement not in ("SPREAD", "PACK", "STRICT_SPREAD", "STRICT_PACK"):
+        problems.append(
+            f"cluster.placement={cfg.cluster.placement!r}: expected SPREAD, PACK, "
+            "STRICT_SPREAD or STRICT_PACK"
+        )
+    if cfg.cluster.actor_gpus < 0:
+        problems.append("cluster.actor_gpus must be >= 0")
     if cfg.cluster.num_actors < 1:
         problems.append("cluster.num_actors must be >= 1")
     if problems:

@@ -18,6 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from flowrl_async.config import TrainConfig, validate
+from flowrl_async.placement import plan
 from flowrl_async.processes import Processes
 from flowrl_async.progress import MetricsLog, plot_curves, print_summary, read_metrics, summarize
 
@@ -77,13 +78,15 @@ def sync_batches_per_actor(cfg: TrainConfig) -> int:
     return cfg.learner.batch_groups // per_round
 
 
-def pick_device(cfg: TrainConfig) -> tuple[str, str]:
-    """-> (learner device, weight-sync backend)."""
+def pick_device(cfg: TrainConfig, ray) -> tuple[str, str]:
+    """-> (learner device, weight-sync backend). On a cluster "auto" means: CUDA when the
+    cluster has a GPU (the driver's own node may have none)."""
     import torch
 
-    use_gpu = cfg.learner.device == "cuda" or (
-        cfg.learner.device == "auto" and torch.cuda.is_available()
-    )
+    from flowrl_async.placement import cluster_has_gpu
+
+    has_gpu = cluster_has_gpu(ray) if cfg.cluster.address else torch.cuda.is_available()
+    use_gpu = cfg.learner.device == "cuda" or (cfg.learner.device == "auto" and has_gpu)
     backend = cfg.cluster.weight_backend
     if backend == "auto":
         backend = "nccl" if use_gpu else "gloo"
@@ -100,11 +103,14 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
     name = "run_config.resumed.json" if cfg.resume else "run_config.json"
     (run_dir / name).write_text(json.dumps(asdict(cfg), indent=2))
     model_path = prepare_model(cfg, run_dir)
-    device, backend = pick_device(cfg)
     ray = start_ray(cfg, run_dir)
     procs = None
     try:
-        procs = Processes(ray, cfg, model_path, run_dir, device, backend, probe_text(cfg))
+        device, backend = pick_device(cfg, ray)
+        placement = plan(ray, cfg.cluster, cfg.learner.threads, learner_gpu=device == "cuda")
+        procs = Processes(
+            ray, cfg, model_path, run_dir, device, backend, probe_text(cfg), placement
+        )
         start = 0
         if cfg.resume:
             resumed = ray.get(procs.learner.resume.remote(str(run_dir / "checkpoints")))

@@ -13,17 +13,11 @@ Invariants:
 
 from __future__ import annotations
 
-import socket
 import time
 from dataclasses import asdict
 
 from flowrl_async.config import TrainConfig
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from flowrl_async.placement import Placement, free_port
 
 
 def threads_env(threads: int) -> dict[str, str]:
@@ -34,7 +28,7 @@ def threads_env(threads: int) -> dict[str, str]:
 
 class Processes:
     def __init__(self, ray, cfg: TrainConfig, model_path: str, run_dir, device: str,
-                 backend: str, probe_text: str):  # fmt: skip
+                 backend: str, probe_text: str, placement: Placement):  # fmt: skip
         from flowrl_async.actors.generator import SampleSpec
         from flowrl_async.actors.worker import RolloutWorker
         from flowrl_async.learner.learner import AlgoConfig
@@ -42,18 +36,23 @@ class Processes:
         from flowrl_async.replay.server import ServerConfig
         from flowrl_async.replay.service import ReplayService
 
-        self.ray, self.backend, self.host = ray, backend, "127.0.0.1"
+        self.ray, self.backend, self.placement = ray, backend, placement
         self.handles: list = []
         lc, gc, rc = cfg.learner, cfg.generator, cfg.replay
         # a fixed address: if the service dies, Ray restarts it on the same directory and
         # port, it recovers from its log, and the clients' retries reconnect by themselves
         self.replay = (
             ray.remote(ReplayService)
-            .options(num_cpus=0, max_restarts=cfg.cluster.max_actor_restarts, max_task_retries=-1)
+            .options(
+                num_cpus=0,
+                max_restarts=cfg.cluster.max_actor_restarts,
+                max_task_retries=-1,
+                **placement.replay,
+            )
             .remote(
                 ServerConfig(
                     directory=str(run_dir / "replay"),
-                    address=f"tcp://127.0.0.1:{free_port()}",
+                    address=f"tcp://{placement.replay_host}:{free_port(placement.replay_host)}",
                     capacity=rc.capacity,
                     max_staleness=0 if cfg.mode == "sync" else rc.max_staleness,
                     selector=rc.selector,
@@ -79,6 +78,7 @@ class Processes:
                 num_gpus=1 if device == "cuda" else 0,
                 max_concurrency=3,
                 runtime_env={"env_vars": threads_env(lc.threads)},
+                **placement.learner,
             )
             .remote(
                 model_path,
@@ -108,6 +108,7 @@ class Processes:
                 max_restarts=cfg.cluster.max_actor_restarts,
                 max_task_retries=0,
                 runtime_env={"env_vars": threads_env(cfg.cluster.actor_threads)},
+                **placement.actors[i],
             )
             .remote(
                 i + 1,
@@ -137,11 +138,12 @@ class Processes:
     # ---------------------------------------------------------------- weight group
     def form_weight_group(self) -> int:
         """(Re)form the group on a fresh port and publish the current weights; -> version."""
-        port, world = free_port(), len(self.actors) + 1
+        host, port = self.ray.get(self.learner.weight_endpoint.remote(self.placement.loopback))
+        world = len(self.actors) + 1
         self.ray.get(
-            [self.learner.init_weight_group.remote(self.host, port, world, self.backend)]
+            [self.learner.init_weight_group.remote(host, port, world, self.backend)]
             + [
-                a.init_weight_group.remote(self.host, port, i + 1, world, self.backend)
+                a.init_weight_group.remote(host, port, i + 1, world, self.backend)
                 for i, a in enumerate(self.actors)
             ]
         )
@@ -208,6 +210,8 @@ class Processes:
         time.sleep(0.5)
         for h in self.handles:
             _quietly(lambda h=h: self.ray.kill(h))
+        if self.placement.group is not None:
+            _quietly(lambda: self.ray.util.remove_placement_group(self.placement.group))
 
 
 def _quietly(fn) -> None:

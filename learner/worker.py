@@ -17,6 +17,7 @@ from flowrl_async.learner.learner import AlgoConfig, Learner
 from flowrl_async.learner.log_z import LogZHead
 from flowrl_async.learner.weight_sender import WeightSender
 from flowrl_async.model import load_policy, load_tokenizer, save_model
+from flowrl_async.placement import endpoint
 from flowrl_async.replay.client import ReplayClient
 from flowrl_async.weights import new_group
 
@@ -64,6 +65,11 @@ class LearnerWorker:
 
     def ready(self) -> bool:
         return True
+
+    def weight_endpoint(self, loopback: bool) -> tuple[str, int]:
+        """Where this learner (rank 0) will host the weight group's TCPStore: its node's IP
+        (loopback on one machine) and a port free on its node."""
+        return endpoint(loopback)
 
     def init_weight_group(self, host: str, port: int, world: int, backend: str) -> int:
         self.sender = WeightSender(new_group(host, port, 0, world, backend), self.bucket_bytes)
