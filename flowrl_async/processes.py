@@ -26,21 +26,70 @@ def threads_env(threads: int) -> dict[str, str]:
     return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
 
+def replay_config(cfg: TrainConfig, run_dir, address: str):
+    """The replay service's settings for this run (any process wiring uses the same)."""
+    from flowrl_async.replay.server import ServerConfig
+
+    lc, rc = cfg.learner, cfg.replay
+    return ServerConfig(
+        directory=str(run_dir / "replay"),
+        address=address,
+        capacity=rc.capacity,
+        max_staleness=0 if cfg.mode == "sync" else rc.max_staleness,
+        selector=rc.selector,
+        max_times_sampled=rc.max_times_sampled,
+        groups_per_version=lc.batch_groups * lc.publish_every,
+        fsync=rc.fsync,
+        fsync_interval_ms=rc.fsync_interval_ms,
+        seed=cfg.seed,
+        fresh_fraction=rc.fresh_fraction,
+        samples_per_insert=rc.samples_per_insert,
+        min_size_to_sample=rc.min_size_to_sample,
+        error_buffer=rc.error_buffer,
+        insert_timeout_ms=rc.insert_timeout_ms,
+    )
+
+
+def learner_args(cfg: TrainConfig, model_path: str, address: str, device: str,
+                 probe_text: str) -> tuple[tuple, dict]:  # fmt: skip
+    """LearnerWorker's (args, kwargs) for this run."""
+    from flowrl_async.learner.learner import AlgoConfig
+
+    lc = cfg.learner
+    algo = AlgoConfig(**asdict(cfg.algo), temperature=cfg.generator.temperature)
+    return (model_path, algo, address), dict(
+        batch_groups=lc.batch_groups, micro_batch=lc.micro_batch, lr=lc.lr,
+        log_z_lr=lc.log_z_lr, grad_clip=lc.grad_clip, warmup_steps=lc.warmup_steps,
+        publish_every=lc.publish_every, probe_text=probe_text, seed=cfg.seed,
+        threads=lc.threads, device=device, sample_timeout_s=lc.sample_timeout_s,
+    )  # fmt: skip
+
+
+def actor_args(cfg: TrainConfig, actor_id: int, model_path: str, address: str):
+    """RolloutWorker's (args, kwargs) for actor ``actor_id`` (1..N)."""
+    from flowrl_async.actors.generator import SampleSpec
+
+    gc = cfg.generator
+    spec = SampleSpec(gc.n, gc.temperature, gc.top_p, gc.max_tokens)
+    return (actor_id, model_path, cfg.task.target, dict(cfg.task.kwargs), address, spec), dict(
+        groups_per_batch=gc.groups_per_batch, engine=gc.engine, data_seed=cfg.seed,
+        seed=cfg.seed, threads=cfg.cluster.actor_threads, max_model_len=cfg.model.max_model_len,
+        dtype=cfg.model.dtype, probe_tolerance=gc.probe_tolerance,
+    )  # fmt: skip
+
+
 class Processes:
     def __init__(self, ray, cfg: TrainConfig, model_path: str, run_dir, device: str,
                  backend: str, probe_text: str, placement: Placement):  # fmt: skip
-        from flowrl_async.actors.generator import SampleSpec
         from flowrl_async.actors.worker import RolloutWorker
-        from flowrl_async.learner.learner import AlgoConfig
         from flowrl_async.learner.worker import LearnerWorker
-        from flowrl_async.replay.server import ServerConfig
         from flowrl_async.replay.service import ReplayService
 
         self.ray, self.backend, self.placement = ray, backend, placement
         self.handles: list = []
-        lc, gc, rc = cfg.learner, cfg.generator, cfg.replay
         # a fixed address: if the service dies, Ray restarts it on the same directory and
         # port, it recovers from its log, and the clients' retries reconnect by themselves
+        host = placement.replay_host
         self.replay = (
             ray.remote(ReplayService)
             .options(
@@ -49,85 +98,40 @@ class Processes:
                 max_task_retries=-1,
                 **placement.replay,
             )
-            .remote(
-                ServerConfig(
-                    directory=str(run_dir / "replay"),
-                    address=f"tcp://{placement.replay_host}:{free_port(placement.replay_host)}",
-                    capacity=rc.capacity,
-                    max_staleness=0 if cfg.mode == "sync" else rc.max_staleness,
-                    selector=rc.selector,
-                    max_times_sampled=rc.max_times_sampled,
-                    groups_per_version=lc.batch_groups * lc.publish_every,
-                    fsync=rc.fsync,
-                    fsync_interval_ms=rc.fsync_interval_ms,
-                    seed=cfg.seed,
-                    fresh_fraction=rc.fresh_fraction,
-                    samples_per_insert=rc.samples_per_insert,
-                    min_size_to_sample=rc.min_size_to_sample,
-                    error_buffer=rc.error_buffer,
-                    insert_timeout_ms=rc.insert_timeout_ms,
-                )
-            )
+            .remote(replay_config(cfg, run_dir, f"tcp://{host}:{free_port(host)}"))
         )
         self.handles.append(self.replay)
         address = ray.get(self.replay.address.remote())
+        threads = cfg.learner.threads
+        args, kwargs = learner_args(cfg, model_path, address, device, probe_text)
         self.learner = (
             ray.remote(LearnerWorker)
             .options(
-                num_cpus=lc.threads,
+                num_cpus=threads,
                 num_gpus=1 if device == "cuda" else 0,
                 max_concurrency=3,
-                runtime_env={"env_vars": threads_env(lc.threads)},
+                runtime_env={"env_vars": threads_env(threads)},
                 **placement.learner,
             )
-            .remote(
-                model_path,
-                AlgoConfig(**asdict(cfg.algo), temperature=gc.temperature),
-                address,
-                batch_groups=lc.batch_groups,
-                micro_batch=lc.micro_batch,
-                lr=lc.lr,
-                log_z_lr=lc.log_z_lr,
-                grad_clip=lc.grad_clip,
-                warmup_steps=lc.warmup_steps,
-                publish_every=lc.publish_every,
-                probe_text=probe_text,
-                seed=cfg.seed,
-                threads=lc.threads,
-                device=device,
-                sample_timeout_s=lc.sample_timeout_s,
-            )  # fmt: skip
+            .remote(*args, **kwargs)
         )
         self.handles.append(self.learner)
-        spec = SampleSpec(gc.n, gc.temperature, gc.top_p, gc.max_tokens)
-        self.actors = [
-            ray.remote(RolloutWorker)
-            .options(
-                num_cpus=cfg.cluster.actor_threads,
-                max_concurrency=3,
-                max_restarts=cfg.cluster.max_actor_restarts,
-                max_task_retries=0,
-                runtime_env={"env_vars": threads_env(cfg.cluster.actor_threads)},
-                **placement.actors[i],
+        threads = cfg.cluster.actor_threads
+        self.actors = []
+        for i in range(cfg.cluster.num_actors):
+            args, kwargs = actor_args(cfg, i + 1, model_path, address)
+            self.actors.append(
+                ray.remote(RolloutWorker)
+                .options(
+                    num_cpus=threads,
+                    max_concurrency=3,
+                    max_restarts=cfg.cluster.max_actor_restarts,
+                    max_task_retries=0,
+                    runtime_env={"env_vars": threads_env(threads)},
+                    **placement.actors[i],
+                )
+                .remote(*args, **kwargs)
             )
-            .remote(
-                i + 1,
-                model_path,
-                cfg.task.target,
-                dict(cfg.task.kwargs),
-                address,
-                spec,
-                groups_per_batch=gc.groups_per_batch,
-                engine=gc.engine,
-                data_seed=cfg.seed,
-                seed=cfg.seed,
-                threads=cfg.cluster.actor_threads,
-                max_model_len=cfg.model.max_model_len,
-                dtype=cfg.model.dtype,
-                probe_tolerance=gc.probe_tolerance,
-            )  # fmt: skip
-            for i in range(cfg.cluster.num_actors)
-        ]
         self.handles.extend(self.actors)
         self.loops: dict = {}  # loop ref -> actor index
         self.restarts = 0

@@ -1,0 +1,116 @@
+"""The same components wired in one process, without Ray: the replay service on a thread,
+the learner and the actors as plain objects, each actor's loop on a thread of its own, and
+the weight group (gloo) formed by threads of this process.
+
+For tests and debugging (one debugger or profiler sees every component); the product path
+is ``flowrl_async.launch.train`` under Ray. Settings come from the same ``TrainConfig`` and
+the same constructor arguments (``processes.replay_config / learner_args / actor_args``).
+
+    summary = run_inline(cfg)        # cfg.generator.engine="torch" keeps it light
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from flowrl_async.config import TrainConfig, validate
+from flowrl_async.placement import free_port
+from flowrl_async.processes import actor_args, learner_args, replay_config
+
+
+class InlineRun:
+    def __init__(self, cfg: TrainConfig, model_path: str, run_dir: Path, probe_text: str):
+        from flowrl_async.actors.worker import RolloutWorker
+        from flowrl_async.learner.worker import LearnerWorker
+        from flowrl_async.replay.service import ReplayService
+
+        address = f"tcp://127.0.0.1:{free_port()}"
+        self.replay = ReplayService(replay_config(cfg, run_dir, address))
+        address = self.replay.address()
+        args, kwargs = learner_args(cfg, model_path, address, "cpu", probe_text)
+        self.learner = LearnerWorker(*args, **kwargs)
+        self.actors = []
+        for i in range(cfg.cluster.num_actors):
+            args, kwargs = actor_args(cfg, i + 1, model_path, address)
+            self.actors.append(RolloutWorker(*args, **kwargs))
+        self.threads: list[threading.Thread] = []
+        self.errors: list[BaseException] = []
+
+    def form_weight_group(self) -> int:
+        """All members join at once (each on a thread), then the learner publishes."""
+        host, port = self.learner.weight_endpoint(True)
+        world = len(self.actors) + 1
+        with ThreadPoolExecutor(world) as pool:
+            joins = [pool.submit(self.learner.init_weight_group, host, port, world, "gloo")]
+            joins += [
+                pool.submit(a.init_weight_group, host, port, i + 1, world, "gloo")
+                for i, a in enumerate(self.actors)
+            ]
+            for join in joins:
+                join.result()
+        return self.learner.publish_current()
+
+    def _run_actor(self, actor, max_batches: int | None) -> None:
+        try:
+            actor.run(max_batches)
+        except BaseException as e:  # surfaced by the caller, never swallowed
+            self.errors.append(e)
+
+    def start_loops(self, max_batches: int | None = None) -> list[threading.Thread]:
+        started = [
+            threading.Thread(target=self._run_actor, args=(a, max_batches), daemon=True)
+            for a in self.actors
+        ]
+        for t in started:
+            t.start()
+        self.threads.extend(started)
+        return started
+
+    def generate_batch(self, batches_per_actor: int) -> None:
+        """mode=sync: every actor generates ``batches_per_actor`` batches now."""
+        for t in self.start_loops(batches_per_actor):
+            t.join()
+        self.raise_errors()
+
+    def raise_errors(self) -> None:
+        if self.errors:
+            raise RuntimeError("a rollout actor failed") from self.errors[0]
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            a.stop()
+        for t in self.threads:
+            t.join(timeout=60)
+        self.learner.stop()
+        self.replay.stop()
+
+
+def run_inline(cfg: TrainConfig) -> dict:
+    """Train ``cfg.learner.steps`` steps with every component in this process.
+    -> {"history": per-step metrics, "learner", "replay", "actors": final stats}."""
+    from flowrl_async.launch import prepare_model, probe_text, sync_batches_per_actor
+
+    validate(cfg)
+    run_dir = Path(cfg.run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run = InlineRun(cfg, prepare_model(cfg, run_dir), run_dir, probe_text(cfg))
+    history = []
+    try:
+        run.form_weight_group()
+        if cfg.mode == "async":
+            run.start_loops()
+        for _ in range(cfg.learner.steps):
+            if cfg.mode == "sync":
+                run.generate_batch(sync_batches_per_actor(cfg))
+            history.append(run.learner.step())
+            run.raise_errors()
+    finally:
+        run.shutdown()
+    return {
+        "history": history,
+        "learner": run.learner.state(),
+        "replay": run.replay.stats(),
+        "actors": [a.stats() for a in run.actors],
+    }
