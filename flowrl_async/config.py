@@ -24,7 +24,8 @@ class AlgoSection:
     reward_norm: str = "group"
     """FlowRL rewards: "group" normalised (the paper) or "raw" (off-policy TB)."""
     is_mode: str = "clip"
-    """Importance weights toward the current policy: clip, truncate or none."""
+    """Importance weights toward the current policy: clip (the paper), truncate, none (raw,
+    unbounded) or off (weight 1: off-policy trajectory balance, which needs no correction)."""
     clip_low: float = 0.2
     """Lower clip ε: weights (or GRPO ratios) below 1 − ε are clipped."""
     clip_high: float = 0.2
@@ -218,8 +219,10 @@ def validate(cfg: TrainConfig) -> None:
     a, g, r, lr = cfg.algo, cfg.generator, cfg.replay, cfg.learner
     if a.name not in ("flowrl", "grpo", "reinforce"):
         problems.append(f"algo.name={a.name!r}: expected flowrl, grpo or reinforce")
-    if a.is_mode not in ("clip", "truncate", "none"):
-        problems.append(f"algo.is_mode={a.is_mode!r}: expected clip, truncate or none")
+    if a.is_mode not in ("clip", "truncate", "none", "off"):
+        problems.append(f"algo.is_mode={a.is_mode!r}: expected clip, truncate, none or off")
+    if a.name == "grpo" and a.is_mode != "clip":
+        problems.append("algo.name=grpo clips per-token ratios: algo.is_mode must be clip")
     if a.reward_norm not in ("group", "raw"):
         problems.append(f"algo.reward_norm={a.reward_norm!r}: expected group or raw")
     if g.engine not in ("vllm", "torch"):
@@ -238,10 +241,11 @@ def validate(cfg: TrainConfig) -> None:
         problems.append(f"replay.fresh_fraction={r.fresh_fraction}: expected a value in [0, 1]")
     if r.selector == "fifo" and r.max_times_sampled != 1:
         problems.append("replay.selector=fifo uses each group once: set max_times_sampled=1")
-    if r.max_staleness is None and a.name == "flowrl" and a.is_mode != "none":
+    if r.max_staleness is None and a.is_mode != "off":
         problems.append(
-            "replay.max_staleness=null (unbounded) needs algo.is_mode=none: IS weights of "
-            "arbitrarily old groups are meaningless (off-policy TB uses weight 1)"
+            "replay.max_staleness=null (unbounded) needs algo.is_mode=off: IS weights of "
+            "arbitrarily old groups are meaningless (off-policy TB uses weight 1; "
+            "use algo=flowrl_tb)"
         )
     if r.samples_per_insert is not None and lr.batch_groups > r.min_size_to_sample:
         problems.append(

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-IS_MODES = ("clip", "truncate", "none")
+IS_MODES = ("clip", "truncate", "none", "off")
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,8 @@ def _limit_weights(
         return raw.clamp(1.0 - clip_low, 1.0 + clip_high)
     if mode == "truncate":
         return raw.clamp(max=truncate_at)
+    if mode == "off":
+        return torch.ones_like(raw)
     return raw
 
 
@@ -109,20 +111,27 @@ def sequence_importance_weights(
     """w_i = exp(Σ_t mask·(logprobs − behavior_logprobs)) -> [B], detached.
 
     mode "clip" clamps to [1 − clip_low, 1 + clip_high] (the paper), "truncate" clamps above
-    at ``truncate_at`` (truncated IS), "none" leaves the weight as it is.
+    at ``truncate_at`` (truncated IS), "none" leaves the weight as it is (unbounded), "off"
+    gives every sequence weight 1 (off-policy trajectory balance: TB's optimum does not
+    depend on the behaviour policy, so no correction is needed).
     """
     _check_mode(mode)
     raw = sequence_log_ratio(logprobs, behavior_logprobs, mask).exp()
     return _limit_weights(raw, mode, clip_low, clip_high, truncate_at)
 
 
-def importance_metrics(raw: torch.Tensor, weights: torch.Tensor) -> dict[str, float]:
-    """IS weight mean, normalised effective sample size (Σw)²/(B·Σw²) and clip fraction."""
+def importance_metrics(
+    raw: torch.Tensor, weights: torch.Tensor, mode: str = "clip"
+) -> dict[str, float]:
+    """IS weight mean, normalised effective sample size (Σw)²/(B·Σw²) of the raw weights
+    (how far from the behaviour policy the batch is, reported even when weighting is off)
+    and the fraction of weights a clip or truncation changed."""
     if raw.numel() == 0:
         return {"is_weight_mean": 0.0, "is_ess": 0.0, "is_clip_fraction": 0.0}
     raw64 = raw.detach().double()
     ess = raw64.sum() ** 2 / (raw64.numel() * (raw64**2).sum())
-    clipped = (weights.detach() != raw.detach()).double().mean()
+    changed = weights.detach() != raw.detach()
+    clipped = 0.0 if mode == "off" else float(changed.double().mean())
     return {
         "is_weight_mean": float(weights.detach().double().mean()),
         "is_ess": float(ess),
@@ -172,7 +181,7 @@ def flowrl_loss(
             "log_z": float(log_z.mean()),
             "logprob_mean": float(mean_logprob.mean()),
             "ref_logprob_mean": float(mean_ref.mean()),
-            **importance_metrics(raw, weights),
+            **importance_metrics(raw, weights, is_mode),
         }
     return LossOutput(loss=loss, metrics=metrics)
 
@@ -244,6 +253,6 @@ def reinforce_loss(
     weights = _limit_weights(raw, is_mode, clip_low, clip_high, truncate_at)
     per_seq = -weights * advantages.detach() * masked_sum(logprobs, mask)
     loss = _divide(per_seq.sum(), normalizer, logprobs.shape[0])
-    metrics = importance_metrics(raw, weights)
+    metrics = importance_metrics(raw, weights, is_mode)
     metrics["advantage_mean"] = float(advantages.mean()) if advantages.numel() else 0.0
     return LossOutput(loss=loss, metrics=metrics)

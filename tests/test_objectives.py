@@ -71,6 +71,7 @@ RAW = [math.exp(-0.5), 1.0, math.e]
     "mode, kwargs, expected",
     [
         ("none", {}, RAW),
+        ("off", {}, [1.0, 1.0, 1.0]),  # off-policy TB: no correction at all
         ("clip", {}, [0.8, 1.0, 1.2]),  # clamp to [1 − 0.2, 1 + 0.2]
         ("clip", {"clip_low": 0.5, "clip_high": 1.0}, [math.exp(-0.5), 1.0, 2.0]),
         ("truncate", {"truncate_at": 2.0}, [math.exp(-0.5), 1.0, 2.0]),
@@ -141,6 +142,11 @@ def test_flowrl_loss_stale_with_each_is_mode():
     close(none.loss, (0.16 + math.exp(0.5) * 0.09) / 2)  # ≈ 0.154193
     trunc = flowrl_loss(*args, beta=2.0, is_mode="truncate", truncate_at=1.5)
     close(trunc.loss, (0.16 + 1.5 * 0.09) / 2)
+    off = flowrl_loss(*args, beta=2.0, is_mode="off")
+    close(off.loss, (0.16 + 0.09) / 2)  # weight 1 on both rows = 0.125
+    close(off.metrics["is_weight_mean"], 1.0)
+    close(off.metrics["is_clip_fraction"], 0.0)  # nothing was clipped: weighting is off
+    close(off.metrics["is_ess"], clip.metrics["is_ess"])  # raw ESS still says how off-policy
 
 
 def test_flowrl_loss_normalizer_for_micro_batches():

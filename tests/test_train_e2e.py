@@ -102,7 +102,7 @@ def test_bad_combinations_are_rejected_with_the_field_names():
     with pytest.raises(ValueError) as e:
         validate(cfg)
     msg = str(e.value)
-    assert "replay.max_staleness=null" in msg and "algo.is_mode=none" in msg
+    assert "replay.max_staleness=null" in msg and "algo.is_mode=off" in msg
     assert "max_times_sampled=1" in msg and "generator.engine='sglang'" in msg
 
 
@@ -153,7 +153,7 @@ def test_off_policy_trajectory_balance_mixes_fresh_and_replayed_groups(tmp_path)
     from flowrl_async.replay.log import SegmentLog
 
     cfg = small_config(tmp_path, steps=12, max_staleness=None)
-    cfg.algo = AlgoSection(name="flowrl", beta=3.0, reward_norm="raw", is_mode="none")
+    cfg.algo = AlgoSection(name="flowrl", beta=3.0, reward_norm="raw", is_mode="off")
     cfg.replay.selector, cfg.replay.max_times_sampled, cfg.replay.fresh_fraction = "mixed", 3, 0.5
     summary = train(cfg)
     assert summary["replay"]["sampled_groups"] == 12 * 4
