@@ -105,6 +105,9 @@ class ReplaySection:
     """Rate limiter: allowed drift from the ratio, in groups (null: max(1, spi) + min size)."""
     insert_timeout_ms: int = 60_000
     """Rate limiter: the longest an insert is held before the actor gets an error (and retries)."""
+    preload: str | None = None
+    """A stored run's replay directory (RUN/replay): its groups are inserted before training
+    starts, for training on stored trajectories (with cluster.num_actors=0: offline)."""
 
 
 @dataclass
@@ -275,8 +278,10 @@ def validate(cfg: TrainConfig) -> None:
         )
     if cfg.cluster.actor_gpus < 0:
         problems.append("cluster.actor_gpus must be >= 0")
-    if cfg.cluster.num_actors < 1:
-        problems.append("cluster.num_actors must be >= 1")
+    if cfg.cluster.num_actors < 0 or (cfg.cluster.num_actors == 0 and r.preload is None):
+        problems.append("cluster.num_actors must be >= 1 (0 only with replay.preload: offline)")
+    if cfg.cluster.num_actors == 0 and (cfg.mode == "sync" or cfg.evaluation.every):
+        problems.append("cluster.num_actors=0 (offline) needs mode=async and evaluation.every=0")
     if problems:
         raise ValueError("invalid configuration:\n  - " + "\n  - ".join(problems))
 

@@ -18,6 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from flowrl_async.config import TrainConfig, validate
+from flowrl_async.offline import preload
 from flowrl_async.placement import plan
 from flowrl_async.processes import Processes
 from flowrl_async.progress import MetricsLog, plot_curves, print_summary, read_metrics, summarize
@@ -116,6 +117,12 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
             resumed = ray.get(procs.learner.resume.remote(str(run_dir / "checkpoints")))
             start = resumed["step"]
             print(f"resumed from {resumed['path']} (step {start}, version {resumed['version']})")
+        if cfg.replay.preload:
+            stored = preload(cfg.replay.preload, ray.get(procs.replay.address.remote()))
+            print(f"preloaded {stored['groups']} stored groups ({stored['new']} new) from "
+                  f"{cfg.replay.preload}")  # fmt: skip
+            if not cfg.resume:
+                ray.get(procs.learner.start_at_version.remote(stored["max_version"] + 1))
         procs.form_weight_group()  # every member starts from the learner's current weights
         if cfg.mode == "async":
             procs.start_loops()  # actors generate without pause from here on

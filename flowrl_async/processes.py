@@ -142,6 +142,8 @@ class Processes:
     # ---------------------------------------------------------------- weight group
     def form_weight_group(self) -> int:
         """(Re)form the group on a fresh port and publish the current weights; -> version."""
+        if not self.actors:  # offline: nobody to send weights to
+            return self.ray.get(self.learner.state.remote())["version"]
         host, port = self.ray.get(self.learner.weight_endpoint.remote(self.placement.loopback))
         world = len(self.actors) + 1
         self.ray.get(

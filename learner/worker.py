@@ -123,6 +123,13 @@ class LearnerWorker:
             "last_publish_error": self.last_publish_error,
         }
 
+    def start_at_version(self, version: int) -> int:
+        """A fresh learner training on stored groups numbers its versions after theirs."""
+        with self.lock:
+            self.learner.version = version
+            self.replay_control.set_version(version)
+            return version
+
     def publish_current(self) -> int:
         """Send the current weights at the current version (a new or rebuilt group)."""
         with self.lock:
