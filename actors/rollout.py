@@ -152,21 +152,21 @@ class RolloutLoop:
     def maybe_load_weights(self) -> bool:
         if self.receiver is None:
             return False
-        try:
-            publication = self.receiver.take()
-        except WeightLinkError:
-            # a member of the weight group died; keep generating with the weights we have
-            # (admission and the staleness bound keep that safe) until the group is re-formed
-            self.stats.weight_link_errors += 1
-            self.receiver = None
-            return False
-        if publication is None:
-            return False
         t0 = time.perf_counter()
-        header = publication.header
-        with self.engine_lock:  # load, prove and switch versions as one step
-            self.generator.load_weights(publication.named_tensors())
-            publication.release()
+        with self.engine_lock:  # take, load, prove and switch versions as one step
+            try:
+                publication = self.receiver.take()  # an engine-side receiver loads it here
+            except WeightLinkError:
+                # a member of the weight group died; keep generating with the weights we
+                # have (admission and the staleness bound keep that safe) until the group
+                # is re-formed
+                self.stats.weight_link_errors += 1
+                self.receiver = None
+                return False
+            if publication is None:
+                return False
+            header = publication.header
+            publication.load_into(self.generator)
             if header.probe_token_ids:
                 check_probe(
                     self.generator, header.probe_token_ids, header.probe_logprob,

@@ -49,11 +49,20 @@ class VLLMGenerator:
         seed: int = 0,
         gpu_memory_utilization: float = 0.5,
         kv_cache_gib: int = 1,
+        engine_process: bool = False,
     ):
+        """``engine_process``: run vLLM's engine in a process of its own and receive weights
+        inside it (``vllm_extension``); otherwise the engine runs in this process."""
+        # explicit either way: one process may build engines of both kinds (tests do)
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if engine_process else "0"
         configure_vllm_env(kv_cache_gib)
         from vllm import LLM
 
+        from flowrl_async.actors.vllm_extension import EXTENSION
+
+        self.engine_process = engine_process
         self.llm = LLM(
+            worker_extension_cls=EXTENSION,
             model=model_path,
             dtype=dtype,
             enforce_eager=True,
@@ -98,9 +107,25 @@ class VLLMGenerator:
         return self.llm.llm_engine.model_executor.driver_worker.worker
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        named = list(named_tensors)
-        self._worker().reload_weights(weights_iterator=iter(with_tied_head(named, self.tied)))
+        named = with_tied_head(list(named_tensors), self.tied)
+        if self.engine_process:  # tensors travel pickled: for tests and one-off loads
+            self.llm.collective_rpc("flowrl_load_named", args=(named,))
+        else:
+            self._worker().reload_weights(weights_iterator=iter(named))
         self.llm.reset_prefix_cache()
+
+    def close(self) -> None:
+        """Stop the engine (its process too, with engine_process)."""
+        core = getattr(self.llm.llm_engine, "engine_core", None)
+        if core is not None:
+            core.shutdown()
+
+    def join_weight_group(self, host: str, port: int, rank: int, world: int, backend: str):
+        """engine_process: the engine's worker joins the weight group; -> its receiver."""
+        from flowrl_async.actors.vllm_extension import EngineWeightReceiver
+
+        self.llm.collective_rpc("flowrl_join", args=(host, port, rank, world, backend))
+        return EngineWeightReceiver(self)
 
     @property
     def tied(self) -> bool:

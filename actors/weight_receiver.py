@@ -39,6 +39,11 @@ class Publication:
     def named_tensors(self) -> list[tuple[str, torch.Tensor]]:
         return unpack(self.header.buckets, self.buckets)
 
+    def load_into(self, generator) -> None:
+        """Copy the weights into the engine, then hand the buffers back for reuse."""
+        generator.load_weights(self.named_tensors())
+        self.release()
+
 
 class WeightReceiver:
     def __init__(self, group, device: str = "cpu", pool: list | None = None):

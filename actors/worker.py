@@ -21,11 +21,13 @@ from flowrl_async.weights import new_group
 ENGINES = ("vllm", "torch")
 
 
-def build_generator(engine: str, model_path: str, seed: int, max_model_len: int, dtype: str):
+def build_generator(engine: str, model_path: str, seed: int, max_model_len: int, dtype: str,
+                    engine_process: bool = False):  # fmt: skip
     if engine == "vllm":
         from flowrl_async.actors.vllm_generator import VLLMGenerator
 
-        return VLLMGenerator(model_path, dtype=dtype, max_model_len=max_model_len, seed=seed)
+        return VLLMGenerator(model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
+                             engine_process=engine_process)  # fmt: skip
     if engine == "torch":
         from flowrl_async.actors.torch_generator import TorchGenerator
         from flowrl_async.model import load_policy
@@ -53,13 +55,16 @@ class RolloutWorker:
         max_model_len: int = 256,
         dtype: str = "float32",
         probe_tolerance: float = 1e-3,
+        engine_process: bool = False,
     ):
         torch.set_num_threads(threads)
         self.actor_id = actor_id
         self.replay = ReplayClient(replay_address)
         self.replay.release(actor_id)
         task = load_task(task_target, **task_kwargs)
-        self.generator = build_generator(engine, model_path, seed + actor_id, max_model_len, dtype)
+        self.generator = build_generator(
+            engine, model_path, seed + actor_id, max_model_len, dtype, engine_process
+        )
         self.loop = RolloutLoop(
             actor_id,
             self.generator,
@@ -82,9 +87,14 @@ class RolloutWorker:
     def init_weight_group(self, host: str, port: int, rank: int, world: int, backend: str):
         from flowrl_async.actors.weight_receiver import WeightReceiver
 
+        if getattr(self.generator, "engine_process", False):  # received inside vLLM's engine
+            self.loop.receiver = self.generator.join_weight_group(host, port, rank, world, backend)
+            return rank
         old = self.loop.receiver
         pool = old.pool if old is not None else None  # keep the allocated buffers
-        self.loop.receiver = WeightReceiver(new_group(host, port, rank, world, backend), pool=pool)
+        device = "cuda" if backend == "nccl" else "cpu"  # NCCL receives into GPU memory
+        group = new_group(host, port, rank, world, backend)
+        self.loop.receiver = WeightReceiver(group, device=device, pool=pool)
         return rank
 
     def run(self, max_batches: int | None = None) -> dict:

@@ -76,6 +76,10 @@ class GeneratorSection:
     """Prompts an actor generates for at once (it asks admission for this many)."""
     probe_tolerance: float = 1e-3
     """Largest accepted gap between actor and learner probe log-probs after a load."""
+    engine_process: bool = False
+    """vLLM only: run the engine in a process of its own (vLLM's default on GPU) and receive
+    weights inside it through a worker extension and collective_rpc; false runs the engine
+    in the actor's process (fastest start on CPU)."""
 
 
 @dataclass

@@ -1,0 +1,68 @@
+"""The engine-process weight path (the shape vLLM has on GPU), run here on CPU: vLLM's
+engine in a process of its own, the weight group member inside it (worker extension, joined
+through collective_rpc), a publication broadcast from this process over gloo, loaded inside
+the engine and proven by the probe."""
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from flowrl_async.actors.generator import SampleSpec, WeightLoadError, check_probe
+from flowrl_async.learner.batch import sequence_logprob
+from flowrl_async.model import build_tiny_model, load_policy
+from flowrl_async.placement import free_port
+from flowrl_async.weights import new_group
+
+PROMPT = [1, 20, 21, 22]
+
+
+def teacher_forced(model, prompt, tokens, temperature) -> np.ndarray:
+    ids = torch.tensor([prompt + list(tokens)])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1] / temperature
+    return torch.log_softmax(logits, -1).gather(-1, ids[0, len(prompt) :, None])[:, 0].numpy()
+
+
+@pytest.mark.integration
+def test_weights_reach_a_vllm_engine_process_through_the_extension(tmp_path):
+    from flowrl_async.actors.vllm_generator import VLLMGenerator
+    from flowrl_async.learner.weight_sender import WeightSender
+
+    a, b = build_tiny_model(tmp_path / "a", seed=0), build_tiny_model(tmp_path / "b", seed=1)
+    gen = VLLMGenerator(str(a), max_model_len=64, engine_process=True)
+    port, joined = free_port(), {}
+    learner_side = threading.Thread(
+        target=lambda: joined.update(group=new_group("127.0.0.1", port, 0, 2, timeout_s=60))
+    )
+    learner_side.start()
+    receiver = gen.join_weight_group("127.0.0.1", port, 1, 2, "gloo")
+    learner_side.join(60)
+    assert receiver.take() is None  # nothing published yet
+
+    model_b = load_policy(b)
+    expected = sequence_logprob(model_b, PROMPT)
+    sender = WeightSender(joined["group"], bucket_bytes=1 << 20)  # several buckets
+    named = [(n, t.detach()) for n, t in model_b.state_dict().items()]
+    sender.publish(named, 7, tuple(PROMPT), expected)
+    for _ in range(500):  # the engine's receiver thread completes the publication
+        publication = receiver.take()
+        if publication is not None:
+            break
+        threading.Event().wait(0.02)
+    assert publication is not None and publication.header.version == 7
+    publication.load_into(gen)
+    got = check_probe(gen, PROMPT, publication.header.probe_logprob, 1e-4)
+    assert abs(got - expected) < 1e-4
+    # generation now follows the new weights: recorded log-probs = teacher forcing under b
+    out = gen.generate([PROMPT], SampleSpec(n=4, temperature=0.7, top_p=1.0, max_tokens=6))[0]
+    for c in out:
+        np.testing.assert_allclose(
+            c.logprobs, teacher_forced(model_b, PROMPT, c.token_ids.tolist(), 0.7), atol=1e-4
+        )
+    # and the probe still catches a load that does not match what the learner sent
+    with pytest.raises(WeightLoadError):
+        check_probe(gen, PROMPT, sequence_logprob(load_policy(a), PROMPT), 1e-4)
+    sender.stop()  # the engine's receiver thread ends
+    gen.close()
