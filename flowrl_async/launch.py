@@ -42,6 +42,12 @@ def prepare_model(cfg: TrainConfig, run_dir: Path) -> str:
     if cfg.model.warm_start_steps > 0:
         torch.manual_seed(cfg.seed)
         task = load_task(cfg.task.target, **cfg.task.kwargs)
+        if not hasattr(task, "format_example"):
+            raise ValueError(
+                f"model.warm_start_steps={cfg.model.warm_start_steps}: task {task.name!r} has no "
+                "format_example for the tiny model's format warm-start; set "
+                "model.warm_start_steps=0, or give a pretrained model with model.path"
+            )
         losses = warm_start(
             model, tokenizer, task, cfg.model.warm_start_steps, lr=cfg.model.warm_start_lr,
             seed=cfg.seed,
