@@ -18,9 +18,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 from flowrl_async.config import TrainConfig, validate
+from flowrl_async.learner.checkpoint import latest
 from flowrl_async.offline import preload
 from flowrl_async.placement import plan
-from flowrl_async.processes import Processes
+from flowrl_async.processes import LearnerDied, Processes
 from flowrl_async.progress import MetricsLog, plot_curves, print_summary, read_metrics, summarize
 
 
@@ -155,6 +156,14 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
                     procs.call_learner("save_checkpoint", ckpt_root, lc.keep_checkpoints)
                 if on_step is not None:
                     on_step(step, procs)
+        except LearnerDied as e:
+            newest = latest(ckpt_root)
+            how = (f"resume from {newest} with: flowrl-async train run_dir={run_dir} resume=true"
+                   if newest else "no checkpoint was written yet: start the run again")  # fmt: skip
+            raise RuntimeError(
+                f"the run stopped at step {step}: the learner process died ({e.__cause__}). "
+                f"Actors and replay service are stopped; {how}"
+            ) from e
         except KeyboardInterrupt:
             print("\ninterrupted: saving a checkpoint before stopping ...", flush=True)
             path = ray.get(procs.learner.save_checkpoint.remote(ckpt_root, lc.keep_checkpoints))

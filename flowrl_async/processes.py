@@ -201,11 +201,17 @@ class Processes:
         self.start_loops(back)
 
     def call_learner(self, method: str, *args, poll_s: float = 1.0):
-        """A learner call that keeps the actors healthy while it waits."""
+        """A learner call that keeps the actors healthy while it waits; a dead learner
+        process raises LearnerDied (the learner is not restarted: resume from a checkpoint)."""
+        from ray.exceptions import RayActorError
+
         ref = getattr(self.learner, method).remote(*args)
         while not self.ray.wait([ref], timeout=poll_s)[0]:
             self.heal()
-        result = self.ray.get(ref)
+        try:
+            result = self.ray.get(ref)
+        except RayActorError as e:
+            raise LearnerDied(f"the learner process died during {method}: {e}") from e
         self.heal()
         return result
 
@@ -219,6 +225,10 @@ class Processes:
             _quietly(lambda h=h: self.ray.kill(h))
         if self.placement.group is not None:
             _quietly(lambda: self.ray.util.remove_placement_group(self.placement.group))
+
+
+class LearnerDied(RuntimeError):
+    """The learner's process is gone; the run cannot go on without a resume."""
 
 
 def _quietly(fn) -> None:

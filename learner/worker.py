@@ -66,6 +66,11 @@ class LearnerWorker:
     def ready(self) -> bool:
         return True
 
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
     def weight_endpoint(self, loopback: bool) -> tuple[str, int]:
         """Where this learner (rank 0) will host the weight group's TCPStore: its node's IP
         (loopback on one machine) and a port free on its node."""

@@ -167,3 +167,24 @@ def test_off_policy_trajectory_balance_mixes_fresh_and_replayed_groups(tmp_path)
     assert max(times.values()) <= 3 and any(n > 1 for n in times.values()), times
     # fresh groups are trained once each at least: 12 steps × 2 fresh ≥ 24 distinct groups
     assert len(times) >= 24
+
+
+@pytest.mark.integration
+def test_a_learner_crash_stops_the_run_clearly_and_resume_continues(tmp_path):
+    from flowrl_async.launch import train
+
+    cfg = small_config(tmp_path, steps=9, max_staleness=1)
+    cfg.generator.engine = "torch"
+    cfg.learner.checkpoint_every = 3
+    with pytest.raises(RuntimeError) as err:
+        train(cfg, on_step=sigkill_at(4, lambda procs: procs.learner))
+    message = str(err.value)
+    assert "the learner process died" in message
+    assert "step-00000003" in message and "resume=true" in message
+    cfg.resume = True
+    summary = train(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    # steps 1-4 ran before the crash (4 was not checkpointed); the resumed run redoes 4-9
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 4, 5, 6, 7, 8, 9]
+    assert [r["version"] for r in rows][-6:] == [4, 5, 6, 7, 8, 9]
+    assert summary["learner"]["step"] == 9
