@@ -15,6 +15,7 @@ default group (NCCL on GPU, gloo on CPU).
 from __future__ import annotations
 
 import datetime
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -115,6 +116,52 @@ def pack_bucket(
     for s in bucket.slots:
         flat[s.offset : s.offset + s.numel].copy_(tensors[s.name].detach().reshape(-1))
     return flat
+
+
+def bucket_view(bucket: Bucket, tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The bucket as one flat view when its tensors already lie back to back in one storage
+    exactly as the bucket lays them out (see ``share_storage``); None otherwise (pack it)."""
+    first = tensors[bucket.slots[0].name]
+    storage = first.untyped_storage()
+    start = first.storage_offset() - bucket.slots[0].offset
+    if start < 0:
+        return None
+    for s in bucket.slots:
+        t = tensors[s.name]
+        if (
+            t.dtype != bucket.dtype
+            or t.device != first.device
+            or not t.is_contiguous()
+            or t.untyped_storage().data_ptr() != storage.data_ptr()
+            or t.storage_offset() != start + s.offset
+        ):
+            return None
+    return first.new_empty(0).set_(storage, start, (bucket.numel,))
+
+
+def share_storage(
+    named: list[tuple[str, torch.Tensor]], bucket_bytes: int = DEFAULT_BUCKET_BYTES
+) -> int:
+    """Move the tensors of ``named`` (e.g. ``module.state_dict(keep_vars=True).items()``, in
+    the order they are published) into one flat tensor per publication bucket, so a
+    publication sends them where they are, without the packing copy. The tensor objects stay
+    the same (their ``.data`` moves: parameters keep working with an optimizer); a bucket
+    holding a tensor that appears under two names (tied weights) is left alone and packed as
+    before. -> the number of buckets now sent in place."""
+    names_per_tensor = Counter(id(t) for _, t in named)
+    tensors = dict(named)
+    moved = 0
+    for bucket in plan_buckets(named, bucket_bytes):
+        members = [tensors[s.name] for s in bucket.slots]
+        if any(names_per_tensor[id(t)] > 1 for t in members):
+            continue
+        flat = torch.empty(bucket.numel, dtype=bucket.dtype, device=members[0].device)
+        for s, t in zip(bucket.slots, members, strict=True):
+            view = flat[s.offset : s.offset + s.numel].view(s.shape)
+            view.copy_(t.data)
+            t.data = view
+        moved += 1
+    return moved
 
 
 def unpack(

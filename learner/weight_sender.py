@@ -14,6 +14,7 @@ from flowrl_async.weights import (
     STOP,
     Header,
     broadcast,
+    bucket_view,
     pack_bucket,
     plan_buckets,
 )
@@ -24,7 +25,7 @@ class WeightSender:
         self.group, self.bucket_bytes, self.device = group, bucket_bytes, device
         self._signature = None
         self._buckets = ()
-        self._staging: list[torch.Tensor] = []
+        self._staging: list[torch.Tensor | None] = []
 
     def publish(
         self,
@@ -37,18 +38,22 @@ class WeightSender:
         signature = tuple((n, tuple(t.shape), t.dtype) for n, t in named_tensors)
         if signature != self._signature:
             self._buckets = plan_buckets(named_tensors, self.bucket_bytes)
-            self._staging = [
-                torch.empty(b.numel, dtype=b.dtype, device=self.device) for b in self._buckets
-            ]
+            self._staging = [None] * len(self._buckets)  # allocated when a bucket is packed
             self._signature = signature
         header = Header(version, self._buckets, tuple(probe_token_ids), probe_logprob).to_bytes()
         self._send_header(header)
         tensors = dict(named_tensors)
         sent, works = 0, []
-        for bucket, staging in zip(self._buckets, self._staging, strict=True):
-            # each bucket has its own staging buffer: the next one is packed while the
-            # previous ones are still on the wire (a group keeps its collectives in order)
-            flat = pack_bucket(bucket, tensors, out=staging)
+        for i, bucket in enumerate(self._buckets):
+            # weights kept in the publication layout (weights.share_storage) go as they are;
+            # others are packed, each bucket into its own staging buffer, so the next one is
+            # packed while the previous ones are on the wire (collectives keep their order)
+            flat = bucket_view(bucket, tensors)
+            if flat is None:
+                if self._staging[i] is None:
+                    self._staging[i] = torch.empty(bucket.numel, dtype=bucket.dtype,
+                                                   device=self.device)  # fmt: skip
+                flat = pack_bucket(bucket, tensors, out=self._staging[i])
             works.append(broadcast(self.group, flat, wait=False))
             sent += flat.numel() * flat.element_size()
         for work in works:

@@ -19,7 +19,7 @@ from flowrl_async.learner.weight_sender import WeightSender
 from flowrl_async.model import load_policy, load_tokenizer, save_model
 from flowrl_async.placement import endpoint
 from flowrl_async.replay.client import ReplayClient
-from flowrl_async.weights import new_group
+from flowrl_async.weights import new_group, share_storage
 
 
 class LearnerWorker:
@@ -49,6 +49,8 @@ class LearnerWorker:
         policy = load_policy(model_path, device=device)
         ref = load_policy(model_path, device=device)
         head = LogZHead(policy.config.hidden_size).to(device)
+        # publications send the weights where they are, without a packing copy
+        share_storage(list(policy.state_dict(keep_vars=True).items()), bucket_bytes)
         self.replay = ReplayClient(replay_address)  # used by step() only
         self.replay_control = ReplayClient(replay_address)  # other threads (zmq: one per thread)
         self.sample_timeout_s = sample_timeout_s

@@ -28,6 +28,10 @@ def make_state(seed: int) -> list[tuple[str, torch.Tensor]]:
     ]
 
 
+def raw(t: torch.Tensor) -> bytes:
+    return t.contiguous().view(torch.uint8).numpy().tobytes()
+
+
 def receiver_main(port, rank, world, n_pubs, queue):
     torch.set_num_threads(1)
     from flowrl_async.actors.weight_receiver import WeightReceiver
@@ -42,7 +46,9 @@ def receiver_main(port, rank, world, n_pubs, queue):
                 (
                     pub.header.version,
                     pub.header.probe_logprob,
-                    [(n, t.dtype, t.clone()) for n, t in named],
+                    # plain bytes: torch tensors in a multiprocessing queue travel as file
+                    # descriptors that vanish when this process exits before they are read
+                    [(n, str(t.dtype), raw(t)) for n, t in named],
                     [b.data_ptr() for b in pub.buckets],
                 )
             )
@@ -53,8 +59,11 @@ def receiver_main(port, rank, world, n_pubs, queue):
         queue.put((rank, repr(e)))
 
 
-def run_publications(bucket_bytes, world, seeds):
+def run_publications(bucket_bytes, world, seeds, in_place=False):
+    """``in_place``: the sender's tensors live in the publication layout (share_storage),
+    so buckets are sent as they are instead of being packed."""
     from flowrl_async.learner.weight_sender import WeightSender
+    from flowrl_async.weights import share_storage
 
     ctx = mp.get_context("spawn")
     queue, port = ctx.Queue(), free_port()
@@ -66,7 +75,10 @@ def run_publications(bucket_bytes, world, seeds):
         p.start()
     sender = WeightSender(new_group("127.0.0.1", port, 0, world, timeout_s=60), bucket_bytes)
     for version, seed in enumerate(seeds, start=1):
-        sender.publish(make_state(seed), version, (1, 2, 3), probe_logprob=-1.5 * version)
+        state = make_state(seed)
+        if in_place:
+            assert share_storage(state, bucket_bytes) == len(plan_buckets(state, bucket_bytes))
+        sender.publish(state, version, (1, 2, 3), probe_logprob=-1.5 * version)
         # the receivers keep only the newest untaken publication, so pace them one by one
         time.sleep(0.5)
     sender.stop()
@@ -77,9 +89,10 @@ def run_publications(bucket_bytes, world, seeds):
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("in_place", [False, True], ids=["packed", "in-place"])
 @pytest.mark.parametrize("bucket_bytes", [64, 4096, 1 << 20])
-def test_every_parameter_arrives_bit_identical(bucket_bytes):
-    results = run_publications(bucket_bytes, world=3, seeds=[0, 1])
+def test_every_parameter_arrives_bit_identical(bucket_bytes, in_place):
+    results = run_publications(bucket_bytes, world=3, seeds=[0, 1], in_place=in_place)
     assert set(results) == {1, 2}
     for rank, got in results.items():
         assert not isinstance(got, str), f"rank {rank}: {got}"
@@ -90,12 +103,9 @@ def test_every_parameter_arrives_bit_identical(bucket_bytes):
         for (_, _, named, _), seed in zip(got, [0, 1], strict=True):
             expected = make_state(seed)
             assert [n for n, _, _ in named] == [n for n, _ in expected]
-            for (name, dtype, t), (_, e) in zip(named, expected, strict=True):
-                assert dtype == e.dtype, name
-                assert torch.equal(
-                    t.view(torch.uint8) if t.dtype != torch.bool else t,
-                    e.contiguous().view(torch.uint8),
-                ), name
+            for (name, dtype, data), (_, e) in zip(named, expected, strict=True):
+                assert dtype == str(e.dtype), name
+                assert data == raw(e), name
 
 
 @pytest.mark.integration
@@ -106,8 +116,8 @@ def test_a_rebuilt_group_with_a_new_member_works():
     for got in results.values():
         assert not isinstance(got, str), got
         ((_, _, named, _),) = got
-        for (name, _, t), (_, e) in zip(named, make_state(4), strict=True):
-            assert torch.equal(t, e), name
+        for (name, _, data), (_, e) in zip(named, make_state(4), strict=True):
+            assert data == raw(e), name
 
 
 def test_bucket_plan_is_per_dtype_and_bounded():
@@ -124,3 +134,60 @@ def test_bucket_plan_is_per_dtype_and_bounded():
     assert fp32 == [["embed.weight"], ["layer.1.w"]]
     header = Header(7, buckets, (1, 5), -2.25)
     assert Header.from_bytes(header.to_bytes()) == header
+
+
+def test_share_storage_keeps_values_and_makes_buckets_views():
+    from flowrl_async.weights import bucket_view, pack_bucket, share_storage
+
+    state = make_state(0)
+    before = [(n, t.clone()) for n, t in state]
+    objects = [id(t) for _, t in state]
+    buckets = plan_buckets(state, 4096)
+    assert share_storage(state, 4096) == len(buckets)
+    assert [id(t) for _, t in state] == objects  # the same tensor objects, moved
+    for (name, t), (_, e) in zip(state, before, strict=True):
+        assert torch.equal(t, e), name
+    tensors = dict(state)
+    for b in buckets:
+        view = bucket_view(b, tensors)
+        assert view is not None and torch.equal(view, pack_bucket(b, tensors))
+    # the views are live: an in-place update of a weight is what the next publication sends
+    tensors["layer.1.w"].add_(1.0)
+    (bucket,) = [b for b in buckets if b.slots[0].name == "layer.1.w"]
+    assert torch.equal(bucket_view(bucket, tensors), tensors["layer.1.w"].reshape(-1))
+    # a different layout (other bucket size) is not a view: it gets packed
+    other = plan_buckets(state, 1 << 20)
+    assert all(bucket_view(b, tensors) is None for b in other if len(b.slots) > 1)
+
+
+def test_share_storage_leaves_tied_weights_to_packing_and_trains_normally(tmp_path):
+    from flowrl_async.model import build_tiny_model, load_policy
+    from flowrl_async.weights import bucket_view, share_storage
+
+    model = load_policy(build_tiny_model(tmp_path / "m"))
+    model.lm_head.weight = model.model.embed_tokens.weight  # tie them: one tensor, two names
+    named = list(model.state_dict(keep_vars=True).items())
+    buckets = plan_buckets(named, 1 << 16)
+    moved = share_storage(named, 1 << 16)
+    tensors = dict(model.state_dict().items())
+    tied = [
+        b
+        for b in buckets
+        if {"lm_head.weight", "model.embed_tokens.weight"} & {s.name for s in b.slots}
+    ]
+    assert 0 < moved == len(buckets) - len(tied)
+    for b in tied:  # packed, unless the bucket is one tensor that is its own flat view
+        view = bucket_view(b, tensors)
+        assert view is None or len(b.slots) == 1
+    # an optimizer step moves the bucket views with the parameters
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ids = torch.tensor([[1, 20, 21, 22]])
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    tensors = dict(model.state_dict().items())
+    for b in buckets:
+        view = bucket_view(b, tensors)
+        if view is not None:
+            for s in b.slots:
+                assert torch.equal(view[s.offset : s.offset + s.numel], tensors[s.name].reshape(-1))
