@@ -8,8 +8,9 @@ the same model, warm-start, task, steps × batch (= trained groups) and seeds:
     flowrl_replay   off-policy trajectory balance: raw reward, β = 3, IS weight 1, batches of
                     fresh groups plus groups replayed uniformly from the buffer, no staleness bound
 
-Each final policy is evaluated with ``--samples`` completions per prompt at T = 1.0 on the
-training prompts (diversity of what the policy learned) and on held-out prompts. Prints one
+Each final policy is evaluated with ``--samples`` completions per prompt at T = 1.0 and 0.6
+(as in the paper) on the training prompts (diversity of what the policy learned) and on
+held-out prompts. Prints one
 table (mean ± std over seeds) and writes ``results.json`` and ``flowrl_vs_grpo.png`` (eval
 accuracy and distinct correct answers over training; the answer histogram on one prompt
 against the target distribution π_ref restricted to the valid set, and uniform).
@@ -36,6 +37,7 @@ from flowrl_async.progress import read_metrics
 ROOT = Path(__file__).resolve().parents[1]
 TASK = {"lengths": [2], "min_solutions": 5, "partial_credit": 0.5}
 VARIANTS = ("grpo", "flowrl", "flowrl_replay")
+TEMPERATURES = (1.0, 0.6)  # the paper evaluates at both
 COLUMNS = ("accuracy", "distinct_correct", "coverage", "tv_to_uniform", "entropy", "pass@1")
 
 
@@ -62,7 +64,11 @@ def config(variant: str, seed: int, steps: int, run_dir: Path, every: int) -> Tr
     return cfg
 
 
-def evaluate_policy(run_dir: Path, samples: int, seed: int) -> dict:
+def eval_dir(run_dir: Path, split: str, temperature: float) -> Path:
+    return run_dir / (f"eval-{split}" if temperature == 1.0 else f"eval-{split}-T{temperature}")
+
+
+def evaluate_policy(run_dir: Path, samples: int, seed: int, temperature: float = 1.0) -> dict:
     """eval.json-style results on the train and the held-out prompts (torch sampler)."""
     from flowrl_async.actors.worker import build_generator
     from flowrl_async.evaluate import evaluate
@@ -74,7 +80,17 @@ def evaluate_policy(run_dir: Path, samples: int, seed: int) -> dict:
     gen = build_generator("torch", str(policy), seed, 256, "float32")
     tok = load_tokenizer(policy)
     return {
-        split: evaluate(gen, tok, task, prompts, samples, 1.0, 8, run_dir / f"eval-{split}", seed)
+        split: evaluate(
+            gen,
+            tok,
+            task,
+            prompts,
+            samples,
+            temperature,
+            8,
+            eval_dir(run_dir, split, temperature),
+            seed,
+        )  # fmt: skip
         for split, prompts in (("train", task.train_prompts), ("eval", task.eval_prompts))
     }
 
@@ -172,22 +188,27 @@ def main() -> None:
     for seed in a.seeds:
         for variant in a.variants:
             run_dir = out / f"{variant}-seed{seed}"
-            if not (run_dir / "eval-train" / "eval.json").exists():  # resumable: skip done runs
+            if not (run_dir / "final_policy").exists():  # resumable: skip done runs
                 train(config(variant, seed, a.steps, run_dir, max(a.steps // 8, 1)))
-                evaluate_policy(run_dir, a.samples, seed)
-            ev = {s: json.loads((run_dir / f"eval-{s}" / "eval.json").read_text())
-                  for s in ("train", "eval")}  # fmt: skip
+            ev = {}
+            for t in TEMPERATURES:
+                if not (eval_dir(run_dir, "train", t) / "eval.json").exists():
+                    evaluate_policy(run_dir, a.samples, seed, t)
+                for s in ("train", "eval"):
+                    ev[f"{s} T={t}"] = json.loads(
+                        (eval_dir(run_dir, s, t) / "eval.json").read_text()
+                    )
             results[variant].append({"seed": seed, "run_dir": str(run_dir), "eval": ev,
                                      "metrics": read_metrics(run_dir / "metrics.jsonl")})  # fmt: skip
     trained = a.steps * TrainConfig().learner.batch_groups
     print(f"\n{len(a.seeds)} seeds, {a.steps} steps × {TrainConfig().learner.batch_groups} groups "
-          f"= {trained} trained groups each; eval {a.samples} samples/prompt at T=1.0")  # fmt: skip
-    for split in ("train", "eval"):
+          f"= {trained} trained groups each; eval {a.samples} samples/prompt")  # fmt: skip
+    for split in [f"{s} T={t}" for s in ("train", "eval") for t in TEMPERATURES]:
         rows = [
             (variant, *(mean_std([r["eval"][split][c] for r in runs]) for c in COLUMNS))
             for variant, runs in results.items()
         ]
-        print(f"\n{split} prompts:")
+        print(f"\n{split.replace('eval', 'held-out')} prompts:")
         print(_common.table(("variant", *COLUMNS), rows, (14, *[15] * len(COLUMNS))))
     hist = histogram(out, results, a.seeds[0])
     png = plot(results, out / "flowrl_vs_grpo.png", hist)
