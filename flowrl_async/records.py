@@ -4,7 +4,8 @@ A ``Group`` holds all responses to one prompt: the unit of insert, storage and s
 (FlowRL needs the whole group to normalise rewards). Arrays are numpy (int32 token ids,
 float32 log-probs) so the wire codec can send them as raw bytes.
 
-Invariants (checked by ``Group.validate``, which the decoder calls on every group):
+Invariants (checked by ``Group.validate``, which the validating decoder calls on every
+group; vectorised over the group's responses):
 - every response has as many behaviour log-probs as token ids, all finite and <= 0;
 - rewards are finite; 0 <= first_version <= last_version;
 - a group has at least one response and a non-empty id.
@@ -44,9 +45,9 @@ class Response:
     info: str = ""  # the verifier's reason, e.g. "ok", "no answer", "timeout"
 
     def validate(self, where: str = "response") -> None:
-        n = len(self.token_ids)
         if self.token_ids.ndim != 1 or self.behavior_logprobs.ndim != 1:
             raise RecordError(f"{where}: token_ids and behavior_logprobs must be 1-D")
+        n = len(self.token_ids)
         if len(self.behavior_logprobs) != n:
             raise RecordError(
                 f"{where}: {n} token ids but {len(self.behavior_logprobs)} behavior log-probs"
@@ -88,6 +89,11 @@ class Group:
         return np.array([r.reward for r in self.responses], dtype=np.float64)
 
     def validate(self) -> None:
+        """Raise RecordError for a broken invariant. One pass of cheap scalar checks and one
+        vectorised check of all behaviour log-probs together; only when something is wrong
+        does the response-by-response check run, to report the first fault exactly."""
+        if self._valid():
+            return
         if not self.group_id:
             raise RecordError("group: empty group id")
         if not self.responses:
@@ -96,6 +102,26 @@ class Group:
             raise RecordError(f"group {self.group_id}: prompt_token_ids must be 1-D")
         for i, response in enumerate(self.responses):
             response.validate(f"group {self.group_id} response {i}")
+        raise RecordError(f"group {self.group_id}: invalid")  # unreachable: _valid agrees
+
+    def _valid(self) -> bool:
+        """Exactly the checks of the slow path in ``validate``, as one boolean."""
+        if not self.group_id or not self.responses or self.prompt_token_ids.ndim != 1:
+            return False
+        logprobs = []
+        for r in self.responses:
+            tok, lp = r.token_ids, r.behavior_logprobs
+            if tok.ndim != 1 or lp.ndim != 1 or lp.shape[0] != tok.shape[0]:
+                return False
+            if r.finish_reason not in FINISH_REASONS or not math.isfinite(r.reward):
+                return False
+            if not 0 <= r.first_version <= r.last_version:
+                return False
+            logprobs.append(lp)
+        lp = np.concatenate(logprobs) if len(logprobs) > 1 else logprobs[0]
+        # finite and <= 0 for all: the max is <= 0 (false if any NaN or +inf) and the min is
+        # above -inf
+        return lp.size == 0 or bool(lp.max() <= 0 and lp.min() > -np.inf)
 
 
 def new_group_id() -> str:

@@ -6,21 +6,32 @@ travel as ``{"dt": dtype, "sh": shape, "b": raw bytes}`` and decode zero-copy
 while unpacking (msgpack refuses over-long containers before building them) and validates
 every group strictly. Anything malformed raises ``WireError`` with a message that says what
 was wrong; no other exception type escapes ``decode``.
+
+Groups travel two ways: as a nested map (``group_to_wire``) or as the msgpack bytes of that
+map (``pack_group``; the ``insert_batch`` message). The replay server validates a group once,
+on insert (``unpack_group`` / ``group_from_wire``), keeps the validated bytes and sends them
+back spliced into its replies as they are (``Packed``); the client decodes those replies with
+``group_from_wire_trusted``, which skips the checks the server already made. Never use the
+trusted decoder on anything but a replay server's reply.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 import numpy as np
 
-from flowrl_async.records import Group, RecordError, Response, SamplingParams
+from flowrl_async.records import FINISH_REASONS, Group, RecordError, Response, SamplingParams
 
 SCHEMA_VERSION = 1
 DTYPES = {"int32": np.int32, "float32": np.float32, "int64": np.int64, "float64": np.float64}
+
+
+# the outcome of each group of an ``insert_batch`` (the ``acks`` reply lists one per group)
+ACCEPTED, DUPLICATE, REJECTED, TIMEOUT = "accepted", "duplicate", "rejected", "timeout"
 
 
 class WireError(ValueError):
@@ -35,12 +46,17 @@ class WireLimits:
     max_groups: int = 4096  # per message
 
 
+_DTYPE_OF = {name: np.dtype(t) for name, t in DTYPES.items()}
+_NAME_OF = {dtype: name for name, dtype in _DTYPE_OF.items()}  # dtype.name is slow
+
+
 def pack_array(a: np.ndarray) -> dict:
-    a = np.ascontiguousarray(a)
-    name = a.dtype.name
-    if name not in DTYPES:
-        raise WireError(f"cannot send dtype {name}")
-    return {"dt": name, "sh": list(a.shape), "b": a.data.cast("B") if a.size else b""}
+    if type(a) is not np.ndarray or not a.flags.c_contiguous:
+        a = np.ascontiguousarray(a)
+    name = _NAME_OF.get(a.dtype)
+    if name is None:
+        raise WireError(f"cannot send dtype {a.dtype.name}")
+    return {"dt": name, "sh": list(a.shape), "b": a.tobytes()}
 
 
 def unpack_array(obj: Any, what: str, limits: WireLimits) -> np.ndarray:
@@ -88,6 +104,11 @@ def group_to_wire(g: Group) -> dict:
     }
 
 
+def pack_group(g: Group) -> bytes:
+    """The msgpack bytes of ``group_to_wire(g)``: how ``insert_batch`` carries a group."""
+    return msgpack.packb(group_to_wire(g), use_bin_type=True)
+
+
 def _get(obj: dict, key: str, types, what: str):
     if key not in obj:
         raise WireError(f"{what}: missing field {key!r}")
@@ -107,7 +128,135 @@ def _numbers(value: Any, n: int, what: str) -> list:
     return value
 
 
+class GroupInfo(NamedTuple):
+    """What the replay server needs of a validated group besides its bytes."""
+
+    group_id: str
+    actor_id: int
+    cursor: int
+    min_version: int  # the oldest weight version that generated any of its tokens
+    reward_spread: float  # max − min reward within the group (the prioritised selector's)
+
+
+def check_group(obj: Any, limits: WireLimits = WireLimits()) -> GroupInfo:
+    """Validate a group's wire map exactly as ``group_from_wire`` does (same verdicts, same
+    messages) without building the Group; -> what the replay server keeps of it."""
+    info = _check_fast(obj, limits)
+    if info is not None:
+        return info
+    g = _group_from_wire_checked(obj, limits)  # raises with the reason (or accepts, rarely)
+    rewards = [r.reward for r in g.responses]
+    return GroupInfo(g.group_id, g.actor_id, g.cursor, g.min_version, max(rewards) - min(rewards))
+
+
 def group_from_wire(obj: Any, limits: WireLimits = WireLimits()) -> Group:
+    """The validating decoder: a Group, or WireError saying what is wrong. For anything that
+    comes from outside (the replay server runs ``check_group`` on every insert)."""
+    if _check_fast(obj, limits) is not None:
+        return group_from_wire_trusted(obj)
+    return _group_from_wire_checked(obj, limits)
+
+
+def _size_1d(a: Any, dtype: str | None, limits: WireLimits) -> int | None:
+    """n when ``a`` is an array map of a 1-D array of n <= max_tokens elements of ``dtype``
+    (None: any known dtype) whose bytes match; None for anything else."""
+    if type(a) is not dict or len(a) != 3:
+        return None
+    dt, shape, raw = a.get("dt"), a.get("sh"), a.get("b")
+    if dtype is not None and dt != dtype:
+        return None
+    known = _DTYPE_OF.get(dt) if type(dt) is str else None
+    if known is None or type(shape) is not list or len(shape) != 1 or type(raw) is not bytes:
+        return None
+    n = shape[0]
+    if type(n) is not int or not 0 <= n <= limits.max_tokens or len(raw) != n * known.itemsize:
+        return None
+    return n
+
+
+def _number(x: Any) -> bool:
+    return type(x) is float or type(x) is int
+
+
+def _check_fast(obj: Any, limits: WireLimits) -> GroupInfo | None:
+    """Every check of ``_group_from_wire_checked`` for the common shape of a valid group (maps
+    straight off msgpack: plain types, 1-D arrays, bytes), with all log-probs checked in one
+    numpy call; -> its info, or None, in which case ``_group_from_wire_checked`` decides and
+    explains. Sound by construction: it accepts only what that one accepts."""
+    if type(obj) is not dict:
+        return None
+    gid, responses = obj.get("id"), obj.get("responses")
+    actor, cursor = obj.get("actor"), obj.get("cursor")
+    if type(gid) is not str or not gid or type(responses) is not list or not responses:
+        return None
+    if len(responses) > limits.max_responses:
+        return None
+    s, t = obj.get("sampling"), obj.get("times")
+    if type(s) is not list or len(s) != 4 or type(s[2]) is not int or type(s[3]) is not int:
+        return None
+    if not (_number(s[0]) and _number(s[1]) and type(t) is list and len(t) == 2):
+        return None
+    if not (_number(t[0]) and _number(t[1]) and type(obj.get("pid")) is int):
+        return None
+    if type(obj.get("task")) is not str or type(actor) is not int or type(cursor) is not int:
+        return None
+    if _size_1d(obj.get("prompt"), None, limits) is None:
+        return None
+    logprobs, rewards, firsts, max_tokens = [], [], [], limits.max_tokens
+    for r in responses:
+        if type(r) is not dict:
+            return None
+        ver, reward, fin = r.get("ver"), r.get("r"), r.get("fin")
+        if type(ver) is not list or len(ver) != 2:
+            return None
+        first, last = ver
+        if type(first) is not int or type(last) is not int or not 0 <= first <= last:
+            return None
+        if type(reward) is float:
+            if not math.isfinite(reward):
+                return None
+        elif type(reward) is not int:
+            return None
+        if type(fin) is not str or fin not in FINISH_REASONS or type(r.get("info")) is not str:
+            return None
+        # token ids and log-probs: 1-D int32 and float32 of the same length n (inlined
+        # ``_size_1d``: this loop is the server's hot path)
+        tok, lp = r.get("tok"), r.get("lp")
+        if type(tok) is not dict or type(lp) is not dict or len(tok) != 3 or len(lp) != 3:
+            return None
+        if tok.get("dt") != "int32" or lp.get("dt") != "float32":
+            return None
+        tok_shape, lp_shape, tok_raw, lp_raw = (
+            tok.get("sh"),
+            lp.get("sh"),
+            tok.get("b"),
+            lp.get("b"),
+        )
+        if type(tok_shape) is not list or type(lp_shape) is not list:
+            return None
+        if len(tok_shape) != 1 or len(lp_shape) != 1:
+            return None
+        n, m = tok_shape[0], lp_shape[0]
+        if type(n) is not int or type(m) is not int or m != n or not 0 <= n <= max_tokens:
+            return None
+        if type(tok_raw) is not bytes or type(lp_raw) is not bytes:
+            return None
+        if len(tok_raw) != 4 * n or len(lp_raw) != 4 * n:
+            return None
+        logprobs.append(lp_raw)
+        rewards.append(reward)
+        firsts.append(first)
+    lp = np.frombuffer(b"".join(logprobs), dtype=np.float32)
+    # finite and <= 0, all at once: the max is <= 0 (false with a NaN or +inf) and the min is
+    # above -inf
+    if lp.size and not (lp.max() <= 0 and lp.min() > -np.inf):
+        return None
+    return GroupInfo(gid, actor, cursor, min(firsts), max(rewards) - min(rewards))
+
+
+def _group_from_wire_checked(obj: Any, limits: WireLimits) -> Group:
+    """The reference validating decoder (one field at a time, then ``Group.validate``): the
+    verdict and message for anything ``_check_fast`` does not accept."""
     if not isinstance(obj, dict):
         raise WireError("group: expected a map")
     what = f"group {obj.get('id')!r}"
@@ -115,6 +264,8 @@ def group_from_wire(obj: Any, limits: WireLimits = WireLimits()) -> Group:
     if len(raw_responses) > limits.max_responses:
         raise WireError(f"{what}: {len(raw_responses)} responses exceed {limits.max_responses}")
     temperature, top_p, max_tokens, n = _numbers(obj.get("sampling"), 4, f"{what} sampling")
+    if not (math.isfinite(max_tokens) and math.isfinite(n)):
+        raise WireError(f"{what} sampling: max_tokens and n must be finite")
     created, finished = _numbers(obj.get("times"), 2, f"{what} times")
     responses = []
     for i, r in enumerate(raw_responses):
@@ -159,9 +310,91 @@ def group_from_wire(obj: Any, limits: WireLimits = WireLimits()) -> Group:
     return group
 
 
+def _trusted_array(obj: dict) -> np.ndarray:
+    a = np.frombuffer(obj["b"], dtype=_DTYPE_OF[obj["dt"]])
+    shape = obj["sh"]
+    return a if len(shape) == 1 else a.reshape(shape)
+
+
+def group_from_wire_trusted(obj: dict) -> Group:
+    """A Group from a map that a replay server validated when it was inserted (a group of its
+    ``batch`` reply), without checking it again. Equal to what ``group_from_wire`` returns
+    for the same map. Only for replies of the replay server: anything else must go through
+    ``group_from_wire``. A damaged map may raise any exception here, not WireError."""
+    s, t = obj["sampling"], obj["times"]
+    return Group(
+        group_id=obj["id"],
+        prompt_id=obj["pid"],
+        prompt_token_ids=_trusted_array(obj["prompt"]),
+        task=obj["task"],
+        responses=tuple(
+            [
+                Response(
+                    _trusted_array(r["tok"]),
+                    _trusted_array(r["lp"]),
+                    float(r["r"]),
+                    r["fin"],
+                    r["ver"][0],
+                    r["ver"][1],
+                    r["info"],
+                )
+                for r in obj["responses"]
+            ]
+        ),
+        actor_id=obj["actor"],
+        cursor=obj["cursor"],
+        sampling=SamplingParams(float(s[0]), float(s[1]), int(s[2]), int(s[3])),
+        created_at=float(t[0]),
+        finished_at=float(t[1]),
+    )
+
+
+def unpack_group(data: Any, limits: WireLimits = WireLimits()) -> tuple[dict, GroupInfo]:
+    """Validate the msgpack bytes of one group (as ``pack_group`` makes them) as
+    ``group_from_wire`` would; -> (its map, its info). Raises WireError when malformed."""
+    if not isinstance(data, bytes):
+        raise WireError(f"group: expected msgpack bytes, got {type(data).__name__}")
+    try:
+        obj = _unpack(data, limits)
+    except Exception as e:  # msgpack raises many types for bad input; report them as one
+        raise WireError(f"group: not valid msgpack: {type(e).__name__}: {e}") from None
+    return obj, check_group(obj, limits)
+
+
+class Packed(list):
+    """A list of already encoded msgpack objects (e.g. a server's stored groups): ``encode``
+    sends it as one msgpack array of them, spliced in as they are, never re-encoded."""
+
+
 def encode(msg_type: str, **fields: Any) -> bytes:
-    """One message: the schema version, its type and its fields."""
-    return msgpack.packb({"v": SCHEMA_VERSION, "t": msg_type, **fields}, use_bin_type=True)
+    """One message: the schema version, its type and its fields (a ``Packed`` field is
+    spliced in as it is)."""
+    msg = {"v": SCHEMA_VERSION, "t": msg_type, **fields}
+    if not any(type(v) is Packed for v in fields.values()):
+        return msgpack.packb(msg, use_bin_type=True)
+    packer = msgpack.Packer(use_bin_type=True)
+    parts = [packer.pack_map_header(len(msg))]
+    for key, value in msg.items():
+        parts.append(packer.pack(key))
+        if type(value) is Packed:
+            parts.append(packer.pack_array_header(len(value)))
+            parts.extend(value)
+        else:
+            parts.append(packer.pack(value))
+    return b"".join(parts)
+
+
+def _unpack(data: bytes, limits: WireLimits) -> Any:
+    return msgpack.unpackb(
+        data,
+        raw=False,
+        strict_map_key=True,
+        max_bin_len=limits.max_message_bytes,
+        max_str_len=1 << 20,
+        max_array_len=max(limits.max_groups, limits.max_responses, 64),
+        max_map_len=64,
+        max_ext_len=0,
+    )
 
 
 def decode(data: bytes, limits: WireLimits = WireLimits()) -> tuple[str, dict]:
@@ -169,16 +402,7 @@ def decode(data: bytes, limits: WireLimits = WireLimits()) -> tuple[str, dict]:
     if len(data) > limits.max_message_bytes:
         raise WireError(f"message of {len(data)} bytes exceeds {limits.max_message_bytes}")
     try:
-        obj = msgpack.unpackb(
-            data,
-            raw=False,
-            strict_map_key=True,
-            max_bin_len=limits.max_message_bytes,
-            max_str_len=1 << 20,
-            max_array_len=max(limits.max_groups, limits.max_responses, 64),
-            max_map_len=64,
-            max_ext_len=0,
-        )
+        obj = _unpack(data, limits)
     except Exception as e:  # msgpack raises many types for bad input; report them as one
         raise WireError(f"not a valid msgpack message: {type(e).__name__}: {e}") from None
     if not isinstance(obj, dict):

@@ -6,12 +6,21 @@ import pytest
 
 from flowrl_async.wire import (
     SCHEMA_VERSION,
+    GroupInfo,
+    Packed,
     WireError,
     WireLimits,
+    _check_fast,
+    _group_from_wire_checked,
+    check_group,
     decode,
     encode,
     group_from_wire,
+    group_from_wire_trusted,
     group_to_wire,
+    pack_array,
+    pack_group,
+    unpack_group,
 )
 
 from factories import make_group
@@ -115,3 +124,148 @@ def test_limits_are_enforced():
 def test_bad_envelopes(data, reason):
     with pytest.raises(WireError, match=reason):
         decode(data)
+
+
+# ------------------------------------------------------------------ fast paths and bytes
+def assert_same_group(a, b):
+    """Field by field (dataclass == would compare numpy arrays elementwise)."""
+    assert (a.group_id, a.prompt_id, a.task, a.actor_id, a.cursor) == (
+        b.group_id,
+        b.prompt_id,
+        b.task,
+        b.actor_id,
+        b.cursor,
+    )
+    assert (a.sampling, a.created_at, a.finished_at) == (b.sampling, b.created_at, b.finished_at)
+    assert a.prompt_token_ids.dtype == b.prompt_token_ids.dtype
+    assert np.array_equal(a.prompt_token_ids, b.prompt_token_ids)
+    assert len(a.responses) == len(b.responses)
+    for x, y in zip(a.responses, b.responses, strict=True):
+        assert x.token_ids.dtype == y.token_ids.dtype == np.int32
+        assert x.behavior_logprobs.dtype == y.behavior_logprobs.dtype == np.float32
+        assert np.array_equal(x.token_ids, y.token_ids)
+        assert np.array_equal(x.behavior_logprobs, y.behavior_logprobs)
+        assert (x.reward, x.finish_reason, x.first_version, x.last_version, x.info) == (
+            y.reward,
+            y.finish_reason,
+            y.first_version,
+            y.last_version,
+            y.info,
+        )
+
+
+GROUPS = [
+    make_group("a"),
+    make_group("b", n=5, tokens=0, version=3, rewards=[0.0, 1.0, -2.5, 0.0, 7.0]),
+    make_group("c", n=1, tokens=300, actor_id=4, cursor=12, prompt_id=-3),
+]
+
+
+@pytest.mark.parametrize("group", GROUPS, ids=lambda g: g.group_id)
+def test_trusted_decode_gives_the_same_group_as_the_validating_decode(group):
+    obj = msgpack.unpackb(pack_group(group), raw=False)  # as a server reply carries it
+    assert_same_group(group_from_wire_trusted(obj), group_from_wire(obj))
+    assert_same_group(group_from_wire(obj), group)
+    # a prompt of another known dtype, and a map the fast check leaves to the full one
+    obj["prompt"] = pack_array(np.arange(4, dtype=np.int64))
+    assert_same_group(group_from_wire_trusted(obj), group_from_wire(obj))
+    obj["responses"][0]["tok"] = pack_array(group.responses[0].token_ids.reshape(1, -1)[0])
+    obj["responses"][0]["tok"]["b"] = memoryview(obj["responses"][0]["tok"]["b"])
+    assert_same_group(group_from_wire_trusted(obj), group_from_wire(obj))
+
+
+@pytest.mark.parametrize("group", GROUPS, ids=lambda g: g.group_id)
+def test_packed_group_bytes_validate_once_and_give_the_server_what_it_needs(group):
+    obj, info = unpack_group(pack_group(group))
+    rewards = [r.reward for r in group.responses]
+    assert info == GroupInfo(
+        group.group_id, group.actor_id, group.cursor, group.min_version,
+        max(rewards) - min(rewards),
+    )  # fmt: skip
+    assert check_group(obj) == info
+
+
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        ({"id": "x"}, "expected msgpack bytes"),
+        (b"\xc1", "not valid msgpack"),
+        (pack_group(make_group()) + b"\x00", "not valid msgpack"),  # trailing data
+        (msgpack.packb([1]), "expected a map"),
+        (msgpack.packb({"id": "x"}), "missing field 'responses'"),
+    ],
+)
+def test_unpack_group_rejects_bad_bytes(data, reason):
+    with pytest.raises(WireError, match=reason):
+        unpack_group(data)
+
+
+def test_every_group_the_fast_check_accepts_the_full_check_accepts_alike():
+    """Mutated groups (one field of every response or of the group set to an odd value):
+    the fast check may leave a group to the full check, never accept one it rejects, and
+    the verdict and the info are the same either way."""
+    base = group_to_wire(make_group(n=3, tokens=4))
+    odd = [None, True, 0, 1, -1, 2.5, float("nan"), float("inf"), "", "stop", "x", b"b",
+           [], [1], [0, 0], [1, 0], [0, 1, 2], {}, {"dt": "int32", "sh": [4], "b": b"\0" * 16}]  # fmt: skip
+    cases = []
+    for key in list(base):
+        for value in odd:
+            cases.append({**base, key: value})
+    for key in base["responses"][0]:
+        for value in odd:
+            g = msgpack.unpackb(msgpack.packb(base), raw=False)
+            g["responses"][1][key] = value
+            cases.append(g)
+    accepted = 0
+    for obj in cases:
+        obj = msgpack.unpackb(msgpack.packb(obj), raw=False)  # plain types, as off the wire
+        fast = _check_fast(obj, WireLimits())
+        try:
+            full = _group_from_wire_checked(obj, WireLimits())
+        except WireError:
+            assert fast is None, obj
+            with pytest.raises(WireError):
+                check_group(obj)
+            continue
+        accepted += 1
+        if fast is not None:
+            rewards = [r.reward for r in full.responses]
+            assert fast == (full.group_id, full.actor_id, full.cursor, full.min_version,
+                            max(rewards) - min(rewards))  # fmt: skip
+            assert_same_group(group_from_wire(obj), full)
+    assert 20 < accepted < len(cases) - 100  # both verdicts well represented
+
+
+def test_vectorised_validation_reports_the_first_fault_in_response_order():
+    obj = group_to_wire(make_group(n=3, tokens=2))
+    obj["responses"][2]["lp"] = pack_array(np.float32([0.5, -1]))  # response 2: positive
+    obj["responses"][1]["fin"] = "exploded"  # response 1: found first, as before
+    with pytest.raises(WireError, match="response 1: unknown finish reason"):
+        group_from_wire(obj)
+    obj["responses"][1]["fin"] = "stop"
+    with pytest.raises(WireError, match="response 2: behavior log-probs must be finite"):
+        group_from_wire(obj)
+
+
+@pytest.mark.parametrize(
+    "path, value, reason",
+    [
+        (("responses", 0, "tok"), {"dt": "int32", "sh": [], "b": b"\0" * 4}, "must be 1-D"),
+        (("responses", 0, "lp"), {"dt": "float32", "sh": [3, 1], "b": b"\0" * 12}, "1-D"),
+        (("prompt",), {"dt": "int32", "sh": [], "b": b"\0" * 4}, "must be 1-D"),
+        (("sampling",), [1.0, 1.0, float("inf"), 8], "must be finite"),
+    ],
+)
+def test_odd_shapes_and_values_are_wire_errors_not_crashes(path, value, reason):
+    with pytest.raises(WireError, match=reason):
+        group_from_wire(mutate(path, value))
+
+
+def test_packed_fields_are_spliced_in_as_they_are():
+    groups = [pack_group(g) for g in GROUPS]
+    spliced = encode("batch", rid=3, groups=Packed(groups), info=[[1, 0, 2.5]])
+    kind, msg = decode(spliced)
+    assert kind == "batch" and msg["rid"] == 3 and msg["info"] == [[1, 0, 2.5]]
+    plain = [msgpack.unpackb(b, raw=False) for b in groups]
+    assert msg["groups"] == plain
+    assert spliced == encode("batch", rid=3, groups=plain, info=[[1, 0, 2.5]])
