@@ -31,7 +31,7 @@ SELECTORS = ("fifo", "uniform", "prioritized", "mixed")
 class Entry:
     group_id: str
     min_version: int
-    payload: dict  # the group as it came off the wire; sent back as is
+    payload: bytes  # the group's validated msgpack bytes; sent back as they are
     priority: float = 1.0  # e.g. reward spread within the group
     inserted_at: float = field(default_factory=time.time)
     times_sampled: int = 0

@@ -3,8 +3,11 @@
 Invariants: ``insert`` and ``insert_many`` return only once the server has acknowledged
 every group (it is in the log); on a timeout they resend the same groups, which the server
 deduplicates by id, so the effect is exactly once. ``insert_many`` keeps at most ``window``
-inserts unacknowledged. A reply that does not answer the current request (a late
-answer to an earlier try) is ignored. Server-side errors raise ``ReplayError``.
+groups unacknowledged, sent in ``insert_batch`` messages of up to ``batch`` groups (each
+group encoded once, resent as the same bytes). A reply that does not answer the current
+request (a late answer to an earlier try) is ignored. Server-side errors raise
+``ReplayError``. Sampled groups are decoded with ``group_from_wire_trusted``: the server
+validated each one when it was inserted and sends back the bytes it validated.
 """
 
 from __future__ import annotations
@@ -19,7 +22,19 @@ from dataclasses import dataclass
 import zmq
 
 from flowrl_async.records import Group
-from flowrl_async.wire import WireLimits, decode, encode, group_from_wire, group_to_wire
+from flowrl_async.wire import (
+    ACCEPTED,
+    DUPLICATE,
+    TIMEOUT,
+    WireLimits,
+    decode,
+    encode,
+    group_from_wire_trusted,
+    group_to_wire,
+    pack_group,
+)
+
+MAX_BATCH_BYTES = 8 << 20  # insert_many: groups per message up to this many bytes (or one)
 
 
 class ReplayError(RuntimeError):
@@ -104,43 +119,90 @@ class ReplayClient:
             )
         return not msg["duplicate"]
 
-    def insert_many(self, groups: Sequence[Group], window: int = 64) -> list[bool]:
+    def insert_many(
+        self,
+        groups: Sequence[Group],
+        window: int = 64,
+        batch: int | None = None,
+        timeout_s: float | None = None,
+    ) -> list[bool]:
         """Insert all, keeping up to ``window`` unacknowledged; -> per group, True when new.
 
-        Returns once every group is acknowledged. When no answer comes for a request timeout,
-        every unacknowledged insert is resent on a fresh socket (safe: the server
-        deduplicates by group id). An error reply raises ReplayError; inserts already sent may
-        still land, and calling again with the same groups is safe.
+        Groups go in ``insert_batch`` messages of up to ``batch`` groups (default: a quarter
+        of the window, at most 32, so several messages are in flight). Returns once every
+        group is acknowledged. When no answer comes for a request timeout, every
+        unacknowledged group is resent on a fresh socket (safe: the server deduplicates by
+        group id). A group the server rejects raises ReplayError (InsertTimeout when the
+        rate limiter held it too long); inserts already sent may still land, and calling
+        again with the same groups is safe. ``timeout_s``: as for ``insert``, the longest the
+        server may hold a group for its rate limiter (None: the server's default).
         """
         if window < 1:
             raise ValueError("window must be >= 1")
+        batch = max(1, min(32, window // 4)) if batch is None else batch
+        if batch < 1:
+            raise ValueError("batch must be >= 1")
+        packed: list[bytes | None] = [None] * len(groups)  # each encoded once, when first sent
         result: list[bool | None] = [None] * len(groups)
         todo = deque(range(len(groups)))
-        sent: dict[int, int] = {}  # rid -> index into groups
-        tries = 0
+        sent: dict[int, list[int]] = {}  # rid -> indices into groups
+        in_flight, tries = 0, 0
+        extra, wait_ms = {}, int(self.timeout * 1000) + 1
+        if timeout_s is not None:
+            extra, wait_ms = {"timeout_ms": int(timeout_s * 1000)}, wait_ms + int(timeout_s * 1000)
         while todo or sent:
-            while todo and len(sent) < window:
-                i, rid = todo.popleft(), next(self._rids)
-                self._sock.send(encode("insert", rid=rid, group=group_to_wire(groups[i])))
-                sent[rid] = i
-            if not self._sock.poll(int(self.timeout * 1000) + 1):
+            while todo and in_flight < window:
+                indices, size = [], 0
+                while todo and len(indices) < batch and in_flight + len(indices) < window:
+                    i = todo[0]
+                    if packed[i] is None:
+                        packed[i] = pack_group(groups[i])
+                    if indices and size + len(packed[i]) > MAX_BATCH_BYTES:
+                        break  # a message well below the server's size limit
+                    indices.append(todo.popleft())
+                    size += len(packed[i])
+                rid = next(self._rids)
+                self._sock.send(
+                    encode("insert_batch", rid=rid, groups=[packed[i] for i in indices], **extra)
+                )
+                sent[rid] = indices
+                in_flight += len(indices)
+            if not self._sock.poll(wait_ms):
                 tries += 1
                 if tries >= self.max_retries:
                     raise ReplayError(
-                        f"no answer to {len(sent)} inserts from {self.address} "
+                        f"no answer to {in_flight} inserts from {self.address} "
                         f"after {self.max_retries} tries"
                     )
-                todo.extendleft(sorted(sent.values(), reverse=True))
+                todo.extendleft(sorted((i for ix in sent.values() for i in ix), reverse=True))
                 sent.clear()
+                in_flight = 0
                 self._connect()
                 continue
             kind, msg = decode(self._sock.recv(), self.limits)
-            i = sent.pop(msg.get("rid"), None)
-            if i is None:
+            indices = sent.pop(msg.get("rid"), None)
+            if indices is None:
                 continue  # a late answer to an earlier try
             if kind == "error":
-                raise _rejected("insert", msg)
-            result[i], tries = not msg["duplicate"], 0
+                raise _rejected("insert_batch", msg)
+            results = msg.get("results")
+            if (
+                kind != "acks"
+                or not isinstance(results, list)
+                or len(results) != len(indices)
+                or not all(isinstance(r, list) and len(r) == 2 for r in results)
+            ):
+                raise ReplayError(f"malformed answer to insert_batch: {kind} {msg!r:.200}")
+            for i, (status, reason) in zip(indices, results, strict=True):
+                if status == TIMEOUT:
+                    raise InsertTimeout(f"replay service held group {groups[i].group_id}: {reason}")
+                if status not in (ACCEPTED, DUPLICATE):
+                    raise ReplayError(
+                        f"replay service rejected group {groups[i].group_id}: {reason}"
+                    )
+                result[i] = status == ACCEPTED
+            in_flight -= len(indices)
+            tries = 0
         return result  # type: ignore[return-value]
 
     def admit(
@@ -175,10 +237,15 @@ class ReplayClient:
         )
         if kind == "empty":
             return None
-        return [
-            (group_from_wire(g, self.limits), SampleInfo(*info))
-            for g, info in zip(msg["groups"], msg["info"], strict=True)
-        ]
+        try:  # the server validated these groups on insert and sends the bytes it validated
+            return [
+                (group_from_wire_trusted(g), SampleInfo(*info))
+                for g, info in zip(msg["groups"], msg["info"], strict=True)
+            ]
+        except Exception as e:  # a damaged reply: not the groups the server stored
+            raise ReplayError(
+                f"malformed batch from {self.address}: {type(e).__name__}: {e}"
+            ) from e
 
     def checkpoint(self, tag: str = "") -> dict:
         """Ask for a replay checkpoint now (e.g. with the learner's step as ``tag``);

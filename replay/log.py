@@ -6,7 +6,9 @@ Record frame: ``<u32 length><u32 crc32(payload)><payload>`` (little endian). Seg
 Invariants:
 - ``append`` returns only after the record is written and flushed to the OS; it is fsynced
   before return with ``fsync="always"``, at most ``fsync_interval_ms`` later with
-  ``fsync="interval"``, and left to the OS with ``fsync="never"``;
+  ``fsync="interval"`` (by a background thread, so appends never wait for the disk), and
+  left to the OS with ``fsync="never"``. ``append_many`` does the same for several records
+  with one write, flush and fsync (the same bytes on disk);
 - ``read_all`` yields every intact record in order (from a ``position()``, for recovery
   after a checkpoint); a torn tail (a partial last frame) is truncated away, and a record
   whose CRC does not match is skipped; both are counted. After damage (a bad CRC or a
@@ -20,9 +22,12 @@ from __future__ import annotations
 
 import os
 import struct
+import sys
+import threading
 import time
+import traceback
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,7 +72,16 @@ class SegmentLog:
         self.fsync_interval = fsync_interval_ms / 1000.0
         self._file = None
         self._last_sync = time.monotonic()
-        self._dirty = False
+        self._written = 0  # appends flushed to the OS so far
+        self._synced = 0  # ... of which the last finished fsync covers this many
+        # the file is swapped (rotation, close) and fsynced only under this lock: with
+        # fsync="interval" a background thread does the fsyncs, so that appending (and the
+        # server's acks) never waits for the disk
+        self._lock = threading.Lock()
+        self._syncer: threading.Thread | None = None
+        self._wake = threading.Event()
+        self._closing = False
+        self.sync_errors = 0  # failed background fsyncs (retried after an interval)
 
     def segments(self) -> list[Path]:
         return sorted(self.dir.glob("seg-*.log"))
@@ -121,7 +135,8 @@ class SegmentLog:
     def roll(self) -> None:
         """Write the next record to a new segment."""
         self.close()
-        self._open_segment(new=True)
+        with self._lock:
+            self._open_segment(new=True)
 
     def _open_segment(self, new: bool = False) -> None:
         segs = self.segments()
@@ -133,40 +148,102 @@ class SegmentLog:
         self._file = open(path, "ab")  # noqa: SIM115 - held open for the log's lifetime
 
     def append(self, payload: bytes) -> None:
-        if not payload or len(payload) > MAX_RECORD:
-            raise ValueError(f"a record must have 1..{MAX_RECORD} bytes, got {len(payload)}")
+        self.append_many((payload,))
+
+    def append_many(self, payloads: Sequence[bytes | tuple[bytes, ...]]) -> None:
+        """Append records in order, as ``append`` of each would (the same frames, segment
+        rotation at the same records), with one write, one flush and at most one fsync per
+        segment touched. Returns once all are flushed (and fsynced with ``always``). A
+        record may come in parts (a tuple of bytes): its payload is their concatenation."""
+        frames = []
+        for payload in payloads:
+            parts = payload if isinstance(payload, tuple) else (payload,)
+            length, crc = 0, 0
+            for part in parts:
+                length, crc = length + len(part), zlib.crc32(part, crc)
+            if not 0 < length <= MAX_RECORD:
+                raise ValueError(f"a record must have 1..{MAX_RECORD} bytes, got {length}")
+            frames.append((FRAME.pack(length, crc), parts, FRAME.size + length))
+        if not frames:
+            return
         if self._file is None:
             self._open_segment()
-        elif self._file.tell() >= self.segment_bytes:
-            self._sync()
-            self._file.close()
-            self._open_segment()
-        self._file.write(FRAME.pack(len(payload), zlib.crc32(payload)))
-        self._file.write(payload)
-        self._file.flush()
-        self._dirty = True
+        position, chunk = self._file.tell(), []
+        for head, parts, size in frames:
+            if position >= self.segment_bytes:  # rotate before this record, as append does
+                self._write(chunk)
+                with self._lock:
+                    self._sync()
+                    self._file.close()
+                    self._open_segment()
+                position, chunk = self._file.tell(), []
+            chunk.append(head)
+            chunk.extend(parts)
+            position += size
+        self._write(chunk)
         if self.fsync == "always":
-            self._sync()
+            with self._lock:
+                self._sync()
         elif self.fsync == "interval":
-            self.maybe_sync()
+            if self._syncer is None:
+                self._syncer = threading.Thread(
+                    target=self._sync_loop, name="replay-log-fsync", daemon=True
+                )
+                self._syncer.start()
+            self._wake.set()
+
+    def _write(self, parts: list[bytes]) -> None:
+        if parts:
+            self._file.write(b"".join(parts))
+            self._file.flush()
+            self._written += 1
+
+    @property
+    def dirty(self) -> bool:
+        """Appended records that no finished fsync covers yet."""
+        return self._written != self._synced
 
     def sync(self) -> None:
         """fsync now whatever was appended (a checkpoint must never cover unsynced records)."""
-        self._dirty = True
-        self._sync()
+        with self._lock:
+            self._sync(force=True)
 
-    def maybe_sync(self) -> None:
-        if self._dirty and time.monotonic() - self._last_sync >= self.fsync_interval:
-            self._sync()
-
-    def _sync(self) -> None:
-        if self._file is not None and self._dirty:
+    def _sync(self, force: bool = False) -> None:
+        """fsync the open segment if anything is unsynced; call it holding ``_lock``."""
+        written = self._written
+        if self._file is not None and (force or written != self._synced):
             os.fsync(self._file.fileno())
-        self._dirty = False
+        self._synced = max(self._synced, written)
         self._last_sync = time.monotonic()
 
+    def _sync_loop(self) -> None:
+        """fsync="interval": each appended record is fsynced at most ``fsync_interval_ms``
+        (plus one fsync's duration) after it was appended, off the appending thread."""
+        while not self._closing:  # checked after each round: a wake-up by close may
+            self._wake.wait()  # have been cleared below
+            if self._closing:
+                return
+            wait = self._last_sync + self.fsync_interval - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            self._wake.clear()  # appends from here on wake the next round
+            try:
+                with self._lock:
+                    self._sync()
+            except OSError:  # e.g. EIO: counted, reported, tried again an interval later
+                self.sync_errors += 1
+                self._last_sync = time.monotonic()
+                traceback.print_exc(file=sys.stderr)
+                self._wake.set()
+
     def close(self) -> None:
-        if self._file is not None:
-            self._sync()
-            self._file.close()
-            self._file = None
+        if self._syncer is not None:
+            self._closing = True
+            self._wake.set()
+            self._syncer.join()
+            self._syncer, self._closing = None, False
+        with self._lock:
+            if self._file is not None:
+                self._sync()
+                self._file.close()
+                self._file = None

@@ -4,7 +4,16 @@ Protocol (flowrl_async.wire messages over a ROUTER socket; every request carries
 its reply echoes it):
   insert {group, timeout_ms?}       -> ack {group_id, duplicate}      (after the log append;
                                        held while the rate limiter says wait, at most
-                                       timeout_ms, then error {reason})
+                                       timeout_ms, then error {reason, code: insert_timeout})
+  insert_batch {groups, timeout_ms?} -> acks {results}   (``groups``: a list of msgpack
+                                       bytes, one group each (``wire.pack_group``);
+                                       ``results``: one [status, reason] per group, in order:
+                                       accepted | duplicate | rejected (malformed: reason,
+                                       counted in ``rejected``) | timeout (held by the rate
+                                       limiter past timeout_ms; resending is safe). Sent once
+                                       every group's outcome is known and every accepted
+                                       group is in the log: the accepted ones of a message
+                                       are appended together, one flush and fsync policy)
   version {version}                 -> version {version}   (the learner's, after a publication)
   admit  {actor, k, version?, weights?} -> admitted {n, positions}  (0 when the actor's
                                        weight version is already beyond the staleness bound)
@@ -19,12 +28,17 @@ its reply echoes it):
 
 Invariants: an insert is acknowledged only after its record is in the log; every state
 change is a log record (``flowrl_async.replay.state``), so after a restart the buffer holds
-exactly the acknowledged groups that were not yet used up, with their sample counts.
+exactly the acknowledged groups that were not yet used up, with their sample counts. Every
+group from a client is fully validated once, on insert; the server keeps its validated
+msgpack bytes and writes them to the log and into ``batch`` replies as they are (clients
+decode replies with ``wire.group_from_wire_trusted``).
 Recovery loads the newest intact checkpoint and applies only the records after the log
 position it covers. Every malformed request gets exactly one error reply and is counted
 once; the server never dies on bad input (an unexpected exception is answered with an error
 too and counted in ``internal_errors``). Held inserts are answered in arrival order; a
-retry of a held insert (same group id) or sample (same ``req``) replaces the held one.
+retry of a held insert (same group id, in an ``insert`` or ``insert_batch``) or sample (same
+``req``) replaces the held one: an earlier ``insert`` is not answered; an earlier batch gets
+``timeout`` for that group (resending is safe), so that the rest of it is answered.
 
 Run: python -m flowrl_async.replay.server --dir RUN_DIR/replay --address tcp://127.0.0.1:5555
 (port 0 picks a free port; the first line printed names the bound address). The rate
@@ -47,13 +61,25 @@ from pathlib import Path
 import msgpack
 import zmq
 
-from flowrl_async.records import Group
 from flowrl_async.replay import checkpoint as ckpt
 from flowrl_async.replay.buffer import ReplayBuffer
 from flowrl_async.replay.log import RecoveryReport, SegmentLog
 from flowrl_async.replay.rate_limiter import RateLimiter
-from flowrl_async.replay.state import ReplayState
-from flowrl_async.wire import WireError, WireLimits, decode, encode, group_from_wire
+from flowrl_async.replay.state import ReplayState, insert_record
+from flowrl_async.wire import (
+    ACCEPTED,
+    DUPLICATE,
+    REJECTED,
+    TIMEOUT,
+    GroupInfo,
+    Packed,
+    WireError,
+    WireLimits,
+    check_group,
+    decode,
+    encode,
+    unpack_group,
+)
 
 
 @dataclass
@@ -86,12 +112,42 @@ class ServerConfig:
         return RateLimiter(spi, self.min_size_to_sample, eb)
 
 
+SUPERSEDED = (
+    "a later insert of this group took its place in the rate limiter's queue (that request "
+    "gets the outcome); resending is safe"
+)
+
+
 @dataclass
 class Held:
+    """A sample request parked until it can be served or its deadline."""
+
     identity: bytes
     msg: dict
     deadline: float
-    group: Group | None = None  # a held insert's decoded group
+
+
+@dataclass
+class BatchReply:
+    """The ``acks`` of one ``insert_batch``: sent once no group's outcome is pending."""
+
+    identity: bytes
+    rid: object
+    results: list
+    pending: int = 0
+
+
+@dataclass
+class HeldInsert:
+    """A valid new group the rate limiter holds back, and where its outcome goes: a single
+    insert's (identity, rid), or a slot (BatchReply, index) of a batch."""
+
+    info: GroupInfo
+    obj: dict
+    raw: bytes
+    deadline: float
+    timeout_ms: int
+    waiter: tuple
 
 
 class ReplayServer:
@@ -106,7 +162,7 @@ class ReplayServer:
         self.recovery = self._recover()
         self._stop = threading.Event()
         self._held_samples: list[Held] = []
-        self._held_inserts: OrderedDict[str, Held] = OrderedDict()  # by group id
+        self._held_inserts: OrderedDict[str, HeldInsert] = OrderedDict()  # by group id
         self._answered: dict[str, tuple[str, dict]] = {}  # recent sample replies by request id
         self._sock = None
         self.bound_address: str | None = None
@@ -123,10 +179,18 @@ class ReplayServer:
         return self.state.buffer
 
     # ---------------------------------------------------------------- state and recovery
-    def _record(self, record: dict, group: Group | None = None) -> None:
-        """Log, then apply: the only way the state changes while serving."""
+    def _record(self, record: dict) -> None:
+        """Log, then apply: the only way the state changes while serving (with ``_inserts``)."""
         self.log.append(msgpack.packb(record, use_bin_type=True))
-        self.state.apply(record, group)
+        self.state.apply(record)
+
+    def _inserts(self, accepted: list[tuple[GroupInfo, dict, bytes]]) -> None:
+        """Log ``ins`` records for validated new groups (info, map, bytes) with one append,
+        then apply them: the groups' bytes go to the log and the buffer as they are."""
+        at = time.time()
+        self.log.append_many([insert_record(raw, at) for _, _, raw in accepted])
+        for info, obj, raw in accepted:
+            self.state.apply({"k": "ins", "g": obj, "at": at}, info, raw)
 
     def _recover(self) -> RecoveryReport:
         report, start = RecoveryReport(), (0, 0)
@@ -176,10 +240,13 @@ class ReplayServer:
         return bound is not None and weights_version < self.buffer.version - bound
 
     # ---------------------------------------------------------------- handlers
-    def handle(self, msg_type: str, msg: dict) -> tuple[str, dict] | Held:
-        """One request -> (reply type, fields), or a Held to park (identity filled later)."""
+    def handle(self, msg_type: str, msg: dict, identity: bytes = b"") -> tuple[str, dict] | None:
+        """One request -> (reply type, fields), or None when it is held: the answer goes to
+        ``identity`` later."""
+        if msg_type == "insert_batch":
+            return self._insert_batch(msg, identity)
         if msg_type == "insert":
-            return self._insert(msg)
+            return self._insert(msg, identity)
         if msg_type == "admit":
             actor, k = _int(msg, "actor"), _int(msg, "k")
             if "version" in msg:
@@ -202,7 +269,7 @@ class ReplayServer:
             self._record({"k": "rel", "a": _int(msg, "actor")})
             return "released", {}
         if msg_type == "sample":
-            return self._sample(msg)
+            return self._sample(msg, identity)
         if msg_type == "checkpoint":
             try:
                 tag = ckpt.check_tag(msg.get("tag", ""))
@@ -214,24 +281,94 @@ class ReplayServer:
             return "stats", self.stats()
         raise WireError(f"unknown message type {msg_type!r}")
 
-    def _insert(self, msg: dict) -> tuple[str, dict] | Held:
+    def _insert(self, msg: dict, identity: bytes) -> tuple[str, dict] | None:
         obj = msg.get("group")
-        group = group_from_wire(obj, self.limits)
+        info = check_group(obj, self.limits)
         timeout_ms = _int(msg, "timeout_ms", self.cfg.insert_timeout_ms)
-        if group.group_id in self.buffer.seen:
+        if info.group_id in self.buffer.seen:
             self.buffer.counters.duplicates += 1
-            return "ack", {"group_id": group.group_id, "duplicate": True}
+            return "ack", {"group_id": info.group_id, "duplicate": True}
+        raw = msgpack.packb(obj, use_bin_type=True)  # the validated map, encoded once
+        if self._must_hold():
+            self._hold_insert(info, obj, raw, timeout_ms, (identity, msg.get("rid")))
+            return None
+        self._inserts([(info, obj, raw)])
+        return "ack", {"group_id": info.group_id, "duplicate": False}
+
+    def _insert_batch(self, msg: dict, identity: bytes) -> tuple[str, dict] | None:
+        items = msg.get("groups")
+        if not isinstance(items, list) or not items:
+            raise WireError("insert_batch needs a non-empty list 'groups'")
+        if len(items) > self.limits.max_groups:
+            raise WireError(f"{len(items)} groups exceed the limit of {self.limits.max_groups}")
+        timeout_ms = _int(msg, "timeout_ms", self.cfg.insert_timeout_ms)
+        batch = BatchReply(identity, msg.get("rid"), [None] * len(items))
+        results, accepted, ids = batch.results, [], set()
+        for i, raw in enumerate(items):
+            try:
+                obj, info = unpack_group(raw, self.limits)  # full validation, once
+            except WireError as e:
+                self.rejected += 1
+                results[i] = [REJECTED, str(e)]
+                continue
+            gid = info.group_id
+            if gid in self.buffer.seen or gid in ids:
+                self.buffer.counters.duplicates += 1
+                results[i] = [DUPLICATE, ""]
+                continue
+            ids.add(gid)
+            if self._must_hold():
+                self._hold_insert(info, obj, raw, timeout_ms, (batch, i))
+                batch.pending += 1
+                continue
+            if self.state.limiter is not None:  # each insert moves the limiter: one by one
+                self._inserts([(info, obj, raw)])
+            else:
+                accepted.append((info, obj, raw))
+            results[i] = [ACCEPTED, ""]
+        if accepted:
+            self._inserts(accepted)  # one append (and flush, fsync policy) for the message
+        return None if batch.pending else ("acks", {"results": results})
+
+    def _must_hold(self) -> bool:
+        """Inserts wait behind held ones (arrival order) and while the limiter says so."""
         limiter = self.state.limiter
-        if limiter is not None and (self._held_inserts or not limiter.can_insert(len(self.buffer))):
-            return Held(b"", msg, time.monotonic() + timeout_ms / 1000.0, group)
-        self._record({"k": "ins", "g": obj, "at": time.time()}, group)
-        return "ack", {"group_id": group.group_id, "duplicate": False}
+        return limiter is not None and (
+            bool(self._held_inserts) or not limiter.can_insert(len(self.buffer))
+        )
+
+    def _hold_insert(self, info: GroupInfo, obj: dict, raw: bytes, timeout_ms: int, waiter) -> None:
+        held = self._held_inserts.get(info.group_id)
+        if held is not None:  # a retry: answer the new request, keep the first deadline
+            old, held.waiter = held.waiter, waiter
+            if isinstance(old[0], BatchReply):  # so that the rest of its batch is answered
+                self._answer_slot(old[0], old[1], TIMEOUT, SUPERSEDED)
+            return
+        deadline = time.monotonic() + timeout_ms / 1000.0
+        self._held_inserts[info.group_id] = HeldInsert(info, obj, raw, deadline, timeout_ms, waiter)
+
+    def _resolve(self, held: HeldInsert, status: str, reason: str = "") -> None:
+        """Answer a held insert's waiter: its ack (or error), or its slot of a batch."""
+        target, slot = held.waiter
+        if isinstance(target, BatchReply):
+            self._answer_slot(target, slot, status, reason)
+        elif status == TIMEOUT:
+            self._send(target, "error", slot, reason=reason, code="insert_timeout")
+        else:
+            gid = held.info.group_id
+            self._send(target, "ack", slot, group_id=gid, duplicate=status == DUPLICATE)
+
+    def _answer_slot(self, batch: BatchReply, slot: int, status: str, reason: str) -> None:
+        batch.results[slot] = [status, reason]
+        batch.pending -= 1
+        if batch.pending == 0:
+            self._send(batch.identity, "acks", batch.rid, results=batch.results)
 
     def _advance_version(self, version: int) -> None:
         if version > self.buffer.version:
             self._record({"k": "ver", "v": version})
 
-    def _sample(self, msg: dict) -> tuple[str, dict] | Held:
+    def _sample(self, msg: dict, identity: bytes = b"") -> tuple[str, dict] | None:
         batch_size, version = _int(msg, "batch_size"), _int(msg, "version")
         timeout_ms = _int(msg, "timeout_ms", 0)
         req = msg.get("req")
@@ -247,7 +384,9 @@ class ReplayServer:
         if req in self._answered:  # a retry: the same answer again, never a second batch
             return self._answered[req]
         reply = self._try_sample(batch_size, version, req)
-        return reply or Held(b"", msg, time.monotonic() + timeout_ms / 1000.0)
+        if reply is None:
+            self._hold_sample(Held(identity, msg, time.monotonic() + timeout_ms / 1000.0))
+        return reply
 
     def _try_sample(self, batch_size: int, version: int, req: str) -> tuple[str, dict] | None:
         self._advance_version(version)
@@ -263,7 +402,7 @@ class ReplayServer:
         reply = (
             "batch",
             {
-                "groups": [e.payload for e in entries],
+                "groups": Packed([e.payload for e in entries]),  # stored bytes, as they are
                 "info": [
                     [e.times_sampled, s, e.inserted_at]
                     for e, s in zip(entries, staleness, strict=True)
@@ -281,6 +420,7 @@ class ReplayServer:
             "version": self.buffer.version,
             "rejected": self.rejected,
             "internal_errors": self.internal_errors,
+            "log_sync_errors": self.log.sync_errors,
             "insert_timeouts": self.insert_timeouts,
             "held_inserts": len(self._held_inserts),
             "held_samples": len(self._held_samples),
@@ -319,9 +459,7 @@ class ReplayServer:
         poller.register(sock, zmq.POLLIN)
         try:
             while not self._stop.is_set():
-                wait_ms = 100
-                if self.log._dirty:
-                    wait_ms = max(1, int(self.log.fsync_interval * 1000))
+                wait_ms = 100  # the log fsyncs on its own thread ("interval") or at once
                 if self._held_inserts or self._held_samples:
                     wait_ms = min(wait_ms, 10)
                 if dict(poller.poll(wait_ms)).get(sock):
@@ -332,7 +470,6 @@ class ReplayServer:
                             break
                         self._on_frames(frames)
                 try:
-                    self.log.maybe_sync()
                     self._serve_held()
                 except Exception:  # e.g. a full disk: count it, keep serving (retries are safe)
                     self.internal_errors += 1
@@ -355,12 +492,9 @@ class ReplayServer:
                 raise WireError(f"expected one message frame, got {len(frames) - 1}")
             msg_type, msg = decode(frames[1], self.limits)
             rid = msg.get("rid")
-            reply = self.handle(msg_type, msg)
-            if isinstance(reply, Held):
-                reply.identity = identity
-                self._hold(reply)
-                return
-            self._send(identity, reply[0], rid, **reply[1])
+            reply = self.handle(msg_type, msg, identity)
+            if reply is not None:  # None: held, answered later
+                self._send(identity, reply[0], rid, **reply[1])
         except WireError as e:
             self.rejected += 1
             self._send(identity, "error", rid, reason=str(e))
@@ -369,14 +503,7 @@ class ReplayServer:
             traceback.print_exc(file=sys.stderr)
             self._send(identity, "error", rid, reason=f"internal error: {type(e).__name__}: {e}")
 
-    def _hold(self, held: Held) -> None:
-        if held.group is not None:
-            old = self._held_inserts.get(held.group.group_id)
-            if old is not None:  # a retry: answer the new socket, keep the first deadline
-                old.identity, old.msg = held.identity, held.msg
-            else:
-                self._held_inserts[held.group.group_id] = held
-            return
+    def _hold_sample(self, held: Held) -> None:
         # a retry of a held sample replaces it (new socket identity)
         req = held.msg.get("req")
         self._held_samples = [h for h in self._held_samples if h.msg.get("req") != req]
@@ -393,11 +520,11 @@ class ReplayServer:
             limiter = self.state.limiter
             while self._held_inserts and limiter.can_insert(len(self.buffer)):
                 gid, held = self._held_inserts.popitem(last=False)
-                dup = gid in self.buffer.seen  # cannot happen: a retry replaces the held one
-                if not dup:
-                    record = {"k": "ins", "g": held.msg["group"], "at": time.time()}
-                    self._record(record, held.group)
-                self._send(held.identity, "ack", held.msg.get("rid"), group_id=gid, duplicate=dup)
+                if gid in self.buffer.seen:  # cannot happen: a retry replaces the held one
+                    self._resolve(held, DUPLICATE)
+                    continue
+                self._inserts([(held.info, held.obj, held.raw)])
+                self._resolve(held, ACCEPTED)
             still = []
             for held in self._held_samples:
                 m = held.msg
@@ -413,14 +540,8 @@ class ReplayServer:
             if held.deadline <= now:
                 del self._held_inserts[gid]
                 self.insert_timeouts += 1
-                waited = held.msg.get("timeout_ms", self.cfg.insert_timeout_ms)
-                reason = (
-                    f"{self.state.limiter.why_insert_waits(len(self.buffer))}; held {waited} ms"
-                )
-                self._send(
-                    held.identity, "error", held.msg.get("rid"), reason=reason,
-                    code="insert_timeout",
-                )  # fmt: skip
+                reason = self.state.limiter.why_insert_waits(len(self.buffer))
+                self._resolve(held, TIMEOUT, f"{reason}; held {held.timeout_ms} ms")
         expired = [h for h in self._held_samples if h.deadline <= now]
         self._held_samples = [h for h in self._held_samples if h.deadline > now]
         for held in expired:

@@ -1,7 +1,8 @@
 """The replay service's state, changed only by log records, and its snapshot.
 
 Records (msgpack maps; ``k`` says which):
-  ins {g, at}   a group (wire form) accepted at unix time ``at``
+  ins {g, at}   a group (wire form) accepted at unix time ``at`` (``insert_record`` writes
+                it with the group's validated msgpack bytes spliced in, not re-encoded)
   adm {a, p}    prompt-stream positions ``p`` granted to actor ``a``
   rel {a}       actor ``a`` restarted: its outstanding positions are handed out again
   ver {v}       the learner's version rose to ``v`` (stale groups are evicted)
@@ -22,17 +23,22 @@ from __future__ import annotations
 import time
 from dataclasses import asdict
 
-from flowrl_async.records import Group
+import msgpack
+
 from flowrl_async.replay.buffer import Counters, Entry, ReplayBuffer
 from flowrl_async.replay.rate_limiter import RateLimiter
-from flowrl_async.wire import WireLimits, group_from_wire
+from flowrl_async.wire import GroupInfo, WireLimits, check_group
 
 RUNTIME_COUNTERS = ("duplicates",)  # counted since the process started, not recovered
+_PACKER = msgpack.Packer(use_bin_type=True)
+_INS_HEAD = b"".join((_PACKER.pack_map_header(3), *map(_PACKER.pack, ("k", "ins", "g"))))
 
 
-def reward_spread(group_obj: dict) -> float:
-    rewards = [r["r"] for r in group_obj["responses"]]
-    return max(rewards) - min(rewards)
+def insert_record(group_bytes: bytes, at: float) -> tuple[bytes, bytes, bytes]:
+    """The ``ins`` record as msgpack, in three parts to concatenate (the log takes them as
+    they are): the same as ``packb({"k": "ins", "g": <the group map>, "at": at})``, with the
+    group's bytes (one encoded map) spliced in, not re-encoded."""
+    return _INS_HEAD, group_bytes, _PACKER.pack("at") + _PACKER.pack(at)
 
 
 class ReplayState:
@@ -51,22 +57,27 @@ class ReplayState:
     def in_flight(self) -> int:
         return sum(len(p) for p in self.outstanding.values())
 
-    def apply(self, record: dict, group: Group | None = None) -> None:
-        """Apply one record (``group``: its already-decoded group, to skip a second decode)."""
+    def apply(
+        self, record: dict, info: GroupInfo | None = None, group_bytes: bytes | None = None
+    ) -> None:
+        """Apply one record. For ``ins``, ``info`` and ``group_bytes`` are what validating
+        ``record["g"]`` gave and its msgpack bytes (the server passes both, so nothing is
+        validated or encoded twice); without them the group is validated here (recovery)
+        and encoded once."""
         kind = record["k"]
         if kind == "ins":
             obj = record["g"]
-            group = group or group_from_wire(obj, self.limits)
+            info = info or check_group(obj, self.limits)
             at = record.get("at")
             entry = Entry(
-                group.group_id,
-                group.min_version,
-                obj,
-                priority=reward_spread(obj),
+                info.group_id,
+                info.min_version,
+                group_bytes if group_bytes is not None else msgpack.packb(obj, use_bin_type=True),
+                priority=info.reward_spread,
                 inserted_at=float(at) if isinstance(at, int | float) else time.time(),
             )
             if self.buffer.insert(entry):
-                self.outstanding.get(group.actor_id, set()).discard(group.cursor)
+                self.outstanding.get(info.actor_id, set()).discard(info.cursor)
                 if self.limiter is not None:
                     self.limiter.record_insert()
         elif kind == "adm":
@@ -112,6 +123,8 @@ class ReplayState:
         b = self.buffer
         b.entries.clear()
         for gid, min_version, payload, priority, inserted_at, times_sampled in snap["entries"]:
+            if not isinstance(payload, bytes):  # a checkpoint that stored the group's map
+                payload = msgpack.packb(payload, use_bin_type=True)
             b.entries[gid] = Entry(gid, min_version, payload, priority, inserted_at, times_sampled)
         b.seen = set(snap["seen"])
         b.counters = Counters(**snap["counters"], duplicates=b.counters.duplicates)

@@ -10,7 +10,7 @@ import zmq
 from flowrl_async.records import Group, Response
 from flowrl_async.replay.client import ReplayClient, ReplayError
 from flowrl_async.replay.server import ReplayServer, ServerConfig
-from flowrl_async.wire import decode, encode
+from flowrl_async.wire import ACCEPTED, DUPLICATE, decode, encode, unpack_group
 
 from factories import make_group
 
@@ -72,8 +72,9 @@ def test_unanswered_inserts_are_resent_and_deduplicated():
             if not router.poll(20):
                 continue
             identity, data = router.recv_multipart()
-            _, msg = decode(data)
-            gid = msg["group"]["id"]
+            kind, msg = decode(data)
+            assert kind == "insert_batch" and len(msg["groups"]) == 1  # batch=1 below
+            gid = unpack_group(msg["groups"][0])[1].group_id
             received.append(gid)
             if len(received) <= 5:
                 continue  # dropped: never inserted, never answered
@@ -81,17 +82,20 @@ def test_unanswered_inserts_are_resent_and_deduplicated():
             seen.add(gid)
             if len(received) <= 7:
                 continue  # inserted, answer lost
-            ack = encode("ack", rid=msg["rid"], group_id=gid, duplicate=duplicate)
-            router.send_multipart([identity, ack])
+            status = DUPLICATE if duplicate else ACCEPTED
+            router.send_multipart(
+                [identity, encode("acks", rid=msg["rid"], results=[[status, ""]])]
+            )
 
     thread = threading.Thread(target=serve)
     thread.start()
     try:
         client = ReplayClient(f"tcp://127.0.0.1:{port}", request_timeout_s=0.2, max_retries=5)
         ids = [f"g{i}" for i in range(10)]
-        result = client.insert_many([make_group(g) for g in ids], window=4)
-        # window 4: g0-g3 sent and dropped (received 1-4). 0.2 s of silence: all four are
-        # resent on a fresh socket: g0 dropped (5), g1 and g2 inserted with the answer lost
+        result = client.insert_many([make_group(g) for g in ids], window=4, batch=1)
+        # window 4, one group per message: g0-g3 sent and dropped (received 1-4). 0.2 s of
+        # silence: all four are resent on a fresh socket: g0 dropped (5), g1 and g2
+        # inserted with the answer lost
         # (6, 7), g3 answered (8); then g4..g9 go through the window, answered. Silence
         # again: g0, g1, g2 resent; g0 is new, g1 and g2 come back as duplicates
         assert result == [True, False, False] + [True] * 7

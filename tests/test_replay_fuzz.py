@@ -12,7 +12,20 @@ import zmq
 
 from flowrl_async.replay.client import ReplayClient
 from flowrl_async.replay.server import ReplayServer, ServerConfig
-from flowrl_async.wire import WireError, WireLimits, decode, encode, group_from_wire, group_to_wire
+from flowrl_async.wire import (
+    ACCEPTED,
+    DUPLICATE,
+    REJECTED,
+    WireError,
+    WireLimits,
+    _group_from_wire_checked,
+    _unpack,
+    decode,
+    encode,
+    group_from_wire,
+    group_to_wire,
+    pack_group,
+)
 
 from factories import make_group
 
@@ -200,6 +213,68 @@ def test_fuzzed_messages_are_each_answered_and_counted(tmp_path):
         assert (stats["rejected"], stats["internal_errors"]) == (expected_rejected, 0)
         assert client.insert(make_group("after-the-storm")) is True
         assert client.stats()["rejected"] == expected_rejected
+        client.close()
+    finally:
+        sock.close(0)
+        server.stop()
+        thread.join(5)
+
+
+def reference_verdict(data: bytes) -> str | None:
+    """The group id when the reference (field by field) decoder accepts these bytes."""
+    try:
+        return _group_from_wire_checked(_unpack(data, LIMITS), LIMITS).group_id
+    except Exception:  # anything _unpack raises, or WireError
+        return None
+
+
+def test_fuzzed_groups_in_batches_get_the_reference_decoders_verdicts(tmp_path):
+    """3,000 mutated group encodings in insert_batch messages of 10: each gets rejected
+    exactly when the reference decoder rejects it (so the server's fast check never accepts
+    what the full check refuses), duplicates are told apart, and nothing crashes."""
+    rng = random.Random(99)
+    valid = [pack_group(make_group(f"fz{i}", n=1 + i % 4, tokens=1 + i % 7)) for i in range(40)]
+    items = []
+    for _ in range(3000):
+        data = bytearray(rng.choice(valid))
+        if rng.random() < 0.1:
+            data = data[: rng.randrange(len(data))]
+        else:
+            for _flip in range(rng.randint(1, 3)):
+                data[rng.randrange(len(data))] ^= rng.randrange(1, 256)
+        items.append(bytes(data))
+    server = ReplayServer(
+        ServerConfig(str(tmp_path / "replay"), "tcp://127.0.0.1:0", max_staleness=None), LIMITS
+    )
+    thread = threading.Thread(target=server.serve, daemon=True)
+    thread.start()
+    while server.bound_address is None:
+        time.sleep(0.01)
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(server.bound_address)
+    try:
+        seen, expected, got = set(), [], []
+        for start in range(0, len(items), 10):
+            batch = items[start : start + 10]
+            for data in batch:
+                gid = reference_verdict(data)
+                if gid is None:
+                    expected.append(REJECTED)
+                else:
+                    expected.append(DUPLICATE if gid in seen else ACCEPTED)
+                    seen.add(gid)
+            sock.send(encode("insert_batch", rid=start, groups=batch))
+            assert sock.poll(5000), f"no reply to the batch at {start}"
+            kind, msg = decode(sock.recv())
+            assert (kind, msg["rid"]) == ("acks", start)
+            got += [status for status, _ in msg["results"]]
+        assert got == expected
+        assert 300 < len(expected) - expected.count(REJECTED) < 2700  # both verdicts
+        client = ReplayClient(server.bound_address, request_timeout_s=2.0, max_retries=1)
+        stats = client.stats()
+        assert (stats["rejected"], stats["internal_errors"]) == (expected.count(REJECTED), 0)
+        assert stats["inserted"] == expected.count(ACCEPTED) == len(seen)
         client.close()
     finally:
         sock.close(0)
