@@ -150,18 +150,20 @@ class RolloutLoop:
         )
 
     def maybe_load_weights(self) -> bool:
-        if self.receiver is None:
+        receiver = self.receiver
+        if receiver is None:
             return False
         t0 = time.perf_counter()
         with self.engine_lock:  # take, load, prove and switch versions as one step
             try:
-                publication = self.receiver.take()  # an engine-side receiver loads it here
+                publication = receiver.take()  # an engine-side receiver loads it here
             except WeightLinkError:
                 # a member of the weight group died; keep generating with the weights we
                 # have (admission and the staleness bound keep that safe) until the group
                 # is re-formed
                 self.stats.weight_link_errors += 1
-                self.receiver = None
+                if self.receiver is receiver:  # not one a re-formation just installed
+                    self.receiver = None
                 return False
             if publication is None:
                 return False

@@ -12,6 +12,7 @@ publication is never returned twice; an error in the receive thread is raised by
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass
 
@@ -32,6 +33,10 @@ class Publication:
 
     def release(self) -> None:
         """The engine has copied the weights: the receiver may reuse these buffers."""
+        if self.buckets and self.buckets[0].is_cuda:
+            # the copies were queued on the caller's stream: let them finish before the
+            # receiver's stream overwrites these buffers with the next publication
+            torch.cuda.current_stream(self.buckets[0].device).synchronize()
         if self.pool is not None:
             self.pool.append(self.buckets)
             self.pool = None
@@ -61,27 +66,37 @@ class WeightReceiver:
         self._thread.start()
 
     def _run(self) -> None:
+        # NCCL work runs on a CUDA stream: on the default one, every kernel of the engine
+        # (which shares the default stream) would wait behind the next pending broadcast
+        stream = torch.cuda.Stream() if str(self.device).startswith("cuda") else None
+        context = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
         try:
-            while True:
-                length = torch.zeros(1, dtype=torch.int64, device=self.device)
-                broadcast(self.group, length)
-                if int(length) == STOP:
-                    return
-                raw = torch.empty(int(length), dtype=torch.uint8, device=self.device)
-                broadcast(self.group, raw)
-                header = Header.from_bytes(bytes(raw.cpu().numpy()))
-                buckets = self._buffers(header)
-                for flat in buckets:
-                    broadcast(self.group, flat)
-                with self._lock:
-                    dropped, self._latest = self._latest, Publication(header, buckets, self.pool)
-                    self.received += 1
-                if dropped is not None:  # never taken: a newer one replaces it
-                    dropped.release()
+            with context:
+                self._receive_loop(stream)
         except BaseException as e:  # surfaced by take()
             self._error = e
         finally:
             self.stopped.set()
+
+    def _receive_loop(self, stream) -> None:
+        while True:
+            length = torch.zeros(1, dtype=torch.int64, device=self.device)
+            broadcast(self.group, length)
+            if int(length) == STOP:
+                return
+            raw = torch.empty(int(length), dtype=torch.uint8, device=self.device)
+            broadcast(self.group, raw)
+            header = Header.from_bytes(bytes(raw.cpu().numpy()))
+            buckets = self._buffers(header)
+            for flat in buckets:
+                broadcast(self.group, flat)
+            if stream is not None:
+                stream.synchronize()  # the bytes are in GPU memory before anyone sees them
+            with self._lock:
+                dropped, self._latest = self._latest, Publication(header, buckets, self.pool)
+                self.received += 1
+            if dropped is not None:  # never taken: a newer one replaces it
+                dropped.release()
 
     def _buffers(self, header: Header) -> list[torch.Tensor]:
         """Released buffers of the same layout when there are some (fresh ones cost ~0.5 s

@@ -88,7 +88,9 @@ class RolloutWorker:
         from flowrl_async.actors.weight_receiver import WeightReceiver
 
         if getattr(self.generator, "engine_process", False):  # received inside vLLM's engine
-            self.loop.receiver = self.generator.join_weight_group(host, port, rank, world, backend)
+            with self.loop.engine_lock:  # the LLM object is not safe to use from two threads
+                receiver = self.generator.join_weight_group(host, port, rank, world, backend)
+            self.loop.receiver = receiver
             return rank
         old = self.loop.receiver
         pool = old.pool if old is not None else None  # keep the allocated buffers

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import statistics
 from collections import Counter
 from pathlib import Path
@@ -189,6 +190,7 @@ def main() -> None:
         for variant in a.variants:
             run_dir = out / f"{variant}-seed{seed}"
             if not (run_dir / "final_policy").exists():  # resumable: skip done runs
+                shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run starts over
                 train(config(variant, seed, a.steps, run_dir, max(a.steps // 8, 1)))
             ev = {}
             for t in TEMPERATURES:

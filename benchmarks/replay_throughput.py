@@ -4,13 +4,19 @@ Groups of 8 responses × 256 tokens (~17 KB on the wire). Printed, each as a rat
 raw figure:
   raw       acknowledged round trips/s: DEALER -> ROUTER in another process, which decodes the
             msgpack message and answers a small ack; up to 64 in flight
-  service   acknowledged inserts/s, ``insert_many(window=64)`` and one ``insert`` at a time
-            (``python -m flowrl_async.replay.server`` in another process, log on disk,
-            fsync every 10 ms)
+  service   acknowledged inserts/s, ``insert_many(window=64)`` (batched messages) and one
+            ``insert`` at a time (``python -m flowrl_async.replay.server`` in another
+            process, log on disk, fsync every 10 ms)
   service   sampled groups/s with batches of 64 (uniform selector, groups stay), and the
             p50/p99 latency of one ``sample(64)`` call, decoding included
 
-Run: .venv/bin/python benchmarks/replay_throughput.py [--groups 4000] [--samples 200]
+On a shared machine the load changes from second to second, so the figures are taken in
+``--rounds`` rounds, each measuring raw and then the service right after it on the same
+number of fresh groups; printed are the medians over rounds, each ratio the median of the
+rounds' own ratios (the latency percentiles pool every round's calls).
+
+Run: .venv/bin/python benchmarks/replay_throughput.py [--groups 1500] [--rounds 5]
+     [--samples 60]  (per round)
 """
 
 from __future__ import annotations
@@ -76,32 +82,34 @@ def echo_server(conn) -> None:
         sock.send_multipart([identity, msgpack.packb({"v": 1, "t": "ack", "rid": msg["rid"]})])
 
 
-def raw_round_trips(wires: list[dict]) -> float:
-    """Acknowledged round trips/s, up to WINDOW in flight."""
-    parent, child = mp.Pipe()
-    proc = mp.get_context("spawn").Process(target=echo_server, args=(child,))
-    proc.start()
-    port = parent.recv()
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.connect(f"tcp://127.0.0.1:{port}")
+class RawEcho:
+    """The raw figure: acknowledged round trips/s to an echo process, up to WINDOW in flight."""
 
-    def run(items: list[dict]) -> float:
+    def __init__(self):
+        parent, child = mp.Pipe()
+        self.proc = mp.get_context("spawn").Process(target=echo_server, args=(child,))
+        self.proc.start()
+        port = parent.recv()
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.connect(f"tcp://127.0.0.1:{port}")
+
+    def rate(self, groups: list[Group]) -> float:
+        """Round trips/s for these groups (their wire maps made before the clock starts)."""
+        wires, sock = [group_to_wire(g) for g in groups], self.sock
         start, sent, acked = time.perf_counter(), 0, 0
-        while acked < len(items):
-            while sent < len(items) and sent - acked < WINDOW:
-                msg = {"v": 1, "t": "insert", "rid": sent, "group": items[sent]}
+        while acked < len(wires):
+            while sent < len(wires) and sent - acked < WINDOW:
+                msg = {"v": 1, "t": "insert", "rid": sent, "group": wires[sent]}
                 sock.send(msgpack.packb(msg, use_bin_type=True))
                 sent += 1
             msgpack.unpackb(sock.recv(), raw=False)
             acked += 1
-        return len(items) / (time.perf_counter() - start)
+        return len(wires) / (time.perf_counter() - start)
 
-    run(wires[:200])  # warm up
-    rate = run(wires)
-    sock.send(msgpack.packb({"v": 1, "t": "stop", "rid": -1}))
-    proc.join(10)
-    sock.close(0)
-    return rate
+    def close(self) -> None:
+        self.sock.send(msgpack.packb({"v": 1, "t": "stop", "rid": -1}))
+        self.proc.join(10)
+        self.sock.close(0)
 
 
 # ------------------------------------------------------------------------------ service
@@ -121,64 +129,73 @@ def start_service(directory: str) -> tuple[subprocess.Popen, str]:
     return proc, found.group(1)
 
 
-def service_figures(n: int, samples: int) -> dict:
-    with tempfile.TemporaryDirectory(prefix="replay-bench-") as directory:
-        proc, address = start_service(directory)
-        client = ReplayClient(address, request_timeout_s=30.0)
-        try:
-            client.insert_many(make_groups(200, "warm", seed=1), window=WINDOW)
-            groups = make_groups(n, "w", seed=2)
-            start = time.perf_counter()
-            client.insert_many(groups, window=WINDOW)
-            windowed = n / (time.perf_counter() - start)
-            single_groups = make_groups(n // 4, "s", seed=3)
-            start = time.perf_counter()
-            for g in single_groups:
-                client.insert(g)
-            single = len(single_groups) / (time.perf_counter() - start)
-            for _ in range(5):  # warm up
-                client.sample(BATCH, version=0)
-            latencies = []
-            for _ in range(samples):
-                t0 = time.perf_counter()
-                batch = client.sample(BATCH, version=0)
-                latencies.append(time.perf_counter() - t0)
-                assert batch is not None and len(batch) == BATCH
-            stats = client.stats()
-        finally:
-            client.close()
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(30)
-    assert stats["inserted"] == 200 + n + n // 4, stats
-    lat = np.array(latencies) * 1000.0
-    return {
-        "windowed": windowed,
-        "single": single,
-        "sampled": BATCH * samples / (sum(latencies)),
-        "p50": float(np.percentile(lat, 50)),
-        "p99": float(np.percentile(lat, 99)),
-    }
+def one_round(raw: RawEcho, client: ReplayClient, r: int, n: int, samples: int) -> dict:
+    """Raw, then the service, on fresh groups of the same shape."""
+    out = {"raw": raw.rate(make_groups(n, f"raw{r}-", seed=10 + r))}
+    groups = make_groups(n, f"w{r}-", seed=100 + r)
+    start = time.perf_counter()
+    client.insert_many(groups, window=WINDOW)
+    out["windowed"] = n / (time.perf_counter() - start)
+    single_groups = make_groups(n // 4, f"s{r}-", seed=200 + r)
+    start = time.perf_counter()
+    for g in single_groups:
+        client.insert(g)
+    out["single"] = len(single_groups) / (time.perf_counter() - start)
+    latencies = []
+    for _ in range(samples):
+        t0 = time.perf_counter()
+        batch = client.sample(BATCH, version=0)
+        latencies.append(time.perf_counter() - t0)
+        assert batch is not None and len(batch) == BATCH
+    out["sampled"] = BATCH * samples / sum(latencies)
+    out["latencies"] = latencies
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--groups", type=int, default=4000)
-    p.add_argument("--samples", type=int, default=200)
+    p.add_argument("--groups", type=int, default=1500, help="per round")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--samples", type=int, default=60, help="sample(64) calls per round")
     a = p.parse_args(argv)
-    wires = [group_to_wire(g) for g in make_groups(a.groups, "raw")]
-    size = len(msgpack.packb({"v": 1, "t": "insert", "rid": 0, "group": wires[0]}))
-    raw = raw_round_trips(wires)
-    s = service_figures(a.groups, a.samples)
-    print(f"groups of {RESPONSES} x {TOKENS} tokens, {size} bytes per insert message")
+    wire = group_to_wire(make_groups(1, "size")[0])
+    size = len(msgpack.packb({"v": 1, "t": "insert", "rid": 0, "group": wire}))
+    raw = RawEcho()
+    rounds = []
+    with tempfile.TemporaryDirectory(prefix="replay-bench-") as directory:
+        proc, address = start_service(directory)
+        client = ReplayClient(address, request_timeout_s=30.0)
+        try:
+            raw.rate(make_groups(200, "rawwarm", seed=1))  # warm up both
+            client.insert_many(make_groups(200, "warm", seed=1), window=WINDOW)
+            for _ in range(5):
+                client.sample(BATCH, version=0)
+            for r in range(a.rounds):
+                rounds.append(one_round(raw, client, r, a.groups, a.samples))
+            stats = client.stats()
+        finally:
+            client.close()
+            raw.close()
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+    assert stats["inserted"] == 200 + a.rounds * (a.groups + a.groups // 4), stats
+    print(f"groups of {RESPONSES} x {TOKENS} tokens, {size} bytes per insert message; "
+          f"medians of {a.rounds} rounds of {a.groups} groups")  # fmt: skip
     rows = [
-        (f"raw zmq+msgpack round trips (window {WINDOW})", raw, "groups/s"),
-        (f"service inserts, insert_many(window={WINDOW})", s["windowed"], "groups/s"),
-        ("service inserts, one at a time", s["single"], "groups/s"),
-        (f"service sampled groups, batches of {BATCH}", s["sampled"], "groups/s"),
+        (f"raw zmq+msgpack round trips (window {WINDOW})", "raw"),
+        (f"service inserts, insert_many(window={WINDOW})", "windowed"),
+        ("service inserts, one at a time", "single"),
+        (f"service sampled groups, batches of {BATCH}", "sampled"),
     ]
-    for name, value, unit in rows:
-        print(f"{name:<48} {value:>10,.0f} {unit}   {value / raw:6.3f} x raw")
-    print(f"sample({BATCH}) latency: p50 {s['p50']:.2f} ms, p99 {s['p99']:.2f} ms")
+    for name, key in rows:
+        value = float(np.median([x[key] for x in rounds]))
+        ratio = float(np.median([x[key] / x["raw"] for x in rounds]))
+        print(f"{name:<48} {value:>10,.0f} groups/s   {ratio:6.3f} x raw")
+    per_round = ", ".join(f"{x['windowed'] / x['raw']:.2f}" for x in rounds)
+    print(f"insert_many / raw in each round: {per_round}")
+    lat = np.array([t for x in rounds for t in x["latencies"]]) * 1000.0
+    p50, p99 = np.percentile(lat, 50), np.percentile(lat, 99)
+    print(f"sample({BATCH}) latency: p50 {p50:.2f} ms, p99 {p99:.2f} ms ({len(lat)} calls)")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 from pathlib import Path
 
@@ -43,8 +44,8 @@ def measure(run_dir: Path, evaluation: dict) -> dict[str, float]:
     return {
         "stale": statistics.mean(r["staleness_mean"] for r in rows),
         "IS mean": statistics.mean(r["is_weight_mean"] for r in rows),
-        "ESS": statistics.mean(r["ess"] for r in rows),
-        "clipped": statistics.mean(r["clip_fraction"] for r in rows),
+        "ESS": statistics.mean(r["is_ess"] for r in rows),
+        "clipped": statistics.mean(r["is_clip_fraction"] for r in rows),
         "steps/s": (len(rows) - 1) / wall,
         "wait": sum(r["wait_s"] for r in rows) / sum(r["step_s"] for r in rows),
         "reward": statistics.mean(r["reward_mean"] for r in tail),
@@ -59,7 +60,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--staleness", type=int, nargs="+", default=[0, 1, 4])
-    p.add_argument("--is-modes", nargs="+", default=["clip", "none"])
+    p.add_argument("--is-modes", nargs="+", default=["clip", "off"])
     p.add_argument("--samples", type=int, default=64)
     p.add_argument("--out", default="bench-out/staleness_sweep")
     a = p.parse_args()
@@ -70,6 +71,7 @@ def main() -> None:
             for is_mode in a.is_modes:
                 run_dir = out / f"s{staleness}-{is_mode}-seed{seed}"
                 if not (run_dir / "eval-train" / "eval.json").exists():  # resumable (T=1.0)
+                    shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run starts over
                     train(config(staleness, is_mode, seed, a.steps, run_dir))
                     evaluate_policy(run_dir, a.samples, seed)
                 ev = {s: json.loads((run_dir / f"eval-{s}" / "eval.json").read_text())

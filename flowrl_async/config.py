@@ -284,6 +284,17 @@ def validate(cfg: TrainConfig) -> None:
         problems.append("cluster.actor_gpus must be >= 0")
     if cfg.cluster.num_actors < 0 or (cfg.cluster.num_actors == 0 and r.preload is None):
         problems.append("cluster.num_actors must be >= 1 (0 only with replay.preload: offline)")
+    if r.preload is not None and cfg.cluster.num_actors != 0:
+        problems.append(
+            "replay.preload needs cluster.num_actors=0: preloaded groups count against the "
+            "actors' admission, so actors running beside a preload would wait"
+        )
+    if r.preload is not None and (r.max_staleness is not None or r.samples_per_insert):
+        problems.append(
+            "replay.preload needs replay.max_staleness=null and no rate limiter "
+            "(samples_per_insert=null): stored groups are older than any version of this "
+            "learner, and nothing is inserted while training"
+        )
     if cfg.cluster.num_actors == 0 and (cfg.mode == "sync" or cfg.evaluation.every):
         problems.append("cluster.num_actors=0 (offline) needs mode=async and evaluation.every=0")
     if problems:

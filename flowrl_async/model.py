@@ -123,11 +123,17 @@ def build_tiny_model(
     return save_model(out_dir, model, tokenizer)
 
 
+def cpu_state(model) -> dict:
+    """The state dict on the CPU: saving never makes a second copy on the GPU (weights that
+    share one storage per bucket are copied out tensor by tensor by the saver)."""
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
 def save_model(out_dir: str | Path, model, tokenizer) -> Path:
     """Save model + tokenizer atomically in Hugging Face format (transformers and vLLM load it)."""
 
     def save(tmp: Path) -> None:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=cpu_state(model))
         tokenizer.save_pretrained(tmp)
 
     return _atomic_save(Path(out_dir), save)

@@ -1,6 +1,7 @@
 """Training on a stored run: the groups another run's replay service acknowledged are read
 from its log and inserted into this run's replay service before the learner starts, so a
-learner can train on them with no actors at all (or alongside new actors).
+learner trains on them with no actors at all (``cluster.num_actors=0``; with actors running
+too, the preloaded groups would count against their admission).
 
     flowrl-async train replay.preload=runs/OLD/replay cluster.num_actors=0 algo=flowrl_tb \
         replay.selector=uniform replay.max_times_sampled=4 replay.max_staleness=null

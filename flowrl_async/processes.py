@@ -125,6 +125,7 @@ class Processes:
                 ray.remote(RolloutWorker)
                 .options(
                     num_cpus=threads,
+                    num_gpus=cfg.cluster.actor_gpus,  # what its bundle reserved, made visible
                     max_concurrency=3,
                     max_restarts=cfg.cluster.max_actor_restarts,
                     max_task_retries=0,
@@ -145,16 +146,30 @@ class Processes:
         """(Re)form the group on a fresh port and publish the current weights; -> version."""
         if not self.actors:  # offline: nobody to send weights to
             return self.ray.get(self.learner.state.remote())["version"]
-        host, port = self.ray.get(self.learner.weight_endpoint.remote(self.placement.loopback))
-        world = len(self.actors) + 1
-        self.ray.get(
-            [self.learner.init_weight_group.remote(host, port, world, self.backend)]
-            + [
-                a.init_weight_group.remote(host, port, i + 1, world, self.backend)
-                for i, a in enumerate(self.actors)
-            ]
-        )
-        return self.ray.get(self.learner.publish_current.remote())
+        from ray.exceptions import RayActorError
+
+        try:
+            host, port = self.ray.get(self.learner.weight_endpoint.remote(self.placement.loopback))
+            world = len(self.actors) + 1
+            self.ray.get(
+                [self.learner.init_weight_group.remote(host, port, world, self.backend)]
+                + [
+                    a.init_weight_group.remote(host, port, i + 1, world, self.backend)
+                    for i, a in enumerate(self.actors)
+                ]
+            )
+            return self.ray.get(self.learner.publish_current.remote())
+        except RayActorError as e:
+            if self._learner_alive():
+                raise  # an actor died again while joining: heal notices it next time
+            raise LearnerDied(f"the learner process died while forming the group: {e}") from e
+
+    def _learner_alive(self) -> bool:
+        try:
+            self.ray.get(self.learner.ready.remote(), timeout=10)
+            return True
+        except Exception:
+            return False
 
     def start_loops(self, indices=None) -> None:
         for i in range(len(self.actors)) if indices is None else indices:

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from flowrl_async.model import cpu_state
+
 PREFIX = "step-"
 
 
@@ -27,7 +29,9 @@ def save_checkpoint(root, step: int, policy, tokenizer, training_state: dict, ex
     final = root / f"{PREFIX}{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
     try:
-        policy.save_pretrained(tmp / "policy", safe_serialization=True)
+        policy.save_pretrained(
+            tmp / "policy", safe_serialization=True, state_dict=cpu_state(policy)
+        )
         tokenizer.save_pretrained(tmp / "policy")
         torch.save(training_state, tmp / "training_state.pt")
         (tmp / "extra.json").write_text(json.dumps(extra, indent=2))

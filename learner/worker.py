@@ -79,7 +79,9 @@ class LearnerWorker:
         return endpoint(loopback)
 
     def init_weight_group(self, host: str, port: int, world: int, backend: str) -> int:
-        self.sender = WeightSender(new_group(host, port, 0, world, backend), self.bucket_bytes)
+        device = "cuda" if backend == "nccl" else "cpu"  # NCCL sends from GPU memory only
+        group = new_group(host, port, 0, world, backend)
+        self.sender = WeightSender(group, self.bucket_bytes, device=device)
         return 0
 
     def _sample(self, batch_size: int, version: int):

@@ -61,3 +61,8 @@ def test_offline_needs_a_preload():
     cfg.cluster.num_actors = 0
     with pytest.raises(ValueError, match="0 only with replay.preload"):
         validate(cfg)
+    cfg.replay.preload, cfg.cluster.num_actors = "runs/x/replay", 2  # default staleness 1
+    with pytest.raises(ValueError) as err:
+        validate(cfg)
+    assert "replay.preload needs cluster.num_actors=0" in str(err.value)
+    assert "replay.preload needs replay.max_staleness=null" in str(err.value)
