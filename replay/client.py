@@ -18,10 +18,12 @@ import uuid
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import zmq
 
 from flowrl_async.records import Group
+from flowrl_async.replay.curve import ClientCurve
 from flowrl_async.wire import (
     ACCEPTED,
     DUPLICATE,
@@ -64,9 +66,20 @@ class ReplayClient:
         request_timeout_s: float = 5.0,
         max_retries: int = 60,
         limits: WireLimits = WireLimits(),
+        curve_server_key: str | Path | bytes | None = None,
+        curve_client_key: str | Path | tuple[bytes, bytes] | None = None,
     ):
+        """``curve_server_key``: the server's CURVE public key (a certificate file, or the z85
+        key), for a server started with ``curve_secret_key``; ``curve_client_key``: this
+        client's secret certificate file (or (public, secret) z85 keys), for a server that
+        checks clients, else a fresh key pair (replay/curve.py)."""
         self.address, self.timeout, self.max_retries = address, request_timeout_s, max_retries
         self.limits = limits
+        self._curve = None
+        if curve_server_key is not None:
+            self._curve = ClientCurve.create(curve_server_key, curve_client_key)
+        elif curve_client_key is not None:
+            raise ValueError("curve_client_key needs curve_server_key (the server's public key)")
         self._rids = itertools.count(1)
         self._ctx = zmq.Context.instance()
         self._sock = None
@@ -77,6 +90,8 @@ class ReplayClient:
             self._sock.close(0)
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        if self._curve is not None:
+            self._curve.apply(self._sock)
         self._sock.connect(self.address)
 
     def request(self, msg_type: str, timeout_s: float | None = None, **fields) -> tuple[str, dict]:

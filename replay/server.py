@@ -43,7 +43,8 @@ retry of a held insert (same group id, in an ``insert`` or ``insert_batch``) or 
 Run: python -m flowrl_async.replay.server --dir RUN_DIR/replay --address tcp://127.0.0.1:5555
 (port 0 picks a free port; the first line printed names the bound address). The rate
 limiter is off unless ``--samples-per-insert`` is given (with ``--min-size-to-sample``,
-``--error-buffer``, ``--insert-timeout-ms``).
+``--error-buffer``, ``--insert-timeout-ms``). ``--curve-secret-key FILE`` (and optionally
+``--curve-authorized-keys DIR``) turns on ZeroMQ CURVE encryption (replay/curve.py).
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ import zmq
 
 from flowrl_async.replay import checkpoint as ckpt
 from flowrl_async.replay.buffer import ReplayBuffer
+from flowrl_async.replay.curve import ServerCurve
 from flowrl_async.replay.log import RecoveryReport, SegmentLog
 from flowrl_async.replay.rate_limiter import RateLimiter
 from flowrl_async.replay.state import ReplayState, insert_record
@@ -102,6 +104,10 @@ class ServerConfig:
     error_buffer: float | None = None  # None: max(1, spi) + min_size_to_sample, which
     # allows every batch size up to min_size_to_sample
     insert_timeout_ms: int = 60_000  # the longest an insert is held, unless it says
+    # ZeroMQ CURVE (replay/curve.py): the server's secret certificate file turns it on;
+    # with a directory of client public certificates, only those clients may connect
+    curve_secret_key: str | None = None
+    curve_authorized_keys: str | None = None
 
     def rate_limiter(self) -> RateLimiter | None:
         spi = self.samples_per_insert
@@ -153,6 +159,11 @@ class HeldInsert:
 class ReplayServer:
     def __init__(self, cfg: ServerConfig, limits: WireLimits = WireLimits()):
         self.cfg, self.limits = cfg, limits
+        self.curve = None  # keys are checked before anything else starts
+        if cfg.curve_secret_key is not None:
+            self.curve = ServerCurve.from_files(cfg.curve_secret_key, cfg.curve_authorized_keys)
+        elif cfg.curve_authorized_keys is not None:
+            raise ValueError("curve_authorized_keys needs curve_secret_key (the server's keys)")
         self.log = SegmentLog(cfg.directory, cfg.segment_bytes, cfg.fsync, cfg.fsync_interval_ms)
         self.checkpoint_dir = Path(cfg.directory) / "checkpoints"
         self.rejected = 0  # malformed requests (each answered with one error)
@@ -165,6 +176,7 @@ class ReplayServer:
         self._held_inserts: OrderedDict[str, HeldInsert] = OrderedDict()  # by group id
         self._answered: dict[str, tuple[str, dict]] = {}  # recent sample replies by request id
         self._sock = None
+        self._ctx = self._auth = None  # with CURVE: this server's context and ZAP handler
         self.bound_address: str | None = None
 
     def _new_state(self) -> ReplayState:
@@ -440,8 +452,14 @@ class ReplayServer:
 
     # ---------------------------------------------------------------- socket loop
     def bind(self) -> str:
-        self._sock = zmq.Context.instance().socket(zmq.ROUTER)
+        ctx = zmq.Context.instance()
+        if self.curve is not None:  # a context of its own: it holds this server's ZAP handler
+            ctx = self._ctx = zmq.Context()
+            self._auth = self.curve.start_authenticator(ctx)
+        self._sock = ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        if self.curve is not None:
+            self.curve.apply(self._sock)
         if self.cfg.address.endswith(":0"):
             host = self.cfg.address.rsplit(":", 1)[0]
             self.bound_address = f"{host}:{self._sock.bind_to_random_port(host)}"
@@ -478,6 +496,11 @@ class ReplayServer:
             self.log.close()
             sock.close(0)
             self._sock = None
+            if self._auth is not None:
+                self._auth.stop()
+            if self._ctx is not None:
+                self._ctx.term()
+            self._auth = self._ctx = None
 
     def _send(self, identity: bytes, kind: str, rid, **fields) -> None:
         self._sock.send_multipart([identity, encode(kind, rid=_safe_rid(rid), **fields)])
@@ -582,6 +605,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--min-size-to-sample", type=int, default=1)
     p.add_argument("--error-buffer", type=float, default=None)
     p.add_argument("--insert-timeout-ms", type=int, default=60_000)
+    p.add_argument(
+        "--curve-secret-key", default=None, help="the server's CURVE secret certificate file"
+    )
+    p.add_argument(
+        "--curve-authorized-keys",
+        default=None,
+        help="a directory of client public certificates: only those may connect",
+    )
     a = p.parse_args(argv)
     server = ReplayServer(
         ServerConfig(
@@ -601,6 +632,8 @@ def main(argv: list[str] | None = None) -> None:
             min_size_to_sample=a.min_size_to_sample,
             error_buffer=a.error_buffer,
             insert_timeout_ms=a.insert_timeout_ms,
+            curve_secret_key=a.curve_secret_key,
+            curve_authorized_keys=a.curve_authorized_keys,
         )
     )
     signal.signal(signal.SIGTERM, lambda *_: server.stop())

@@ -34,7 +34,16 @@ class ReplayService:
 
     def checkpoint(self, tag: str = "") -> dict:
         """A checkpoint taken on the serving thread (through a request, so never mid-update)."""
-        client = ReplayClient(self.address())
+        curve = self.server.curve  # with CURVE, it talks as the server itself
+        client = (
+            ReplayClient(self.address())
+            if curve is None
+            else ReplayClient(
+                self.address(),
+                curve_server_key=curve.public,
+                curve_client_key=(curve.public, curve.secret),
+            )
+        )
         try:
             return client.checkpoint(tag)
         finally:
