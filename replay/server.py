@@ -141,6 +141,7 @@ class BatchReply:
     rid: object
     results: list
     pending: int = 0
+    abandoned: bool = False  # its request already got an error: never send acks
 
 
 @dataclass
@@ -315,6 +316,15 @@ class ReplayServer:
             raise WireError(f"{len(items)} groups exceed the limit of {self.limits.max_groups}")
         timeout_ms = _int(msg, "timeout_ms", self.cfg.insert_timeout_ms)
         batch = BatchReply(identity, msg.get("rid"), [None] * len(items))
+        try:
+            return self._insert_batch_groups(items, timeout_ms, batch)
+        except Exception:  # answered with an error: groups it left held must not answer too
+            batch.abandoned = True
+            raise
+
+    def _insert_batch_groups(
+        self, items: list, timeout_ms: int, batch: BatchReply
+    ) -> tuple[str, dict] | None:
         results, accepted, ids = batch.results, [], set()
         for i, raw in enumerate(items):
             try:
@@ -373,7 +383,7 @@ class ReplayServer:
     def _answer_slot(self, batch: BatchReply, slot: int, status: str, reason: str) -> None:
         batch.results[slot] = [status, reason]
         batch.pending -= 1
-        if batch.pending == 0:
+        if batch.pending == 0 and not batch.abandoned:
             self._send(batch.identity, "acks", batch.rid, results=batch.results)
 
     def _advance_version(self, version: int) -> None:

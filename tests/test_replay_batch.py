@@ -232,3 +232,31 @@ def test_a_retry_of_a_held_group_takes_its_place_and_its_batch_is_still_answered
         retry.close(0)
     finally:
         running.stop()
+
+
+def test_a_batch_answered_with_an_internal_error_sends_no_acks_later(tmp_path, monkeypatch):
+    import flowrl_async.replay.server as server_module
+
+    real = server_module.unpack_group
+
+    def unpack_or_fail(data, limits):
+        if data == b"boom":
+            raise RuntimeError("a bug, not bad input")
+        return real(data, limits)
+
+    monkeypatch.setattr(server_module, "unpack_group", unpack_or_fail)
+    running = Running(tmp_path / "r", **LIMITED)
+    try:
+        running.client.insert_many([make_group("a"), make_group("b")])  # at max_diff
+        running.send("insert_batch", rid=9, groups=[pack_group(make_group("c")), b"boom"])
+        kind, msg = running.reply()  # c was held, then the bug: one error for the message
+        assert (kind, msg["rid"]) == ("error", 9) and "internal error" in msg["reason"]
+        running.client.sample(1, version=0)  # c goes in, as a resend would have put it
+        deadline = time.monotonic() + 5
+        while running.client.stats()["inserted"] != 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert running.client.stats()["inserted"] == 3
+        assert not running.sock.poll(200)  # and the failed request gets no second answer
+        assert running.client.stats()["internal_errors"] == 1
+    finally:
+        running.stop()
