@@ -79,12 +79,14 @@ class InlineRun:
             raise RuntimeError("a rollout actor failed") from self.errors[0]
 
     def shutdown(self) -> None:
-        for a in self.actors:
-            a.stop()
-        for t in self.threads:
-            t.join(timeout=60)
-        self.learner.stop()
-        self.replay.stop()
+        try:
+            for a in self.actors:
+                a.stop()
+            for t in self.threads:
+                t.join(timeout=60)
+            self.learner.stop()
+        finally:
+            self.replay.stop()
 
 
 def run_inline(cfg: TrainConfig) -> dict:

@@ -139,6 +139,7 @@ class Processes:
         self.restarts = 0
         self.restarting: dict[int, float] = {}  # actor index -> when its death was noticed
         self.restart_timeout_s = 300.0
+        self.weight_endpoint: tuple[str, int] | None = None  # set when the group forms
         ray.get([h.ready.remote() for h in [self.learner, *self.actors]])
 
     # ---------------------------------------------------------------- weight group
@@ -151,6 +152,7 @@ class Processes:
         try:
             host, port = self.ray.get(self.learner.weight_endpoint.remote(self.placement.loopback))
             world = len(self.actors) + 1
+            self.weight_endpoint = (host, port)  # where the newest group's store lives
             self.ray.get(
                 [self.learner.init_weight_group.remote(host, port, world, self.backend)]
                 + [

@@ -36,7 +36,7 @@ def test_main_job_joins_a_two_node_cluster(tmp_path, two_node_cluster):
             table = ray.util.placement_group_table(procs.placement.group)
             seen["bundle_nodes"] = table["bundles_to_node_id"]
             seen["replay"] = ray.get(procs.replay.address.remote())
-            seen["weights"] = ray.get(procs.learner.weight_endpoint.remote(False))
+            seen["weights"] = procs.weight_endpoint  # the group the run really formed
 
     summary = train(cfg, on_step=inspect)
     assert summary["steps"] == 6
