@@ -48,6 +48,7 @@ class WireLimits:
 
 _DTYPE_OF = {name: np.dtype(t) for name, t in DTYPES.items()}
 _NAME_OF = {dtype: name for name, dtype in _DTYPE_OF.items()}  # dtype.name is slow
+_MAX, _MIN = np.maximum.reduce, np.minimum.reduce  # without ndarray.max's Python wrapper
 
 
 def pack_array(a: np.ndarray) -> dict:
@@ -249,7 +250,7 @@ def _check_fast(obj: Any, limits: WireLimits) -> GroupInfo | None:
     lp = np.frombuffer(b"".join(logprobs), dtype=np.float32)
     # finite and <= 0, all at once: the max is <= 0 (false with a NaN or +inf) and the min is
     # above -inf
-    if lp.size and not (lp.max() <= 0 and lp.min() > -np.inf):
+    if lp.size and not (_MAX(lp) <= 0 and _MIN(lp) > -math.inf):
         return None
     return GroupInfo(gid, actor, cursor, min(firsts), max(rewards) - min(rewards))
 
