@@ -220,6 +220,10 @@ def test_a_retry_of_a_held_group_takes_its_place_and_its_batch_is_still_answered
         retry.setsockopt(zmq.LINGER, 0)
         retry.connect(running.address)
         retry.send(encode("insert", rid=2, group=group_to_wire(make_group("c"))))
+        retry.send(encode("stats", rid=3))  # answered in order: the retry has been handled
+        assert retry.poll(5000)
+        kind, msg = decode(retry.recv())
+        assert (kind, msg["rid"], msg["held_inserts"]) == ("stats", 3, 2)
         running.client.sample(1, version=0)  # frees c
         assert retry.poll(5000)
         assert decode(retry.recv())[1]["duplicate"] is False  # the retry gets c's outcome
