@@ -56,10 +56,12 @@ class RolloutWorker:
         dtype: str = "float32",
         probe_tolerance: float = 1e-3,
         engine_process: bool = False,
+        replay_keys: dict | None = None,
     ):
+        """``replay_keys``: ReplayClient's CURVE keyword arguments (encrypted replay socket)."""
         torch.set_num_threads(threads)
         self.actor_id = actor_id
-        self.replay = ReplayClient(replay_address)
+        self.replay = ReplayClient(replay_address, **(replay_keys or {}))
         self.replay.release(actor_id)
         task = load_task(task_target, **task_kwargs)
         self.generator = build_generator(

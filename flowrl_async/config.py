@@ -109,6 +109,17 @@ class ReplaySection:
     """Rate limiter: allowed drift from the ratio, in groups (null: max(1, spi) + min size)."""
     insert_timeout_ms: int = 60_000
     """Rate limiter: the longest an insert is held before the actor gets an error (and retries)."""
+    curve_secret_key: str | None = None
+    """ZeroMQ CURVE encryption of the replay socket: the server's secret certificate file
+    (make one with ``python -m flowrl_async.replay.curve DIR NAME``); null: plain TCP."""
+    curve_public_key: str | None = None
+    """The server's public certificate file the clients use (null: read it from
+    curve_secret_key, which works when every process sees that file)."""
+    curve_authorized_keys: str | None = None
+    """A directory of client public certificates: only those clients may connect (null:
+    anyone who knows the server's public key)."""
+    curve_client_key: str | None = None
+    """The clients' own secret certificate file, needed with curve_authorized_keys."""
     preload: str | None = None
     """A stored run's replay directory (RUN/replay): its groups are inserted before training
     starts, for training on stored trajectories (with cluster.num_actors=0: offline)."""
@@ -284,6 +295,15 @@ def validate(cfg: TrainConfig) -> None:
         problems.append("cluster.actor_gpus must be >= 0")
     if cfg.cluster.num_actors < 0 or (cfg.cluster.num_actors == 0 and r.preload is None):
         problems.append("cluster.num_actors must be >= 1 (0 only with replay.preload: offline)")
+    if r.curve_secret_key is None and (r.curve_authorized_keys or r.curve_client_key):
+        problems.append(
+            "replay.curve_authorized_keys / curve_client_key need replay.curve_secret_key"
+        )
+    if r.curve_authorized_keys is not None and r.curve_client_key is None:
+        problems.append(
+            "replay.curve_authorized_keys needs replay.curve_client_key (a certificate whose "
+            "public half is in that directory)"
+        )
     if r.preload is not None and cfg.cluster.num_actors != 0:
         problems.append(
             "replay.preload needs cluster.num_actors=0: preloaded groups count against the "

@@ -89,8 +89,9 @@ class InlineRun:
             self.replay.stop()
 
 
-def run_inline(cfg: TrainConfig) -> dict:
-    """Train ``cfg.learner.steps`` steps with every component in this process.
+def run_inline(cfg: TrainConfig, on_step=None) -> dict:
+    """Train ``cfg.learner.steps`` steps with every component in this process
+    (``on_step(step, run)``: a hook for tests).
     -> {"history": per-step metrics, "learner", "replay", "actors": final stats}."""
     from flowrl_async.launch import prepare_model, probe_text, sync_batches_per_actor
 
@@ -103,11 +104,13 @@ def run_inline(cfg: TrainConfig) -> dict:
         run.form_weight_group()
         if cfg.mode == "async":
             run.start_loops()
-        for _ in range(cfg.learner.steps):
+        for step in range(1, cfg.learner.steps + 1):
             if cfg.mode == "sync":
                 run.generate_batch(sync_batches_per_actor(cfg))
             history.append(run.learner.step())
             run.raise_errors()
+            if on_step is not None:
+                on_step(step, run)
     finally:
         run.shutdown()
     return {

@@ -21,7 +21,7 @@ from flowrl_async.config import TrainConfig, validate
 from flowrl_async.learner.checkpoint import latest
 from flowrl_async.offline import preload
 from flowrl_async.placement import plan
-from flowrl_async.processes import LearnerDied, Processes
+from flowrl_async.processes import LearnerDied, Processes, replay_keys
 from flowrl_async.progress import MetricsLog, plot_curves, print_summary, read_metrics, summarize
 
 
@@ -125,7 +125,8 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
             start = resumed["step"]
             print(f"resumed from {resumed['path']} (step {start}, version {resumed['version']})")
         if cfg.replay.preload:
-            stored = preload(cfg.replay.preload, ray.get(procs.replay.address.remote()))
+            address = ray.get(procs.replay.address.remote())
+            stored = preload(cfg.replay.preload, address, keys=replay_keys(cfg))
             print(f"preloaded {stored['groups']} stored groups ({stored['new']} new) from "
                   f"{cfg.replay.preload}")  # fmt: skip
             if not cfg.resume:

@@ -20,10 +20,11 @@ from flowrl_async.replay.client import ReplayClient
 from flowrl_async.replay.reader import stored_groups
 
 
-def preload(stored: str, address: str, chunk: int = 256) -> dict:
-    """Insert every group stored under ``stored`` into the service at ``address``.
-    -> {"groups": read, "new": inserted now (not already there), "max_version": newest}."""
-    client = ReplayClient(address)
+def preload(stored: str, address: str, chunk: int = 256, keys: dict | None = None) -> dict:
+    """Insert every group stored under ``stored`` into the service at ``address`` (``keys``:
+    ReplayClient's CURVE arguments). -> {"groups": read, "new": inserted now (not already
+    there), "max_version": newest}."""
+    client = ReplayClient(address, **(keys or {}))
     read = new = 0
     max_version = -1
     try:

@@ -47,7 +47,20 @@ def replay_config(cfg: TrainConfig, run_dir, address: str):
         min_size_to_sample=rc.min_size_to_sample,
         error_buffer=rc.error_buffer,
         insert_timeout_ms=rc.insert_timeout_ms,
+        curve_secret_key=rc.curve_secret_key,
+        curve_authorized_keys=rc.curve_authorized_keys,
     )
+
+
+def replay_keys(cfg: TrainConfig) -> dict:
+    """ReplayClient's CURVE keyword arguments (empty without encryption)."""
+    rc = cfg.replay
+    if rc.curve_secret_key is None:
+        return {}
+    return {
+        "curve_server_key": rc.curve_public_key or rc.curve_secret_key,
+        "curve_client_key": rc.curve_client_key,
+    }
 
 
 def learner_args(cfg: TrainConfig, model_path: str, address: str, device: str,
@@ -62,6 +75,7 @@ def learner_args(cfg: TrainConfig, model_path: str, address: str, device: str,
         log_z_lr=lc.log_z_lr, grad_clip=lc.grad_clip, warmup_steps=lc.warmup_steps,
         publish_every=lc.publish_every, probe_text=probe_text, seed=cfg.seed,
         threads=lc.threads, device=device, sample_timeout_s=lc.sample_timeout_s,
+        replay_keys=replay_keys(cfg),
     )  # fmt: skip
 
 
@@ -75,7 +89,7 @@ def actor_args(cfg: TrainConfig, actor_id: int, model_path: str, address: str):
         groups_per_batch=gc.groups_per_batch, engine=gc.engine, data_seed=cfg.seed,
         seed=cfg.seed, threads=cfg.cluster.actor_threads, max_model_len=cfg.model.max_model_len,
         dtype=cfg.model.dtype, probe_tolerance=gc.probe_tolerance,
-        engine_process=gc.engine_process,
+        engine_process=gc.engine_process, replay_keys=replay_keys(cfg),
     )  # fmt: skip
 
 

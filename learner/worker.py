@@ -41,6 +41,7 @@ class LearnerWorker:
         device: str = "cpu",
         sample_timeout_s: float = 300.0,
         bucket_bytes: int = 64 * 1024 * 1024,
+        replay_keys: dict | None = None,
     ):
         torch.set_num_threads(threads)
         torch.manual_seed(seed)
@@ -51,8 +52,9 @@ class LearnerWorker:
         head = LogZHead(policy.config.hidden_size).to(device)
         # publications send the weights where they are, without a packing copy
         share_storage(list(policy.state_dict(keep_vars=True).items()), bucket_bytes)
-        self.replay = ReplayClient(replay_address)  # used by step() only
-        self.replay_control = ReplayClient(replay_address)  # other threads (zmq: one per thread)
+        keys = replay_keys or {}  # CURVE keyword arguments, when the socket is encrypted
+        self.replay = ReplayClient(replay_address, **keys)  # used by step() only
+        self.replay_control = ReplayClient(replay_address, **keys)  # other threads
         self.sample_timeout_s = sample_timeout_s
         self.sender: WeightSender | None = None
         self.lock = threading.Lock()  # a step and a checkpoint never overlap

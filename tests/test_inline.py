@@ -28,3 +28,36 @@ def test_inline_run_trains_and_keeps_every_group(tmp_path, mode):
         assert out["replay"]["inserted"] == 5 * 4
     assert all(a["weight_loads"] >= 1 for a in out["actors"])
     assert out["learner"]["published"] == 6  # the initial publication + one per step
+
+
+@pytest.mark.integration
+def test_an_encrypted_replay_socket_with_authorized_clients(tmp_path):
+    from flowrl_async.inline import run_inline
+    from flowrl_async.replay.curve import make_keys
+
+    server_public, server_secret = make_keys(tmp_path / "server", "replay")
+    client_public, client_secret = make_keys(tmp_path / "clients", "workers")
+    cfg = small_config(tmp_path, steps=3, max_staleness=1)
+    cfg.generator.engine = "torch"
+    r = cfg.replay
+    r.curve_secret_key, r.curve_public_key = str(server_secret), str(server_public)
+    r.curve_authorized_keys, r.curve_client_key = str(tmp_path / "clients"), str(client_secret)
+    refused = []
+
+    def plain_client_gets_nothing(step, run):
+        from flowrl_async.replay.client import ReplayClient, ReplayError
+
+        if step == 1:
+            plain = ReplayClient(run.replay.address(), request_timeout_s=0.3, max_retries=1)
+            try:
+                plain.stats()
+            except ReplayError:
+                refused.append(step)
+            finally:
+                plain.close()
+
+    out = run_inline(cfg, on_step=plain_client_gets_nothing)  # workers use CURVE only
+    assert refused == [1]  # the socket really is encrypted: no keys, no answer
+    assert [row["step"] for row in out["history"]] == [1, 2, 3]
+    assert out["replay"]["sampled_groups"] == 3 * 4
+    assert accounted_for(out["replay"])
