@@ -7,6 +7,7 @@ the same model, warm-start, task, steps × batch (= trained groups) and seeds:
     flowrl          the paper: group-normalised reward, β = 15, clipped IS, FIFO, staleness 1
     flowrl_replay   off-policy trajectory balance: raw reward, β = 3, IS weight 1, batches of
                     fresh groups plus groups replayed uniformly from the buffer, no staleness bound
+    flowrl_tb_fresh the ablation: the same objective on fresh groups only (FIFO, each once)
 
 Each final policy is evaluated with ``--samples`` completions per prompt at T = 1.0 and 0.6
 (as in the paper) on the training prompts (diversity of what the policy learned) and on
@@ -37,7 +38,7 @@ from flowrl_async.progress import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK = {"lengths": [2], "min_solutions": 5, "partial_credit": 0.5}
-VARIANTS = ("grpo", "flowrl", "flowrl_replay")
+VARIANTS = ("grpo", "flowrl", "flowrl_replay", "flowrl_tb_fresh")
 TEMPERATURES = (1.0, 0.6)  # the paper evaluates at both
 COLUMNS = ("accuracy", "distinct_correct", "coverage", "tv_to_uniform", "entropy", "pass@1")
 
@@ -60,6 +61,9 @@ def config(variant: str, seed: int, steps: int, run_dir: Path, every: int) -> Tr
         cfg.algo = algo("flowrl_tb")
         r = cfg.replay
         r.selector, r.fresh_fraction, r.max_times_sampled, r.max_staleness = "mixed", 0.5, 8, None
+    elif variant == "flowrl_tb_fresh":  # the ablation: the same objective, no replay
+        cfg.algo = algo("flowrl_tb")
+        cfg.replay.max_staleness = None
     else:
         raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
     return cfg
@@ -179,7 +183,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS[:3]), choices=VARIANTS)
     p.add_argument("--samples", type=int, default=64, help="eval completions per prompt")
     p.add_argument("--out", default="bench-out/flowrl_vs_grpo")
     a = p.parse_args()
