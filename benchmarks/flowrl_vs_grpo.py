@@ -40,7 +40,14 @@ ROOT = Path(__file__).resolve().parents[1]
 TASK = {"lengths": [2], "min_solutions": 5, "partial_credit": 0.5}
 VARIANTS = ("grpo", "flowrl", "flowrl_replay", "flowrl_tb_fresh")
 TEMPERATURES = (1.0, 0.6)  # the paper evaluates at both
-COLUMNS = ("accuracy", "distinct_correct", "coverage", "tv_to_uniform", "entropy", "pass@1")
+COLUMNS = (
+    "accuracy",
+    "distinct_correct",
+    "coverage",
+    "tv_to_target",
+    "tv_to_uniform",
+    "entropy",
+)  # fmt: skip  (and pass@k, k = --samples)
 
 
 def algo(name: str) -> AlgoSection:
@@ -100,13 +107,13 @@ def evaluate_policy(run_dir: Path, samples: int, seed: int, temperature: float =
     }
 
 
-def reference_target(model_dir: Path, prompt, valid: tuple[str, ...]) -> list[float]:
+def reference_target(model_dir: Path, prompt, valid: tuple[str, ...], loaded=None) -> list[float]:
     """π_ref(y | x) over the valid answers (y followed by <eos>), normalised: FlowRL's target
     π_ref·exp(β·r) restricted to the answers that all earn the full reward."""
     from flowrl_async.learner.batch import sequence_logprob
     from flowrl_async.model import load_policy, load_tokenizer
 
-    model, tok = load_policy(model_dir), load_tokenizer(model_dir)
+    model, tok = loaded or (load_policy(model_dir), load_tokenizer(model_dir))
     prompt_ids = tok(prompt.text)["input_ids"]
     logps = [
         sequence_logprob(
@@ -118,6 +125,38 @@ def reference_target(model_dir: Path, prompt, valid: tuple[str, ...]) -> list[fl
     top = max(logps)
     weights = [math.exp(v - top) for v in logps]
     return [w / sum(weights) for w in weights]
+
+
+def tv_to_target(run_dir: Path, eval_path: Path) -> float:
+    """Mean over prompts of the TV distance between the sampled correct answers and FlowRL's
+    target on the valid set (π_ref restricted to it; 1.0 for a prompt with no correct
+    sample), from an evaluation's samples.jsonl. Cached beside it."""
+    cache = eval_path / "tv_to_target.json"
+    if cache.exists():
+        return json.loads(cache.read_text())["tv_to_target"]
+    from flowrl_async.model import load_policy, load_tokenizer
+    from flowrl_async.tasks.digits import DigitSumTask
+
+    task, ref = DigitSumTask(**TASK), run_dir / "init_model"
+    loaded = (load_policy(ref), load_tokenizer(ref))
+    samples = [json.loads(line) for line in (eval_path / "samples.jsonl").open()]
+    distances = []
+    for pid in sorted({s["prompt_id"] for s in samples}):
+        prompt = task.prompt(pid)
+        valid = task.valid_set(prompt)
+        got = Counter(s["completion"].strip() for s in samples
+                      if s["prompt_id"] == pid and s["info"] == "ok")  # fmt: skip
+        total = sum(got.values())
+        if total == 0:
+            distances.append(1.0)
+            continue
+        target = reference_target(ref, prompt, valid, loaded)
+        distances.append(
+            0.5 * sum(abs(got[v] / total - t) for v, t in zip(valid, target, strict=True))
+        )
+    value = sum(distances) / len(distances)
+    cache.write_text(json.dumps({"tv_to_target": value}))
+    return value
 
 
 def mean_std(values: list[float]) -> str:
@@ -201,21 +240,22 @@ def main() -> None:
                 if not (eval_dir(run_dir, "train", t) / "eval.json").exists():
                     evaluate_policy(run_dir, a.samples, seed, t)
                 for s in ("train", "eval"):
-                    ev[f"{s} T={t}"] = json.loads(
-                        (eval_dir(run_dir, s, t) / "eval.json").read_text()
-                    )
+                    path = eval_dir(run_dir, s, t)
+                    ev[f"{s} T={t}"] = json.loads((path / "eval.json").read_text())
+                    ev[f"{s} T={t}"]["tv_to_target"] = tv_to_target(run_dir, path)
             results[variant].append({"seed": seed, "run_dir": str(run_dir), "eval": ev,
                                      "metrics": read_metrics(run_dir / "metrics.jsonl")})  # fmt: skip
     trained = a.steps * TrainConfig().learner.batch_groups
     print(f"\n{len(a.seeds)} seeds, {a.steps} steps × {TrainConfig().learner.batch_groups} groups "
           f"= {trained} trained groups each; eval {a.samples} samples/prompt")  # fmt: skip
+    columns = (*COLUMNS, f"pass@{a.samples}")
     for split in [f"{s} T={t}" for s in ("train", "eval") for t in TEMPERATURES]:
         rows = [
-            (variant, *(mean_std([r["eval"][split][c] for r in runs]) for c in COLUMNS))
+            (variant, *(mean_std([r["eval"][split][c] for r in runs]) for c in columns))
             for variant, runs in results.items()
         ]
         print(f"\n{split.replace('eval', 'held-out')} prompts:")
-        print(_common.table(("variant", *COLUMNS), rows, (14, *[15] * len(COLUMNS))))
+        print(_common.table(("variant", *columns), rows, (16, *[15] * len(columns))))
     hist = histogram(out, results, a.seeds[0])
     png = plot(results, out / "flowrl_vs_grpo.png", hist)
     slim = {v: [{k: r[k] for k in ("seed", "run_dir", "eval")} for r in runs]
