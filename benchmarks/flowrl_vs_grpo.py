@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import statistics
 from collections import Counter
@@ -107,26 +106,6 @@ def evaluate_policy(run_dir: Path, samples: int, seed: int, temperature: float =
     }
 
 
-def reference_target(model_dir: Path, prompt, valid: tuple[str, ...], loaded=None) -> list[float]:
-    """π_ref(y | x) over the valid answers (y followed by <eos>), normalised: FlowRL's target
-    π_ref·exp(β·r) restricted to the answers that all earn the full reward."""
-    from flowrl_async.learner.batch import sequence_logprob
-    from flowrl_async.model import load_policy, load_tokenizer
-
-    model, tok = loaded or (load_policy(model_dir), load_tokenizer(model_dir))
-    prompt_ids = tok(prompt.text)["input_ids"]
-    logps = [
-        sequence_logprob(
-            model, prompt_ids + tok(y, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        )
-        - sequence_logprob(model, prompt_ids)
-        for y in valid
-    ]
-    top = max(logps)
-    weights = [math.exp(v - top) for v in logps]
-    return [w / sum(weights) for w in weights]
-
-
 def tv_to_target(run_dir: Path, eval_path: Path) -> float:
     """Mean over prompts of the TV distance between the sampled correct answers and FlowRL's
     target on the valid set (π_ref restricted to it; 1.0 for a prompt with no correct
@@ -134,26 +113,21 @@ def tv_to_target(run_dir: Path, eval_path: Path) -> float:
     cache = eval_path / "tv_to_target.json"
     if cache.exists():
         return json.loads(cache.read_text())["tv_to_target"]
+    from flowrl_async.evaluate import distribution_metrics, reference_target
     from flowrl_async.model import load_policy, load_tokenizer
     from flowrl_async.tasks.digits import DigitSumTask
 
     task, ref = DigitSumTask(**TASK), run_dir / "init_model"
-    loaded = (load_policy(ref), load_tokenizer(ref))
+    reference = (load_policy(ref), load_tokenizer(ref))
     samples = [json.loads(line) for line in (eval_path / "samples.jsonl").open()]
     distances = []
     for pid in sorted({s["prompt_id"] for s in samples}):
         prompt = task.prompt(pid)
         valid = task.valid_set(prompt)
-        got = Counter(s["completion"].strip() for s in samples
-                      if s["prompt_id"] == pid and s["info"] == "ok")  # fmt: skip
-        total = sum(got.values())
-        if total == 0:
-            distances.append(1.0)
-            continue
-        target = reference_target(ref, prompt, valid, loaded)
-        distances.append(
-            0.5 * sum(abs(got[v] / total - t) for v, t in zip(valid, target, strict=True))
-        )
+        answers = [s["completion"].strip() for s in samples
+                   if s["prompt_id"] == pid and s["info"] == "ok"]  # fmt: skip
+        target = reference_target(*reference, prompt.text, valid)
+        distances.append(distribution_metrics(answers, valid, target)["tv_to_target"])
     value = sum(distances) / len(distances)
     cache.write_text(json.dumps({"tv_to_target": value}))
     return value
@@ -213,7 +187,11 @@ def histogram(out: Path, results: dict, seed: int) -> dict:
         )
         total = max(sum(got.values()), 1)
         empirical[variant] = [got[v] / total for v in valid]
-    target = reference_target(some_run / "init_model", prompt, valid)
+    from flowrl_async.evaluate import reference_target
+    from flowrl_async.model import load_policy, load_tokenizer
+
+    ref = some_run / "init_model"
+    target = reference_target(load_policy(ref), load_tokenizer(ref), prompt.text, valid)
     return {"prompt": prompt.text, "seed": seed, "valid": list(valid), "target": target,
             "empirical": empirical}  # fmt: skip
 

@@ -229,6 +229,9 @@ class EvalConfig:
     """Where samples.jsonl and eval.json go (default: <checkpoint>/eval-T<temperature>)."""
     seed: int = 0
     """Sampling seed."""
+    reference: str | None = None
+    """The reference policy π_ref (e.g. RUN/init_model): on tasks with an enumerable valid
+    set, eval.json also gets tv_to_target, the TV distance to FlowRL's target there."""
 
 
 def validate(cfg: TrainConfig) -> None:

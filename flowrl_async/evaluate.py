@@ -29,20 +29,49 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def distribution_metrics(answers: list[str], valid: tuple[str, ...]) -> dict[str, float]:
-    """Coverage, TV to uniform over ``valid``, and entropy of the correct answers."""
+def distribution_metrics(
+    answers: list[str], valid: tuple[str, ...], target: list[float] | None = None
+) -> dict[str, float]:
+    """Coverage, TV to uniform over ``valid``, entropy of the correct answers, and with
+    ``target`` (probabilities over ``valid``) the TV distance to it."""
     counts = Counter(a for a in answers if a in set(valid))
     total = sum(counts.values())
     coverage = len(counts) / len(valid)
     if total == 0:
-        return {"coverage": 0.0, "tv_to_uniform": 1.0, "entropy": 0.0}
+        out = {"coverage": 0.0, "tv_to_uniform": 1.0, "entropy": 0.0}
+        return out if target is None else {**out, "tv_to_target": 1.0}
     uniform = 1.0 / len(valid)
     tv = 0.5 * sum(abs(counts.get(v, 0) / total - uniform) for v in valid)
     entropy = -sum((c / total) * math.log(c / total) for c in counts.values())
-    return {"coverage": coverage, "tv_to_uniform": tv, "entropy": entropy}
+    out = {"coverage": coverage, "tv_to_uniform": tv, "entropy": entropy}
+    if target is not None:
+        pairs = zip(valid, target, strict=True)
+        out["tv_to_target"] = 0.5 * sum(abs(counts.get(v, 0) / total - t) for v, t in pairs)
+    return out
 
 
-def score_prompt(prompt, completions: list[str], verify, valid) -> tuple[dict, list[dict]]:
+def reference_target(model, tokenizer, prompt_text: str, valid: tuple[str, ...]) -> list[float]:
+    """FlowRL's target on the valid set: π ∝ π_ref·exp(β·r) restricted to answers that all
+    earn the full reward is π_ref(y | x) renormalised over them (y followed by <eos>)."""
+    from flowrl_async.learner.batch import sequence_logprob
+
+    prompt_ids = tokenizer(prompt_text)["input_ids"]
+    base = sequence_logprob(model, prompt_ids)
+    logps = [
+        sequence_logprob(
+            model,
+            prompt_ids + tokenizer(y, add_special_tokens=False)["input_ids"]
+            + [tokenizer.eos_token_id],
+        ) - base
+        for y in valid
+    ]  # fmt: skip
+    top = max(logps)
+    weights = [math.exp(v - top) for v in logps]
+    return [w / sum(weights) for w in weights]
+
+
+def score_prompt(prompt, completions: list[str], verify, valid,
+                 target=None) -> tuple[dict, list[dict]]:  # fmt: skip
     verdicts = [verify(prompt, text) for text in completions]
     correct = [v for v in verdicts if v.info == "ok"]
     n, c = len(verdicts), len(correct)
@@ -56,7 +85,7 @@ def score_prompt(prompt, completions: list[str], verify, valid) -> tuple[dict, l
         "distinct_correct": len(set(answers)),
     }
     if valid is not None:
-        row.update(distribution_metrics(answers, valid))
+        row.update(distribution_metrics(answers, valid, target))
     samples = [
         {"prompt_id": prompt.prompt_id, "prompt": prompt.text, "completion": text,
          "reward": v.reward, "info": v.info}
@@ -65,8 +94,10 @@ def score_prompt(prompt, completions: list[str], verify, valid) -> tuple[dict, l
     return row, samples
 
 
-def sample_and_score(generator, tokenizer, task, prompts, spec) -> tuple[dict, list, list]:
-    """Generate ``spec.n`` completions per prompt and score them.
+def sample_and_score(generator, tokenizer, task, prompts, spec,
+                     reference=None) -> tuple[dict, list, list]:  # fmt: skip
+    """Generate ``spec.n`` completions per prompt and score them; ``reference``: the
+    (model, tokenizer) of π_ref, for the TV distance to FlowRL's target on the valid set.
 
     -> (means over prompts of every per-prompt metric, per-prompt rows, sample lines)."""
     ids = [tokenizer(p.text)["input_ids"] for p in prompts]
@@ -74,7 +105,10 @@ def sample_and_score(generator, tokenizer, task, prompts, spec) -> tuple[dict, l
     for prompt, group in zip(prompts, generator.generate(ids, spec), strict=True):
         texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in group]
         valid = task.valid_set(prompt) if hasattr(task, "valid_set") else None
-        row, sample_lines = score_prompt(prompt, texts, task.verify, valid)
+        target = None
+        if valid is not None and reference is not None:
+            target = reference_target(*reference, prompt.text, valid)
+        row, sample_lines = score_prompt(prompt, texts, task.verify, valid, target)
         rows.append(row)
         lines.extend(sample_lines)
     keys = [k for k in rows[0] if k != "prompt_id"]
@@ -82,12 +116,12 @@ def sample_and_score(generator, tokenizer, task, prompts, spec) -> tuple[dict, l
 
 
 def evaluate(generator, tokenizer, task, prompts, samples: int, temperature: float,
-             max_tokens: int, out_dir: Path, seed: int = 0) -> dict:  # fmt: skip
+             max_tokens: int, out_dir: Path, seed: int = 0, reference=None) -> dict:  # fmt: skip
     from flowrl_async.actors.generator import SampleSpec
 
     out_dir.mkdir(parents=True, exist_ok=True)
     spec = SampleSpec(samples, temperature, 1.0, max_tokens, seed)
-    means, rows, lines = sample_and_score(generator, tokenizer, task, prompts, spec)
+    means, rows, lines = sample_and_score(generator, tokenizer, task, prompts, spec, reference)
     with open(out_dir / "samples.jsonl", "w") as f:
         f.writelines(json.dumps(line) + "\n" for line in lines)
     result = {
@@ -126,8 +160,14 @@ def run_eval(cfg) -> dict:
     prompts = task.eval_prompts if cfg.split == "eval" else task.train_prompts
     generator = build_generator(cfg.engine, str(model_dir), cfg.seed, 256, "float32")
     out = Path(cfg.out_dir) if cfg.out_dir else model_dir.parent / f"eval-T{cfg.temperature}"
+    reference = None
+    if cfg.reference:  # π_ref, for the distance to FlowRL's target
+        from flowrl_async.model import load_policy
+
+        ref_dir = resolve_model_dir(cfg.reference)
+        reference = (load_policy(ref_dir), load_tokenizer(ref_dir))
     result = evaluate(generator, load_tokenizer(model_dir), task, prompts, cfg.samples,
-                      cfg.temperature, cfg.max_tokens, out, cfg.seed)  # fmt: skip
+                      cfg.temperature, cfg.max_tokens, out, cfg.seed, reference)  # fmt: skip
     shown = {k: v for k, v in result.items() if k != "per_prompt"}
     width = max(map(len, shown))
     for k, v in shown.items():

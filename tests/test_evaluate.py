@@ -95,6 +95,7 @@ def test_eval_cli_writes_samples_and_metrics(tmp_path):
             "samples=4",
             f"out_dir={out}",
             "split=train",
+            f"reference={model}",  # π_ref = the model itself: tv_to_target is reported
         ],
         capture_output=True,
         text=True,
@@ -108,3 +109,41 @@ def test_eval_cli_writes_samples_and_metrics(tmp_path):
     assert len(lines) == 4 * len(task.train_prompts)
     rows = [json.loads(x) for x in lines]
     assert sum(r["info"] == "ok" for r in rows) / len(rows) == pytest.approx(metrics["accuracy"])
+    assert 0.0 <= metrics["tv_to_target"] <= 1.0
+    assert all("tv_to_target" in row for row in metrics["per_prompt"])
+
+
+def test_tv_to_target_hand_worked():
+    valid = ("04", "13", "22", "31", "40")
+    target = [0.1, 0.4, 0.2, 0.2, 0.1]
+    # empirical 0.5, 0.25, 0.25 on 13, 22, 40:
+    # TV = 0.5·(|0 − .1| + |.5 − .4| + |.25 − .2| + |0 − .2| + |.25 − .1|) = 0.5·0.6 = 0.3
+    m = distribution_metrics(["13", "13", "22", "40", "99"], valid, target)
+    assert m["tv_to_target"] == pytest.approx(0.3, abs=1e-12)
+    assert distribution_metrics([], valid, target)["tv_to_target"] == 1.0
+    assert "tv_to_target" not in distribution_metrics(["13"], valid)
+
+
+def test_reference_target_is_pi_ref_renormalised_over_the_valid_set(tmp_path):
+    import torch
+
+    from flowrl_async.evaluate import reference_target
+    from flowrl_async.model import load_policy, load_tokenizer
+
+    path = build_tiny_model(tmp_path / "m", seed=3)
+    model, tok = load_policy(path), load_tokenizer(path)
+    valid = valid_answers(4, 2)  # 04 13 22 31 40
+    got = reference_target(model, tok, "sum 4 len 2:", valid)
+    # independently: π_ref(y + <eos> | x) by one teacher-forced pass per answer
+    prompt = tok("sum 4 len 2:")["input_ids"]
+    probs = []
+    for y in valid:
+        ids = prompt + tok(y, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0], -1)
+        probs.append(
+            math.exp(sum(float(logp[t - 1, ids[t]]) for t in range(len(prompt), len(ids))))
+        )
+    expected = [p / sum(probs) for p in probs]
+    assert sum(got) == pytest.approx(1.0, abs=1e-9)
+    assert got == pytest.approx(expected, rel=1e-4)
