@@ -20,7 +20,10 @@ its reply echoes it):
   release {actor}                   -> released {}
   sample {batch_size, version, timeout_ms, req} -> batch {groups, info} | empty {}  (held
                                        until enough groups and the rate limiter allow, or
-                                       the timeout)
+                                       the timeout; a retry (same ``req``) of one of the
+                                       last ``ANSWERS_KEPT`` answered gets the same batch,
+                                       after a restart too: ``req`` is in the ``smp``
+                                       record)
   checkpoint {tag?}                 -> checkpointed {path, segment, offset}
   stats  {}                         -> stats {...}
   anything malformed                -> error {reason}                 (counted in
@@ -175,7 +178,6 @@ class ReplayServer:
         self._stop = threading.Event()
         self._held_samples: list[Held] = []
         self._held_inserts: OrderedDict[str, HeldInsert] = OrderedDict()  # by group id
-        self._answered: dict[str, tuple[str, dict]] = {}  # recent sample replies by request id
         self._sock = None
         self._ctx = self._auth = None  # with CURVE: this server's context and ZAP handler
         self.bound_address: str | None = None
@@ -403,8 +405,8 @@ class ReplayServer:
                 self.state.limiter.check_batch(batch_size)
             except ValueError as e:
                 raise WireError(str(e)) from None
-        if req in self._answered:  # a retry: the same answer again, never a second batch
-            return self._answered[req]
+        if req in self.state.answers:  # a retry: the same answer again, never a second batch
+            return self._batch_reply(req)
         reply = self._try_sample(batch_size, version, req)
         if reply is None:
             self._hold_sample(Held(identity, msg, time.monotonic() + timeout_ms / 1000.0))
@@ -418,23 +420,13 @@ class ReplayServer:
         ids = self.buffer.select(batch_size)
         if ids is None:
             return None
-        entries = [self.buffer.entries[i] for i in ids]
-        staleness = [self.buffer.staleness(e) for e in entries]
-        self._record({"k": "smp", "ids": ids, "v": self.buffer.version})
-        reply = (
-            "batch",
-            {
-                "groups": Packed([e.payload for e in entries]),  # stored bytes, as they are
-                "info": [
-                    [e.times_sampled, s, e.inserted_at]
-                    for e, s in zip(entries, staleness, strict=True)
-                ],
-            },
-        )
-        self._answered[req] = reply
-        while len(self._answered) > 16:
-            self._answered.pop(next(iter(self._answered)))
-        return reply
+        # the record keeps the answer (state.answers), for retries, after a restart too
+        self._record({"k": "smp", "ids": ids, "v": self.buffer.version, "req": req})
+        return self._batch_reply(req)
+
+    def _batch_reply(self, req: str) -> tuple[str, dict]:
+        payloads, info = self.state.answers[req]
+        return "batch", {"groups": Packed(payloads), "info": info}  # stored bytes, as they are
 
     def stats(self) -> dict:
         out = {

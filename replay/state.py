@@ -6,12 +6,17 @@ Records (msgpack maps; ``k`` says which):
   adm {a, p}    prompt-stream positions ``p`` granted to actor ``a``
   rel {a}       actor ``a`` restarted: its outstanding positions are handed out again
   ver {v}       the learner's version rose to ``v`` (stale groups are evicted)
-  smp {ids, v}  groups handed to the learner at version ``v``
+  smp {ids, v, req?}  groups handed to the learner at version ``v``, answering the sample
+                request ``req`` (older logs have no ``req``)
 
 Invariants:
 - ``apply`` is the only way the state changes, so replaying the log in order rebuilds the
   state exactly: the same groups in the same order with the same sample counts and insert
-  times, the same evictions, work dispatch and rate-limiter counters;
+  times, the same evictions, work dispatch and rate-limiter counters, and the answers to
+  the last ``ANSWERS_KEPT`` sample requests (``answers``: request id -> the groups' bytes
+  and per-group info as first sent, kept even when the groups were used up), so that a
+  retry of a sample whose answer a crash lost gets that same answer from the restarted
+  server;
 - ``snapshot()`` is plain msgpack-able data and ``restore(snapshot())`` gives a state whose
   ``snapshot()`` is equal. Runtime figures (duplicates, rejected requests) and the
   selector's RNG are not part of the state: a restart counts duplicates from zero and
@@ -21,6 +26,7 @@ Invariants:
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from dataclasses import asdict
 
 import msgpack
@@ -29,6 +35,7 @@ from flowrl_async.replay.buffer import Counters, Entry, ReplayBuffer
 from flowrl_async.replay.rate_limiter import RateLimiter
 from flowrl_async.wire import GroupInfo, WireLimits, check_group
 
+ANSWERS_KEPT = 8  # sample answers a retry can still get, across restarts too
 RUNTIME_COUNTERS = ("duplicates",)  # counted since the process started, not recovered
 _PACKER = msgpack.Packer(use_bin_type=True)
 _INS_HEAD = b"".join((_PACKER.pack_map_header(3), *map(_PACKER.pack, ("k", "ins", "g"))))
@@ -52,6 +59,8 @@ class ReplayState:
         self.outstanding: dict[int, set[int]] = {}  # actor -> positions granted, not yet in
         self.redo: list[int] = []  # positions of restarted actors, handed out first
         self.cursor = 0  # the next new position in the prompt stream
+        # request id -> (groups' bytes, [times_sampled, staleness, inserted_at] per group)
+        self.answers: OrderedDict[str, tuple[list[bytes], list[list]]] = OrderedDict()
 
     @property
     def in_flight(self) -> int:
@@ -92,11 +101,28 @@ class ReplayState:
             self.buffer.evict_stale(record["v"])
         elif kind == "smp":
             self.buffer.evict_stale(record["v"])
+            if isinstance(record.get("req"), str):
+                self._keep_answer(record["req"], record["ids"])
             n = self.buffer.mark_sampled(record["ids"])
             if self.limiter is not None:
                 self.limiter.record_sample(n)
         else:
             raise KeyError(kind)
+
+    def _keep_answer(self, req: str, ids: list[str]) -> None:
+        """The answer to sample request ``req``, as the server sends it (``times_sampled``
+        counts this sample too); read before the groups are marked sampled, since used-up
+        ones leave the buffer."""
+        entries = [self.buffer.entries.get(i) for i in ids]
+        if any(e is None for e in entries):  # a damaged log lost one: no answer to repeat
+            return
+        self.answers[req] = (
+            [e.payload for e in entries],
+            [[e.times_sampled + 1, self.buffer.staleness(e), e.inserted_at] for e in entries],
+        )
+        self.answers.move_to_end(req)
+        while len(self.answers) > ANSWERS_KEPT:
+            self.answers.popitem(last=False)
 
     # ---------------------------------------------------------------- snapshot
     def snapshot(self) -> dict:
@@ -116,6 +142,7 @@ class ReplayState:
             "limiter": None
             if self.limiter is None
             else [self.limiter.inserts, self.limiter.samples],
+            "answers": [[req, payloads, info] for req, (payloads, info) in self.answers.items()],
         }
 
     def restore(self, snap: dict) -> None:
@@ -137,3 +164,7 @@ class ReplayState:
             # with one would have counted (every accepted insert, every sampled group)
             counts = snap["limiter"] or [b.counters.inserted, b.counters.sampled_groups]
             self.limiter.inserts, self.limiter.samples = counts
+        self.answers = OrderedDict(  # a checkpoint from before answers were kept: none
+            (req, (list(payloads), [list(i) for i in info]))
+            for req, payloads, info in snap.get("answers", [])
+        )
