@@ -124,6 +124,8 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
             resumed = ray.get(procs.learner.resume.remote(str(run_dir / "checkpoints")))
             start = resumed["step"]
             print(f"resumed from {resumed['path']} (step {start}, version {resumed['version']})")
+            if (rewind := resumed["replay_rewind"]) is not None:
+                print(f"replay service rewound to the learner's checkpoint: {rewind}")
         if cfg.replay.preload:
             address = ray.get(procs.replay.address.remote())
             stored = preload(cfg.replay.preload, address, keys=replay_keys(cfg))

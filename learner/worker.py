@@ -18,7 +18,7 @@ from flowrl_async.learner.log_z import LogZHead
 from flowrl_async.learner.weight_sender import WeightSender
 from flowrl_async.model import load_policy, load_tokenizer, save_model
 from flowrl_async.placement import endpoint
-from flowrl_async.replay.client import ReplayClient
+from flowrl_async.replay.client import ReplayClient, ReplayError
 from flowrl_async.weights import new_group, share_storage
 
 
@@ -161,14 +161,26 @@ class LearnerWorker:
             return str(path)
 
     def resume(self, root: str) -> dict:
-        """Load the newest checkpoint under ``root``; -> its step, version and extra."""
+        """Load the newest checkpoint under ``root`` and rewind the replay service to the
+        replay checkpoint taken with it (the groups sampled since, for updates now lost, are
+        offered again); -> its step, version and extra, and ``replay_rewind``: what the
+        service answered, or the error that kept it from rewinding (training goes on)."""
         path = latest(root)
         if path is None:
             raise FileNotFoundError(f"resume: no checkpoint under {root}")
         policy_state, state, extra = load_checkpoint(path)
         with self.lock:
             self.learner.load_training_state(state, policy_state)
-        return {"path": str(path), "step": state["step"], "version": state["version"], **extra}
+            rewind = None
+            if "replay_checkpoint" in extra:
+                try:
+                    rewind = self.replay_control.rewind(extra["replay_checkpoint"]["path"])
+                except ReplayError as e:  # e.g. a fresh replay directory: nothing to rewind
+                    rewind = {"error": str(e)}
+        return {
+            "path": str(path), "step": state["step"], "version": state["version"], **extra,
+            "replay_rewind": rewind,
+        }  # fmt: skip
 
     def save_policy(self, path: str) -> str:
         return str(save_model(path, self.learner.policy, self.tokenizer))

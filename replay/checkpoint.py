@@ -27,6 +27,7 @@ from flowrl_async.replay.log import FRAME
 
 FORMAT = 1
 TAG = re.compile(r"[A-Za-z0-9_.-]{0,64}")
+NAME = re.compile(r"ckpt-\d{8}-\d{12}(-[A-Za-z0-9_.-]{1,64})?\.ckpt")  # default_name's
 
 
 def default_name(position: tuple[int, int], tag: str = "") -> str:

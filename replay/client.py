@@ -268,6 +268,14 @@ class ReplayClient:
         _, msg = self.request("checkpoint", tag=tag)
         return {k: msg[k] for k in ("path", "segment", "offset")}
 
+    def rewind(self, checkpoint: str) -> dict:
+        """The learner resumed from the state it had at replay checkpoint ``checkpoint`` (the
+        ``path`` ``checkpoint()`` returned, or its file name): groups sampled since are
+        offered again, every group acknowledged since stays, prompt positions handed out
+        since are not handed out again; -> {checkpoint, version, size} after the rewind."""
+        _, msg = self.request("rewind", checkpoint=checkpoint)
+        return {k: msg[k] for k in ("checkpoint", "version", "size")}
+
     def stats(self) -> dict:
         return {k: v for k, v in self.request("stats")[1].items() if k not in ("v", "t", "rid")}
 

@@ -106,16 +106,33 @@ class SegmentLog:
     ) -> Iterator[bytes]:
         """Every intact record at or after ``start``, oldest first. Truncates a torn tail of
         the last segment unless ``truncate`` is False (read-only readers of a stored run)."""
+        for _, payload in self.read_from(report, start, truncate):
+            yield payload
+
+    def read_from(
+        self,
+        report: RecoveryReport | None = None,
+        start: tuple[int, int] = (0, 0),
+        truncate: bool = True,
+        end: tuple[int, int] | None = None,
+    ) -> Iterator[tuple[tuple[int, int], bytes]]:
+        """``read_all`` with each record's position (segment index, offset of its frame),
+        stopping before the first record at or after ``end`` (nothing is truncated then)."""
         report = report if report is not None else RecoveryReport()
         segs = [p for p in self.segments() if self.index(p) >= start[0]]
         for i, path in enumerate(segs):
+            index = self.index(path)
+            if end is not None and (index, 0) >= end:
+                return
             data = path.read_bytes()
-            pos = start[1] if self.index(path) == start[0] else 0
+            pos = start[1] if index == start[0] else 0
             while pos < len(data):
+                if end is not None and (index, pos) >= end:
+                    return
                 payload = _frame_at(data, pos)
                 if payload is not None:
                     report.records += 1
-                    yield payload
+                    yield (index, pos), payload
                     pos += FRAME.size + len(payload)
                     continue
                 # damaged here: a bad CRC or a length that does not fit. Resume at the next

@@ -25,6 +25,11 @@ its reply echoes it):
                                        after a restart too: ``req`` is in the ``smp``
                                        record)
   checkpoint {tag?}                 -> checkpointed {path, segment, offset}
+  rewind {checkpoint}               -> rewound {checkpoint, version, size}  (the learner
+                                       resumed from the state of that replay checkpoint,
+                                       named by its file in ``<dir>/checkpoints`` (a path:
+                                       its file name): sampling state back to it, every
+                                       group and prompt position since kept; see ``rewind``)
   stats  {}                         -> stats {...}
   anything malformed                -> error {reason}                 (counted in
                                        ``rejected``; nothing else changes)
@@ -70,7 +75,7 @@ from flowrl_async.replay.buffer import ReplayBuffer
 from flowrl_async.replay.curve import ServerCurve
 from flowrl_async.replay.log import RecoveryReport, SegmentLog
 from flowrl_async.replay.rate_limiter import RateLimiter
-from flowrl_async.replay.state import ReplayState, insert_record
+from flowrl_async.replay.state import REWIND_KEEPS, ReplayState, insert_record
 from flowrl_async.wire import (
     ACCEPTED,
     DUPLICATE,
@@ -174,6 +179,7 @@ class ReplayServer:
         self.internal_errors = 0  # unexpected exceptions while handling a request
         self.insert_timeouts = 0  # inserts held by the rate limiter past their timeout
         self.recovered_checkpoint = ""
+        self.rewind_errors = 0  # rwd records recovery could not apply (checkpoint gone)
         self.recovery = self._recover()
         self._stop = threading.Event()
         self._held_samples: list[Held] = []
@@ -222,10 +228,22 @@ class ReplayServer:
                 continue
             start, self.recovered_checkpoint = (header["segment"], header["offset"]), str(path)
             break
-        for payload in self.log.read_all(report, start):
+        for position, payload in self.log.read_from(report, start):
             try:
-                self.state.apply(msgpack.unpackb(payload, raw=False))
-            except Exception:  # a record that does not decode or apply: skipped, counted
+                record = msgpack.unpackb(payload, raw=False)
+            except Exception:  # a record that does not decode: skipped, counted
+                report.corrupt_skipped += 1
+                continue
+            if isinstance(record, dict) and record.get("k") == "rwd":
+                try:
+                    self.state = self._rewound(record["c"], position, (record["s"], record["o"]))
+                except Exception as e:  # its checkpoint is gone: the state stays as it was
+                    self.rewind_errors += 1
+                    print(f"replay recovery: cannot redo rewind {record!r}: {e}", file=sys.stderr)
+                continue
+            try:
+                self.state.apply(record)
+            except Exception:  # a record that does not apply: skipped, counted
                 report.corrupt_skipped += 1
         if self.log.position() < start:
             # the log ends before the checkpoint (lost after its fsync?): write new records
@@ -249,6 +267,58 @@ class ReplayServer:
         )
         header = ckpt.write(path, self.state.snapshot(), position, tag)
         return {**header, "path": str(path)}
+
+    def rewind(self, checkpoint: str) -> dict:
+        """The learner resumed from the state it had when replay checkpoint ``checkpoint``
+        (a file of ``<dir>/checkpoints``; a path: its file name) was taken: its updates
+        since are lost, so the groups it sampled since must be offered again.
+
+        The state becomes the checkpoint's plus every ``ins``, ``adm`` and ``rel`` record
+        logged after it: every group acknowledged since stays (nothing acknowledged is lost)
+        and no prompt position handed out since is handed out again, while sample counts,
+        uses, stale evictions, the learner's version and the rate limiter's sample count
+        are the checkpoint's. Sample answers are dropped (they went to the learner that is
+        being replaced). Logged as an ``rwd`` record, which recovery redoes the same way.
+        Call it on the serving thread (the ``rewind`` request) or while not serving.
+        """
+        name = Path(checkpoint).name
+        if not ckpt.NAME.fullmatch(name):
+            raise WireError(f"rewind: {checkpoint!r} is not a replay checkpoint file name")
+        end = self.log.position()
+        loaded = ckpt.load(self.checkpoint_dir / name)
+        if loaded is None:
+            raise WireError(f"rewind: no intact checkpoint {name} in {self.checkpoint_dir}")
+        covered = (loaded[0]["segment"], loaded[0]["offset"])
+        if covered > end:
+            raise WireError(f"rewind: checkpoint {name} is ahead of the log (at {end})")
+        state = self._rewound(name, end, covered, loaded)
+        self.log.append(msgpack.packb({"k": "rwd", "c": name, "s": covered[0], "o": covered[1]}))
+        self.state = state
+        return {"checkpoint": name, "version": self.buffer.version, "size": len(self.buffer)}
+
+    def _rewound(
+        self, name: str, end: tuple[int, int], covered: tuple[int, int], loaded=None
+    ) -> ReplayState:
+        """Checkpoint ``name`` (it must cover the log up to ``covered``) plus the records
+        of ``REWIND_KEEPS`` logged after it and before ``end``: a new state."""
+        loaded = loaded or ckpt.load(self.checkpoint_dir / name)
+        if loaded is None:
+            raise ValueError(f"no intact checkpoint {name} in {self.checkpoint_dir}")
+        header, snapshot = loaded
+        covered = tuple(covered)
+        if (header["segment"], header["offset"]) != covered or covered > end:
+            raise ValueError(f"checkpoint {name} covers {header}, not {covered} before {end}")
+        state = self._new_state()
+        state.restore(snapshot)
+        state.answers.clear()
+        for _, payload in self.log.read_from(start=covered, truncate=False, end=end):
+            try:
+                record = msgpack.unpackb(payload, raw=False)
+                if record["k"] in REWIND_KEEPS:
+                    state.apply(record)
+            except Exception:  # skipped, as recovery skips it (counted there)
+                continue
+        return state
 
     def _dead_on_arrival(self, weights_version: int) -> bool:
         bound = self.buffer.max_staleness
@@ -292,6 +362,11 @@ class ReplayServer:
                 raise WireError(str(e)) from None
             header = self.checkpoint(tag=tag)
             return "checkpointed", {k: header[k] for k in ("path", "segment", "offset")}
+        if msg_type == "rewind":
+            checkpoint = msg.get("checkpoint")
+            if not isinstance(checkpoint, str):
+                raise WireError("rewind needs the name of a replay checkpoint 'checkpoint'")
+            return "rewound", self.rewind(checkpoint)
         if msg_type == "stats":
             return "stats", self.stats()
         raise WireError(f"unknown message type {msg_type!r}")
@@ -445,6 +520,7 @@ class ReplayServer:
             "recovery_corrupt_skipped": self.recovery.corrupt_skipped,
             "recovery_torn_bytes": self.recovery.torn_bytes_truncated,
             "recovered_checkpoint": self.recovered_checkpoint,
+            "recovery_rewind_errors": self.rewind_errors,
         }
         if (lim := self.state.limiter) is not None:
             out.update(limiter_inserts=lim.inserts, limiter_samples=lim.samples)

@@ -8,15 +8,22 @@ Records (msgpack maps; ``k`` says which):
   ver {v}       the learner's version rose to ``v`` (stale groups are evicted)
   smp {ids, v, req?}  groups handed to the learner at version ``v``, answering the sample
                 request ``req`` (older logs have no ``req``)
+  rwd {c, s, o} the learner resumed from replay checkpoint ``c`` (a file name in
+                ``checkpoints/``) covering the log up to (segment ``s``, offset ``o``): the
+                state becomes that checkpoint's plus the ``ins``/``adm``/``rel`` records
+                logged after it (``REWIND_KEEPS``). Applied by the server
+                (``ReplayServer.rewind``), which needs the checkpoint and the log
 
 Invariants:
-- ``apply`` is the only way the state changes, so replaying the log in order rebuilds the
-  state exactly: the same groups in the same order with the same sample counts and insert
-  times, the same evictions, work dispatch and rate-limiter counters, and the answers to
-  the last ``ANSWERS_KEPT`` sample requests (``answers``: request id -> the groups' bytes
-  and per-group info as first sent, kept even when the groups were used up), so that a
-  retry of a sample whose answer a crash lost gets that same answer from the restarted
-  server;
+- ``apply`` (and, for ``rwd``, a rebuild from a checkpoint and ``apply``) is the only way
+  the state changes, so replaying the log in order rebuilds the state exactly: the same
+  groups in the same order with the same sample counts and insert times, the same
+  evictions, work dispatch and rate-limiter counters, and the answers to the last
+  ``ANSWERS_KEPT`` sample requests (``answers``: request id -> the groups' bytes and
+  per-group info as first sent, kept even when the groups were used up), so that a retry
+  of a sample whose answer a crash lost gets that same answer from the restarted server;
+- a rewind (``rwd``) changes no group's acknowledgement and no work dispatch: ``seen``,
+  ``inserted``, the cursor, outstanding and redo positions are as before it;
 - ``snapshot()`` is plain msgpack-able data and ``restore(snapshot())`` gives a state whose
   ``snapshot()`` is equal. Runtime figures (duplicates, rejected requests) and the
   selector's RNG are not part of the state: a restart counts duplicates from zero and
@@ -36,6 +43,7 @@ from flowrl_async.replay.rate_limiter import RateLimiter
 from flowrl_async.wire import GroupInfo, WireLimits, check_group
 
 ANSWERS_KEPT = 8  # sample answers a retry can still get, across restarts too
+REWIND_KEEPS = ("ins", "adm", "rel")  # records after the checkpoint that a rewind re-applies
 RUNTIME_COUNTERS = ("duplicates",)  # counted since the process started, not recovered
 _PACKER = msgpack.Packer(use_bin_type=True)
 _INS_HEAD = b"".join((_PACKER.pack_map_header(3), *map(_PACKER.pack, ("k", "ins", "g"))))
