@@ -29,8 +29,10 @@ COLUMNS = ("stale", "IS mean", "ESS", "clipped", "steps/s", "wait", "reward", "a
            "eval acc", "distinct")  # fmt: skip
 
 
-def config(staleness: int, is_mode: str, seed: int, steps: int, run_dir: Path) -> TrainConfig:
+def config(staleness: int, is_mode: str, seed: int, steps: int, run_dir: Path,
+           lr: float) -> TrainConfig:  # fmt: skip
     cfg = TrainConfig(run_dir=str(run_dir), seed=seed)
+    cfg.learner.lr = lr
     cfg.task.kwargs = dict(TASK)
     cfg.learner.steps, cfg.learner.checkpoint_every = steps, 10**6
     cfg.replay.max_staleness, cfg.algo.is_mode = staleness, is_mode
@@ -62,6 +64,7 @@ def main() -> None:
     p.add_argument("--staleness", type=int, nargs="+", default=[0, 1, 4])
     p.add_argument("--is-modes", nargs="+", default=["clip", "off"])
     p.add_argument("--samples", type=int, default=64)
+    p.add_argument("--lr", type=float, default=TrainConfig().learner.lr)
     p.add_argument("--out", default="bench-out/staleness_sweep")
     a = p.parse_args()
     out = Path(a.out).resolve()
@@ -72,7 +75,7 @@ def main() -> None:
                 run_dir = out / f"s{staleness}-{is_mode}-seed{seed}"
                 if not (run_dir / "eval-train" / "eval.json").exists():  # resumable (T=1.0)
                     shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run starts over
-                    train(config(staleness, is_mode, seed, a.steps, run_dir))
+                    train(config(staleness, is_mode, seed, a.steps, run_dir, a.lr))
                     evaluate_policy(run_dir, a.samples, seed)
                 ev = {s: json.loads((run_dir / f"eval-{s}" / "eval.json").read_text())
                       for s in ("train", "eval")}  # fmt: skip
@@ -80,7 +83,7 @@ def main() -> None:
                 results.setdefault(key, []).append(measure(run_dir, ev))
     rows = [(key, *(mean_std([r[c] for r in runs]) for c in COLUMNS))
             for key, runs in results.items()]  # fmt: skip
-    print(f"\nFlowRL (paper), {a.steps} steps, seeds {a.seeds}; mean ± std over seeds")
+    print(f"\nFlowRL (paper), {a.steps} steps, lr {a.lr}, seeds {a.seeds}; mean ± std over seeds")
     print(table(("setting", *COLUMNS), rows, (24, *[15] * len(COLUMNS))))
     (out / "results.json").write_text(json.dumps({"args": vars(a), "results": results}, indent=2))
     print(f"\nwrote {out / 'results.json'}")
