@@ -1,4 +1,7 @@
-"""Small valid records for tests."""
+"""Small valid records and data files for tests."""
+
+import json
+from pathlib import Path
 
 import numpy as np
 
@@ -32,3 +35,9 @@ def make_group(
         created_at=100.0,
         finished_at=101.5,
     )
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    """One line per row: a str as it is (for malformed lines), anything else as JSON."""
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path

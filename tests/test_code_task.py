@@ -2,7 +2,6 @@
 programs that loop, fork without bound, allocate without bound, signal their parent, reach
 for the network or write outside their directory; none of it may harm the caller."""
 
-import json
 import os
 import socket
 import threading
@@ -15,15 +14,12 @@ import yaml
 from flowrl_async.tasks import PromptSource, load_task
 from flowrl_async.tasks.code import CodeTask, extract_code
 
+from factories import write_jsonl
+
 ROOT = Path(__file__).resolve().parents[1]
 
 ADD = "def add(a, b):\n    return a + b\n"
 SUM_IO = "a, b = map(int, input().split())\nprint(a + b)\n"
-
-
-def write_jsonl(path: Path, rows) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return path
 
 
 @pytest.fixture

@@ -1,7 +1,6 @@
 """MathTask: answer extraction, math-verify equivalence, failures as reasons (never raises),
 verification off the main thread, problem files and their errors."""
 
-import json
 import pickle
 import threading
 import time
@@ -13,12 +12,9 @@ import yaml
 from flowrl_async.tasks import PromptSource, load_task
 from flowrl_async.tasks.math import MathTask, extract_answer, last_boxed
 
+from factories import write_jsonl
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def write_jsonl(path: Path, rows) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return path
 
 
 @pytest.fixture

@@ -35,6 +35,18 @@ pytestmark = pytest.mark.integration
 LIMITS = WireLimits(max_message_bytes=1 << 16, max_responses=16, max_tokens=512, max_groups=64)
 
 
+def serve_and_connect(server: ReplayServer):
+    """Serve ``server`` on a thread; -> (that thread, a DEALER socket connected to it)."""
+    thread = threading.Thread(target=server.serve, daemon=True)
+    thread.start()
+    while server.bound_address is None:
+        time.sleep(0.01)
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(server.bound_address)
+    return thread, sock
+
+
 def base_groups() -> list[dict]:
     return [
         group_to_wire(make_group(f"base{i}", n=1 + i % 4, tokens=1 + i % 7, version=i % 3))
@@ -189,13 +201,7 @@ def test_fuzzed_messages_are_each_answered_and_counted(tmp_path):
     assert len(messages) == 10_500
     expected_rejected = sum(rejected for _, _, rejected in messages)
     server = ReplayServer(ServerConfig(str(tmp_path / "replay"), "tcp://127.0.0.1:0"), LIMITS)
-    thread = threading.Thread(target=server.serve, daemon=True)
-    thread.start()
-    while server.bound_address is None:
-        time.sleep(0.01)
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(server.bound_address)
+    thread, sock = serve_and_connect(server)
     try:
         mismatches = []
         for index, (category, frames, rejected) in enumerate(messages):
@@ -246,13 +252,7 @@ def test_fuzzed_groups_in_batches_get_the_reference_decoders_verdicts(tmp_path):
     server = ReplayServer(
         ServerConfig(str(tmp_path / "replay"), "tcp://127.0.0.1:0", max_staleness=None), LIMITS
     )
-    thread = threading.Thread(target=server.serve, daemon=True)
-    thread.start()
-    while server.bound_address is None:
-        time.sleep(0.01)
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(server.bound_address)
+    thread, sock = serve_and_connect(server)
     try:
         seen, expected, got = set(), [], []
         for start in range(0, len(items), 10):
