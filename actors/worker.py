@@ -13,6 +13,7 @@ import torch
 
 from flowrl_async.actors.generator import SampleSpec
 from flowrl_async.actors.rollout import RolloutLoop
+from flowrl_async.heap import freeze_survivors
 from flowrl_async.model import load_tokenizer
 from flowrl_async.replay.client import ReplayClient
 from flowrl_async.tasks import PromptSource, load_task
@@ -77,6 +78,7 @@ class RolloutWorker:
             groups_per_batch,
             probe_tolerance=probe_tolerance,
         )
+        freeze_survivors()  # the engine and modules: out of the collector's way
 
     def ready(self) -> bool:
         return True

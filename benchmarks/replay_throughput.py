@@ -8,7 +8,10 @@ raw figure:
             ``insert`` at a time (``python -m flowrl_async.replay.server`` in another
             process, log on disk, fsync every 10 ms)
   service   sampled groups/s with batches of 64 (uniform selector, groups stay), and the
-            p50/p99 latency of one ``sample(64)`` call, decoding included
+            p50/p99 latency of one ``sample(64)`` call, decoding included, in a process
+            that imported torch (as the learner's does): as the learner calls it (start-up
+            objects frozen, no collection while decoding: flowrl_async/heap.py), and side by
+            side without either, with the collections' own time
 
 On a shared machine the load changes from second to second, so the figures are taken in
 ``--rounds`` rounds, each measuring raw and then the service right after it on the same
@@ -22,6 +25,8 @@ Run: .venv/bin/python benchmarks/replay_throughput.py [--groups 1500] [--rounds 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import multiprocessing as mp
 import re
 import signal
@@ -32,13 +37,29 @@ import time
 
 import msgpack
 import numpy as np
+import torch  # noqa: F401  (the learner's process imports it: its heap is this big)
 import zmq
 
+from flowrl_async import heap as heap_module
+from flowrl_async.heap import freeze_survivors
 from flowrl_async.records import Group, Response, SamplingParams
+from flowrl_async.replay import client as replay_client
 from flowrl_async.replay.client import ReplayClient
 from flowrl_async.wire import group_to_wire
 
 RESPONSES, TOKENS, WINDOW, BATCH = 8, 256, 64, 64
+GC_PAUSES: list[tuple[int, float]] = []  # (generation, ms) of each collection
+_gc_started = [0.0]
+
+
+def _time_gc(phase: str, info: dict) -> None:
+    if phase == "start":
+        _gc_started[0] = time.perf_counter()
+    else:
+        GC_PAUSES.append((info["generation"], (time.perf_counter() - _gc_started[0]) * 1000))
+
+
+gc.callbacks.append(_time_gc)
 
 
 def make_groups(n: int, prefix: str, seed: int = 0) -> list[Group]:
@@ -141,14 +162,25 @@ def one_round(raw: RawEcho, client: ReplayClient, r: int, n: int, samples: int) 
     for g in single_groups:
         client.insert(g)
     out["single"] = len(single_groups) / (time.perf_counter() - start)
-    latencies = []
-    for _ in range(samples):
-        t0 = time.perf_counter()
-        batch = client.sample(BATCH, version=0)
-        latencies.append(time.perf_counter() - t0)
-        assert batch is not None and len(batch) == BATCH
-    out["sampled"] = BATCH * samples / sum(latencies)
-    out["latencies"] = latencies
+    for heap in ("careful", "careless"):  # side by side: as shipped, and without GC care
+        if heap == "careful":
+            freeze_survivors()
+            replay_client.gc_paused = heap_module.gc_paused
+        else:
+            gc.unfreeze()
+            replay_client.gc_paused = contextlib.nullcontext
+        latencies, kept = [], []
+        GC_PAUSES.clear()
+        for _ in range(samples):
+            t0 = time.perf_counter()
+            batch = client.sample(BATCH, version=0)
+            latencies.append(time.perf_counter() - t0)
+            assert batch is not None and len(batch) == BATCH
+            kept = [batch, *kept[:1]]  # a learner holds a batch or two while it trains
+        out[f"latencies_{heap}"] = latencies
+        out[f"gc_{heap}"] = list(GC_PAUSES)  # wherever they landed, in the call or after
+    replay_client.gc_paused = heap_module.gc_paused
+    out["sampled"] = BATCH * samples / sum(out["latencies_careful"])
     return out
 
 
@@ -193,9 +225,19 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name:<48} {value:>10,.0f} groups/s   {ratio:6.3f} x raw")
     per_round = ", ".join(f"{x['windowed'] / x['raw']:.2f}" for x in rounds)
     print(f"insert_many / raw in each round: {per_round}")
-    lat = np.array([t for x in rounds for t in x["latencies"]]) * 1000.0
-    p50, p99 = np.percentile(lat, 50), np.percentile(lat, 99)
-    print(f"sample({BATCH}) latency: p50 {p50:.2f} ms, p99 {p99:.2f} ms ({len(lat)} calls)")
+    for heap, how in [
+        ("careful", "as the learner calls it (heap frozen, GC paused while decoding)"),
+        ("careless", "without either"),
+    ]:
+        lat = np.array([t for x in rounds for t in x[f"latencies_{heap}"]]) * 1000.0
+        p50, p99 = np.percentile(lat, 50), np.percentile(lat, 99)
+        print(f"sample({BATCH}) latency, {how}: p50 {p50:.2f} ms, p99 {p99:.2f} ms "
+              f"({len(lat)} calls)")  # fmt: skip
+        pauses = [p for x in rounds for p in x[f"gc_{heap}"]]
+        full = [ms for gen, ms in pauses if gen == 2]
+        print(f"  garbage collections during those calls' loop: {len(pauses)}, "
+              f"{sum(ms for _, ms in pauses):.1f} ms in all; full ones: {len(full)}, "
+              f"longest {max(full, default=0.0):.1f} ms")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from flowrl_async.heap import freeze_survivors
 from flowrl_async.learner.checkpoint import latest, load_checkpoint, save_checkpoint
 from flowrl_async.learner.learner import AlgoConfig, Learner
 from flowrl_async.learner.log_z import LogZHead
@@ -66,6 +67,7 @@ class LearnerWorker:
             grad_clip=grad_clip, warmup_steps=warmup_steps, publish_every=publish_every,
             publish_fn=self._publish, probe_token_ids=probe, device=device,
         )  # fmt: skip
+        freeze_survivors()  # modules and models: out of the collector's way
 
     def ready(self) -> bool:
         return True
@@ -119,7 +121,10 @@ class LearnerWorker:
         started = time.perf_counter()
         groups, infos = self._sample(self.learner.batch_groups, self.learner.version)
         with self.lock:
-            return self.learner.train_on(groups, infos, waited=time.perf_counter() - started)
+            out = self.learner.train_on(groups, infos, waited=time.perf_counter() - started)
+        if self.learner.step_count == 1:
+            freeze_survivors()  # the optimizer's state, made by the first step
+        return out
 
     @property
     def step_count(self) -> int:

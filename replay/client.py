@@ -22,6 +22,7 @@ from pathlib import Path
 
 import zmq
 
+from flowrl_async.heap import gc_paused
 from flowrl_async.records import Group
 from flowrl_async.replay.curve import ClientCurve
 from flowrl_async.wire import (
@@ -105,7 +106,7 @@ class ReplayClient:
             while (left := deadline - time.monotonic()) > 0:
                 if not self._sock.poll(int(left * 1000) + 1):
                     break
-                kind, msg = decode(self._sock.recv(), self.limits)
+                kind, msg = decode(self._sock.recv(copy=False).buffer, self.limits)
                 if msg.get("rid") != rid:
                     continue  # a late answer to an earlier request
                 if kind == "error":
@@ -242,6 +243,10 @@ class ReplayClient:
         self, batch_size: int, version: int, timeout_s: float = 1.0
     ) -> list[tuple[Group, SampleInfo]] | None:
         """``batch_size`` whole groups, or None when the service had too few within timeout_s."""
+        with gc_paused():  # decoding makes ~10k objects and no cycles: nothing to collect
+            return self._sample(batch_size, version, timeout_s)
+
+    def _sample(self, batch_size: int, version: int, timeout_s: float):
         kind, msg = self.request(
             "sample",
             timeout_s=timeout_s + self.timeout,

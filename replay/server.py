@@ -70,6 +70,7 @@ from pathlib import Path
 import msgpack
 import zmq
 
+from flowrl_async.heap import Refreezer, freeze_survivors
 from flowrl_async.replay import checkpoint as ckpt
 from flowrl_async.replay.buffer import ReplayBuffer
 from flowrl_async.replay.curve import ServerCurve
@@ -125,6 +126,9 @@ class ServerConfig:
         eb = max(1.0, spi) + self.min_size_to_sample if eb is None else eb
         return RateLimiter(spi, self.min_size_to_sample, eb)
 
+
+FREEZE_EVERY = 4096  # inserts between two freezes (flowrl_async/heap.py)
+ZERO_COPY_BYTES = 1 << 16  # replies from this size on are handed to zmq without a copy
 
 SUPERSEDED = (
     "a later insert of this group took its place in the rate limiter's queue (that request "
@@ -187,6 +191,7 @@ class ReplayServer:
         self._sock = None
         self._ctx = self._auth = None  # with CURVE: this server's context and ZAP handler
         self.bound_address: str | None = None
+        self._refreezer = Refreezer(FREEZE_EVERY)  # held groups out of full collections
 
     def _new_state(self) -> ReplayState:
         c = self.cfg
@@ -212,6 +217,7 @@ class ReplayServer:
         self.log.append_many([insert_record(raw, at) for _, _, raw in accepted])
         for info, obj, raw in accepted:
             self.state.apply({"k": "ins", "g": obj, "at": at}, info, raw)
+        self._refreezer.add(len(accepted))
 
     def _recover(self) -> RecoveryReport:
         report, start = RecoveryReport(), (0, 0)
@@ -551,6 +557,7 @@ class ReplayServer:
         if self._sock is None:
             self.bind()
         sock = self._sock
+        freeze_survivors()  # what recovery loaded stays: out of the collector's way
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         try:
@@ -581,7 +588,9 @@ class ReplayServer:
             self._auth = self._ctx = None
 
     def _send(self, identity: bytes, kind: str, rid, **fields) -> None:
-        self._sock.send_multipart([identity, encode(kind, rid=_safe_rid(rid), **fields)])
+        data = encode(kind, rid=_safe_rid(rid), **fields)
+        # a large reply (a sampled batch) goes without a copy into zmq
+        self._sock.send_multipart([identity, data], copy=len(data) < ZERO_COPY_BYTES)
 
     def _on_frames(self, frames: list[bytes]) -> None:
         if len(frames) < 2:  # a ROUTER always prepends the identity; nobody to answer

@@ -1,9 +1,12 @@
 """The msgpack codec: exact round trips and clear rejections."""
 
+import dataclasses
+
 import msgpack
 import numpy as np
 import pytest
 
+from flowrl_async.records import Response
 from flowrl_async.wire import (
     SCHEMA_VERSION,
     GroupInfo,
@@ -164,8 +167,15 @@ GROUPS = [
 @pytest.mark.parametrize("group", GROUPS, ids=lambda g: g.group_id)
 def test_trusted_decode_gives_the_same_group_as_the_validating_decode(group):
     obj = msgpack.unpackb(pack_group(group), raw=False)  # as a server reply carries it
-    assert_same_group(group_from_wire_trusted(obj), group_from_wire(obj))
+    trusted = group_from_wire_trusted(obj)
+    assert_same_group(trusted, group_from_wire(obj))
+    assert_same_group(trusted, _group_from_wire_checked(obj, WireLimits()))  # the reference
     assert_same_group(group_from_wire(obj), group)
+    for made, built in zip(trusted.responses, group.responses, strict=True):
+        # built without __init__: the same class, fields in the same order, still frozen
+        assert type(made) is Response and list(vars(made)) == list(vars(built))
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            made.reward = 0.0
     # a prompt of another known dtype, and a map the fast check leaves to the full one
     obj["prompt"] = pack_array(np.arange(4, dtype=np.int64))
     assert_same_group(group_from_wire_trusted(obj), group_from_wire(obj))

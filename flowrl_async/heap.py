@@ -1,0 +1,50 @@
+"""Keeping Python's cyclic garbage collector out of the latency-critical loops.
+
+A full collection walks every tracked object of the process: ~70 ms in a process that
+imported torch, ~80 ms in a replay server holding 200k groups (measured here). CPython
+starts one whenever the objects that survived since the last one exceed a quarter of the
+long-lived ones, so without care it lands inside random ``sample`` calls and learner steps.
+Objects that live for the whole run (modules, the model, the optimizer state, groups held
+by the buffer) are moved out of the collector's sight with ``gc.freeze``; they are still
+freed by reference counting when dropped. Only a reference cycle among frozen objects would
+never be collected, and none of these make cycles.
+"""
+
+from __future__ import annotations
+
+import gc
+from contextlib import contextmanager
+
+
+def freeze_survivors() -> None:
+    """Collect the young generations (cheap), then freeze everything that is left: later
+    full collections walk only objects made after this call."""
+    gc.collect(1)
+    gc.freeze()
+
+
+class Refreezer:
+    """``freeze_survivors`` again every ``every`` events (e.g. groups inserted into a
+    buffer that keeps them), so long-lived objects never pile up in the oldest generation."""
+
+    def __init__(self, every: int):
+        self.every, self.count = every, 0
+
+    def add(self, n: int = 1) -> None:
+        self.count += n
+        if self.count >= self.every:
+            self.count = 0
+            freeze_survivors()
+
+
+@contextmanager
+def gc_paused():
+    """No collection inside: for decoding, which allocates many objects but makes no
+    reference cycles, so a collection triggered there could free nothing."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
