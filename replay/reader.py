@@ -3,7 +3,8 @@
 ``read_log(directory)`` yields every intact record in order (torn or corrupt frames are
 skipped and counted, as in recovery, but nothing is truncated: the reader never writes);
 ``stored_groups`` yields the inserted groups as typed records with their insert time and how
-many times the learner was handed each one. ``flowrl-async replay RUN_DIR`` prints a summary
+many times each was trained on (handed to the learner by a sample that no later rewind undid:
+samples the resumed learner lost do not count). ``flowrl-async replay RUN_DIR`` prints a summary
 per weight version and can export the groups as JSON lines.
 """
 
@@ -24,17 +25,45 @@ from flowrl_async.wire import WireError, group_from_wire
 
 def read_log(directory: str | Path, report: RecoveryReport | None = None) -> Iterator[dict]:
     """Every intact record, decoded, with the recovery's skipping rules and no writes."""
+    for _, record in read_records(directory, report):
+        yield record
+
+
+def read_records(
+    directory: str | Path, report: RecoveryReport | None = None
+) -> Iterator[tuple[tuple[int, int], dict]]:
+    """``read_log`` with each record's log position (segment index, offset)."""
     if not Path(directory).is_dir():
         raise FileNotFoundError(f"no replay log at {directory}")
-    for payload in SegmentLog(directory).read_all(report, truncate=False):
-        yield msgpack.unpackb(payload, raw=False)
+    for position, payload in SegmentLog(directory).read_from(report, truncate=False):
+        try:
+            yield position, msgpack.unpackb(payload, raw=False)
+        except Exception:  # a frame whose CRC holds but whose payload does not decode
+            if report is not None:
+                report.corrupt_skipped += 1
+
+
+def trained_counts(records: list[tuple[tuple[int, int], dict]]) -> Counter:
+    """How many times each group id was handed to a learner whose update survived: ``smp``
+    records count, except those a later ``rwd`` undid (a learner resumed from an older
+    checkpoint: the samples logged after the replay checkpoint it names were trained by
+    updates that are lost). ``records``: (log position, record), in log order."""
+    samples: list[tuple[tuple[int, int], list]] = []
+    for position, r in records:
+        if r.get("k") == "smp":
+            samples.append((position, r["ids"]))
+        elif r.get("k") == "rwd":  # the state went back to the log position (s, o)
+            covered = (r["s"], r["o"])
+            samples = [(p, ids) for p, ids in samples if p < covered]
+    return Counter(gid for _, ids in samples for gid in ids)
 
 
 def stored_groups(directory: str | Path) -> Iterator[tuple[Group, float, int]]:
-    """-> (group, insert time, times handed to the learner), in insert order."""
-    records = list(read_log(directory))
-    sampled = Counter(gid for r in records if r.get("k") == "smp" for gid in r["ids"])
-    for r in records:
+    """-> (group, insert time, times trained: handed to the learner by samples that no rewind
+    undid), in insert order."""
+    records = list(read_records(directory))
+    sampled = trained_counts(records)
+    for _, r in records:
         if r.get("k") != "ins":
             continue
         try:

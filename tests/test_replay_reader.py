@@ -2,6 +2,8 @@
 
 import json
 
+import msgpack
+
 from flowrl_async.cli import main
 from flowrl_async.replay.reader import stored_groups, summary
 from flowrl_async.replay.server import ReplayServer, ServerConfig
@@ -46,3 +48,33 @@ def test_a_corrupt_record_is_skipped_and_the_log_left_alone(tmp_path):
     segment.write_bytes(bytes(data))
     assert [g.group_id for g, _, _ in stored_groups(directory)] == ["b", "c"]
     assert segment.read_bytes() == bytes(data)  # the reader never writes
+
+
+def test_samples_a_rewind_undid_do_not_count_as_trained(tmp_path):
+    """a sampled before the replay checkpoint; b and c after it, by a learner step that was
+    lost (the learner resumed from that checkpoint: rewind); b again after the rewind."""
+    directory = tmp_path / "replay"
+    server = ReplayServer(ServerConfig(str(directory), "tcp://127.0.0.1:0", max_staleness=None))
+    for gid in "abcd":
+        server.handle("insert", {"group": group_to_wire(make_group(gid))})
+
+    def sample(n, req):
+        kind, reply = server.handle(
+            "sample", {"batch_size": n, "version": 0, "req": req, "timeout_ms": 0}
+        )
+        return [msgpack.unpackb(g)["id"] for g in reply["groups"]]
+
+    assert sample(1, "r1") == ["a"]
+    checkpoint = server.checkpoint()["path"]
+    assert sample(2, "r2") == ["b", "c"]  # trained by the lost update
+    server.rewind(checkpoint)
+    assert sample(1, "r3") == ["b"]  # offered again after the rewind
+    server.log.close()
+    trained = {g.group_id: times for g, _, times in stored_groups(directory)}
+    assert trained == {"a": 1, "b": 1, "c": 0, "d": 0}
+    # a second rewind to the same checkpoint undoes r3 too; the one before it stays undone
+    server = ReplayServer(ServerConfig(str(directory), "tcp://127.0.0.1:0", max_staleness=None))
+    server.rewind(checkpoint)
+    server.log.close()
+    trained = {g.group_id: times for g, _, times in stored_groups(directory)}
+    assert trained == {"a": 1, "b": 0, "c": 0, "d": 0}

@@ -2,6 +2,7 @@
 
 import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,6 +19,8 @@ from flowrl_async.replay.client import ReplayClient
 from flowrl_async.replay.server import ReplayServer, ServerConfig
 from flowrl_async.tasks import PromptSource
 from flowrl_async.tasks.digits import DigitSumTask
+
+from factories import make_group
 
 
 @pytest.fixture(scope="module")
@@ -157,3 +160,28 @@ def test_micro_batching_gives_the_same_gradient(model_dir):
     assert abs(loss_a - loss_b) < 1e-5
     for a, b in zip(ga, gb, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_staleness_histogram_counts_rows_from_weights_ahead_apart():
+    """After a resume, groups made by the lost run's weights are numbered after the
+    learner's version: they go to ``staleness_ahead``, never to a ``staleness_-1`` key."""
+    class Batch(SimpleNamespace):
+        def __len__(self):
+            return 4
+
+    batch = Batch(
+        rewards=torch.tensor([1.0, 0.0, 0.0, 1.0]),
+        correct=torch.tensor([True, False, False, True]),
+        staleness=torch.tensor([-1, 0, 0, 2]),
+        response_mask=torch.ones(4, 3, dtype=torch.bool),
+    )
+    groups = [make_group("g", n=4)]
+    m = Learner.batch_metrics(None, batch, groups)
+    stale = {k: v for k, v in m.items() if k.startswith("staleness_")}
+    assert stale == {
+        "staleness_mean": 0.25,
+        "staleness_max": 2.0,
+        "staleness_0": 0.5,
+        "staleness_2": 0.25,
+        "staleness_ahead": 0.25,
+    }
