@@ -57,14 +57,12 @@ limiter is off unless ``--samples-per-insert`` is given (with ``--min-size-to-sa
 
 from __future__ import annotations
 
-import argparse
 import signal
 import sys
 import threading
 import time
 import traceback
-from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import msgpack
@@ -73,10 +71,12 @@ import zmq
 from flowrl_async.heap import Refreezer, freeze_survivors
 from flowrl_async.replay import checkpoint as ckpt
 from flowrl_async.replay.buffer import ReplayBuffer
+from flowrl_async.replay.config import ServerConfig, parse_args
 from flowrl_async.replay.curve import ServerCurve
-from flowrl_async.replay.log import RecoveryReport, SegmentLog
-from flowrl_async.replay.rate_limiter import RateLimiter
-from flowrl_async.replay.state import REWIND_KEEPS, ReplayState, insert_record
+from flowrl_async.replay.held import SUPERSEDED, BatchReply, Held, HeldInsert, HeldRequests
+from flowrl_async.replay.log import SegmentLog
+from flowrl_async.replay.recovery import recover, rewound
+from flowrl_async.replay.state import ReplayState, insert_record
 from flowrl_async.wire import (
     ACCEPTED,
     DUPLICATE,
@@ -92,81 +92,8 @@ from flowrl_async.wire import (
     unpack_group,
 )
 
-
-@dataclass
-class ServerConfig:
-    directory: str
-    address: str = "tcp://127.0.0.1:5555"
-    capacity: int = 10_000
-    max_staleness: int | None = 1
-    selector: str = "fifo"
-    max_times_sampled: int = 1
-    groups_per_version: int = 8  # learner batch size × publish interval, for admission
-    fsync: str = "interval"
-    fsync_interval_ms: float = 10.0
-    segment_bytes: int = 64 * 1024 * 1024
-    seed: int = 0
-    fresh_fraction: float = 1.0  # the mixed selector: share of never-sampled groups per batch
-    # rate limiter (Reverb's SampleToInsertRatio, see rate_limiter.py); None: no limiter
-    samples_per_insert: float | None = None
-    min_size_to_sample: int = 1
-    error_buffer: float | None = None  # None: max(1, spi) + min_size_to_sample, which
-    # allows every batch size up to min_size_to_sample
-    insert_timeout_ms: int = 60_000  # the longest an insert is held, unless it says
-    # ZeroMQ CURVE (replay/curve.py): the server's secret certificate file turns it on;
-    # with a directory of client public certificates, only those clients may connect
-    curve_secret_key: str | None = None
-    curve_authorized_keys: str | None = None
-
-    def rate_limiter(self) -> RateLimiter | None:
-        spi = self.samples_per_insert
-        if spi is None:
-            return None
-        eb = self.error_buffer
-        eb = max(1.0, spi) + self.min_size_to_sample if eb is None else eb
-        return RateLimiter(spi, self.min_size_to_sample, eb)
-
-
 FREEZE_EVERY = 4096  # inserts between two freezes (flowrl_async/heap.py)
 ZERO_COPY_BYTES = 1 << 16  # replies from this size on are handed to zmq without a copy
-
-SUPERSEDED = (
-    "a later insert of this group took its place in the rate limiter's queue (that request "
-    "gets the outcome); resending is safe"
-)
-
-
-@dataclass
-class Held:
-    """A sample request parked until it can be served or its deadline."""
-
-    identity: bytes
-    msg: dict
-    deadline: float
-
-
-@dataclass
-class BatchReply:
-    """The ``acks`` of one ``insert_batch``: sent once no group's outcome is pending."""
-
-    identity: bytes
-    rid: object
-    results: list
-    pending: int = 0
-    abandoned: bool = False  # its request already got an error: never send acks
-
-
-@dataclass
-class HeldInsert:
-    """A valid new group the rate limiter holds back, and where its outcome goes: a single
-    insert's (identity, rid), or a slot (BatchReply, index) of a batch."""
-
-    info: GroupInfo
-    obj: dict
-    raw: bytes
-    deadline: float
-    timeout_ms: int
-    waiter: tuple
 
 
 class ReplayServer:
@@ -182,12 +109,12 @@ class ReplayServer:
         self.rejected = 0  # malformed requests (each answered with one error)
         self.internal_errors = 0  # unexpected exceptions while handling a request
         self.insert_timeouts = 0  # inserts held by the rate limiter past their timeout
-        self.recovered_checkpoint = ""
-        self.rewind_errors = 0  # rwd records recovery could not apply (checkpoint gone)
-        self.recovery = self._recover()
+        recovered = recover(self.log, self.checkpoint_dir, self._new_state)
+        self.state, self.recovery = recovered.state, recovered.report
+        self.recovered_checkpoint = recovered.checkpoint
+        self.rewind_errors = recovered.rewind_errors  # rwd records it could not redo
         self._stop = threading.Event()
-        self._held_samples: list[Held] = []
-        self._held_inserts: OrderedDict[str, HeldInsert] = OrderedDict()  # by group id
+        self.held = HeldRequests()
         self._sock = None
         self._ctx = self._auth = None  # with CURVE: this server's context and ZAP handler
         self.bound_address: str | None = None
@@ -218,44 +145,6 @@ class ReplayServer:
         for info, obj, raw in accepted:
             self.state.apply({"k": "ins", "g": obj, "at": at}, info, raw)
         self._refreezer.add(len(accepted))
-
-    def _recover(self) -> RecoveryReport:
-        report, start = RecoveryReport(), (0, 0)
-        self.state = self._new_state()
-        for path in ckpt.candidates(self.checkpoint_dir):
-            loaded = ckpt.load(path)
-            if loaded is None:
-                continue
-            header, snapshot = loaded
-            try:
-                self.state.restore(snapshot)
-            except (KeyError, TypeError, ValueError):
-                self.state = self._new_state()
-                continue
-            start, self.recovered_checkpoint = (header["segment"], header["offset"]), str(path)
-            break
-        for position, payload in self.log.read_from(report, start):
-            try:
-                record = msgpack.unpackb(payload, raw=False)
-            except Exception:  # a record that does not decode: skipped, counted
-                report.corrupt_skipped += 1
-                continue
-            if isinstance(record, dict) and record.get("k") == "rwd":
-                try:
-                    self.state = self._rewound(record["c"], position, (record["s"], record["o"]))
-                except Exception as e:  # its checkpoint is gone: the state stays as it was
-                    self.rewind_errors += 1
-                    print(f"replay recovery: cannot redo rewind {record!r}: {e}", file=sys.stderr)
-                continue
-            try:
-                self.state.apply(record)
-            except Exception:  # a record that does not apply: skipped, counted
-                report.corrupt_skipped += 1
-        if self.log.position() < start:
-            # the log ends before the checkpoint (lost after its fsync?): write new records
-            # to a fresh segment so that they sort after the checkpoint
-            self.log.roll()
-        return report
 
     def checkpoint(self, path: str | Path | None = None, tag: str = "") -> dict:
         """Write the state and the log position it covers, atomically; -> header + path.
@@ -297,34 +186,10 @@ class ReplayServer:
         covered = (loaded[0]["segment"], loaded[0]["offset"])
         if covered > end:
             raise WireError(f"rewind: checkpoint {name} is ahead of the log (at {end})")
-        state = self._rewound(name, end, covered, loaded)
+        state = rewound(self.log, self.checkpoint_dir, self._new_state, name, end, covered, loaded)
         self.log.append(msgpack.packb({"k": "rwd", "c": name, "s": covered[0], "o": covered[1]}))
         self.state = state
         return {"checkpoint": name, "version": self.buffer.version, "size": len(self.buffer)}
-
-    def _rewound(
-        self, name: str, end: tuple[int, int], covered: tuple[int, int], loaded=None
-    ) -> ReplayState:
-        """Checkpoint ``name`` (it must cover the log up to ``covered``) plus the records
-        of ``REWIND_KEEPS`` logged after it and before ``end``: a new state."""
-        loaded = loaded or ckpt.load(self.checkpoint_dir / name)
-        if loaded is None:
-            raise ValueError(f"no intact checkpoint {name} in {self.checkpoint_dir}")
-        header, snapshot = loaded
-        covered = tuple(covered)
-        if (header["segment"], header["offset"]) != covered or covered > end:
-            raise ValueError(f"checkpoint {name} covers {header}, not {covered} before {end}")
-        state = self._new_state()
-        state.restore(snapshot)
-        state.answers.clear()
-        for _, payload in self.log.read_from(start=covered, truncate=False, end=end):
-            try:
-                record = msgpack.unpackb(payload, raw=False)
-                if record["k"] in REWIND_KEEPS:
-                    state.apply(record)
-            except Exception:  # skipped, as recovery skips it (counted there)
-                continue
-        return state
 
     def _dead_on_arrival(self, weights_version: int) -> bool:
         bound = self.buffer.max_staleness
@@ -439,18 +304,15 @@ class ReplayServer:
         """Inserts wait behind held ones (arrival order) and while the limiter says so."""
         limiter = self.state.limiter
         return limiter is not None and (
-            bool(self._held_inserts) or not limiter.can_insert(len(self.buffer))
+            bool(self.held.inserts) or not limiter.can_insert(len(self.buffer))
         )
 
     def _hold_insert(self, info: GroupInfo, obj: dict, raw: bytes, timeout_ms: int, waiter) -> None:
-        held = self._held_inserts.get(info.group_id)
-        if held is not None:  # a retry: answer the new request, keep the first deadline
-            old, held.waiter = held.waiter, waiter
-            if isinstance(old[0], BatchReply):  # so that the rest of its batch is answered
-                self._answer_slot(old[0], old[1], TIMEOUT, SUPERSEDED)
-            return
-        deadline = time.monotonic() + timeout_ms / 1000.0
-        self._held_inserts[info.group_id] = HeldInsert(info, obj, raw, deadline, timeout_ms, waiter)
+        old = self.held.take_insert_waiter(info.group_id, waiter)
+        if old is None:
+            self.held.hold_insert(info, obj, raw, timeout_ms, waiter)
+        elif isinstance(old[0], BatchReply):  # so that the rest of its batch is answered
+            self._answer_slot(old[0], old[1], TIMEOUT, SUPERSEDED)
 
     def _resolve(self, held: HeldInsert, status: str, reason: str = "") -> None:
         """Answer a held insert's waiter: its ack (or error), or its slot of a batch."""
@@ -490,7 +352,7 @@ class ReplayServer:
             return self._batch_reply(req)
         reply = self._try_sample(batch_size, version, req)
         if reply is None:
-            self._hold_sample(Held(identity, msg, time.monotonic() + timeout_ms / 1000.0))
+            self.held.hold_sample(Held(identity, msg, time.monotonic() + timeout_ms / 1000.0))
         return reply
 
     def _try_sample(self, batch_size: int, version: int, req: str) -> tuple[str, dict] | None:
@@ -517,8 +379,8 @@ class ReplayServer:
             "internal_errors": self.internal_errors,
             "log_sync_errors": self.log.sync_errors,
             "insert_timeouts": self.insert_timeouts,
-            "held_inserts": len(self._held_inserts),
-            "held_samples": len(self._held_samples),
+            "held_inserts": len(self.held.inserts),
+            "held_samples": len(self.held.samples),
             "in_flight": self.state.in_flight,
             "cursor": self.state.cursor,
             **asdict(self.buffer.counters),
@@ -563,7 +425,7 @@ class ReplayServer:
         try:
             while not self._stop.is_set():
                 wait_ms = 100  # the log fsyncs on its own thread ("interval") or at once
-                if self._held_inserts or self._held_samples:
+                if self.held:
                     wait_ms = min(wait_ms, 10)
                 if dict(poller.poll(wait_ms)).get(sock):
                     while True:
@@ -613,30 +475,24 @@ class ReplayServer:
             traceback.print_exc(file=sys.stderr)
             self._send(identity, "error", rid, reason=f"internal error: {type(e).__name__}: {e}")
 
-    def _hold_sample(self, held: Held) -> None:
-        # a retry of a held sample replaces it (new socket identity)
-        req = held.msg.get("req")
-        self._held_samples = [h for h in self._held_samples if h.msg.get("req") != req]
-        self._held_samples.append(held)
-
     def _serve_held(self) -> None:
         """Answer what can go now (inserts first, in order; samples free inserts, so repeat),
         then time out the rest."""
-        if not (self._held_inserts or self._held_samples):
+        if not self.held:
             return
         progress = True
         while progress:
             progress = False
             limiter = self.state.limiter
-            while self._held_inserts and limiter.can_insert(len(self.buffer)):
-                gid, held = self._held_inserts.popitem(last=False)
+            while self.held.inserts and limiter.can_insert(len(self.buffer)):
+                gid, held = self.held.inserts.popitem(last=False)
                 if gid in self.buffer.seen:  # cannot happen: a retry replaces the held one
                     self._resolve(held, DUPLICATE)
                     continue
                 self._inserts([(held.info, held.obj, held.raw)])
                 self._resolve(held, ACCEPTED)
             still = []
-            for held in self._held_samples:
+            for held in self.held.samples:
                 m = held.msg
                 reply = self._try_sample(m["batch_size"], m["version"], m["req"])
                 if reply is None:
@@ -644,17 +500,13 @@ class ReplayServer:
                     continue
                 self._send(held.identity, reply[0], m.get("rid"), **reply[1])
                 progress = limiter is not None
-            self._held_samples = still
+            self.held.samples = still
         now = time.monotonic()
-        for gid, held in list(self._held_inserts.items()):
-            if held.deadline <= now:
-                del self._held_inserts[gid]
-                self.insert_timeouts += 1
-                reason = self.state.limiter.why_insert_waits(len(self.buffer))
-                self._resolve(held, TIMEOUT, f"{reason}; held {held.timeout_ms} ms")
-        expired = [h for h in self._held_samples if h.deadline <= now]
-        self._held_samples = [h for h in self._held_samples if h.deadline > now]
-        for held in expired:
+        for held in self.held.expired_inserts(now):
+            self.insert_timeouts += 1
+            reason = self.state.limiter.why_insert_waits(len(self.buffer))
+            self._resolve(held, TIMEOUT, f"{reason}; held {held.timeout_ms} ms")
+        for held in self.held.expired_samples(now):
             self._send(held.identity, "empty", held.msg.get("rid"))
 
     def stop(self) -> None:
@@ -673,56 +525,7 @@ def _safe_rid(rid):
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dir", required=True)
-    p.add_argument("--address", default="tcp://127.0.0.1:5555", help="port 0: pick a free one")
-    p.add_argument("--capacity", type=int, default=10_000)
-    p.add_argument("--max-staleness", type=int, default=1, help="-1 for no bound")
-    p.add_argument("--selector", default="fifo")
-    p.add_argument("--max-times-sampled", type=int, default=1)
-    p.add_argument("--groups-per-version", type=int, default=8)
-    p.add_argument("--fsync", default="interval")
-    p.add_argument("--fsync-interval-ms", type=float, default=10.0)
-    p.add_argument("--segment-bytes", type=int, default=64 * 1024 * 1024)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fresh-fraction", type=float, default=1.0, help="selector mixed")
-    p.add_argument(
-        "--samples-per-insert", type=float, default=None, help="enables the rate limiter"
-    )
-    p.add_argument("--min-size-to-sample", type=int, default=1)
-    p.add_argument("--error-buffer", type=float, default=None)
-    p.add_argument("--insert-timeout-ms", type=int, default=60_000)
-    p.add_argument(
-        "--curve-secret-key", default=None, help="the server's CURVE secret certificate file"
-    )
-    p.add_argument(
-        "--curve-authorized-keys",
-        default=None,
-        help="a directory of client public certificates: only those may connect",
-    )
-    a = p.parse_args(argv)
-    server = ReplayServer(
-        ServerConfig(
-            directory=a.dir,
-            address=a.address,
-            capacity=a.capacity,
-            max_staleness=None if a.max_staleness < 0 else a.max_staleness,
-            selector=a.selector,
-            max_times_sampled=a.max_times_sampled,
-            groups_per_version=a.groups_per_version,
-            fsync=a.fsync,
-            fsync_interval_ms=a.fsync_interval_ms,
-            segment_bytes=a.segment_bytes,
-            seed=a.seed,
-            fresh_fraction=a.fresh_fraction,
-            samples_per_insert=a.samples_per_insert,
-            min_size_to_sample=a.min_size_to_sample,
-            error_buffer=a.error_buffer,
-            insert_timeout_ms=a.insert_timeout_ms,
-            curve_secret_key=a.curve_secret_key,
-            curve_authorized_keys=a.curve_authorized_keys,
-        )
-    )
+    server = ReplayServer(parse_args(argv, __doc__.splitlines()[0]))
     signal.signal(signal.SIGTERM, lambda *_: server.stop())
     signal.signal(signal.SIGINT, lambda *_: server.stop())
     address = server.bind()

@@ -1,0 +1,91 @@
+"""Requests the replay server answers later: inserts its rate limiter holds back (answered in
+arrival order) and samples waiting for enough groups, each until its deadline.
+
+A retry replaces what it retries: a held insert of the same group id keeps its place and
+first deadline and answers the new request (``take_insert_waiter``); a held sample with the
+same ``req`` is dropped for the new one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from flowrl_async.wire import GroupInfo
+
+SUPERSEDED = (
+    "a later insert of this group took its place in the rate limiter's queue (that request "
+    "gets the outcome); resending is safe"
+)
+
+
+@dataclass
+class Held:
+    """A sample request parked until it can be served or its deadline."""
+
+    identity: bytes
+    msg: dict
+    deadline: float
+
+
+@dataclass
+class BatchReply:
+    """The ``acks`` of one ``insert_batch``: sent once no group's outcome is pending."""
+
+    identity: bytes
+    rid: object
+    results: list
+    pending: int = 0
+    abandoned: bool = False  # its request already got an error: never send acks
+
+
+@dataclass
+class HeldInsert:
+    """A valid new group the rate limiter holds back, and where its outcome goes: a single
+    insert's (identity, rid), or a slot (BatchReply, index) of a batch."""
+
+    info: GroupInfo
+    obj: dict
+    raw: bytes
+    deadline: float
+    timeout_ms: int
+    waiter: tuple
+
+
+@dataclass
+class HeldRequests:
+    inserts: OrderedDict[str, HeldInsert] = field(default_factory=OrderedDict)  # by group id
+    samples: list[Held] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.inserts or self.samples)
+
+    def take_insert_waiter(self, group_id: str, waiter: tuple) -> tuple | None:
+        """When ``group_id`` is held: its outcome now goes to ``waiter``; -> the waiter it
+        replaced. None when it is not held."""
+        held = self.inserts.get(group_id)
+        if held is None:
+            return None
+        old, held.waiter = held.waiter, waiter
+        return old
+
+    def hold_insert(self, info: GroupInfo, obj: dict, raw: bytes, timeout_ms: int, waiter) -> None:
+        deadline = time.monotonic() + timeout_ms / 1000.0
+        self.inserts[info.group_id] = HeldInsert(info, obj, raw, deadline, timeout_ms, waiter)
+
+    def hold_sample(self, held: Held) -> None:
+        req = held.msg.get("req")  # a retry of a held sample replaces it (new socket identity)
+        self.samples = [h for h in self.samples if h.msg.get("req") != req]
+        self.samples.append(held)
+
+    def expired_inserts(self, now: float) -> list[HeldInsert]:
+        """Held inserts past their deadline, removed."""
+        gone = [gid for gid, held in self.inserts.items() if held.deadline <= now]
+        return [self.inserts.pop(gid) for gid in gone]
+
+    def expired_samples(self, now: float) -> list[Held]:
+        """Held samples past their deadline, removed."""
+        expired = [h for h in self.samples if h.deadline <= now]
+        self.samples = [h for h in self.samples if h.deadline > now]
+        return expired
