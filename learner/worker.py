@@ -158,7 +158,9 @@ class LearnerWorker:
         with self.lock:
             lrn = self.learner
             tag = f"step-{lrn.step_count:08d}"
-            extra = {**(extra or {}), "replay_checkpoint": self.replay_control.checkpoint(tag)}
+            # the service keeps as many checkpoints as the learner (keep 0: all)
+            replay = self.replay_control.checkpoint(tag, keep=keep if keep > 0 else None)
+            extra = {**(extra or {}), "replay_checkpoint": replay}
             path = save_checkpoint(
                 root, lrn.step_count, lrn.policy, self.tokenizer, lrn.training_state(), extra,
                 keep,

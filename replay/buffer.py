@@ -35,6 +35,8 @@ class Entry:
     priority: float = 1.0  # e.g. reward spread within the group
     inserted_at: float = field(default_factory=time.time)
     times_sampled: int = 0
+    where: tuple[int, int] | None = None  # its ``ins`` record in the log (segment, offset):
+    # checkpoints refer to the group's bytes there instead of holding a copy
 
 
 @dataclass

@@ -10,7 +10,10 @@ Invariants:
 - it covers exactly the log records before ``(segment, offset)``; the caller fsyncs the log
   up to there first, so a crash can never leave a checkpoint ahead of the log it covers;
 - ``candidates`` lists the checkpoints of a directory newest first (by covered position,
-  then creation time); a damaged one (bad CRC, unreadable) is skipped by ``load``.
+  then creation time); a damaged one (bad CRC, unreadable) is skipped by ``load``;
+- a snapshot holds a group by the log position of its ``ins`` record (format 2), so a
+  checkpoint's size does not grow with the groups' size, and the log segments it refers to
+  must stay (nothing deletes segments); ``prune`` keeps the newest ``keep`` checkpoints.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ import msgpack
 
 from flowrl_async.replay.log import FRAME
 
-FORMAT = 1
+FORMAT = 2  # 2: groups held by reference to their ``ins`` record in the log
+READABLE = (1, 2)
 TAG = re.compile(r"[A-Za-z0-9_.-]{0,64}")
 NAME = re.compile(r"ckpt-\d{8}-\d{12}(-[A-Za-z0-9_.-]{1,64})?\.ckpt")  # default_name's
 
@@ -87,7 +91,7 @@ def read_header(path: Path) -> dict | None:
             header = _read_frame(f)
     except (OSError, ValueError, msgpack.UnpackException):
         return None
-    ok = isinstance(header, dict) and header.get("format") == FORMAT
+    ok = isinstance(header, dict) and header.get("format") in READABLE
     return header if ok else None
 
 
@@ -98,7 +102,7 @@ def load(path: Path) -> tuple[dict, dict] | None:
             header, snapshot = _read_frame(f), _read_frame(f)
     except (OSError, ValueError, msgpack.UnpackException):
         return None
-    if not isinstance(header, dict) or header.get("format") != FORMAT:
+    if not isinstance(header, dict) or header.get("format") not in READABLE:
         return None
     return (header, snapshot) if isinstance(snapshot, dict) else None
 
@@ -111,3 +115,14 @@ def candidates(directory: Path) -> list[Path]:
         if header is not None:
             found.append(((header["segment"], header["offset"], header["created"]), path))
     return [path for _, path in sorted(found, reverse=True)]
+
+
+def prune(directory: Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` checkpoints of ``directory`` (as ``candidates``
+    orders them; files it cannot read are left alone); -> the deleted paths."""
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    gone = candidates(directory)[keep:]
+    for path in gone:
+        path.unlink(missing_ok=True)
+    return gone

@@ -267,10 +267,12 @@ class ReplayClient:
                 f"malformed batch from {self.address}: {type(e).__name__}: {e}"
             ) from e
 
-    def checkpoint(self, tag: str = "") -> dict:
+    def checkpoint(self, tag: str = "", keep: int | None = None) -> dict:
         """Ask for a replay checkpoint now (e.g. with the learner's step as ``tag``);
-        -> {path, segment, offset}. Recovery starts from the newest one."""
-        _, msg = self.request("checkpoint", tag=tag)
+        -> {path, segment, offset}. Recovery starts from the newest one. ``keep``: the
+        service then deletes all but the newest ``keep`` of its checkpoints."""
+        fields = {"tag": tag} if keep is None else {"tag": tag, "keep": keep}
+        _, msg = self.request("checkpoint", **fields)
         return {k: msg[k] for k in ("path", "segment", "offset")}
 
     def rewind(self, checkpoint: str) -> dict:

@@ -164,14 +164,16 @@ class SegmentLog:
             path = self.dir / f"seg-{index:08d}.log"
         self._file = open(path, "ab")  # noqa: SIM115 - held open for the log's lifetime
 
-    def append(self, payload: bytes) -> None:
-        self.append_many((payload,))
+    def append(self, payload: bytes) -> tuple[int, int]:
+        """-> the record's position (segment index, offset of its frame)."""
+        return self.append_many((payload,))[0]
 
-    def append_many(self, payloads: Sequence[bytes | tuple[bytes, ...]]) -> None:
+    def append_many(self, payloads: Sequence[bytes | tuple[bytes, ...]]) -> list[tuple[int, int]]:
         """Append records in order, as ``append`` of each would (the same frames, segment
         rotation at the same records), with one write, one flush and at most one fsync per
-        segment touched. Returns once all are flushed (and fsynced with ``always``). A
-        record may come in parts (a tuple of bytes): its payload is their concatenation."""
+        segment touched. Returns once all are flushed (and fsynced with ``always``); -> each
+        record's position, as ``read_from`` gives it. A record may come in parts (a tuple of
+        bytes): its payload is their concatenation."""
         frames = []
         for payload in payloads:
             parts = payload if isinstance(payload, tuple) else (payload,)
@@ -182,10 +184,11 @@ class SegmentLog:
                 raise ValueError(f"a record must have 1..{MAX_RECORD} bytes, got {length}")
             frames.append((FRAME.pack(length, crc), parts, FRAME.size + length))
         if not frames:
-            return
+            return []
         if self._file is None:
             self._open_segment()
-        position, chunk = self._file.tell(), []
+        position, chunk, positions = self._file.tell(), [], []
+        segment = self.index(Path(self._file.name))
         for head, parts, size in frames:
             if position >= self.segment_bytes:  # rotate before this record, as append does
                 self._write(chunk)
@@ -194,6 +197,8 @@ class SegmentLog:
                     self._file.close()
                     self._open_segment()
                 position, chunk = self._file.tell(), []
+                segment = self.index(Path(self._file.name))
+            positions.append((segment, position))
             chunk.append(head)
             chunk.extend(parts)
             position += size
@@ -208,6 +213,33 @@ class SegmentLog:
                 )
                 self._syncer.start()
             self._wake.set()
+        return positions
+
+    def read_at(self, positions: Sequence[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
+        """The payloads of the intact records at these positions (as ``append_many`` gave
+        them); a position with no intact record there is left out. Reads only those frames,
+        one open per segment; for the segment being written, what was flushed."""
+        out: dict[tuple[int, int], bytes] = {}
+        by_segment: dict[int, list[int]] = {}
+        for segment, offset in positions:
+            by_segment.setdefault(segment, []).append(offset)
+        for segment, offsets in by_segment.items():
+            path = self.dir / f"seg-{segment:08d}.log"
+            if not path.is_file():
+                continue
+            with open(path, "rb") as f:
+                for offset in sorted(set(offsets)):
+                    f.seek(offset)
+                    head = f.read(FRAME.size)
+                    if len(head) < FRAME.size:
+                        continue
+                    length, crc = FRAME.unpack(head)
+                    if not 0 < length <= MAX_RECORD:
+                        continue
+                    payload = f.read(length)
+                    if len(payload) == length and zlib.crc32(payload) == crc:
+                        out[(segment, offset)] = payload
+        return out
 
     def _write(self, parts: list[bytes]) -> None:
         if parts:

@@ -17,7 +17,7 @@ import msgpack
 
 from flowrl_async.replay import checkpoint as ckpt
 from flowrl_async.replay.log import RecoveryReport, SegmentLog
-from flowrl_async.replay.state import REWIND_KEEPS, ReplayState
+from flowrl_async.replay.state import REWIND_KEEPS, ReplayState, group_bytes_in
 
 
 @dataclass
@@ -41,7 +41,7 @@ def recover(
             continue
         header, snapshot = loaded
         try:
-            out.state.restore(snapshot)
+            out.state.restore(snapshot, log.read_at)
         except (KeyError, TypeError, ValueError):
             out.state = new_state()
             continue
@@ -68,7 +68,11 @@ def recover(
                 print(f"replay recovery: cannot redo rewind {record!r}: {e}", file=sys.stderr)
             continue
         try:
-            out.state.apply(record)
+            if isinstance(record, dict) and record.get("k") == "ins":
+                # the group's bytes as logged (not encoded again), and where they are
+                out.state.apply(record, *_ins_bytes(payload, position))
+            else:
+                out.state.apply(record)
         except Exception:  # a record that does not apply: skipped, counted
             out.report.corrupt_skipped += 1
     if log.position() < start:
@@ -97,13 +101,25 @@ def rewound(
     if (header["segment"], header["offset"]) != covered or covered > end:
         raise ValueError(f"checkpoint {name} covers {header}, not {covered} before {end}")
     state = new_state()
-    state.restore(snapshot)
+    state.restore(snapshot, log.read_at)
     state.answers.clear()
-    for _, payload in log.read_from(start=covered, truncate=False, end=end):
+    for position, payload in log.read_from(start=covered, truncate=False, end=end):
         try:
             record = msgpack.unpackb(payload, raw=False)
-            if record["k"] in REWIND_KEEPS:
+            if record["k"] == "ins":
+                state.apply(record, *_ins_bytes(payload, position))
+            elif record["k"] in REWIND_KEEPS:
                 state.apply(record)
         except Exception:  # skipped, as recovery skips it (counted there)
             continue
     return state
+
+
+def _ins_bytes(
+    payload: bytes, position: tuple[int, int]
+) -> tuple[None, bytes | None, tuple | None]:
+    """``apply``'s (info, group_bytes, where) for an ``ins`` record read at ``position``: the
+    group's bytes as logged and where they are, or (None, None, None) for a record of
+    another layout (encoded again, and held by value in checkpoints)."""
+    raw = group_bytes_in(payload)
+    return (None, None, None) if raw is None else (None, raw, position)

@@ -24,7 +24,8 @@ its reply echoes it):
                                        last ``ANSWERS_KEPT`` answered gets the same batch,
                                        after a restart too: ``req`` is in the ``smp``
                                        record)
-  checkpoint {tag?}                 -> checkpointed {path, segment, offset}
+  checkpoint {tag?, keep?}          -> checkpointed {path, segment, offset}  (``keep``: then
+                                       delete all but the newest ``keep`` checkpoints)
   rewind {checkpoint}               -> rewound {checkpoint, version, size}  (the learner
                                        resumed from the state of that replay checkpoint,
                                        named by its file in ``<dir>/checkpoints`` (a path:
@@ -141,17 +142,21 @@ class ReplayServer:
         """Log ``ins`` records for validated new groups (info, map, bytes) with one append,
         then apply them: the groups' bytes go to the log and the buffer as they are."""
         at = time.time()
-        self.log.append_many([insert_record(raw, at) for _, _, raw in accepted])
-        for info, obj, raw in accepted:
-            self.state.apply({"k": "ins", "g": obj, "at": at}, info, raw)
+        positions = self.log.append_many([insert_record(raw, at) for _, _, raw in accepted])
+        for (info, obj, raw), where in zip(accepted, positions, strict=True):
+            self.state.apply({"k": "ins", "g": obj, "at": at}, info, raw, where)
         self._refreezer.add(len(accepted))
 
-    def checkpoint(self, path: str | Path | None = None, tag: str = "") -> dict:
+    def checkpoint(
+        self, path: str | Path | None = None, tag: str = "", keep: int | None = None
+    ) -> dict:
         """Write the state and the log position it covers, atomically; -> header + path.
 
         Default path: ``<dir>/checkpoints/ckpt-<segment>-<offset>[-tag].ckpt``, the only
-        place recovery looks. Call it on the serving thread (the ``checkpoint`` request) or
-        while the server is not serving.
+        place recovery looks. ``keep``: then delete all but the newest ``keep`` checkpoints
+        there (the learner passes the number of its own checkpoints it keeps, so the one
+        each refers to stays). Call it on the serving thread (the ``checkpoint`` request)
+        or while the server is not serving.
         """
         self.log.sync()
         position = self.log.position()
@@ -161,6 +166,8 @@ class ReplayServer:
             else self.checkpoint_dir / ckpt.default_name(position, ckpt.check_tag(tag))
         )
         header = ckpt.write(path, self.state.snapshot(), position, tag)
+        if keep is not None:
+            ckpt.prune(self.checkpoint_dir, keep)
         return {**header, "path": str(path)}
 
     def rewind(self, checkpoint: str) -> dict:
@@ -231,7 +238,10 @@ class ReplayServer:
                 tag = ckpt.check_tag(msg.get("tag", ""))
             except ValueError as e:
                 raise WireError(str(e)) from None
-            header = self.checkpoint(tag=tag)
+            keep = _int(msg, "keep") if "keep" in msg else None
+            if keep is not None and keep < 1:
+                raise WireError(f"keep must be >= 1, got {keep}")
+            header = self.checkpoint(tag=tag, keep=keep)
             return "checkpointed", {k: header[k] for k in ("path", "segment", "offset")}
         if msg_type == "rewind":
             checkpoint = msg.get("checkpoint")
@@ -368,7 +378,7 @@ class ReplayServer:
         return self._batch_reply(req)
 
     def _batch_reply(self, req: str) -> tuple[str, dict]:
-        payloads, info = self.state.answers[req]
+        payloads, info, _ = self.state.answers[req]
         return "batch", {"groups": Packed(payloads), "info": info}  # stored bytes, as they are
 
     def stats(self) -> dict:

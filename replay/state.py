@@ -67,20 +67,25 @@ class ReplayState:
         self.outstanding: dict[int, set[int]] = {}  # actor -> positions granted, not yet in
         self.redo: list[int] = []  # positions of restarted actors, handed out first
         self.cursor = 0  # the next new position in the prompt stream
-        # request id -> (groups' bytes, [times_sampled, staleness, inserted_at] per group)
-        self.answers: OrderedDict[str, tuple[list[bytes], list[list]]] = OrderedDict()
+        # request id -> (groups' bytes, [times_sampled, staleness, inserted_at] per group,
+        # the groups' log positions: Entry.where)
+        self.answers: OrderedDict[str, tuple[list[bytes], list[list], list]] = OrderedDict()
 
     @property
     def in_flight(self) -> int:
         return sum(len(p) for p in self.outstanding.values())
 
     def apply(
-        self, record: dict, info: GroupInfo | None = None, group_bytes: bytes | None = None
+        self,
+        record: dict,
+        info: GroupInfo | None = None,
+        group_bytes: bytes | None = None,
+        where: tuple[int, int] | None = None,
     ) -> None:
         """Apply one record. For ``ins``, ``info`` and ``group_bytes`` are what validating
         ``record["g"]`` gave and its msgpack bytes (the server passes both, so nothing is
-        validated or encoded twice); without them the group is validated here (recovery)
-        and encoded once."""
+        validated or encoded twice); without ``info`` the group is validated here, without
+        ``group_bytes`` encoded once. ``where``: the record's log position."""
         kind = record["k"]
         if kind == "ins":
             obj = record["g"]
@@ -92,6 +97,7 @@ class ReplayState:
                 group_bytes if group_bytes is not None else msgpack.packb(obj, use_bin_type=True),
                 priority=info.reward_spread,
                 inserted_at=float(at) if isinstance(at, int | float) else time.time(),
+                where=where,
             )
             if self.buffer.insert(entry):
                 self.outstanding.get(info.actor_id, set()).discard(info.cursor)
@@ -127,6 +133,7 @@ class ReplayState:
         self.answers[req] = (
             [e.payload for e in entries],
             [[e.times_sampled + 1, self.buffer.staleness(e), e.inserted_at] for e in entries],
+            [e.where for e in entries],
         )
         self.answers.move_to_end(req)
         while len(self.answers) > ANSWERS_KEPT:
@@ -138,7 +145,8 @@ class ReplayState:
         counters = {k: v for k, v in asdict(b.counters).items() if k not in RUNTIME_COUNTERS}
         return {
             "entries": [
-                [e.group_id, e.min_version, e.payload, e.priority, e.inserted_at, e.times_sampled]
+                [e.group_id, e.min_version, _ref(e.payload, e.where), e.priority, e.inserted_at]
+                + [e.times_sampled]
                 for e in b.entries.values()
             ],
             "seen": sorted(b.seen),
@@ -150,17 +158,26 @@ class ReplayState:
             "limiter": None
             if self.limiter is None
             else [self.limiter.inserts, self.limiter.samples],
-            "answers": [[req, payloads, info] for req, (payloads, info) in self.answers.items()],
+            "answers": [
+                [req, [_ref(p, w) for p, w in zip(payloads, wheres, strict=True)], info]
+                for req, (payloads, info, wheres) in self.answers.items()
+            ],
         }
 
-    def restore(self, snap: dict) -> None:
-        """Replace the state with a snapshot (the buffer's settings stay as configured)."""
+    def restore(self, snap: dict, read_log=None) -> None:
+        """Replace the state with a snapshot (the buffer's settings stay as configured).
+        ``read_log``: ``SegmentLog.read_at`` of the log, for the groups the snapshot refers
+        to by their ``ins`` record's position; a group not intact there raises ValueError."""
+        refs = [x[2] for x in snap["entries"]]
+        refs += [ref for _, group_refs, _ in snap.get("answers", []) for ref in group_refs]
+        groups = _read_groups(refs, read_log)
         b = self.buffer
         b.entries.clear()
-        for gid, min_version, payload, priority, inserted_at, times_sampled in snap["entries"]:
-            if not isinstance(payload, bytes):  # a checkpoint that stored the group's map
-                payload = msgpack.packb(payload, use_bin_type=True)
-            b.entries[gid] = Entry(gid, min_version, payload, priority, inserted_at, times_sampled)
+        for gid, min_version, ref, priority, inserted_at, times_sampled in snap["entries"]:
+            payload, where = groups(ref)
+            b.entries[gid] = Entry(
+                gid, min_version, payload, priority, inserted_at, times_sampled, where
+            )
         b.seen = set(snap["seen"])
         b.counters = Counters(**snap["counters"], duplicates=b.counters.duplicates)
         b.version = snap["version"]
@@ -172,7 +189,57 @@ class ReplayState:
             # with one would have counted (every accepted insert, every sampled group)
             counts = snap["limiter"] or [b.counters.inserted, b.counters.sampled_groups]
             self.limiter.inserts, self.limiter.samples = counts
-        self.answers = OrderedDict(  # a checkpoint from before answers were kept: none
-            (req, (list(payloads), [list(i) for i in info]))
-            for req, payloads, info in snap.get("answers", [])
-        )
+        self.answers = OrderedDict()  # a checkpoint from before answers were kept: none
+        for req, group_refs, info in snap.get("answers", []):
+            payloads, wheres = (
+                zip(*map(groups, group_refs), strict=True) if group_refs else ((), ())
+            )
+            self.answers[req] = (list(payloads), [list(i) for i in info], list(wheres))
+
+
+def _ref(payload: bytes, where: tuple[int, int] | None):
+    """How a snapshot holds a group: its ``ins`` record's log position when known (a
+    checkpoint stays small whatever the groups' size), else its bytes."""
+    return payload if where is None else list(where)
+
+
+def _read_groups(refs: list, read_log):
+    """-> a function from a snapshot's reference to a group (``_ref``) to (bytes, where),
+    reading every referred record from the log at once."""
+    positions = {tuple(r) for r in refs if isinstance(r, list)}
+    records = read_log(sorted(positions)) if positions else {}
+    if positions and read_log is None:
+        raise ValueError("this snapshot refers to the log: restore it with read_log")
+
+    def group(ref) -> tuple[bytes, tuple[int, int] | None]:
+        if isinstance(ref, bytes):
+            return ref, None
+        if isinstance(ref, dict):  # a checkpoint that stored the group's map
+            return msgpack.packb(ref, use_bin_type=True), None
+        where = tuple(ref)
+        payload = records.get(where)
+        raw = group_bytes_in(payload) if payload is not None else None
+        if raw is None:
+            raise ValueError(f"no intact insert record at log position {where}")
+        return raw, where
+
+    return group
+
+
+_AT_KEY = _PACKER.pack("at")
+
+
+def group_bytes_in(payload: bytes) -> bytes | None:
+    """The group's bytes inside an ``ins`` record as ``insert_record`` writes it (the
+    layout of ``packb({"k": "ins", "g": ..., "at": <float>})`` too); None for anything else."""
+    n = len(_INS_HEAD)
+    if len(payload) <= n + 12 or not payload.startswith(_INS_HEAD):
+        return None
+    if payload[-12:-9] != _AT_KEY or payload[-9] != 0xCB:  # "at", then a float 64
+        return None
+    raw = payload[n:-12]
+    try:  # exactly one msgpack map: the group
+        obj = msgpack.unpackb(raw, raw=False)
+    except Exception:
+        return None
+    return raw if isinstance(obj, dict) else None

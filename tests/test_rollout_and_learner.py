@@ -165,6 +165,7 @@ def test_micro_batching_gives_the_same_gradient(model_dir):
 def test_staleness_histogram_counts_rows_from_weights_ahead_apart():
     """After a resume, groups made by the lost run's weights are numbered after the
     learner's version: they go to ``staleness_ahead``, never to a ``staleness_-1`` key."""
+
     class Batch(SimpleNamespace):
         def __len__(self):
             return 4
