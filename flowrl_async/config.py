@@ -123,6 +123,28 @@ class ReplaySection:
     preload: str | None = None
     """A stored run's replay directory (RUN/replay): its groups are inserted before training
     starts, for training on stored trajectories (with cluster.num_actors=0: offline)."""
+    preload_min_version: int | None = None
+    """Preload only groups whose oldest weight version is at least this (null: no bound)."""
+    preload_max_version: int | None = None
+    """... and at most this."""
+    preload_task: str | None = None
+    """Preload only groups of this task (its name, e.g. digits, math, code; null: all)."""
+    preload_since: str | None = None
+    """Preload only groups inserted at or after this time: unix seconds or ISO 8601."""
+    preload_until: str | None = None
+    """... and at or before this time."""
+
+    def preload_filter(self):
+        """The ``GroupFilter`` of the preload_* keys (ValueError when they make no sense)."""
+        from flowrl_async.replay.reader import GroupFilter, parse_time
+
+        return GroupFilter(
+            self.preload_min_version,
+            self.preload_max_version,
+            parse_time(self.preload_since),
+            parse_time(self.preload_until),
+            self.preload_task,
+        )
 
 
 @dataclass
@@ -318,6 +340,13 @@ def validate(cfg: TrainConfig) -> None:
             "(samples_per_insert=null): stored groups are older than any version of this "
             "learner, and nothing is inserted while training"
         )
+    try:
+        narrowed = r.preload_filter().narrows
+    except ValueError as e:
+        problems.append(f"replay.preload_*: {e}")
+        narrowed = True
+    if r.preload is None and narrowed:
+        problems.append("replay.preload_* filters need replay.preload (a stored run)")
     if cfg.cluster.num_actors == 0 and (cfg.mode == "sync" or cfg.evaluation.every):
         problems.append("cluster.num_actors=0 (offline) needs mode=async and evaluation.every=0")
     if problems:

@@ -128,7 +128,8 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
                 print(f"replay service rewound to the learner's checkpoint: {rewind}")
         if cfg.replay.preload:
             address = ray.get(procs.replay.address.remote())
-            stored = preload(cfg.replay.preload, address, keys=replay_keys(cfg))
+            where = cfg.replay.preload_filter()
+            stored = preload(cfg.replay.preload, address, keys=replay_keys(cfg), where=where)
             print(f"preloaded {stored['groups']} stored groups ({stored['new']} new) from "
                   f"{cfg.replay.preload}")  # fmt: skip
             if not cfg.resume:

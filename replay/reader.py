@@ -4,8 +4,10 @@
 skipped and counted, as in recovery, but nothing is truncated: the reader never writes);
 ``stored_groups`` yields the inserted groups as typed records with their insert time and how
 many times each was trained on (handed to the learner by a sample that no later rewind undid:
-samples the resumed learner lost do not count). ``flowrl-async replay RUN_DIR`` prints a summary
-per weight version and can export the groups as JSON lines.
+samples the resumed learner lost do not count), optionally only those a ``GroupFilter`` lets
+through (weight versions, insert time, task). ``flowrl-async replay RUN_DIR`` prints a summary
+per weight version, and can export the groups as JSON lines or insert them into a running
+replay service (``--into``); ``replay.preload`` does the latter when a training run starts.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ import argparse
 import json
 from collections import Counter, defaultdict
 from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from itertools import islice
 from pathlib import Path
 
 import msgpack
@@ -58,24 +63,121 @@ def trained_counts(records: list[tuple[tuple[int, int], dict]]) -> Counter:
     return Counter(gid for _, ids in samples for gid in ids)
 
 
-def stored_groups(directory: str | Path) -> Iterator[tuple[Group, float, int]]:
+@dataclass(frozen=True)
+class GroupFilter:
+    """Which stored groups to read; every bound inclusive, None: no bound. A group's version
+    is its oldest weight version (``Group.min_version``); times are insert times (unix s)."""
+
+    min_version: int | None = None
+    max_version: int | None = None
+    since: float | None = None
+    until: float | None = None
+    task: str | None = None
+
+    def __post_init__(self):
+        lo, hi = self.min_version, self.max_version
+        if lo is not None and hi is not None and lo > hi:
+            raise ValueError(f"empty version range {lo}..{hi}")
+        if self.since is not None and self.until is not None and self.since > self.until:
+            raise ValueError(f"empty time range: since {self.since} is after until {self.until}")
+
+    @property
+    def narrows(self) -> bool:
+        """False when it keeps every group."""
+        return self != GroupFilter()
+
+    def keeps_time(self, at: float) -> bool:
+        return (self.since is None or at >= self.since) and (self.until is None or at <= self.until)
+
+    def keeps(self, group: Group) -> bool:
+        v = group.min_version
+        return (
+            (self.min_version is None or v >= self.min_version)
+            and (self.max_version is None or v <= self.max_version)
+            and (self.task is None or group.task == self.task)
+        )
+
+
+def stored_groups(
+    directory: str | Path, where: GroupFilter | None = None
+) -> Iterator[tuple[Group, float, int]]:
     """-> (group, insert time, times trained: handed to the learner by samples that no rewind
-    undid), in insert order."""
+    undid), in insert order; only the groups ``where`` keeps."""
+    where = where or GroupFilter()
     records = list(read_records(directory))
     sampled = trained_counts(records)
     for _, r in records:
         if r.get("k") != "ins":
             continue
+        at = float(r.get("at") or 0.0)
+        if not where.keeps_time(at):
+            continue  # not even decoded
         try:
             group = group_from_wire(r["g"])
         except WireError:
             continue
-        yield group, float(r.get("at") or 0.0), sampled[group.group_id]
+        if where.keeps(group):
+            yield group, at, sampled[group.group_id]
 
 
-def summary(directory: str | Path) -> list[dict]:
+def insert_into(
+    directory: str | Path,
+    address: str,
+    where: GroupFilter | None = None,
+    chunk: int = 256,
+    keys: dict | None = None,
+) -> dict:
+    """Insert the stored groups ``where`` keeps into the replay service at ``address``
+    (``keys``: ReplayClient's CURVE arguments), each acknowledged; groups keep their ids, so
+    doing it again inserts nothing twice. -> {"groups": read, "new": not already there,
+    "max_version": the newest weight version in them (-1: none)}."""
+    from flowrl_async.replay.client import ReplayClient
+
+    client = ReplayClient(address, **(keys or {}))
+    read = new = 0
+    max_version = -1
+    try:
+        groups = stored_groups(directory, where)
+        while batch := [g for g, _, _ in islice(groups, chunk)]:
+            read += len(batch)
+            new += sum(client.insert_many(batch))
+            max_version = max(max_version, *(r.last_version for g in batch for r in g.responses))
+    finally:
+        client.close()
+    return {"groups": read, "new": new, "max_version": max_version}
+
+
+def parse_time(value: str | float | None) -> float | None:
+    """Unix seconds, or an ISO 8601 time (``2026-11-29T09:30``, local time unless it names
+    its zone); None stays None."""
+    if value is None or isinstance(value, int | float):
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        return datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        raise ValueError(f"not a time: {value!r} (unix seconds or ISO 8601)") from None
+
+
+def parse_versions(value: str | None) -> tuple[int | None, int | None]:
+    """ "3" -> (3, 3); "3:" -> (3, None); ":7" -> (None, 7); "3:7" -> (3, 7)."""
+    if value is None:
+        return None, None
+    lo, sep, hi = value.partition(":")
+    try:
+        lo_v = int(lo) if lo else None
+        hi_v = (int(hi) if hi else None) if sep else lo_v
+    except ValueError:
+        raise ValueError(f"not a version range: {value!r} (e.g. 3, 3:7, 3:, :7)") from None
+    return lo_v, hi_v
+
+
+def summary(directory: str | Path, where: GroupFilter | None = None) -> list[dict]:
     by_version: dict[int, list] = defaultdict(list)
-    for group, _, times in stored_groups(directory):
+    for group, _, times in stored_groups(directory, where):
         by_version[group.min_version].append((group, times))
     rows = []
     for version in sorted(by_version):
@@ -91,10 +193,10 @@ def summary(directory: str | Path) -> list[dict]:
     return rows
 
 
-def export(directory: str | Path, out: Path) -> int:
+def export(directory: str | Path, out: Path, where: GroupFilter | None = None) -> int:
     n = 0
     with open(out, "w") as f:
-        for group, at, times in stored_groups(directory):
+        for group, at, times in stored_groups(directory, where):
             f.write(json.dumps({
                 "group_id": group.group_id, "prompt_id": group.prompt_id, "task": group.task,
                 "prompt_token_ids": group.prompt_token_ids.tolist(), "inserted_at": at,
@@ -113,14 +215,34 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="flowrl-async replay", description=__doc__.splitlines()[0])
     p.add_argument("run", help="a run directory (its replay/ is read) or a replay directory")
     p.add_argument("--export", default=None, help="write the groups as JSON lines here")
+    p.add_argument("--versions", default=None, help="only these weight versions: 3, 3:7, 3:, :7")
+    p.add_argument("--since", default=None, help="inserted at or after: unix s or ISO 8601")
+    p.add_argument("--until", default=None, help="inserted at or before: unix s or ISO 8601")
+    p.add_argument("--task", default=None, help="only groups of this task")
+    p.add_argument(
+        "--into", default=None, help="insert the groups into the replay service at this address"
+    )
+    p.add_argument("--curve-server-key", default=None, help="with --into: the server's public key")
+    p.add_argument("--curve-client-key", default=None, help="with --into: this client's secret key")
     a = p.parse_args(argv)
+    try:
+        lo, hi = parse_versions(a.versions)
+        where = GroupFilter(lo, hi, parse_time(a.since), parse_time(a.until), a.task)
+    except ValueError as e:
+        p.error(str(e))
     directory = Path(a.run)
     if (directory / "replay").is_dir():
         directory = directory / "replay"
-    rows = summary(directory)
+    rows = summary(directory, where)
     print(f"{'version':>7}  {'groups':>6}  {'trained':>7}  {'reward':>6}  {'accuracy':>8}")
     for r in rows:
         print(f"{r['version']:>7}  {r['groups']:>6}  {r['trained']:>7}  {r['reward']:>6.3f}  "
               f"{r['accuracy']:>8.3f}")  # fmt: skip
     if a.export:
-        print(f"exported {export(directory, Path(a.export))} groups to {a.export}")
+        print(f"exported {export(directory, Path(a.export), where)} groups to {a.export}")
+    if a.into:
+        keys = {}
+        if a.curve_server_key:
+            keys = {"curve_server_key": a.curve_server_key, "curve_client_key": a.curve_client_key}
+        done = insert_into(directory, a.into, where, keys=keys)
+        print(f"inserted {done['groups']} groups into {a.into} ({done['new']} new)")
