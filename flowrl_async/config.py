@@ -120,6 +120,10 @@ class ReplaySection:
     anyone who knows the server's public key)."""
     curve_client_key: str | None = None
     """The clients' own secret certificate file, needed with curve_authorized_keys."""
+    metrics_every: int = 10
+    """Learner steps between two snapshots of the service's figures in metrics.jsonl
+    (replay_*: size, inserts/s, sampled groups/s, evictions by cause, rejections by reason,
+    staleness of sampled groups, rate-limiter waits); 0: only in summary.json."""
     preload: str | None = None
     """A stored run's replay directory (RUN/replay): its groups are inserted before training
     starts, for training on stored trajectories (with cluster.num_actors=0: offline)."""
@@ -295,6 +299,8 @@ def validate(cfg: TrainConfig) -> None:
             "replay.min_size_to_sample must be >= learner.batch_groups when the rate limiter "
             "is on (samples_per_insert set); otherwise a batch can never be served"
         )
+    if r.metrics_every < 0:
+        problems.append("replay.metrics_every must be >= 0 (0: only in summary.json)")
     if r.capacity < lr.batch_groups:
         problems.append("replay.capacity must be >= learner.batch_groups")
     if lr.steps < 1 or lr.batch_groups < 1 or lr.publish_every < 1:

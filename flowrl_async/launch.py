@@ -23,6 +23,7 @@ from flowrl_async.offline import preload
 from flowrl_async.placement import plan
 from flowrl_async.processes import LearnerDied, Processes, replay_keys
 from flowrl_async.progress import MetricsLog, plot_curves, print_summary, read_metrics, summarize
+from flowrl_async.replay.metrics import flat
 
 
 def prepare_model(cfg: TrainConfig, run_dir: Path) -> str:
@@ -155,6 +156,8 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
                             )
                         )
                     )
+                if cfg.replay.metrics_every and step % cfg.replay.metrics_every == 0:
+                    metrics.update(flat(procs.ray.get(procs.replay.stats.remote())))
                 log.add(metrics)
                 if step % lc.checkpoint_every == 0 or step == lc.steps:
                     procs.call_learner("save_checkpoint", ckpt_root, lc.keep_checkpoints)

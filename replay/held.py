@@ -27,6 +27,7 @@ class Held:
     identity: bytes
     msg: dict
     deadline: float
+    since: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -51,6 +52,7 @@ class HeldInsert:
     deadline: float
     timeout_ms: int
     waiter: tuple
+    since: float = field(default_factory=time.monotonic)
 
 
 @dataclass

@@ -76,6 +76,7 @@ from flowrl_async.replay.config import ServerConfig, parse_args
 from flowrl_async.replay.curve import ServerCurve
 from flowrl_async.replay.held import SUPERSEDED, BatchReply, Held, HeldInsert, HeldRequests
 from flowrl_async.replay.log import SegmentLog
+from flowrl_async.replay.metrics import ServiceMetrics
 from flowrl_async.replay.recovery import recover, rewound
 from flowrl_async.replay.state import ReplayState, insert_record
 from flowrl_async.wire import (
@@ -93,6 +94,8 @@ from flowrl_async.wire import (
     unpack_group,
 )
 
+REQUESTS = ("insert", "insert_batch", "admit", "version", "release", "sample", "checkpoint")
+REQUESTS += ("rewind", "stats")
 FREEZE_EVERY = 4096  # inserts between two freezes (flowrl_async/heap.py)
 ZERO_COPY_BYTES = 1 << 16  # replies from this size on are handed to zmq without a copy
 
@@ -120,6 +123,7 @@ class ReplayServer:
         self._ctx = self._auth = None  # with CURVE: this server's context and ZAP handler
         self.bound_address: str | None = None
         self._refreezer = Refreezer(FREEZE_EVERY)  # held groups out of full collections
+        self.metrics = ServiceMetrics()
 
     def _new_state(self) -> ReplayState:
         c = self.cfg
@@ -288,7 +292,7 @@ class ReplayServer:
             try:
                 obj, info = unpack_group(raw, self.limits)  # full validation, once
             except WireError as e:
-                self.rejected += 1
+                self._reject("bad_group")
                 results[i] = [REJECTED, str(e)]
                 continue
             gid = info.group_id
@@ -375,6 +379,7 @@ class ReplayServer:
             return None
         # the record keeps the answer (state.answers), for retries, after a restart too
         self._record({"k": "smp", "ids": ids, "v": self.buffer.version, "req": req})
+        self.metrics.sampled([staleness for _, staleness, _ in self.state.answers[req][1]])
         return self._batch_reply(req)
 
     def _batch_reply(self, req: str) -> tuple[str, dict]:
@@ -400,6 +405,10 @@ class ReplayServer:
             "recovered_checkpoint": self.recovered_checkpoint,
             "recovery_rewind_errors": self.rewind_errors,
         }
+        counters = self.buffer.counters
+        out.update(
+            self.metrics.as_dict(time.monotonic(), counters.inserted, counters.sampled_groups)
+        )
         if (lim := self.state.limiter) is not None:
             out.update(limiter_inserts=lim.inserts, limiter_samples=lim.samples)
             out.update(limiter_diff=lim.diff, limiter_min_diff=lim.min_diff)
@@ -434,6 +443,8 @@ class ReplayServer:
         poller.register(sock, zmq.POLLIN)
         try:
             while not self._stop.is_set():
+                counters = self.buffer.counters
+                self.metrics.mark(time.monotonic(), counters.inserted, counters.sampled_groups)
                 wait_ms = 100  # the log fsyncs on its own thread ("interval") or at once
                 if self.held:
                     wait_ms = min(wait_ms, 10)
@@ -464,21 +475,27 @@ class ReplayServer:
         # a large reply (a sampled batch) goes without a copy into zmq
         self._sock.send_multipart([identity, data], copy=len(data) < ZERO_COPY_BYTES)
 
+    def _reject(self, reason: str) -> None:
+        self.rejected += 1
+        self.metrics.rejected(reason)
+
     def _on_frames(self, frames: list[bytes]) -> None:
         if len(frames) < 2:  # a ROUTER always prepends the identity; nobody to answer
-            self.rejected += 1
+            self._reject("frames")
             return
-        identity, rid = frames[0], None
+        identity, rid, stage = frames[0], None, "frames"
         try:
             if len(frames) > 2:
                 raise WireError(f"expected one message frame, got {len(frames) - 1}")
+            stage = "undecodable"
             msg_type, msg = decode(frames[1], self.limits)
             rid = msg.get("rid")
+            stage = f"bad_{msg_type}" if msg_type in REQUESTS else "unknown_type"
             reply = self.handle(msg_type, msg, identity)
             if reply is not None:  # None: held, answered later
                 self._send(identity, reply[0], rid, **reply[1])
         except WireError as e:
-            self.rejected += 1
+            self._reject(stage)
             self._send(identity, "error", rid, reason=str(e))
         except Exception as e:  # a bug, not bad input: answer, count, keep serving
             self.internal_errors += 1
@@ -501,6 +518,7 @@ class ReplayServer:
                     continue
                 self._inserts([(held.info, held.obj, held.raw)])
                 self._resolve(held, ACCEPTED)
+                self.metrics.waited("insert", time.monotonic() - held.since)
             still = []
             for held in self.held.samples:
                 m = held.msg
@@ -509,6 +527,7 @@ class ReplayServer:
                     still.append(held)
                     continue
                 self._send(held.identity, reply[0], m.get("rid"), **reply[1])
+                self.metrics.waited("sample", time.monotonic() - held.since)
                 progress = limiter is not None
             self.held.samples = still
         now = time.monotonic()
@@ -516,8 +535,10 @@ class ReplayServer:
             self.insert_timeouts += 1
             reason = self.state.limiter.why_insert_waits(len(self.buffer))
             self._resolve(held, TIMEOUT, f"{reason}; held {held.timeout_ms} ms")
+            self.metrics.waited("insert", now - held.since)
         for held in self.held.expired_samples(now):
             self._send(held.identity, "empty", held.msg.get("rid"))
+            self.metrics.waited("sample", now - held.since)
 
     def stop(self) -> None:
         self._stop.set()

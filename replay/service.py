@@ -30,24 +30,30 @@ class ReplayService:
         return self.server.bound_address
 
     def stats(self) -> dict:
-        return self.server.stats()
+        """The server's figures, read on its serving thread (through a request)."""
+        client = self._client()
+        try:
+            return client.stats()
+        finally:
+            client.close()
 
     def checkpoint(self, tag: str = "") -> dict:
         """A checkpoint taken on the serving thread (through a request, so never mid-update)."""
-        curve = self.server.curve  # with CURVE, it talks as the server itself
-        client = (
-            ReplayClient(self.address())
-            if curve is None
-            else ReplayClient(
-                self.address(),
-                curve_server_key=curve.public,
-                curve_client_key=(curve.public, curve.secret),
-            )
-        )
+        client = self._client()
         try:
             return client.checkpoint(tag)
         finally:
             client.close()
+
+    def _client(self) -> ReplayClient:
+        curve = self.server.curve  # with CURVE, it talks as the server itself
+        if curve is None:
+            return ReplayClient(self.address())
+        return ReplayClient(
+            self.address(),
+            curve_server_key=curve.public,
+            curve_client_key=(curve.public, curve.secret),
+        )
 
     def stop(self) -> None:
         self.server.stop()

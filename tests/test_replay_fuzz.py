@@ -217,6 +217,7 @@ def test_fuzzed_messages_are_each_answered_and_counted(tmp_path):
         client = ReplayClient(server.bound_address, request_timeout_s=2.0, max_retries=1)
         stats = client.stats()
         assert (stats["rejected"], stats["internal_errors"]) == (expected_rejected, 0)
+        assert sum(stats["rejected_by"].values()) == expected_rejected  # each has a reason
         assert client.insert(make_group("after-the-storm")) is True
         assert client.stats()["rejected"] == expected_rejected
         client.close()

@@ -46,6 +46,7 @@ def test_short_training_run(tmp_path):
     cfg = small_config(tmp_path, steps=12, max_staleness=0)
     cfg.learner.checkpoint_every = 5
     cfg.evaluation.every, cfg.evaluation.samples = 6, 4  # periodic held-out evaluation
+    cfg.replay.metrics_every = 5  # the service's figures in metrics.jsonl
     from flowrl_async.launch import train
 
     summary = train(cfg)
@@ -54,6 +55,10 @@ def test_short_training_run(tmp_path):
     assert [r["version"] for r in rows] == list(range(1, 13))  # one publication per step
     evaluated = [r["step"] for r in rows if "eval_accuracy" in r]
     assert evaluated == [6, 12]
+    assert [r["step"] for r in rows if "replay_size" in r] == [5, 10]
+    assert rows[9]["replay_sampled_groups"] == 10 * 4  # as the service counted at step 10
+    assert rows[9]["replay_sampled_staleness_0"] == 10 * 4  # staleness bound 0
+    assert rows[9]["replay_inserts_per_s"] > 0
     for r in rows:
         if "eval_accuracy" in r:
             assert 0.0 <= r["eval_accuracy"] <= r["eval_pass@4"] <= 1.0
@@ -80,6 +85,17 @@ def test_short_training_run(tmp_path):
         "latin-1"
     )
 
+    # the service keeps as many checkpoints as the learner, the ones the learner's refer to
+    def replay_checkpoints_match():
+        refs = sorted(
+            Path(json.loads((p / "extra.json").read_text())["replay_checkpoint"]["path"]).name
+            for p in (tmp_path / "run" / "checkpoints").iterdir()
+        )
+        kept = sorted(p.name for p in (tmp_path / "run" / "replay" / "checkpoints").iterdir())
+        return len(refs) == 3 and kept == refs
+
+    assert replay_checkpoints_match()
+
     # resume: the run continues from step 12 at version 12 up to 15
     cfg.resume = True
     cfg.learner.steps = 15
@@ -90,6 +106,7 @@ def test_short_training_run(tmp_path):
     # actors got the resumed weights before generating: the gap stays tiny after resume
     assert all(r["fresh_rows"] == 1 for r in rows[12:])
     assert max(r["logprob_gap_fresh"] for r in rows[12:]) < 1e-4
+    assert replay_checkpoints_match()  # 10, 12, 15
 
 
 def test_bad_combinations_are_rejected_with_the_field_names():

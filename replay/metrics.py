@@ -1,0 +1,82 @@
+"""The replay service's runtime figures (counted since its process started; the buffer's own
+counters, which recovery restores, are in ``Counters``).
+
+- rejected requests by reason: ``frames`` (not one message frame), ``undecodable`` (not a
+  valid message: size, msgpack, schema version, type), ``bad_<type>`` (a known request
+  with bad fields), ``unknown_type``, ``bad_group`` (one group of an ``insert_batch``);
+- the staleness of every group handed to the learner, as a histogram;
+- the rate limiter's waits: requests held, and the seconds they waited in all;
+- inserts/s and sampled groups/s over the last ``RATE_WINDOW_S`` seconds.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from numbers import Real
+
+RATE_WINDOW_S = 10.0
+
+
+class ServiceMetrics:
+    def __init__(self):
+        self.rejected_by: Counter[str] = Counter()
+        self.sampled_staleness: Counter[int] = Counter()
+        self.inserts_held = self.samples_held = 0
+        self.insert_wait_s = self.sample_wait_s = 0.0
+        self._marks: deque[tuple[float, int, int]] = deque()  # (time, inserted, sampled)
+
+    def rejected(self, reason: str) -> None:
+        self.rejected_by[reason] += 1
+
+    def sampled(self, staleness: list[int]) -> None:
+        self.sampled_staleness.update(staleness)
+
+    def waited(self, kind: str, seconds: float) -> None:
+        """A held ``insert`` or ``sample`` was answered (or timed out) after ``seconds``."""
+        if kind == "insert":
+            self.inserts_held += 1
+            self.insert_wait_s += seconds
+        else:
+            self.samples_held += 1
+            self.sample_wait_s += seconds
+
+    def mark(self, now: float, inserted: int, sampled: int) -> None:
+        """Note the counters (at most once a second; the serving loop calls it often)."""
+        if self._marks and now - self._marks[-1][0] < 1.0:
+            return
+        self._marks.append((now, inserted, sampled))
+        while len(self._marks) > 2 and now - self._marks[1][0] >= RATE_WINDOW_S:
+            self._marks.popleft()
+
+    def rates(self, now: float, inserted: int, sampled: int) -> tuple[float, float]:
+        """(inserts/s, sampled groups/s) since the oldest mark of the window; 0 without one."""
+        if not self._marks or now <= self._marks[0][0]:
+            return 0.0, 0.0
+        t0, i0, s0 = self._marks[0]
+        return (inserted - i0) / (now - t0), (sampled - s0) / (now - t0)
+
+    def as_dict(self, now: float, inserted: int, sampled: int) -> dict:
+        inserts_per_s, samples_per_s = self.rates(now, inserted, sampled)
+        return {
+            "inserts_per_s": inserts_per_s,
+            "sampled_groups_per_s": samples_per_s,
+            "rejected_by": dict(sorted(self.rejected_by.items())),
+            "sampled_staleness": {str(k): v for k, v in sorted(self.sampled_staleness.items())},
+            "inserts_held": self.inserts_held,
+            "insert_wait_s": self.insert_wait_s,
+            "samples_held": self.samples_held,
+            "sample_wait_s": self.sample_wait_s,
+        }
+
+
+def flat(stats: dict, prefix: str = "replay_") -> dict[str, float]:
+    """The numbers of a ``stats`` reply as one flat map for metrics.jsonl / TensorBoard:
+    ``{"size": 3, "rejected_by": {"frames": 1}}`` -> ``{"replay_size": 3,
+    "replay_rejected_by_frames": 1}``; strings are left out."""
+    out: dict[str, float] = {}
+    for key, value in stats.items():
+        if isinstance(value, dict):
+            out.update(flat(value, f"{prefix}{key}_"))
+        elif isinstance(value, Real) and not isinstance(value, bool):
+            out[f"{prefix}{key}"] = value
+    return out
