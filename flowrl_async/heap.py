@@ -17,9 +17,10 @@ from contextlib import contextmanager
 
 
 def freeze_survivors() -> None:
-    """Collect the young generations (cheap), then freeze everything that is left: later
-    full collections walk only objects made after this call."""
-    gc.collect(1)
+    """Collect, then freeze everything that is left: later full collections walk only
+    objects made after this call. The collection walks only what is not frozen yet, so
+    calling it again (``Refreezer``) costs what was made since the last call."""
+    gc.collect()
     gc.freeze()
 
 

@@ -7,13 +7,15 @@ sender. ``step`` blocks until the replay service hands over a batch; waiting lon
 
 from __future__ import annotations
 
+import json
+import sys
 import threading
 import time
 
 import torch
 
 from flowrl_async.heap import freeze_survivors
-from flowrl_async.learner.checkpoint import latest, load_checkpoint, save_checkpoint
+from flowrl_async.learner.checkpoint import checkpoints, latest, load_checkpoint, save_checkpoint
 from flowrl_async.learner.learner import AlgoConfig, Learner
 from flowrl_async.learner.log_z import LogZHead
 from flowrl_async.learner.weight_sender import WeightSender
@@ -68,6 +70,7 @@ class LearnerWorker:
             publish_fn=self._publish, probe_token_ids=probe, device=device,
         )  # fmt: skip
         freeze_survivors()  # modules and models: out of the collector's way
+        self._froze_after_step = False
 
     def ready(self) -> bool:
         return True
@@ -122,8 +125,9 @@ class LearnerWorker:
         groups, infos = self._sample(self.learner.batch_groups, self.learner.version)
         with self.lock:
             out = self.learner.train_on(groups, infos, waited=time.perf_counter() - started)
-        if self.learner.step_count == 1:
-            freeze_survivors()  # the optimizer's state, made by the first step
+        if not self._froze_after_step:  # the optimizer's state, made by the first step
+            self._froze_after_step = True
+            freeze_survivors()
         return out
 
     @property
@@ -158,14 +162,28 @@ class LearnerWorker:
         with self.lock:
             lrn = self.learner
             tag = f"step-{lrn.step_count:08d}"
-            # the service keeps as many checkpoints as the learner (keep 0: all)
-            replay = self.replay_control.checkpoint(tag, keep=keep if keep > 0 else None)
+            replay = self.replay_control.checkpoint(tag)
             extra = {**(extra or {}), "replay_checkpoint": replay}
             path = save_checkpoint(
                 root, lrn.step_count, lrn.policy, self.tokenizer, lrn.training_state(), extra,
                 keep,
             )  # fmt: skip
+            self._prune_replay_checkpoints(root)
             return str(path)
+
+    def _prune_replay_checkpoints(self, root: str) -> None:
+        """Once the learner's checkpoint is on disk (and its old ones pruned): the service
+        keeps the replay checkpoints the remaining ones refer to (and its newest)."""
+        names = []
+        for path in checkpoints(root):
+            extra = path / "extra.json"
+            if extra.is_file():
+                ref = json.loads(extra.read_text()).get("replay_checkpoint") or {}
+                names += [ref["path"]] if "path" in ref else []
+        try:
+            self.replay_control.prune(names)
+        except ReplayError as e:  # a failed prune costs disk, not training
+            print(f"learner: pruning replay checkpoints failed: {e}", file=sys.stderr)
 
     def resume(self, root: str) -> dict:
         """Load the newest checkpoint under ``root`` and rewind the replay service to the

@@ -13,7 +13,8 @@ Invariants:
   then creation time); a damaged one (bad CRC, unreadable) is skipped by ``load``;
 - a snapshot holds a group by the log position of its ``ins`` record (format 2), so a
   checkpoint's size does not grow with the groups' size, and the log segments it refers to
-  must stay (nothing deletes segments); ``prune`` keeps the newest ``keep`` checkpoints.
+  must stay (nothing deletes segments); ``prune`` deletes all but the newest and the named
+  ones (the learner names those its own kept checkpoints refer to).
 """
 
 from __future__ import annotations
@@ -117,12 +118,10 @@ def candidates(directory: Path) -> list[Path]:
     return [path for _, path in sorted(found, reverse=True)]
 
 
-def prune(directory: Path, keep: int) -> list[Path]:
-    """Delete all but the newest ``keep`` checkpoints of ``directory`` (as ``candidates``
-    orders them; files it cannot read are left alone); -> the deleted paths."""
-    if keep < 1:
-        raise ValueError(f"keep must be >= 1, got {keep}")
-    gone = candidates(directory)[keep:]
+def prune(directory: Path, keep: set[str]) -> list[Path]:
+    """Delete the checkpoints of ``directory`` except those named in ``keep`` and the newest
+    (files without a readable header are left alone); -> the deleted paths."""
+    gone = [path for path in candidates(directory)[1:] if path.name not in keep]
     for path in gone:
         path.unlink(missing_ok=True)
     return gone

@@ -106,7 +106,8 @@ class ReplayClient:
             while (left := deadline - time.monotonic()) > 0:
                 if not self._sock.poll(int(left * 1000) + 1):
                     break
-                kind, msg = decode(self._sock.recv(copy=False).buffer, self.limits)
+                with gc_paused():  # a sampled batch makes ~10k objects and no cycles
+                    kind, msg = decode(self._sock.recv(copy=False).buffer, self.limits)
                 if msg.get("rid") != rid:
                     continue  # a late answer to an earlier request
                 if kind == "error":
@@ -243,10 +244,6 @@ class ReplayClient:
         self, batch_size: int, version: int, timeout_s: float = 1.0
     ) -> list[tuple[Group, SampleInfo]] | None:
         """``batch_size`` whole groups, or None when the service had too few within timeout_s."""
-        with gc_paused():  # decoding makes ~10k objects and no cycles: nothing to collect
-            return self._sample(batch_size, version, timeout_s)
-
-    def _sample(self, batch_size: int, version: int, timeout_s: float):
         kind, msg = self.request(
             "sample",
             timeout_s=timeout_s + self.timeout,
@@ -258,22 +255,26 @@ class ReplayClient:
         if kind == "empty":
             return None
         try:  # the server validated these groups on insert and sends the bytes it validated
-            return [
-                (group_from_wire_trusted(g), SampleInfo(*info))
-                for g, info in zip(msg["groups"], msg["info"], strict=True)
-            ]
+            with gc_paused():  # ~1,000 objects per group and no cycles: nothing to collect
+                return [
+                    (group_from_wire_trusted(g), SampleInfo(*info))
+                    for g, info in zip(msg["groups"], msg["info"], strict=True)
+                ]
         except Exception as e:  # a damaged reply: not the groups the server stored
             raise ReplayError(
                 f"malformed batch from {self.address}: {type(e).__name__}: {e}"
             ) from e
 
-    def checkpoint(self, tag: str = "", keep: int | None = None) -> dict:
+    def checkpoint(self, tag: str = "") -> dict:
         """Ask for a replay checkpoint now (e.g. with the learner's step as ``tag``);
-        -> {path, segment, offset}. Recovery starts from the newest one. ``keep``: the
-        service then deletes all but the newest ``keep`` of its checkpoints."""
-        fields = {"tag": tag} if keep is None else {"tag": tag, "keep": keep}
-        _, msg = self.request("checkpoint", **fields)
+        -> {path, segment, offset}. Recovery starts from the newest one."""
+        _, msg = self.request("checkpoint", tag=tag)
         return {k: msg[k] for k in ("path", "segment", "offset")}
+
+    def prune(self, keep: list[str]) -> list[str]:
+        """Delete every replay checkpoint but the newest and those named in ``keep`` (paths
+        or file names); -> the file names deleted."""
+        return list(self.request("prune", keep=[Path(k).name for k in keep])[1]["deleted"])
 
     def rewind(self, checkpoint: str) -> dict:
         """The learner resumed from the state it had at replay checkpoint ``checkpoint`` (the

@@ -4,7 +4,8 @@ counters, which recovery restores, are in ``Counters``).
 - rejected requests by reason: ``frames`` (not one message frame), ``undecodable`` (not a
   valid message: size, msgpack, schema version, type), ``bad_<type>`` (a known request
   with bad fields), ``unknown_type``, ``bad_group`` (one group of an ``insert_batch``);
-- the staleness of every group handed to the learner, as a histogram;
+- the staleness of every group handed to the learner, as a histogram (``ahead``: groups
+  made by weights numbered after the learner's, which only a rewind leaves behind);
 - the rate limiter's waits: requests held, and the seconds they waited in all;
 - inserts/s and sampled groups/s over the last ``RATE_WINDOW_S`` seconds.
 """
@@ -20,7 +21,8 @@ RATE_WINDOW_S = 10.0
 class ServiceMetrics:
     def __init__(self):
         self.rejected_by: Counter[str] = Counter()
-        self.sampled_staleness: Counter[int] = Counter()
+        self.sampled_staleness: Counter[int | str] = Counter()
+        self.inserts = self.samples = 0  # since start: a rewind does not move them back
         self.inserts_held = self.samples_held = 0
         self.insert_wait_s = self.sample_wait_s = 0.0
         self._marks: deque[tuple[float, int, int]] = deque()  # (time, inserted, sampled)
@@ -28,8 +30,12 @@ class ServiceMetrics:
     def rejected(self, reason: str) -> None:
         self.rejected_by[reason] += 1
 
+    def inserted(self, n: int) -> None:
+        self.inserts += n
+
     def sampled(self, staleness: list[int]) -> None:
-        self.sampled_staleness.update(staleness)
+        self.samples += len(staleness)
+        self.sampled_staleness.update(s if s >= 0 else "ahead" for s in staleness)
 
     def waited(self, kind: str, seconds: float) -> None:
         """A held ``insert`` or ``sample`` was answered (or timed out) after ``seconds``."""
@@ -40,28 +46,31 @@ class ServiceMetrics:
             self.samples_held += 1
             self.sample_wait_s += seconds
 
-    def mark(self, now: float, inserted: int, sampled: int) -> None:
+    def mark(self, now: float) -> None:
         """Note the counters (at most once a second; the serving loop calls it often)."""
         if self._marks and now - self._marks[-1][0] < 1.0:
             return
-        self._marks.append((now, inserted, sampled))
+        self._marks.append((now, self.inserts, self.samples))
         while len(self._marks) > 2 and now - self._marks[1][0] >= RATE_WINDOW_S:
             self._marks.popleft()
 
-    def rates(self, now: float, inserted: int, sampled: int) -> tuple[float, float]:
+    def rates(self, now: float) -> tuple[float, float]:
         """(inserts/s, sampled groups/s) since the oldest mark of the window; 0 without one."""
         if not self._marks or now <= self._marks[0][0]:
             return 0.0, 0.0
         t0, i0, s0 = self._marks[0]
-        return (inserted - i0) / (now - t0), (sampled - s0) / (now - t0)
+        return (self.inserts - i0) / (now - t0), (self.samples - s0) / (now - t0)
 
-    def as_dict(self, now: float, inserted: int, sampled: int) -> dict:
-        inserts_per_s, samples_per_s = self.rates(now, inserted, sampled)
+    def as_dict(self, now: float) -> dict:
+        inserts_per_s, samples_per_s = self.rates(now)
         return {
             "inserts_per_s": inserts_per_s,
             "sampled_groups_per_s": samples_per_s,
             "rejected_by": dict(sorted(self.rejected_by.items())),
-            "sampled_staleness": {str(k): v for k, v in sorted(self.sampled_staleness.items())},
+            "sampled_staleness": {
+                str(k): v
+                for k, v in sorted(self.sampled_staleness.items(), key=lambda kv: str(kv[0]))
+            },
             "inserts_held": self.inserts_held,
             "insert_wait_s": self.insert_wait_s,
             "samples_held": self.samples_held,

@@ -217,7 +217,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--export", default=None, help="write the groups as JSON lines here")
     p.add_argument("--versions", default=None, help="only these weight versions: 3, 3:7, 3:, :7")
     p.add_argument("--since", default=None, help="inserted at or after: unix s or ISO 8601")
-    p.add_argument("--until", default=None, help="inserted at or before: unix s or ISO 8601")
+    p.add_argument(
+        "--until",
+        default=None,
+        help="inserted at or before: unix s or ISO 8601 (a date alone means its midnight, "
+        "so --until 2026-11-29 leaves that day out)",
+    )
     p.add_argument("--task", default=None, help="only groups of this task")
     p.add_argument(
         "--into", default=None, help="insert the groups into the replay service at this address"

@@ -75,11 +75,21 @@ def recover(
                 out.state.apply(record)
         except Exception:  # a record that does not apply: skipped, counted
             out.report.corrupt_skipped += 1
-    if log.position() < start:
-        # the log ends before the checkpoint (lost after its fsync?): write new records
-        # to a fresh segment so that they sort after the checkpoint
+    if log.position() < max(start, _newest_covered(checkpoint_dir)):
+        # the log ends before a checkpoint (lost after its fsync?): write new records to a
+        # fresh segment, so that they sort after it and never take the places of records it
+        # refers to (one that failed to restore stays a candidate for the next start)
         log.roll()
     return out
+
+
+def _newest_covered(checkpoint_dir: Path) -> tuple[int, int]:
+    """The furthest log position any readable checkpoint in ``checkpoint_dir`` covers."""
+    for path in ckpt.candidates(checkpoint_dir):  # newest (furthest) first
+        header = ckpt.read_header(path)
+        if header is not None:
+            return header["segment"], header["offset"]
+    return 0, 0
 
 
 def rewound(

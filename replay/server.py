@@ -24,8 +24,9 @@ its reply echoes it):
                                        last ``ANSWERS_KEPT`` answered gets the same batch,
                                        after a restart too: ``req`` is in the ``smp``
                                        record)
-  checkpoint {tag?, keep?}          -> checkpointed {path, segment, offset}  (``keep``: then
-                                       delete all but the newest ``keep`` checkpoints)
+  checkpoint {tag?}                 -> checkpointed {path, segment, offset}
+  prune  {keep}                     -> pruned {deleted}   (delete every checkpoint but the
+                                       newest and those named in ``keep``: file names)
   rewind {checkpoint}               -> rewound {checkpoint, version, size}  (the learner
                                        resumed from the state of that replay checkpoint,
                                        named by its file in ``<dir>/checkpoints`` (a path:
@@ -95,7 +96,7 @@ from flowrl_async.wire import (
 )
 
 REQUESTS = ("insert", "insert_batch", "admit", "version", "release", "sample", "checkpoint")
-REQUESTS += ("rewind", "stats")
+REQUESTS += ("prune", "rewind", "stats")
 FREEZE_EVERY = 4096  # inserts between two freezes (flowrl_async/heap.py)
 ZERO_COPY_BYTES = 1 << 16  # replies from this size on are handed to zmq without a copy
 
@@ -150,17 +151,14 @@ class ReplayServer:
         for (info, obj, raw), where in zip(accepted, positions, strict=True):
             self.state.apply({"k": "ins", "g": obj, "at": at}, info, raw, where)
         self._refreezer.add(len(accepted))
+        self.metrics.inserted(len(accepted))
 
-    def checkpoint(
-        self, path: str | Path | None = None, tag: str = "", keep: int | None = None
-    ) -> dict:
+    def checkpoint(self, path: str | Path | None = None, tag: str = "") -> dict:
         """Write the state and the log position it covers, atomically; -> header + path.
 
         Default path: ``<dir>/checkpoints/ckpt-<segment>-<offset>[-tag].ckpt``, the only
-        place recovery looks. ``keep``: then delete all but the newest ``keep`` checkpoints
-        there (the learner passes the number of its own checkpoints it keeps, so the one
-        each refers to stays). Call it on the serving thread (the ``checkpoint`` request)
-        or while the server is not serving.
+        place recovery looks. Call it on the serving thread (the ``checkpoint`` request) or
+        while the server is not serving.
         """
         self.log.sync()
         position = self.log.position()
@@ -170,8 +168,6 @@ class ReplayServer:
             else self.checkpoint_dir / ckpt.default_name(position, ckpt.check_tag(tag))
         )
         header = ckpt.write(path, self.state.snapshot(), position, tag)
-        if keep is not None:
-            ckpt.prune(self.checkpoint_dir, keep)
         return {**header, "path": str(path)}
 
     def rewind(self, checkpoint: str) -> dict:
@@ -197,7 +193,12 @@ class ReplayServer:
         covered = (loaded[0]["segment"], loaded[0]["offset"])
         if covered > end:
             raise WireError(f"rewind: checkpoint {name} is ahead of the log (at {end})")
-        state = rewound(self.log, self.checkpoint_dir, self._new_state, name, end, covered, loaded)
+        try:
+            state = rewound(
+                self.log, self.checkpoint_dir, self._new_state, name, end, covered, loaded
+            )
+        except ValueError as e:  # e.g. a group record it refers to is damaged
+            raise WireError(f"rewind: cannot restore checkpoint {name}: {e}") from None
         self.log.append(msgpack.packb({"k": "rwd", "c": name, "s": covered[0], "o": covered[1]}))
         self.state = state
         return {"checkpoint": name, "version": self.buffer.version, "size": len(self.buffer)}
@@ -242,11 +243,14 @@ class ReplayServer:
                 tag = ckpt.check_tag(msg.get("tag", ""))
             except ValueError as e:
                 raise WireError(str(e)) from None
-            keep = _int(msg, "keep") if "keep" in msg else None
-            if keep is not None and keep < 1:
-                raise WireError(f"keep must be >= 1, got {keep}")
-            header = self.checkpoint(tag=tag, keep=keep)
+            header = self.checkpoint(tag=tag)
             return "checkpointed", {k: header[k] for k in ("path", "segment", "offset")}
+        if msg_type == "prune":
+            names = msg.get("keep")
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise WireError("prune needs 'keep': a list of checkpoint file names")
+            gone = ckpt.prune(self.checkpoint_dir, {Path(n).name for n in names})
+            return "pruned", {"deleted": [p.name for p in gone]}
         if msg_type == "rewind":
             checkpoint = msg.get("checkpoint")
             if not isinstance(checkpoint, str):
@@ -405,10 +409,7 @@ class ReplayServer:
             "recovered_checkpoint": self.recovered_checkpoint,
             "recovery_rewind_errors": self.rewind_errors,
         }
-        counters = self.buffer.counters
-        out.update(
-            self.metrics.as_dict(time.monotonic(), counters.inserted, counters.sampled_groups)
-        )
+        out.update(self.metrics.as_dict(time.monotonic()))
         if (lim := self.state.limiter) is not None:
             out.update(limiter_inserts=lim.inserts, limiter_samples=lim.samples)
             out.update(limiter_diff=lim.diff, limiter_min_diff=lim.min_diff)
@@ -443,8 +444,7 @@ class ReplayServer:
         poller.register(sock, zmq.POLLIN)
         try:
             while not self._stop.is_set():
-                counters = self.buffer.counters
-                self.metrics.mark(time.monotonic(), counters.inserted, counters.sampled_groups)
+                self.metrics.mark(time.monotonic())
                 wait_ms = 100  # the log fsyncs on its own thread ("interval") or at once
                 if self.held:
                     wait_ms = min(wait_ms, 10)

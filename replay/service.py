@@ -30,7 +30,10 @@ class ReplayService:
         return self.server.bound_address
 
     def stats(self) -> dict:
-        """The server's figures, read on its serving thread (through a request)."""
+        """The server's figures, read on its serving thread (through a request); once it
+        stopped serving, read directly."""
+        if not self.thread.is_alive():
+            return self.server.stats()
         client = self._client()
         try:
             return client.stats()

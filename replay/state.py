@@ -68,7 +68,7 @@ class ReplayState:
         self.redo: list[int] = []  # positions of restarted actors, handed out first
         self.cursor = 0  # the next new position in the prompt stream
         # request id -> (groups' bytes, [times_sampled, staleness, inserted_at] per group,
-        # the groups' log positions: Entry.where)
+        # how a snapshot holds each group: ``_ref``)
         self.answers: OrderedDict[str, tuple[list[bytes], list[list], list]] = OrderedDict()
 
     @property
@@ -133,7 +133,7 @@ class ReplayState:
         self.answers[req] = (
             [e.payload for e in entries],
             [[e.times_sampled + 1, self.buffer.staleness(e), e.inserted_at] for e in entries],
-            [e.where for e in entries],
+            [_ref(e.payload, e.where, e.group_id) for e in entries],
         )
         self.answers.move_to_end(req)
         while len(self.answers) > ANSWERS_KEPT:
@@ -145,8 +145,8 @@ class ReplayState:
         counters = {k: v for k, v in asdict(b.counters).items() if k not in RUNTIME_COUNTERS}
         return {
             "entries": [
-                [e.group_id, e.min_version, _ref(e.payload, e.where), e.priority, e.inserted_at]
-                + [e.times_sampled]
+                [e.group_id, e.min_version, _ref(e.payload, e.where, e.group_id), e.priority]
+                + [e.inserted_at, e.times_sampled]
                 for e in b.entries.values()
             ],
             "seen": sorted(b.seen),
@@ -158,10 +158,7 @@ class ReplayState:
             "limiter": None
             if self.limiter is None
             else [self.limiter.inserts, self.limiter.samples],
-            "answers": [
-                [req, [_ref(p, w) for p, w in zip(payloads, wheres, strict=True)], info]
-                for req, (payloads, info, wheres) in self.answers.items()
-            ],
+            "answers": [[req, refs, info] for req, (_, info, refs) in self.answers.items()],
         }
 
     def restore(self, snap: dict, read_log=None) -> None:
@@ -174,6 +171,8 @@ class ReplayState:
         b = self.buffer
         b.entries.clear()
         for gid, min_version, ref, priority, inserted_at, times_sampled in snap["entries"]:
+            if isinstance(ref, list) and ref[2:] != [gid]:
+                raise ValueError(f"entry {gid!r} refers to {ref!r}")
             payload, where = groups(ref)
             b.entries[gid] = Entry(
                 gid, min_version, payload, priority, inserted_at, times_sampled, where
@@ -190,38 +189,41 @@ class ReplayState:
             counts = snap["limiter"] or [b.counters.inserted, b.counters.sampled_groups]
             self.limiter.inserts, self.limiter.samples = counts
         self.answers = OrderedDict()  # a checkpoint from before answers were kept: none
-        for req, group_refs, info in snap.get("answers", []):
-            payloads, wheres = (
-                zip(*map(groups, group_refs), strict=True) if group_refs else ((), ())
-            )
-            self.answers[req] = (list(payloads), [list(i) for i in info], list(wheres))
+        for req, refs, info in snap.get("answers", []):
+            payloads = [groups(ref)[0] for ref in refs]
+            self.answers[req] = (payloads, [list(i) for i in info], list(refs))
 
 
-def _ref(payload: bytes, where: tuple[int, int] | None):
-    """How a snapshot holds a group: its ``ins`` record's log position when known (a
-    checkpoint stays small whatever the groups' size), else its bytes."""
-    return payload if where is None else list(where)
+def _ref(payload: bytes, where: tuple[int, int] | None, group_id: str):
+    """How a snapshot holds a group: [segment, offset, group id] of its ``ins`` record in
+    the log when known (a checkpoint stays small whatever the groups' size), else its bytes."""
+    return payload if where is None else [where[0], where[1], group_id]
 
 
 def _read_groups(refs: list, read_log):
     """-> a function from a snapshot's reference to a group (``_ref``) to (bytes, where),
-    reading every referred record from the log at once."""
-    positions = {tuple(r) for r in refs if isinstance(r, list)}
-    records = read_log(sorted(positions)) if positions else {}
+    reading every referred record from the log at once. A reference whose record is not
+    intact, or holds another group, raises ValueError."""
+    positions = {(r[0], r[1]) for r in refs if isinstance(r, list)}
     if positions and read_log is None:
         raise ValueError("this snapshot refers to the log: restore it with read_log")
+    records = read_log(sorted(positions)) if positions else {}
 
     def group(ref) -> tuple[bytes, tuple[int, int] | None]:
         if isinstance(ref, bytes):
             return ref, None
         if isinstance(ref, dict):  # a checkpoint that stored the group's map
             return msgpack.packb(ref, use_bin_type=True), None
-        where = tuple(ref)
+        if len(ref) != 3:
+            raise ValueError(f"bad group reference {ref!r}")
+        where, group_id = (ref[0], ref[1]), ref[2]
         payload = records.get(where)
-        raw = group_bytes_in(payload) if payload is not None else None
-        if raw is None:
+        found = _group_in(payload) if payload is not None else None
+        if found is None:
             raise ValueError(f"no intact insert record at log position {where}")
-        return raw, where
+        if found[1] != group_id:
+            raise ValueError(f"log position {where} holds group {found[1]!r}, not {group_id!r}")
+        return found[0], where
 
     return group
 
@@ -232,6 +234,12 @@ _AT_KEY = _PACKER.pack("at")
 def group_bytes_in(payload: bytes) -> bytes | None:
     """The group's bytes inside an ``ins`` record as ``insert_record`` writes it (the
     layout of ``packb({"k": "ins", "g": ..., "at": <float>})`` too); None for anything else."""
+    found = _group_in(payload)
+    return None if found is None else found[0]
+
+
+def _group_in(payload: bytes) -> tuple[bytes, object] | None:
+    """(the group's bytes, its id) of an ``ins`` record's payload; None for another layout."""
     n = len(_INS_HEAD)
     if len(payload) <= n + 12 or not payload.startswith(_INS_HEAD):
         return None
@@ -242,4 +250,4 @@ def group_bytes_in(payload: bytes) -> bytes | None:
         obj = msgpack.unpackb(raw, raw=False)
     except Exception:
         return None
-    return raw if isinstance(obj, dict) else None
+    return (raw, obj.get("id")) if isinstance(obj, dict) else None

@@ -6,6 +6,7 @@ import threading
 import time
 from pathlib import Path
 
+import msgpack
 import pytest
 
 from flowrl_async.replay.client import ReplayClient
@@ -190,7 +191,7 @@ def test_a_checkpoint_holds_groups_by_their_place_in_the_log_and_stays_small(tmp
     ckpt_bytes = Path(info["path"]).stat().st_size
     assert log_bytes > 20 * 128_000 and ckpt_bytes < 4_000  # not a copy of the groups
     snapshot = server.state.snapshot()
-    assert all(type(e[2]) is list and len(e[2]) == 2 for e in snapshot["entries"])
+    assert all(e[2][2:] == [e[0]] for e in snapshot["entries"])  # [segment, offset, id]
     server.log.close()
 
     again = ReplayServer(ServerConfig(str(directory), max_staleness=None, selector="uniform"))
@@ -227,17 +228,65 @@ def test_a_checkpoint_whose_group_record_is_damaged_gives_way_to_the_log(tmp_pat
     again.log.close()
 
 
-def test_checkpoints_beyond_keep_are_deleted_newest_kept(tmp_path):
+def test_prune_keeps_the_named_checkpoints_and_the_newest(tmp_path):
     directory = tmp_path / "replay"
     server = ReplayServer(ServerConfig(str(directory), max_staleness=None))
     made = []
     for i in range(4):
         server.handle("insert", {"group": group_to_wire(make_group(f"g{i}"))})
-        kind, reply = server.handle("checkpoint", {"tag": f"step-{i}", "keep": 2})
-        made.append(Path(reply["path"]).name)
-    assert sorted(p.name for p in (directory / "checkpoints").iterdir()) == made[2:]
-    server.handle("checkpoint", {"tag": "step-9"})  # without keep: nothing deleted
-    assert len(list((directory / "checkpoints").iterdir())) == 3
-    with pytest.raises(WireError, match="keep must be >= 1"):
-        server.handle("checkpoint", {"keep": 0})
+        made.append(Path(server.handle("checkpoint", {"tag": f"step-{i}"})[1]["path"]))
+    kind, reply = server.handle("prune", {"keep": [str(made[1]), made[2].name]})
+    assert (kind, reply) == ("pruned", {"deleted": [made[0].name]})
+    kind, reply = server.handle("prune", {"keep": []})  # the newest always stays
+    assert sorted(reply["deleted"]) == sorted([made[1].name, made[2].name])
+    assert [p.name for p in (directory / "checkpoints").iterdir()] == [made[3].name]
+    with pytest.raises(WireError, match="a list of checkpoint file names"):
+        server.handle("prune", {"keep": "all"})
     server.log.close()
+
+
+def test_a_checkpoint_left_ahead_of_a_shortened_log_never_restores_other_groups(tmp_path):
+    """The log loses its tail after a checkpoint's fsync, cutting a record the checkpoint
+    refers to: recovery replays the whole log instead, and later records go to a new
+    segment, never to the places the checkpoint's records had (found by review: same-size
+    groups written there made the checkpoint restore one group's bytes under another id)."""
+    directory = tmp_path / "replay"
+    server = ReplayServer(ServerConfig(str(directory), max_staleness=None))
+    for gid in ("a1", "a2"):
+        server.handle("insert", {"group": group_to_wire(make_group(gid))})
+    info = server.checkpoint(tag="x")
+    segment, offset = server.buffer.entries["a2"].where
+    server.log.close()
+    with open(directory / f"seg-{segment:08d}.log", "r+b") as f:
+        f.truncate(offset + 10)  # inside a2's record
+    server = ReplayServer(ServerConfig(str(directory), max_staleness=None))
+    assert server.recovered_checkpoint == "" and list(server.buffer.entries) == ["a1"]
+    for gid in ("b2", "b3"):  # the same size as a2: they would land where it was
+        server.handle("insert", {"group": group_to_wire(make_group(gid))})
+    assert all(e.where[0] == segment + 1 for gid, e in server.buffer.entries.items() if gid != "a1")
+    server.log.close()
+    again = ReplayServer(ServerConfig(str(directory), max_staleness=None))
+    assert again.recovered_checkpoint == ""  # still cannot restore: a2's record is gone
+    assert Path(info["path"]).exists()
+    groups = {gid: msgpack.unpackb(e.payload)["id"] for gid, e in again.buffer.entries.items()}
+    assert groups == {"a1": "a1", "b2": "b2", "b3": "b3"}
+    again.log.close()
+
+
+def test_a_reference_to_a_record_of_another_group_is_refused(tmp_path):
+    from flowrl_async.replay.buffer import ReplayBuffer
+    from flowrl_async.replay.log import SegmentLog
+    from flowrl_async.replay.state import ReplayState
+
+    directory = tmp_path / "replay"
+    server = ReplayServer(ServerConfig(str(directory), max_staleness=None))
+    for gid in ("a", "b"):
+        server.handle("insert", {"group": group_to_wire(make_group(gid))})
+    snapshot = server.state.snapshot()
+    server.log.close()
+    snapshot["entries"][0][2][:2] = snapshot["entries"][1][2][:2]  # a's ref -> b's record
+    state = ReplayState(ReplayBuffer(max_staleness=None))
+    with pytest.raises(ValueError, match="holds group 'b', not 'a'"):
+        state.restore(snapshot, SegmentLog(directory).read_at)
+    with pytest.raises(ValueError, match="restore it with read_log"):
+        state.restore(snapshot)

@@ -18,16 +18,23 @@ from factories import make_group
 
 def test_rates_over_the_window_from_marks_at_most_a_second_apart():
     m = ServiceMetrics()
-    assert m.rates(5.0, 100, 100) == (0.0, 0.0)  # no mark yet
-    m.mark(0.0, 0, 0)
-    m.mark(0.5, 7, 7)  # within a second of the last mark: not noted
-    m.mark(1.0, 10, 4)
-    assert m.rates(2.0, 30, 8) == (15.0, 4.0)  # (30 - 0) / 2 s, (8 - 0) / 2 s
-    for t in range(2, 31):  # one insert and one sample a second... then a burst
-        m.mark(float(t), 10 * t, 4 * t)
+    assert m.rates(5.0) == (0.0, 0.0)  # no mark yet
+    m.mark(0.0)
+    m.inserted(7)
+    m.mark(0.5)  # within a second of the last mark: not noted
+    m.inserted(3)
+    m.sampled([0, 1, 1, -1])
+    m.mark(1.0)
+    m.inserted(20)
+    assert m.rates(2.0) == (15.0, 2.0)  # 30 inserts, 4 samples since the mark at 0 s
+    for t in range(2, 31):  # then 10 inserts and 4 samples a second
+        m.inserted(10)
+        m.sampled([0] * 4)
+        m.mark(float(t))
     # the oldest mark kept is the newest one at least RATE_WINDOW_S old
     assert m._marks[0][0] == 30.0 - RATE_WINDOW_S
-    assert m.rates(30.0, 300, 120) == pytest.approx((10.0, 4.0))
+    assert m.rates(30.0) == pytest.approx((10.0, 4.0))
+    assert m.as_dict(30.0)["sampled_staleness"] == {"0": 1 + 29 * 4, "1": 2, "ahead": 1}
 
 
 def test_a_live_server_counts_rejections_by_reason_staleness_and_waits(tmp_path):
