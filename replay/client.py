@@ -95,8 +95,12 @@ class ReplayClient:
             self._curve.apply(self._sock)
         self._sock.connect(self.address)
 
-    def request(self, msg_type: str, timeout_s: float | None = None, **fields) -> tuple[str, dict]:
-        """Send until answered (resending after each timeout); -> (reply type, fields)."""
+    def request(
+        self, msg_type: str, timeout_s: float | None = None, then=None, **fields
+    ) -> tuple[str, dict]:
+        """Send until answered (resending after each timeout); -> (reply type, fields), or
+        ``then(reply type, fields)`` when given: it runs inside the same garbage-collector
+        pause as the decoding (``heap.gc_paused``), so it must make no reference cycles."""
         rid = next(self._rids)
         payload = encode(msg_type, rid=rid, **fields)
         timeout = self.timeout if timeout_s is None else timeout_s
@@ -106,13 +110,17 @@ class ReplayClient:
             while (left := deadline - time.monotonic()) > 0:
                 if not self._sock.poll(int(left * 1000) + 1):
                     break
-                with gc_paused():  # a sampled batch makes ~10k objects and no cycles
+                with gc_paused():  # a sampled batch makes ~20k objects and no cycles
                     kind, msg = decode(self._sock.recv(copy=False).buffer, self.limits)
-                if msg.get("rid") != rid:
-                    continue  # a late answer to an earlier request
-                if kind == "error":
-                    raise _rejected(msg_type, msg)
-                return kind, msg
+                    if msg.get("rid") != rid:
+                        continue  # a late answer to an earlier request
+                    if kind == "error":
+                        raise _rejected(msg_type, msg)
+                    if then is None:
+                        return kind, msg
+                    result = then(kind, msg)
+                    del msg  # the decoded tree goes now, uncollected: the pause ends after
+                return result
             self._connect()  # a fresh socket drops anything queued for a dead peer
         raise ReplayError(
             f"no answer to {msg_type} from {self.address} after {self.max_retries} tries"
@@ -244,22 +252,24 @@ class ReplayClient:
         self, batch_size: int, version: int, timeout_s: float = 1.0
     ) -> list[tuple[Group, SampleInfo]] | None:
         """``batch_size`` whole groups, or None when the service had too few within timeout_s."""
-        kind, msg = self.request(
+        return self.request(
             "sample",
             timeout_s=timeout_s + self.timeout,
+            then=self._batch,  # decoded in the same collector pause as the reply
             batch_size=batch_size,
             version=version,
             timeout_ms=int(timeout_s * 1000),
             req=uuid.uuid4().hex,  # retries reuse it: the server answers each id once
         )
+
+    def _batch(self, kind: str, msg: dict) -> list[tuple[Group, SampleInfo]] | None:
         if kind == "empty":
             return None
         try:  # the server validated these groups on insert and sends the bytes it validated
-            with gc_paused():  # ~1,000 objects per group and no cycles: nothing to collect
-                return [
-                    (group_from_wire_trusted(g), SampleInfo(*info))
-                    for g, info in zip(msg["groups"], msg["info"], strict=True)
-                ]
+            return [
+                (group_from_wire_trusted(g), SampleInfo(*info))
+                for g, info in zip(msg["groups"], msg["info"], strict=True)
+            ]
         except Exception as e:  # a damaged reply: not the groups the server stored
             raise ReplayError(
                 f"malformed batch from {self.address}: {type(e).__name__}: {e}"
