@@ -290,3 +290,38 @@ def test_a_reference_to_a_record_of_another_group_is_refused(tmp_path):
         state.restore(snapshot, SegmentLog(directory).read_at)
     with pytest.raises(ValueError, match="restore it with read_log"):
         state.restore(snapshot)
+
+
+def test_a_format_1_checkpoint_holding_group_bytes_still_restores(tmp_path, monkeypatch):
+    """Checkpoints written before groups were held by reference (format 1: each group's
+    bytes inline) restore as they are; the next checkpoint is format 2."""
+    from flowrl_async.replay import checkpoint as ckpt
+
+    directory = tmp_path / "replay"
+    server = ReplayServer(ServerConfig(str(directory), max_staleness=None, selector="uniform"))
+    for gid in ("a", "b", "c"):
+        server.handle("insert", {"group": group_to_wire(make_group(gid))})
+    server.handle("sample", {"batch_size": 2, "version": 0, "req": "r1"})
+    old = server.state.snapshot()
+    for entry in old["entries"]:
+        entry[2] = server.buffer.entries[entry[0]].payload  # inline, as format 1 held them
+    for answer in old["answers"]:
+        answer[1] = list(server.state.answers[answer[0]][0])
+    monkeypatch.setattr(ckpt, "FORMAT", 1)
+    path = directory / "checkpoints" / ckpt.default_name(server.log.position(), "old")
+    server.log.sync()
+    ckpt.write(path, old, server.log.position())
+    monkeypatch.undo()
+    server.log.close()
+    again = ReplayServer(ServerConfig(str(directory), max_staleness=None, selector="uniform"))
+    assert again.recovered_checkpoint == str(path)
+    assert ckpt.read_header(path)["format"] == 1
+    for gid, entry in server.buffer.entries.items():
+        assert again.buffer.entries[gid].payload == entry.payload
+    assert (
+        again.handle("sample", {"batch_size": 2, "version": 0, "req": "r1"})[1]["groups"]
+        == (server.state.answers["r1"][0])
+    )
+    new = again.checkpoint(tag="new")
+    assert ckpt.read_header(Path(new["path"]))["format"] == 2
+    again.log.close()
