@@ -11,7 +11,8 @@ raw figure:
             p50/p99 latency of one ``sample(64)`` call, decoding included, in a process
             that imported torch (as the learner's does): as the learner calls it (start-up
             objects frozen, no collection while decoding: flowrl_async/heap.py), and side by
-            side without either, with the collections' own time
+            side without either, with the collections' own time; and the reply alone (sent
+            to its bytes received, no decoding): the service's part of a call
 
 On a shared machine the load changes from second to second, so the figures are taken in
 ``--rounds`` rounds, each measuring raw and then the service right after it on the same
@@ -34,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 
 import msgpack
 import numpy as np
@@ -45,7 +47,7 @@ from flowrl_async.heap import freeze_survivors
 from flowrl_async.records import Group, Response, SamplingParams
 from flowrl_async.replay import client as replay_client
 from flowrl_async.replay.client import ReplayClient
-from flowrl_async.wire import group_to_wire
+from flowrl_async.wire import encode, group_to_wire
 
 RESPONSES, TOKENS, WINDOW, BATCH = 8, 256, 64, 64
 GC_PAUSES: list[tuple[int, float]] = []  # (generation, ms) of each collection
@@ -181,7 +183,23 @@ def one_round(raw: RawEcho, client: ReplayClient, r: int, n: int, samples: int) 
         out[f"gc_{heap}"] = list(GC_PAUSES)  # wherever they landed, in the call or after
     replay_client.gc_paused = heap_module.gc_paused
     out["sampled"] = BATCH * samples / sum(out["latencies_careful"])
+    freeze_survivors()
+    out["latencies_reply"] = [reply_latency(client) for _ in range(samples)]
     return out
+
+
+def reply_latency(client: ReplayClient) -> float:
+    """Seconds from sending sample(64) to holding the reply's bytes: the service's part of a
+    call, without decoding (the same request ``sample`` sends, on the client's socket)."""
+    sock = client._sock
+    msg = encode("sample", rid=-1, batch_size=BATCH, version=0, timeout_ms=1000,
+                 req=uuid.uuid4().hex)  # fmt: skip
+    t0 = time.perf_counter()
+    sock.send(msg)
+    reply = sock.recv(copy=False)
+    elapsed = time.perf_counter() - t0
+    assert len(reply.buffer) > BATCH * 17_000
+    return elapsed
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -228,11 +246,14 @@ def main(argv: list[str] | None = None) -> None:
     for heap, how in [
         ("careful", "as the learner calls it (heap frozen, GC paused while decoding)"),
         ("careless", "without either"),
+        ("reply", "the reply's bytes only (no decoding)"),
     ]:
         lat = np.array([t for x in rounds for t in x[f"latencies_{heap}"]]) * 1000.0
         p50, p99 = np.percentile(lat, 50), np.percentile(lat, 99)
         print(f"sample({BATCH}) latency, {how}: p50 {p50:.2f} ms, p99 {p99:.2f} ms "
               f"({len(lat)} calls)")  # fmt: skip
+        if heap == "reply":
+            continue
         pauses = [p for x in rounds for p in x[f"gc_{heap}"]]
         full = [ms for gen, ms in pauses if gen == 2]
         print(f"  garbage collections during those calls' loop: {len(pauses)}, "
