@@ -39,6 +39,7 @@ def replay_config(cfg: TrainConfig, run_dir, address: str):
         selector=rc.selector,
         max_times_sampled=rc.max_times_sampled,
         groups_per_version=lc.batch_groups * lc.publish_every,
+        admission=rc.admission,
         fsync=rc.fsync,
         fsync_interval_ms=rc.fsync_interval_ms,
         seed=cfg.seed,

@@ -203,6 +203,18 @@ class ReplayServer:
         self.state = state
         return {"checkpoint": name, "version": self.buffer.version, "size": len(self.buffer)}
 
+    def _admission_version(self, weights: int | None) -> int:
+        """The version admission counts from: the learner's, or with ``admission="weights"``
+        and a staleness bound, the actor's weights when they are older. A group made with
+        weights w is trained only up to version w + bound, and the learner takes
+        groups_per_version per version, so counting from w admits only what can be trained
+        in time: no generation is thrown away as stale, but nothing fresher is left to pick
+        either (see ServerConfig.admission)."""
+        version = self.buffer.version
+        if self.cfg.admission != "weights" or weights is None or self.buffer.max_staleness is None:
+            return version
+        return min(version, weights)
+
     def _dead_on_arrival(self, weights_version: int) -> bool:
         bound = self.buffer.max_staleness
         return bound is not None and weights_version < self.buffer.version - bound
@@ -219,10 +231,12 @@ class ReplayServer:
             actor, k = _int(msg, "actor"), _int(msg, "k")
             if "version" in msg:
                 self._advance_version(_int(msg, "version"))
+            weights = _int(msg, "weights") if "weights" in msg else None
             free = self.buffer.admission_capacity(
-                self.buffer.version, self.cfg.groups_per_version, self.state.in_flight
-            )
-            if "weights" in msg and self._dead_on_arrival(_int(msg, "weights")):
+                self._admission_version(weights), self.cfg.groups_per_version,
+                self.state.in_flight,
+            )  # fmt: skip
+            if weights is not None and self._dead_on_arrival(weights):
                 free = 0  # this actor's weights are too old: its groups would be evicted
             n = max(0, min(k, free))
             redo = self.state.redo[:n]

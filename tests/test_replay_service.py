@@ -179,3 +179,34 @@ def test_admission_paces_actors_even_without_a_staleness_bound():
     # no bound for training, but admission paces as if it were 1: (1 + 0 + 1)·4 = 8
     assert buf.admission_capacity(version=0, groups_per_version=4, in_flight=3) == 5
     assert buf.admission_capacity(version=2, groups_per_version=4, in_flight=0) == 16
+
+
+@pytest.mark.parametrize(
+    "admission, bound, weights, granted",
+    [
+        ("learner", 1, 1, 16),  # (1 + version 2 + 1) · 4, whatever the actor's weights
+        ("weights", 1, 2, 16),  # weights as new as the learner: the same
+        ("weights", 1, 1, 12),  # (1 + weights 1 + 1) · 4: trained by version 2 at the latest
+        ("weights", 1, 0, 0),  # already beyond the bound: refused in both modes
+        ("learner", 1, 0, 0),
+        ("weights", 2, 1, 16),  # (2 + 1 + 1) · 4
+        ("weights", None, 0, 16),  # no bound: paced from the learner's version, bound 1
+    ],
+)
+def test_admission_counts_from_the_learner_or_the_actors_weights(
+    tmp_path, admission, bound, weights, granted
+):
+    cfg = ServerConfig(
+        str(tmp_path), max_staleness=bound, groups_per_version=4, admission=admission,
+        selector="uniform" if bound is None else "fifo",
+    )  # fmt: skip
+    server = ReplayServer(cfg)
+    server.handle("version", {"version": 2})
+    kind, reply = server.handle("admit", {"actor": 1, "k": 100, "weights": weights})
+    assert (kind, reply["n"]) == ("admitted", granted)
+    server.log.close()
+
+
+def test_an_unknown_admission_mode_is_refused():
+    with pytest.raises(ValueError, match="admission='oldest'"):
+        ServerConfig("x", admission="oldest")
