@@ -204,8 +204,9 @@ class ReplayServer:
         return {"checkpoint": name, "version": self.buffer.version, "size": len(self.buffer)}
 
     def _admission_version(self, weights: int | None) -> int:
-        """The version admission counts from: the learner's, or with ``admission="weights"``
-        and a staleness bound, the actor's weights when they are older. A group made with
+        """The version admission counts from: with ``admission="weights"`` (the default) and
+        a staleness bound, the actor's weights when older than the learner's; else the
+        learner's. A group made with
         weights w is trained only up to version w + bound, and the learner takes
         groups_per_version per version, so counting from w admits only what can be trained
         in time: no generation is thrown away as stale, but nothing fresher is left to pick
