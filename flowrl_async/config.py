@@ -291,8 +291,10 @@ def validate(cfg: TrainConfig) -> None:
         )
     if r.selector == "mixed" and r.max_times_sampled < 2:
         problems.append("replay.selector=mixed replays groups: set replay.max_times_sampled >= 2")
-    if r.admission not in ("learner", "weights"):
-        problems.append(f"replay.admission={r.admission!r}: expected learner or weights")
+    from flowrl_async.replay.config import ADMISSIONS
+
+    if r.admission not in ADMISSIONS:
+        problems.append(f"replay.admission={r.admission!r}: expected one of {ADMISSIONS}")
     if not 0.0 <= r.fresh_fraction <= 1.0:
         problems.append(f"replay.fresh_fraction={r.fresh_fraction}: expected a value in [0, 1]")
     if r.selector == "fifo" and r.max_times_sampled != 1:

@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None, description: str) -> ServerConfig:
     p.add_argument("--selector", default="fifo")
     p.add_argument("--max-times-sampled", type=int, default=1)
     p.add_argument("--groups-per-version", type=int, default=8)
-    p.add_argument("--admission", default="weights", choices=["learner", "weights"])
+    p.add_argument("--admission", default="weights", choices=ADMISSIONS)
     p.add_argument("--fsync", default="interval")
     p.add_argument("--fsync-interval-ms", type=float, default=10.0)
     p.add_argument("--segment-bytes", type=int, default=64 * 1024 * 1024)
