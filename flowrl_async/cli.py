@@ -17,8 +17,29 @@ COMMANDS = ("train", "eval", "summarize", "replay")
 def _train(cfg) -> None:
     from flowrl_async.launch import train
 
+    if cfg.resume:
+        cfg = _resumed(cfg)
     config: TrainConfig = OmegaConf.to_object(cfg)
     train(config)
+
+
+def _resumed(cfg):
+    """The run's saved config with what this command line names on top (resume.py)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from flowrl_async import resume
+
+    overrides = list(HydraConfig.get().overrides.task)
+    if not any(o.split("=", 1)[0].lstrip("+") == "run_dir" for o in overrides):
+        raise SystemExit(
+            "resume=true needs the run to continue: flowrl-async train run_dir=DIR resume=true"
+        )
+    saved = resume.saved_config(cfg.run_dir)
+    merged, changes = resume.resumed(saved, cfg, resume.named_keys(overrides, CONFIG_DIR))
+    resume.check(saved, merged, cfg.run_dir)
+    print(f"resuming {cfg.run_dir} with its saved config ({resume.SAVED})"
+          + ("; changed on this command line:\n  " + "\n  ".join(changes) if changes else ""))  # fmt: skip
+    return OmegaConf.merge(OmegaConf.structured(TrainConfig), merged)
 
 
 def _eval(cfg) -> None:
@@ -46,6 +67,9 @@ def main(argv: list[str] | None = None) -> None:  # noqa: RET503
     register()
     sys.argv = [f"flowrl-async {command}", *rest]
     if command == "train":
-        hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")(_train)()
+        try:
+            hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")(_train)()
+        except KeyboardInterrupt:  # launch.train left a checkpoint and said how to resume
+            raise SystemExit(130) from None
     elif command == "eval":
         hydra.main(config_path=CONFIG_DIR, config_name="eval", version_base="1.3")(_eval)()

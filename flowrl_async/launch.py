@@ -17,6 +17,7 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
+from flowrl_async import resume
 from flowrl_async.config import TrainConfig, validate
 from flowrl_async.learner.checkpoint import latest
 from flowrl_async.offline import preload
@@ -102,15 +103,51 @@ def pick_device(cfg: TrainConfig, ray) -> tuple[str, str]:
     return ("cuda" if use_gpu else "cpu"), backend
 
 
+class Figures:
+    """Metrics that must never stop training: a failed read is printed and counted
+    (``replay_stats_errors``, ``eval_errors`` in metrics.jsonl), and the run goes on."""
+
+    def __init__(self):
+        self.errors = {"replay_stats": 0, "eval": 0}
+
+    def _failed(self, what: str, e: Exception) -> None:
+        self.errors[what] += 1
+        print(f"\nwarning: {what} figures unavailable ({type(e).__name__}: {str(e)[:300]}); "
+              "training goes on", flush=True)  # fmt: skip
+
+    def replay_stats(self, procs) -> dict:
+        try:
+            return procs.replay_stats()
+        except Exception as e:
+            self._failed("replay_stats", e)
+            return {"unavailable": f"{type(e).__name__}: {str(e)[:300]}"}
+
+    def replay(self, procs) -> dict:
+        """The service's figures for one metrics row."""
+        stats = self.replay_stats(procs)
+        return {**flat(stats), "replay_stats_errors": self.errors["replay_stats"]}
+
+    def evaluation(self, procs, ev, max_tokens: int) -> dict:
+        try:
+            return procs.ray.get(
+                procs.actors[0].evaluate.remote(ev.split, ev.samples, ev.temperature, max_tokens)
+            )
+        except Exception as e:
+            self._failed("eval", e)
+            return {"eval_errors": self.errors["eval"]}
+
+
 def train(cfg: TrainConfig, on_step=None) -> dict:
     """The main job. ``on_step(step, processes)`` is a hook for tests (e.g. kill an actor)."""
     validate(cfg)
     run_dir = Path(cfg.run_dir).resolve()
     if cfg.resume and not (run_dir / "checkpoints").is_dir():
         raise ValueError(f"resume=true but {run_dir} has no checkpoints/ to resume from")
+    if cfg.resume:  # the settings the checkpoint holds must be the run's own
+        resume.check(resume.saved_config(run_dir), asdict(cfg), run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    name = "run_config.resumed.json" if cfg.resume else "run_config.json"
-    (run_dir / name).write_text(json.dumps(asdict(cfg), indent=2))
+    # the config the run runs with now: the base of the next resume
+    (run_dir / resume.SAVED).write_text(json.dumps(asdict(cfg), indent=2))
     model_path = prepare_model(cfg, run_dir)
     ray = start_ray(cfg, run_dir)
     procs = None
@@ -139,6 +176,7 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
         if cfg.mode == "async":
             procs.start_loops()  # actors generate without pause from here on
         log = MetricsLog(run_dir, cfg.learner.steps)
+        figures = Figures()
         ckpt_root, lc = str(run_dir / "checkpoints"), cfg.learner
         try:
             for step in range(start + 1, lc.steps + 1):
@@ -149,15 +187,9 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
                     metrics = procs.call_learner("step")
                 ev = cfg.evaluation
                 if ev.every and step % ev.every == 0:  # on actor 1, with its current weights
-                    metrics.update(
-                        procs.ray.get(
-                            procs.actors[0].evaluate.remote(
-                                ev.split, ev.samples, ev.temperature, cfg.generator.max_tokens
-                            )
-                        )
-                    )
+                    metrics.update(figures.evaluation(procs, ev, cfg.generator.max_tokens))
                 if cfg.replay.metrics_every and step % cfg.replay.metrics_every == 0:
-                    metrics.update(flat(procs.ray.get(procs.replay.stats.remote())))
+                    metrics.update(figures.replay(procs))
                 log.add(metrics)
                 if step % lc.checkpoint_every == 0 or step == lc.steps:
                     procs.call_learner("save_checkpoint", ckpt_root, lc.keep_checkpoints)
@@ -179,19 +211,21 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
             raise
         finally:
             log.close()
+        # what the run is for first; then figures, each of which may be missing
         summary = {
             "run_dir": str(run_dir),
             "steps": len(log.history),
-            "actor_restarts": procs.restarts,
-            "learner": ray.get(procs.learner.state.remote()),
-            "replay": ray.get(procs.replay.stats.remote()),
-            "actors": ray.get([a.stats.remote() for a in procs.actors]),
             "final_policy": ray.get(
                 procs.learner.save_policy.remote(str(run_dir / "final_policy"))
             ),
             "curves": str(plot_curves(read_metrics(run_dir / "metrics.jsonl"),
                                       run_dir / "curves.png", title=str(run_dir.name))),
+            "learner": ray.get(procs.learner.state.remote()),
+            "actor_restarts": procs.restarts,
         }  # fmt: skip
+        summary["replay"] = figures.replay_stats(procs)
+        summary["actors"] = procs.actor_stats()
+        summary["figure_errors"] = figures.errors
         summary.update(summarize(log.history))
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         print_summary(summary)

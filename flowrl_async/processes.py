@@ -153,6 +153,7 @@ class Processes:
         self.loops: dict = {}  # loop ref -> actor index
         self.restarts = 0
         self.restarting: dict[int, float] = {}  # actor index -> when its death was noticed
+        self.died: dict[int, str] = {}  # actor index -> Ray's reason for its last death
         self.restart_timeout_s = 300.0
         self.weight_endpoint: tuple[str, int] | None = None  # set when the group forms
         ray.get([h.ready.remote() for h in [self.learner, *self.actors]])
@@ -211,8 +212,9 @@ class Processes:
                 index = self.loops.pop(ref)
                 try:
                     self.ray.get(ref)
-                except RayActorError:
+                except RayActorError as e:
                     self.restarting[index] = time.monotonic()
+                    self.died[index] = self._death_reason(index, e)
                     continue
                 raise RuntimeError(f"rollout actor {index + 1} stopped before the learner ended")
         if not self.restarting:
@@ -228,8 +230,9 @@ class Processes:
         self.restarting.clear()
         self.restarts += len(back)
         version = self.form_weight_group()
-        print(f"\nrestarted actor(s) {[i + 1 for i in back]}; weight group re-formed at "
-              f"version {version}", flush=True)  # fmt: skip
+        for i in back:
+            print(f"\nrestarted actor {i + 1} (Ray: {self.died.get(i)})", flush=True)
+        print(f"weight group re-formed at version {version}", flush=True)
         self.start_loops(back)
 
     def call_learner(self, method: str, *args, poll_s: float = 1.0):
@@ -247,6 +250,54 @@ class Processes:
         self.heal()
         return result
 
+    # ---------------------------------------------------------------- figures
+    def replay_stats(self, timeout_s: float = 30.0) -> dict:
+        """The replay service's figures (raises what the call raised: callers decide)."""
+        return self.ray.get(self.replay.stats.remote(), timeout=timeout_s)
+
+    def actor_stats(self, timeout_s: float = 10.0) -> list[dict]:
+        """Each actor's figures; an actor that cannot answer (dead, restarting, killed for
+        memory) gets ``{"actor": i, "unavailable": Ray's reason}`` instead, so a summary is
+        written whatever state the actors are in."""
+        refs, out = [], []
+        for a in self.actors:
+            try:
+                refs.append(a.stats.remote())
+            except Exception as e:  # a handle whose actor is gone may refuse the call
+                refs.append(e)
+        for i, ref in enumerate(refs):
+            try:
+                if isinstance(ref, Exception):
+                    raise ref
+                out.append(self.ray.get(ref, timeout=timeout_s))
+            except Exception as e:
+                out.append({"actor": i + 1, "unavailable": self._why_unavailable(i, e)})
+        return out
+
+    def _why_unavailable(self, index: int, error: Exception) -> str:
+        """Ray's reason: its memory monitor's kill, the error the actor's loop ended with,
+        or the actor table's death cause; else what the failed call raised."""
+        from ray.exceptions import RayActorError
+
+        for ref, i in list(self.loops.items()):
+            # a dead actor's loop ends with Ray's error for the death, soon after it
+            if i == index and self.ray.wait([ref], timeout=5.0)[0]:
+                try:
+                    self.ray.get(ref)
+                except RayActorError as e:
+                    self.died[index] = self._death_reason(index, e)
+                except Exception:
+                    pass
+        return (
+            memory_kill(self.ray, self.actors[index])
+            or self.died.get(index)
+            or death_cause(self.ray, self.actors[index])
+            or ray_reason(error)
+        )
+
+    def _death_reason(self, index: int, error: BaseException) -> str:
+        return memory_kill(self.ray, self.actors[index]) or ray_reason(error)
+
     # ---------------------------------------------------------------- teardown
     def shutdown(self) -> None:
         for a in self.actors:
@@ -261,6 +312,70 @@ class Processes:
 
 class LearnerDied(RuntimeError):
     """The learner's process is gone; the run cannot go on without a resume."""
+
+
+def death_cause(ray, handle) -> str | None:
+    """Why Ray says the actor behind ``handle`` last died (e.g. ``OUT_OF_MEMORY: ...`` when
+    its memory monitor killed it), from the GCS actor table; None when it never died or the
+    table cannot be read."""
+    try:
+        from ray._private.state import actors
+
+        info = actors(handle._actor_id.hex())
+        cause = info.get("DeathCause")
+        if cause is None:
+            return None
+        for field in ("actor_died_error_context", "oom_context", "runtime_env_failed_context"):
+            if cause.HasField(field):
+                context = getattr(cause, field)
+                reason = getattr(context, "reason", None)
+                name = type(context).DESCRIPTOR.fields_by_name
+                label = (
+                    name["reason"].enum_type.values_by_number[reason].name
+                    if reason is not None and "reason" in name
+                    else field
+                )
+                return f"{info.get('State', '?')}, {label}: {context.error_message[:400]}"
+        return None  # an empty cause: it never died (or came back)
+    except Exception:
+        return None
+
+
+def memory_kill(ray, handle) -> str | None:
+    """``killed by Ray's memory monitor: <its kill details>`` when the raylet of this node
+    logged that it killed the actor behind ``handle`` for memory; else None. A restarting
+    actor's errors and actor-table entry do not say why it died: only this log does (on
+    a cluster, only for actors on the driver's node)."""
+    try:
+        from pathlib import Path
+
+        session = ray._private.worker._global_node.get_session_dir_path()
+        log = Path(session) / "logs" / "raylet.out"
+        marker = f"Actor({handle._actor_id.hex()})"
+        details, found = None, None
+        with open(log, errors="replace") as f:
+            for line in f:
+                if "kill details:" in line:
+                    details = line.split("kill details:", 1)[1].strip()
+                elif "Selected to kill" in line and marker in line and details:
+                    found = details
+        return f"killed by Ray's memory monitor: {found}" if found else None
+    except Exception:
+        return None
+
+
+def ray_reason(error: BaseException, limit: int = 400) -> str:
+    """The part of a Ray actor error that says why: its "Worker exit detail" (e.g. "Task was
+    killed due to the node running low on memory ..." from Ray's memory monitor), else its
+    last line, prefixed with the error's type."""
+    text = str(error)
+    if "exit detail:" in text:
+        text = text.split("exit detail:", 1)[1]
+    else:
+        lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+        text = lines[-1] if lines else ""
+    text = f"{type(error).__name__}: {text.strip()}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _quietly(fn) -> None:

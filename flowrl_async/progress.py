@@ -123,5 +123,10 @@ def print_summary(s: dict) -> None:
         ("final policy", s["final_policy"]),
         ("curves", s.get("curves", "")),
     ]
+    for a in s.get("actors", []):
+        if "unavailable" in a:
+            rows.append((f"actor {a['actor']}", f"unavailable at the end: {a['unavailable']}"))
+    if "unavailable" in s.get("replay", {}):
+        rows.append(("replay service", f"unavailable at the end: {s['replay']['unavailable']}"))
     width = max(len(k) for k, _ in rows)
     print("\n" + "\n".join(f"{k:<{width}}  {v}" for k, v in rows))

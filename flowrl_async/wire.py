@@ -395,15 +395,24 @@ def encode(msg_type: str, **fields: Any) -> bytes:
     return b"".join(parts)
 
 
+MAX_MAP_LEN = 64  # entries of any one map: a reply's maps must have bounded key sets
+MAX_STR_LEN = 1 << 20
+
+
+def max_array_len(limits: WireLimits) -> int:
+    """The longest list a message may hold: a reply lists at most this many items."""
+    return max(limits.max_groups, limits.max_responses, 64)
+
+
 def _unpack(data: bytes, limits: WireLimits) -> Any:
     return msgpack.unpackb(
         data,
         raw=False,
         strict_map_key=True,
         max_bin_len=limits.max_message_bytes,
-        max_str_len=1 << 20,
-        max_array_len=max(limits.max_groups, limits.max_responses, 64),
-        max_map_len=64,
+        max_str_len=MAX_STR_LEN,
+        max_array_len=max_array_len(limits),
+        max_map_len=MAX_MAP_LEN,
         max_ext_len=0,
     )
 

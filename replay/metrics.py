@@ -4,8 +4,10 @@ counters, which recovery restores, are in ``Counters``).
 - rejected requests by reason: ``frames`` (not one message frame), ``undecodable`` (not a
   valid message: size, msgpack, schema version, type), ``bad_<type>`` (a known request
   with bad fields), ``unknown_type``, ``bad_group`` (one group of an ``insert_batch``);
-- the staleness of every group handed to the learner, as a histogram (``ahead``: groups
-  made by weights numbered after the learner's, which only a rewind leaves behind);
+- the staleness of every group handed to the learner, as a histogram with a fixed set of
+  buckets (``STALENESS_BUCKETS``: 0…15 one each, then powers of two up to ``1024+``;
+  ``ahead``: groups made by weights numbered after the learner's, which only a rewind leaves
+  behind);
 - the rate limiter's waits: requests held, and the seconds they waited in all;
 - inserts/s and sampled groups/s over the last ``RATE_WINDOW_S`` seconds.
 """
@@ -16,26 +18,48 @@ from collections import Counter, deque
 from numbers import Real
 
 RATE_WINDOW_S = 10.0
+REQUESTS = ("insert", "insert_batch", "admit", "version", "release", "sample", "checkpoint")
+REQUESTS += ("prune", "rewind", "stats")
+# Every map of the stats reply has a bounded, data-independent key set, so the reply always
+# fits the decoder's limits (wire.MAX_MAP_LEN) however long a run lasts.
+REASONS = ("frames", "undecodable", "unknown_type", "bad_group", "other")
+REASONS += tuple(f"bad_{t}" for t in REQUESTS)
+EXACT_UP_TO = 16  # staleness 0..15 get a bucket each; then [16, 32), [32, 64), ... 1024+
+STALENESS_BUCKETS = tuple(str(s) for s in range(EXACT_UP_TO))
+STALENESS_BUCKETS += ("16-31", "32-63", "64-127", "128-255", "256-511", "512-1023", "1024+")
+STALENESS_BUCKETS += ("ahead",)
+
+
+def staleness_bucket(staleness: int) -> str:
+    """The histogram bucket of one sampled group's staleness (negative: ``ahead``)."""
+    if staleness < 0:
+        return "ahead"
+    if staleness < EXACT_UP_TO:
+        return STALENESS_BUCKETS[staleness]
+    if staleness >= 1024:
+        return "1024+"
+    low = 1 << (staleness.bit_length() - 1)
+    return f"{low}-{2 * low - 1}"
 
 
 class ServiceMetrics:
     def __init__(self):
         self.rejected_by: Counter[str] = Counter()
-        self.sampled_staleness: Counter[int | str] = Counter()
+        self.sampled_staleness: Counter[str] = Counter()  # keys: STALENESS_BUCKETS
         self.inserts = self.samples = 0  # since start: a rewind does not move them back
         self.inserts_held = self.samples_held = 0
         self.insert_wait_s = self.sample_wait_s = 0.0
         self._marks: deque[tuple[float, int, int]] = deque()  # (time, inserted, sampled)
 
     def rejected(self, reason: str) -> None:
-        self.rejected_by[reason] += 1
+        self.rejected_by[reason if reason in REASONS else "other"] += 1
 
     def inserted(self, n: int) -> None:
         self.inserts += n
 
     def sampled(self, staleness: list[int]) -> None:
         self.samples += len(staleness)
-        self.sampled_staleness.update(s if s >= 0 else "ahead" for s in staleness)
+        self.sampled_staleness.update(staleness_bucket(s) for s in staleness)
 
     def waited(self, kind: str, seconds: float) -> None:
         """A held ``insert`` or ``sample`` was answered (or timed out) after ``seconds``."""
@@ -67,9 +91,10 @@ class ServiceMetrics:
             "inserts_per_s": inserts_per_s,
             "sampled_groups_per_s": samples_per_s,
             "rejected_by": dict(sorted(self.rejected_by.items())),
-            "sampled_staleness": {
-                str(k): v
-                for k, v in sorted(self.sampled_staleness.items(), key=lambda kv: str(kv[0]))
+            "sampled_staleness": {  # in bucket order, only buckets that were hit
+                k: self.sampled_staleness[k]
+                for k in STALENESS_BUCKETS
+                if k in self.sampled_staleness
             },
             "inserts_held": self.inserts_held,
             "insert_wait_s": self.insert_wait_s,

@@ -77,7 +77,7 @@ from flowrl_async.replay.config import ServerConfig, parse_args
 from flowrl_async.replay.curve import ServerCurve
 from flowrl_async.replay.held import SUPERSEDED, BatchReply, Held, HeldInsert, HeldRequests
 from flowrl_async.replay.log import SegmentLog
-from flowrl_async.replay.metrics import ServiceMetrics
+from flowrl_async.replay.metrics import REQUESTS, ServiceMetrics
 from flowrl_async.replay.recovery import recover, rewound
 from flowrl_async.replay.state import ReplayState, insert_record
 from flowrl_async.wire import (
@@ -92,11 +92,10 @@ from flowrl_async.wire import (
     check_group,
     decode,
     encode,
+    max_array_len,
     unpack_group,
 )
 
-REQUESTS = ("insert", "insert_batch", "admit", "version", "release", "sample", "checkpoint")
-REQUESTS += ("prune", "rewind", "stats")
 FREEZE_EVERY = 4096  # inserts between two freezes (flowrl_async/heap.py)
 ZERO_COPY_BYTES = 1 << 16  # replies from this size on are handed to zmq without a copy
 
@@ -239,7 +238,7 @@ class ReplayServer:
             )  # fmt: skip
             if weights is not None and self._dead_on_arrival(weights):
                 free = 0  # this actor's weights are too old: its groups would be evicted
-            n = max(0, min(k, free))
+            n = max(0, min(k, free, self.limits.max_groups))  # the reply lists n positions
             redo = self.state.redo[:n]
             positions = redo + list(range(self.state.cursor, self.state.cursor + n - len(redo)))
             if positions:
@@ -264,8 +263,10 @@ class ReplayServer:
             names = msg.get("keep")
             if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
                 raise WireError("prune needs 'keep': a list of checkpoint file names")
-            gone = ckpt.prune(self.checkpoint_dir, {Path(n).name for n in names})
-            return "pruned", {"deleted": [p.name for p in gone]}
+            gone = [p.name for p in ckpt.prune(self.checkpoint_dir, {Path(n).name for n in names})]
+            cap = max_array_len(self.limits)  # the reply names at most this many
+            more = {"more": len(gone) - cap} if len(gone) > cap else {}  # deleted, unnamed
+            return "pruned", {"deleted": gone[:cap], **more}
         if msg_type == "rewind":
             checkpoint = msg.get("checkpoint")
             if not isinstance(checkpoint, str):
@@ -372,8 +373,8 @@ class ReplayServer:
         batch_size, version = _int(msg, "batch_size"), _int(msg, "version")
         timeout_ms = _int(msg, "timeout_ms", 0)
         req = msg.get("req")
-        if batch_size < 1:
-            raise WireError("batch_size must be >= 1")
+        if not 1 <= batch_size <= self.limits.max_groups:  # a reply holds at most max_groups
+            raise WireError(f"batch_size must be in [1, {self.limits.max_groups}]")
         if not isinstance(req, str) or not req:
             raise WireError("sample needs a request id 'req'")
         if self.state.limiter is not None:
@@ -511,11 +512,12 @@ class ReplayServer:
                 self._send(identity, reply[0], rid, **reply[1])
         except WireError as e:
             self._reject(stage)
-            self._send(identity, "error", rid, reason=str(e))
+            self._send(identity, "error", rid, reason=_short(str(e)))
         except Exception as e:  # a bug, not bad input: answer, count, keep serving
             self.internal_errors += 1
             traceback.print_exc(file=sys.stderr)
-            self._send(identity, "error", rid, reason=f"internal error: {type(e).__name__}: {e}")
+            reason = _short(f"internal error: {type(e).__name__}: {e}")
+            self._send(identity, "error", rid, reason=reason)
 
     def _serve_held(self) -> None:
         """Answer what can go now (inserts first, in order; samples free inserts, so repeat),
@@ -564,6 +566,13 @@ def _int(msg: dict, key: str, default: int | None = None) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise WireError(f"field {key!r} must be an integer, got {value!r}")
     return value
+
+
+MAX_REASON = 2000  # characters of an error reply's reason (it may quote the request)
+
+
+def _short(reason: str) -> str:
+    return reason if len(reason) <= MAX_REASON else reason[: MAX_REASON - 3] + "..."
 
 
 def _safe_rid(rid):

@@ -114,3 +114,69 @@ def test_held_inserts_count_as_rate_limiter_waits(tmp_path):
     assert waited >= 0.3
     assert stats["inserts_held"] == 1 and 0.2 < stats["insert_wait_s"] <= waited
     assert (stats["samples_held"], stats["inserted"]) == (0, 3)
+
+
+def test_staleness_buckets_are_fixed_and_cover_every_value():
+    from flowrl_async.replay.metrics import STALENESS_BUCKETS, staleness_bucket
+
+    # 0..15 exact, then [2^k, 2^(k+1)) up to 1024+, and "ahead" for negative staleness
+    assert [staleness_bucket(s) for s in (0, 1, 15)] == ["0", "1", "15"]
+    assert [staleness_bucket(s) for s in (16, 31, 32, 63, 64, 100, 127)] == [
+        "16-31", "16-31", "32-63", "32-63", "64-127", "64-127", "64-127",
+    ]  # fmt: skip
+    assert [staleness_bucket(s) for s in (511, 512, 1023, 1024, 10**9)] == [
+        "256-511", "512-1023", "512-1023", "1024+", "1024+",
+    ]  # fmt: skip
+    assert staleness_bucket(-1) == staleness_bucket(-50) == "ahead"
+    assert {staleness_bucket(s) for s in range(-3, 5000)} == set(STALENESS_BUCKETS)
+    m = ServiceMetrics()
+    m.sampled([70, 70, 200, 3, -1])
+    assert m.as_dict(0.0)["sampled_staleness"] == {"3": 1, "64-127": 2, "128-255": 1, "ahead": 1}
+
+
+def test_the_largest_stats_reply_decodes_with_the_clients_limits(tmp_path):
+    # every rejection reason, every staleness value a long run reaches, the rate limiter on:
+    # the reply must still decode under the limits every client uses (before buckets, a run
+    # whose sampled groups reached 65 distinct staleness values died on this reply)
+    from flowrl_async.replay.metrics import REASONS, STALENESS_BUCKETS
+    from flowrl_async.wire import MAX_MAP_LEN, WireLimits, decode
+
+    cfg = ServerConfig(str(tmp_path), "tcp://127.0.0.1:0", max_staleness=None,
+                       selector="uniform", max_times_sampled=100, samples_per_insert=1.0,
+                       min_size_to_sample=1, error_buffer=1.0)  # fmt: skip
+    server = ReplayServer(cfg)
+    try:
+        for reason in (*REASONS, "bad_fly", "whatever"):  # unknown reasons count as "other"
+            server._reject(reason)
+        server.metrics.sampled(list(range(-5, 5000)))
+        server.recovered_checkpoint = str(tmp_path / ("x" * 200))
+        stats = server.stats()
+    finally:
+        server.log.close()
+    assert set(stats["rejected_by"]) == set(REASONS)
+    assert stats["rejected_by"]["other"] == 3  # "other" itself, "bad_fly", "whatever"
+    assert list(stats["sampled_staleness"]) == list(STALENESS_BUCKETS)
+    assert len(stats) + 3 <= MAX_MAP_LEN  # v, t, rid
+    kind, msg = decode(encode("stats", rid=2**62, **stats), WireLimits())
+    assert kind == "stats" and {k: msg[k] for k in stats} == stats
+
+
+def test_a_reply_never_lists_more_than_the_decoder_accepts(tmp_path):
+    from flowrl_async.replay.client import ReplayError
+    from flowrl_async.wire import WireLimits, max_array_len
+
+    limits = WireLimits(max_groups=8)
+    cfg = ServerConfig(str(tmp_path), "tcp://127.0.0.1:0", max_staleness=None, selector="fifo")
+    server = ReplayServer(cfg, limits)
+    thread, _ = serve_and_connect(server)
+    client = ReplayClient(server.bound_address, request_timeout_s=2.0, max_retries=1)
+    try:
+        kind, msg = client.request("admit", actor=1, k=10_000)  # unbounded admission
+        assert kind == "admitted" and msg["n"] == len(msg["positions"]) == 8
+        assert len(msg["positions"]) <= max_array_len(limits)
+        with pytest.raises(ReplayError, match=r"batch_size must be in \[1, 8\]"):
+            client.sample(9, version=0)
+    finally:
+        client.close()
+        server.stop()
+        thread.join(5)

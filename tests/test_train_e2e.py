@@ -205,3 +205,25 @@ def test_a_learner_crash_stops_the_run_clearly_and_resume_continues(tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 4, 5, 6, 7, 8, 9]
     assert [r["version"] for r in rows][-6:] == [4, 5, 6, 7, 8, 9]
     assert summary["learner"]["step"] == 9
+
+
+@pytest.mark.integration
+def test_a_run_whose_actor_dies_after_the_last_step_still_leaves_its_results(tmp_path):
+    # the actor's process is killed after the last step (as Ray's memory monitor did to a
+    # 0.5B-model run): the final policy, summary.json and curves are written anyway, and
+    # the summary says why that actor could not answer (Ray's reason), instead of exit 1
+    from flowrl_async.launch import train
+
+    cfg = small_config(tmp_path, steps=3, max_staleness=1)
+    summary = train(cfg, on_step=sigkill_at(3, lambda procs: procs.actors[0]))
+    run = tmp_path / "run"
+    assert (run / "final_policy" / "model.safetensors").exists()
+    assert (run / "curves.png").exists()
+    written = json.loads((run / "summary.json").read_text())
+    dead, alive = written["actors"]
+    assert dead["actor"] == 1 and "unavailable" in dead, dead
+    # Ray's reason for the death, from the actor's loop (SIGKILL here: a connection error;
+    # the memory monitor's says "Task was killed due to the node running low on memory")
+    assert dead["unavailable"].startswith("ActorDiedError: Worker unexpectedly exits"), dead
+    assert "unavailable" not in alive and alive["weight_loads"] >= 1
+    assert summary["steps"] == 3 and summary["replay"]["sampled_groups"] == 3 * 4
