@@ -19,6 +19,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from flowrl_async.actors.config import ENGINES
+
 
 class WeightLoadError(RuntimeError):
     """Loaded weights do not reproduce the learner's probe log-prob."""
@@ -61,3 +63,21 @@ def check_probe(generator: Generator, token_ids: Sequence[int], expected: float,
             f"{expected:.6f} (gap {abs(got - expected):.2e} > tolerance {tol:.1e})"
         )
     return got
+
+
+def build_generator(engine: str, model_path: str, seed: int, max_model_len: int, dtype: str,
+                    engine_process: bool = False) -> Generator:  # fmt: skip
+    """The Generator of ``engine`` (one of ENGINES) for the model at ``model_path``."""
+    if engine == "vllm":
+        from flowrl_async.actors.vllm_generator import VLLMGenerator
+
+        return VLLMGenerator(model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
+                             engine_process=engine_process)  # fmt: skip
+    if engine == "torch":
+        from flowrl_async.actors.torch_generator import TorchGenerator
+        from flowrl_async.model import load_policy, load_tokenizer
+
+        tok = load_tokenizer(model_path)
+        model = load_policy(model_path, dtype=getattr(torch, dtype))
+        return TorchGenerator(model, tok.eos_token_id, tok.pad_token_id, seed=seed)
+    raise ValueError(f"unknown engine {engine!r}; expected one of {ENGINES}")

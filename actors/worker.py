@@ -11,32 +11,13 @@ from dataclasses import asdict
 
 import torch
 
-from flowrl_async.actors.generator import SampleSpec
+from flowrl_async.actors.generator import SampleSpec, build_generator
 from flowrl_async.actors.rollout import RolloutLoop
 from flowrl_async.heap import freeze_survivors
 from flowrl_async.model import load_tokenizer
 from flowrl_async.replay.client import ReplayClient
 from flowrl_async.tasks import PromptSource, load_task
 from flowrl_async.weights import new_group
-
-ENGINES = ("vllm", "torch")
-
-
-def build_generator(engine: str, model_path: str, seed: int, max_model_len: int, dtype: str,
-                    engine_process: bool = False):  # fmt: skip
-    if engine == "vllm":
-        from flowrl_async.actors.vllm_generator import VLLMGenerator
-
-        return VLLMGenerator(model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
-                             engine_process=engine_process)  # fmt: skip
-    if engine == "torch":
-        from flowrl_async.actors.torch_generator import TorchGenerator
-        from flowrl_async.model import load_policy
-
-        tok = load_tokenizer(model_path)
-        model = load_policy(model_path, dtype=getattr(torch, dtype))
-        return TorchGenerator(model, tok.eos_token_id, tok.pad_token_id, seed=seed)
-    raise ValueError(f"unknown engine {engine!r}; expected one of {ENGINES}")
 
 
 class RolloutWorker:
@@ -114,7 +95,7 @@ class RolloutWorker:
     def evaluate(self, split: str, samples: int, temperature: float, max_tokens: int) -> dict:
         """Sample ``samples`` completions per prompt of ``split`` with the current weights;
         -> mean metrics prefixed ``eval_`` (accuracy, pass@k, distinct correct, coverage...)."""
-        from flowrl_async.evaluate import sample_and_score
+        from flowrl_async.tasks.scoring import sample_and_score
 
         task = self.loop.prompts.task
         prompts = task.eval_prompts if split == "eval" else task.train_prompts

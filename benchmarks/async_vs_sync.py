@@ -16,8 +16,8 @@ import tempfile
 from pathlib import Path
 
 from flowrl_async.config import TrainConfig
-from flowrl_async.launch import train
-from flowrl_async.progress import read_metrics
+from flowrl_async.run.launch import train
+from flowrl_async.run.progress import read_metrics
 
 
 def run(mode: str, steps: int, root: Path, engine: str, staleness: int) -> dict:

@@ -31,9 +31,10 @@ from pathlib import Path
 import _common  # noqa: F401 - one thread per process, before torch
 from omegaconf import OmegaConf
 
-from flowrl_async.config import AlgoSection, TrainConfig
-from flowrl_async.launch import train
-from flowrl_async.progress import read_metrics
+from flowrl_async.config import TrainConfig
+from flowrl_async.learner.config import AlgoConfig
+from flowrl_async.run.launch import train
+from flowrl_async.run.progress import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK = {"lengths": [2], "min_solutions": 5, "partial_credit": 0.5}
@@ -49,8 +50,8 @@ COLUMNS = (
 )  # fmt: skip  (and pass@k, k = --samples)
 
 
-def algo(name: str) -> AlgoSection:
-    return AlgoSection(**OmegaConf.to_container(OmegaConf.load(ROOT / f"configs/algo/{name}.yaml")))
+def algo(name: str) -> AlgoConfig:
+    return AlgoConfig(**OmegaConf.to_container(OmegaConf.load(ROOT / f"configs/algo/{name}.yaml")))
 
 
 def config(variant: str, seed: int, steps: int, run_dir: Path, every: int) -> TrainConfig:
@@ -81,9 +82,9 @@ def eval_dir(run_dir: Path, split: str, temperature: float) -> Path:
 
 def evaluate_policy(run_dir: Path, samples: int, seed: int, temperature: float = 1.0) -> dict:
     """eval.json-style results on the train and the held-out prompts (torch sampler)."""
-    from flowrl_async.actors.worker import build_generator
-    from flowrl_async.evaluate import evaluate
+    from flowrl_async.actors.generator import build_generator
     from flowrl_async.model import load_tokenizer
+    from flowrl_async.run.evaluate import evaluate
     from flowrl_async.tasks.digits import DigitSumTask
 
     policy = run_dir / "final_policy"
@@ -113,9 +114,9 @@ def tv_to_target(run_dir: Path, eval_path: Path) -> float:
     cache = eval_path / "tv_to_target.json"
     if cache.exists():
         return json.loads(cache.read_text())["tv_to_target"]
-    from flowrl_async.evaluate import distribution_metrics, reference_target
     from flowrl_async.model import load_policy, load_tokenizer
     from flowrl_async.tasks.digits import DigitSumTask
+    from flowrl_async.tasks.scoring import distribution_metrics, reference_target
 
     task, ref = DigitSumTask(**TASK), run_dir / "init_model"
     reference = (load_policy(ref), load_tokenizer(ref))
@@ -187,8 +188,8 @@ def histogram(out: Path, results: dict, seed: int) -> dict:
         )
         total = max(sum(got.values()), 1)
         empirical[variant] = [got[v] / total for v in valid]
-    from flowrl_async.evaluate import reference_target
     from flowrl_async.model import load_policy, load_tokenizer
+    from flowrl_async.tasks.scoring import reference_target
 
     ref = some_run / "init_model"
     target = reference_target(load_policy(ref), load_tokenizer(ref), prompt.text, valid)

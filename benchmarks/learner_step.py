@@ -69,7 +69,8 @@ def fixed_batch(model_dir, groups: int, n: int, max_tokens: int, seed: int = 0):
 def make_learner(model_dir, algo: str, groups, micro_batch: int):
     import torch
 
-    from flowrl_async.learner.learner import AlgoConfig, Learner
+    from flowrl_async.learner.config import AlgoConfig
+    from flowrl_async.learner.learner import Learner
     from flowrl_async.learner.log_z import LogZHead
     from flowrl_async.model import load_policy
     from flowrl_async.replay.client import SampleInfo

@@ -22,8 +22,8 @@ from _common import table
 from flowrl_vs_grpo import TASK, evaluate_policy, mean_std
 
 from flowrl_async.config import TrainConfig
-from flowrl_async.launch import train
-from flowrl_async.progress import read_metrics
+from flowrl_async.run.launch import train
+from flowrl_async.run.progress import read_metrics
 
 COLUMNS = ("stale", "IS mean", "ESS", "clipped", "steps/s", "wait", "reward", "acc",
            "eval acc", "distinct")  # fmt: skip

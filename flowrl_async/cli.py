@@ -15,7 +15,7 @@ COMMANDS = ("train", "eval", "summarize", "replay")
 
 
 def _train(cfg) -> None:
-    from flowrl_async.launch import train
+    from flowrl_async.run.launch import train
 
     if cfg.resume:
         cfg = _resumed(cfg)
@@ -27,7 +27,7 @@ def _resumed(cfg):
     """The run's saved config with what this command line names on top (resume.py)."""
     from hydra.core.hydra_config import HydraConfig
 
-    from flowrl_async import resume
+    from flowrl_async.run import resume
 
     overrides = list(HydraConfig.get().overrides.task)
     if not any(o.split("=", 1)[0].lstrip("+") == "run_dir" for o in overrides):
@@ -44,7 +44,7 @@ def _resumed(cfg):
 
 def _eval(cfg) -> None:
     from flowrl_async.config import EvalConfig
-    from flowrl_async.evaluate import run_eval
+    from flowrl_async.run.evaluate import run_eval
 
     config: EvalConfig = OmegaConf.to_object(cfg)
     run_eval(config)
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:  # noqa: RET503
         raise SystemExit(2)
     command, rest = argv[0], argv[1:]
     if command == "summarize":  # plain arguments, not a Hydra app
-        from flowrl_async.summarize import main as summarize
+        from flowrl_async.run.summarize import main as summarize
 
         return summarize(rest)
     if command == "replay":

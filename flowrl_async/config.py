@@ -4,7 +4,9 @@
 learner, cluster); every field below can be overridden on the command line, e.g.
 ``flowrl-async train algo=grpo replay.max_staleness=4 learner.steps=50``.
 ``validate`` rejects bad combinations at start-up with a message that names the fields.
-Components never read this tree: the orchestrator turns it into flat constructor arguments.
+Each component owns its settings and choice lists (``learner/config.py``,
+``replay/config.py``, ``actors/config.py``); this tree uses them as they are. Components
+never read this tree: the orchestrator turns it into flat constructor arguments.
 """
 
 from __future__ import annotations
@@ -14,26 +16,13 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
+from flowrl_async.actors.config import ENGINES
+from flowrl_async.learner.config import IS_MODES, OBJECTIVES, REWARD_NORMS, AlgoConfig
+from flowrl_async.replay.config import ADMISSIONS, FSYNC, SELECTORS, ReplaySettings
+from flowrl_async.replay.filter import GroupFilter, parse_time
 
-@dataclass
-class AlgoSection:
-    name: str = "flowrl"
-    """Objective: flowrl (trajectory balance), grpo, or reinforce."""
-    beta: float = 15.0
-    """FlowRL reward temperature β in the target π ∝ π_ref·exp(β·r)."""
-    reward_norm: str = "group"
-    """FlowRL rewards: "group" normalised (the paper) or "raw" (off-policy TB)."""
-    is_mode: str = "clip"
-    """Importance weights toward the current policy: clip (the paper), truncate, none (raw,
-    unbounded) or off (weight 1: off-policy trajectory balance, which needs no correction)."""
-    clip_low: float = 0.2
-    """Lower clip ε: weights (or GRPO ratios) below 1 − ε are clipped."""
-    clip_high: float = 0.2
-    """Upper clip ε: weights (or GRPO ratios) above 1 + ε are clipped."""
-    truncate_at: float = 10.0
-    """Truncated IS: weights are capped at this value (is_mode=truncate)."""
-    kl_coef: float = 0.0
-    """GRPO only: weight of the k3 KL penalty toward the reference policy."""
+PLACEMENTS = ("SPREAD", "PACK", "STRICT_SPREAD", "STRICT_PACK")
+MODES = ("async", "sync")
 
 
 @dataclass
@@ -82,49 +71,13 @@ class GeneratorSection:
     in the actor's process (fastest start on CPU)."""
 
 
-@dataclass
-class ReplaySection:
-    capacity: int = 10_000
-    """Most groups held; the oldest are evicted beyond it."""
-    max_staleness: int | None = 1
-    """Groups more than this many versions behind the learner are never trained (null: no bound)."""
-    selector: str = "fifo"
-    """fifo (each group once, streaming), uniform, prioritized (by reward spread), or mixed
-    (fresh groups plus groups replayed from those already trained on)."""
-    max_times_sampled: int = 1
-    """A group leaves the buffer after this many samples."""
-    admission: str = "weights"
-    """How many groups actors may start: AReaL's (max_staleness + version + 1)·batch −
-    (accepted + in flight), with version the asking actor's weights when older than the
-    learner's (weights), or always the learner's (learner). weights throws no generation
-    away as stale (main job, 4 seeds each: 12.6-14.0% of groups evicted -> 0, training
-    time -10%, accuracy the same within the seed spread); every trained group is then as
-    stale as the bound allows, where learner's surplus let fresher groups be picked."""
-    fresh_fraction: float = 1.0
-    """selector=mixed: the share of each batch taken from never-trained groups; the rest is
-    replayed uniformly (off-policy trajectory balance, e.g. with algo=flowrl_tb)."""
-    fsync: str = "interval"
-    """Log durability: always (fsync every record), interval, or never."""
-    fsync_interval_ms: float = 10.0
-    """With fsync=interval: the longest an acknowledged record waits for its fsync."""
-    samples_per_insert: float | None = None
-    """Rate limiter (Reverb's SampleToInsertRatio): target sampled groups per inserted group;
-    null disables it (admission control alone paces the actors)."""
-    min_size_to_sample: int = 1
-    """Rate limiter: groups inserted before the first sample is served."""
-    error_buffer: float | None = None
-    """Rate limiter: allowed drift from the ratio, in groups (null: max(1, spi) + min size)."""
-    insert_timeout_ms: int = 60_000
-    """Rate limiter: the longest an insert is held before the actor gets an error (and retries)."""
-    curve_secret_key: str | None = None
-    """ZeroMQ CURVE encryption of the replay socket: the server's secret certificate file
-    (make one with ``python -m flowrl_async.replay.curve DIR NAME``); null: plain TCP."""
+@dataclass(kw_only=True)
+class ReplaySection(ReplaySettings):
+    """The service's settings (``ReplaySettings``) plus what the clients and the run need."""
+
     curve_public_key: str | None = None
     """The server's public certificate file the clients use (null: read it from
     curve_secret_key, which works when every process sees that file)."""
-    curve_authorized_keys: str | None = None
-    """A directory of client public certificates: only those clients may connect (null:
-    anyone who knows the server's public key)."""
     curve_client_key: str | None = None
     """The clients' own secret certificate file, needed with curve_authorized_keys."""
     metrics_every: int = 10
@@ -145,10 +98,8 @@ class ReplaySection:
     preload_until: str | None = None
     """... and at or before this time."""
 
-    def preload_filter(self):
+    def preload_filter(self) -> GroupFilter:
         """The ``GroupFilter`` of the preload_* keys (ValueError when they make no sense)."""
-        from flowrl_async.replay.reader import GroupFilter, parse_time
-
         return GroupFilter(
             self.preload_min_version,
             self.preload_max_version,
@@ -167,8 +118,7 @@ class LearnerSection:
     micro_batch: int = 64
     """Sequences per forward/backward pass (gradient accumulation over the step)."""
     lr: float = 1e-4
-    """Policy learning rate (AdamW). 3e-4 learns faster on the tiny model but collapsed
-    (stopped emitting <eos>) for ~30 steps in one 400-step run; 1e-4 did not."""
+    """Policy learning rate (AdamW; the README says why the default is 1e-4)."""
     log_z_lr: float = 1e-3
     """Learning rate of the log Z head."""
     grad_clip: float = 1.0
@@ -222,7 +172,7 @@ class PeriodicEvalSection:
 
 @dataclass
 class TrainConfig:
-    algo: AlgoSection = field(default_factory=AlgoSection)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
     model: ModelSection = field(default_factory=ModelSection)
     task: TaskSection = field(default_factory=TaskSection)
     generator: GeneratorSection = field(default_factory=GeneratorSection)
@@ -271,28 +221,28 @@ def validate(cfg: TrainConfig) -> None:
     """Reject bad combinations before anything starts."""
     problems = []
     a, g, r, lr = cfg.algo, cfg.generator, cfg.replay, cfg.learner
-    if a.name not in ("flowrl", "grpo", "reinforce"):
-        problems.append(f"algo.name={a.name!r}: expected flowrl, grpo or reinforce")
-    if a.is_mode not in ("clip", "truncate", "none", "off"):
-        problems.append(f"algo.is_mode={a.is_mode!r}: expected clip, truncate, none or off")
+    if a.name not in OBJECTIVES:
+        problems.append(f"algo.name={a.name!r}: expected one of {OBJECTIVES}")
+    if a.is_mode not in IS_MODES:
+        problems.append(f"algo.is_mode={a.is_mode!r}: expected one of {IS_MODES}")
     if a.name == "grpo" and a.is_mode != "clip":
         problems.append("algo.name=grpo clips per-token ratios: algo.is_mode must be clip")
-    if a.reward_norm not in ("group", "raw"):
-        problems.append(f"algo.reward_norm={a.reward_norm!r}: expected group or raw")
-    if g.engine not in ("vllm", "torch"):
-        problems.append(f"generator.engine={g.engine!r}: expected vllm or torch")
+    if a.reward_norm not in REWARD_NORMS:
+        problems.append(f"algo.reward_norm={a.reward_norm!r}: expected one of {REWARD_NORMS}")
+    if a.temperature is not None and a.temperature <= 0:
+        problems.append(f"algo.temperature={a.temperature}: must be > 0 (or null)")
+    if g.engine not in ENGINES:
+        problems.append(f"generator.engine={g.engine!r}: expected one of {ENGINES}")
     if g.n < 2 and (a.name != "flowrl" or a.reward_norm == "group"):
         problems.append("generator.n must be >= 2: group-normalised rewards need a group")
     if g.top_p != 1.0:
         problems.append("generator.top_p must be 1.0: the learner's log-probs are untruncated")
-    if r.selector not in ("fifo", "uniform", "prioritized", "mixed"):
-        problems.append(
-            f"replay.selector={r.selector!r}: expected fifo, uniform, prioritized or mixed"
-        )
+    if r.selector not in SELECTORS:
+        problems.append(f"replay.selector={r.selector!r}: expected one of {SELECTORS}")
+    if r.fsync not in FSYNC:
+        problems.append(f"replay.fsync={r.fsync!r}: expected one of {FSYNC}")
     if r.selector == "mixed" and r.max_times_sampled < 2:
         problems.append("replay.selector=mixed replays groups: set replay.max_times_sampled >= 2")
-    from flowrl_async.replay.config import ADMISSIONS
-
     if r.admission not in ADMISSIONS:
         problems.append(f"replay.admission={r.admission!r}: expected one of {ADMISSIONS}")
     if not 0.0 <= r.fresh_fraction <= 1.0:
@@ -320,18 +270,17 @@ def validate(cfg: TrainConfig) -> None:
         problems.append("learner.checkpoint_every and learner.keep_checkpoints must be >= 1")
     if cfg.evaluation.every < 0 or cfg.evaluation.split not in ("eval", "train"):
         problems.append("evaluation.every must be >= 0 and evaluation.split eval or train")
-    if cfg.mode not in ("async", "sync"):
-        problems.append(f"mode={cfg.mode!r}: expected async or sync")
+    if cfg.mode not in MODES:
+        problems.append(f"mode={cfg.mode!r}: expected one of {MODES}")
     per_round = cfg.cluster.num_actors * g.groups_per_batch
     if cfg.mode == "sync" and lr.batch_groups % per_round:
         problems.append(
             f"mode=sync needs learner.batch_groups ({lr.batch_groups}) to be a multiple of "
             f"cluster.num_actors × generator.groups_per_batch ({per_round})"
         )
-    if cfg.cluster.placement not in ("SPREAD", "PACK", "STRICT_SPREAD", "STRICT_PACK"):
+    if cfg.cluster.placement not in PLACEMENTS:
         problems.append(
-            f"cluster.placement={cfg.cluster.placement!r}: expected SPREAD, PACK, "
-            "STRICT_SPREAD or STRICT_PACK"
+            f"cluster.placement={cfg.cluster.placement!r}: expected one of {PLACEMENTS}"
         )
     if cfg.cluster.actor_gpus < 0:
         problems.append("cluster.actor_gpus must be >= 0")

@@ -152,3 +152,11 @@ def load_policy(path: str | Path, dtype: torch.dtype = torch.float32, device: st
     """Any local Hugging Face causal LM, in eval mode (the caller switches to train)."""
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
     return model.to(device).eval()
+
+
+def sequence_logprob(model, token_ids: list[int] | tuple[int, ...]) -> float:
+    """Σ log π(token_t | tokens_<t) for t >= 1 at temperature 1: the weight-load probe."""
+    ids = torch.tensor([list(token_ids)], device=next(model.parameters()).device)
+    with torch.no_grad():
+        logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+    return float(torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None]).sum())

@@ -112,11 +112,3 @@ def forward(model, batch: TrainBatch, temperature: float, want_hidden: bool) -> 
         entropy = -(logp_all.exp() * logp_all).sum(-1)
     hidden = out.hidden_states[-1][:, :p] if want_hidden else None
     return PolicyOutput(logprobs, entropy, hidden)
-
-
-def sequence_logprob(model, token_ids: list[int] | tuple[int, ...]) -> float:
-    """Σ log π(token_t | tokens_<t) for t >= 1 at temperature 1: the weight-load probe."""
-    ids = torch.tensor([list(token_ids)], device=next(model.parameters()).device)
-    with torch.no_grad():
-        logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
-    return float(torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None]).sum())

@@ -21,11 +21,11 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
-from dataclasses import dataclass
 
 import torch
 
-from flowrl_async.learner.batch import TrainBatch, collate, forward, sequence_logprob
+from flowrl_async.learner.batch import TrainBatch, collate, forward
+from flowrl_async.learner.config import AlgoConfig
 from flowrl_async.learner.objectives import (
     flowrl_loss,
     group_normalized_rewards,
@@ -34,27 +34,7 @@ from flowrl_async.learner.objectives import (
     masked_sum,
     reinforce_loss,
 )
-
-ALGOS = ("flowrl", "grpo", "reinforce")
-
-
-@dataclass(frozen=True)
-class AlgoConfig:
-    name: str = "flowrl"
-    beta: float = 15.0
-    reward_norm: str = "group"  # "group" (the paper) or "raw"
-    is_mode: str = "clip"
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    truncate_at: float = 10.0
-    temperature: float = 1.0  # the actors' sampling temperature
-    kl_coef: float = 0.0  # GRPO only
-
-    def __post_init__(self):
-        if self.name not in ALGOS:
-            raise ValueError(f"unknown algorithm {self.name!r}; expected one of {ALGOS}")
-        if self.reward_norm not in ("group", "raw"):
-            raise ValueError(f"reward_norm must be 'group' or 'raw', got {self.reward_norm!r}")
+from flowrl_async.model import sequence_logprob
 
 
 def lr_factor(step: int, warmup_steps: int) -> float:
@@ -86,6 +66,7 @@ class Learner:
         for p in self.ref.parameters():
             p.requires_grad_(False)
         self.algo, self.sample_fn, self.pad = algo, sample_fn, pad_token_id
+        self.temperature = 1.0 if algo.temperature is None else algo.temperature
         self.batch_groups, self.micro_batch, self.grad_clip = batch_groups, micro_batch, grad_clip
         self.publish_every, self.publish_fn = publish_every, publish_fn
         self.probe_token_ids, self.device = tuple(probe_token_ids), device
@@ -149,13 +130,13 @@ class Learner:
     def accumulate(self, micro: TrainBatch, rewards: torch.Tensor, normalizer: int) -> dict:
         """Forward + backward of one micro-batch; the loss is divided by ``normalizer``."""
         a = self.algo
-        pol = forward(self.policy, micro, a.temperature, want_hidden=a.name == "flowrl")
+        pol = forward(self.policy, micro, self.temperature, want_hidden=a.name == "flowrl")
         mask = micro.response_mask
         behavior = micro.behavior_logprobs
         ref = None
         if a.name == "flowrl" or (a.name == "grpo" and a.kl_coef):  # others never read π_ref
             with torch.no_grad():
-                ref = forward(self.ref, micro, a.temperature, want_hidden=False).logprobs
+                ref = forward(self.ref, micro, self.temperature, want_hidden=False).logprobs
         if a.name == "flowrl":
             log_z = self.log_z(pol.hidden, micro.prompt_mask)
             out = flowrl_loss(

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-IS_MODES = ("clip", "truncate", "none", "off")
+from flowrl_async.learner.config import IS_MODES
 
 
 @dataclass(frozen=True)

@@ -16,11 +16,12 @@ import torch
 
 from flowrl_async.heap import freeze_survivors
 from flowrl_async.learner.checkpoint import checkpoints, latest, load_checkpoint, save_checkpoint
-from flowrl_async.learner.learner import AlgoConfig, Learner
+from flowrl_async.learner.config import AlgoConfig
+from flowrl_async.learner.learner import Learner
 from flowrl_async.learner.log_z import LogZHead
 from flowrl_async.learner.weight_sender import WeightSender
 from flowrl_async.model import load_policy, load_tokenizer, save_model
-from flowrl_async.placement import endpoint
+from flowrl_async.net import endpoint
 from flowrl_async.replay.client import ReplayClient, ReplayError
 from flowrl_async.weights import new_group, share_storage
 

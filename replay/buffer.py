@@ -24,7 +24,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-SELECTORS = ("fifo", "uniform", "prioritized", "mixed")
+from flowrl_async.replay.config import SELECTORS
 
 
 @dataclass

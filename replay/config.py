@@ -1,49 +1,89 @@
-"""The replay server's settings, and the command line that sets them
+"""The replay service's settings, defined once: ``ReplaySettings`` (what a user tunes; the run
+config's ``replay`` section derives from it), ``ServerConfig`` (one server: the settings plus
+where it lives and what the run tells it), and the command line generated from the fields
 (``python -m flowrl_async.replay.server --help``)."""
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+import ast
+import inspect
+import textwrap
+import types
+import typing
+from dataclasses import MISSING, dataclass, fields
 
 from flowrl_async.replay.rate_limiter import RateLimiter
 
 ADMISSIONS = ("learner", "weights")
+SELECTORS = ("fifo", "uniform", "prioritized", "mixed")
+FSYNC = ("always", "interval", "never")
 
 
-@dataclass
-class ServerConfig:
-    directory: str
-    address: str = "tcp://127.0.0.1:5555"
+@dataclass(kw_only=True)
+class ReplaySettings:
+    """What a user tunes about the replay service."""
+
     capacity: int = 10_000
+    """Most groups held; the oldest are evicted beyond it."""
     max_staleness: int | None = 1
+    """Groups more than this many versions behind the learner are never trained (null: no
+    bound; -1 on the command line)."""
     selector: str = "fifo"
+    """fifo (each group once, streaming), uniform, prioritized (by reward spread), or mixed
+    (fresh groups plus groups replayed from those already trained on)."""
     max_times_sampled: int = 1
-    groups_per_version: int = 8  # learner batch size × publish interval, for admission
-    # admission counts from the asking actor's weights when older than the learner's version
-    # ("weights": nothing generated is evicted as stale) or from the learner's version
-    # ("learner", AReaL's formula); measured in the main job, 4 seeds each: stale evictions
-    # 12.6-14.0% -> 0, training time -10%, the same accuracy within the seed spread
+    """A group leaves the buffer after this many samples."""
     admission: str = "weights"
+    """How many groups actors may start: AReaL's (max_staleness + version + 1)·batch −
+    (accepted + in flight), with version the asking actor's weights when older than the
+    learner's (weights: nothing generated is evicted as stale), or always the learner's
+    (learner: fresher groups may be picked from a surplus)."""
+    fresh_fraction: float = 1.0
+    """selector=mixed: the share of each batch taken from never-trained groups; the rest is
+    replayed uniformly (off-policy trajectory balance, e.g. with algo=flowrl_tb)."""
     fsync: str = "interval"
+    """Log durability: always (fsync every record), interval, or never."""
     fsync_interval_ms: float = 10.0
+    """With fsync=interval: the longest an acknowledged record waits for its fsync."""
     segment_bytes: int = 64 * 1024 * 1024
-    seed: int = 0
-    fresh_fraction: float = 1.0  # the mixed selector: share of never-sampled groups per batch
-    # rate limiter (Reverb's SampleToInsertRatio, see rate_limiter.py); None: no limiter
+    """Size at which the log rolls to a new segment file."""
     samples_per_insert: float | None = None
+    """Rate limiter (Reverb's SampleToInsertRatio): target sampled groups per inserted group;
+    null disables it (admission control alone paces the actors)."""
     min_size_to_sample: int = 1
-    error_buffer: float | None = None  # None: max(1, spi) + min_size_to_sample, which
-    # allows every batch size up to min_size_to_sample
-    insert_timeout_ms: int = 60_000  # the longest an insert is held, unless it says
-    # ZeroMQ CURVE (replay/curve.py): the server's secret certificate file turns it on;
-    # with a directory of client public certificates, only those clients may connect
+    """Rate limiter: groups inserted before the first sample is served."""
+    error_buffer: float | None = None
+    """Rate limiter: allowed drift from the ratio, in groups (null: max(1, spi) + min size,
+    which allows every batch size up to min_size_to_sample)."""
+    insert_timeout_ms: int = 60_000
+    """Rate limiter: the longest an insert is held (unless it says) before the actor gets an
+    error (and retries)."""
     curve_secret_key: str | None = None
+    """ZeroMQ CURVE encryption of the replay socket: the server's secret certificate file
+    (make one with ``python -m flowrl_async.replay.curve DIR NAME``); null: plain TCP."""
     curve_authorized_keys: str | None = None
+    """A directory of client public certificates: only those clients may connect (null:
+    anyone who knows the server's public key)."""
 
     def __post_init__(self):
         if self.admission not in ADMISSIONS:
             raise ValueError(f"admission={self.admission!r}: expected one of {ADMISSIONS}")
+
+
+@dataclass
+class ServerConfig(ReplaySettings):
+    """One replay server: the tunable settings plus where it lives and what the run tells it."""
+
+    directory: str
+    """The service's directory: its segment log and checkpoints."""
+    address: str = "tcp://127.0.0.1:5555"
+    """The zmq address it binds (port 0: a free one, printed at start)."""
+    groups_per_version: int = 8
+    """Groups the learner trains per published version (batch × publish interval): admission
+    counts in these."""
+    seed: int = 0
+    """Seed of the selectors' sampling."""
 
     def rate_limiter(self) -> RateLimiter | None:
         spi = self.samples_per_insert
@@ -54,54 +94,57 @@ class ServerConfig:
         return RateLimiter(spi, self.min_size_to_sample, eb)
 
 
+def settings_of(source, cls=ReplaySettings) -> dict:
+    """The values of ``cls``'s fields that ``source`` (any object with them) holds."""
+    return {f.name: getattr(source, f.name) for f in fields(cls)}
+
+
+def field_docs(cls) -> dict[str, str]:
+    """The docstring under each field of ``cls`` and its bases (attribute docstrings)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__[:-1]):
+        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        for node, after in zip(body, body[1:], strict=False):
+            if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr):
+                if isinstance(after.value, ast.Constant) and isinstance(after.value.value, str):
+                    docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def _parser_type(annotation: str):
+    """str / int / float (and ``X | None``: the same, "none" or "null" for None)."""
+    hint = eval(annotation, {}, {})  # the annotations here are builtins only  # noqa: S307
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    base = args[0] if isinstance(hint, types.UnionType) else hint
+    if not isinstance(hint, types.UnionType):
+        return base
+
+    def parse(text: str):
+        return None if text.lower() in ("none", "null") else base(text)
+
+    parse.__name__ = base.__name__
+    return parse
+
+
+CHOICES = {"admission": ADMISSIONS, "selector": SELECTORS, "fsync": FSYNC}
+
+
 def parse_args(argv: list[str] | None, description: str) -> ServerConfig:
+    """ServerConfig from a command line: one ``--flag`` per field, with its docstring."""
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--dir", required=True)
-    p.add_argument("--address", default="tcp://127.0.0.1:5555", help="port 0: pick a free one")
-    p.add_argument("--capacity", type=int, default=10_000)
-    p.add_argument("--max-staleness", type=int, default=1, help="-1 for no bound")
-    p.add_argument("--selector", default="fifo")
-    p.add_argument("--max-times-sampled", type=int, default=1)
-    p.add_argument("--groups-per-version", type=int, default=8)
-    p.add_argument("--admission", default="weights", choices=ADMISSIONS)
-    p.add_argument("--fsync", default="interval")
-    p.add_argument("--fsync-interval-ms", type=float, default=10.0)
-    p.add_argument("--segment-bytes", type=int, default=64 * 1024 * 1024)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fresh-fraction", type=float, default=1.0, help="selector mixed")
-    p.add_argument(
-        "--samples-per-insert", type=float, default=None, help="enables the rate limiter"
-    )
-    p.add_argument("--min-size-to-sample", type=int, default=1)
-    p.add_argument("--error-buffer", type=float, default=None)
-    p.add_argument("--insert-timeout-ms", type=int, default=60_000)
-    p.add_argument(
-        "--curve-secret-key", default=None, help="the server's CURVE secret certificate file"
-    )
-    p.add_argument(
-        "--curve-authorized-keys",
-        default=None,
-        help="a directory of client public certificates: only those may connect",
-    )
-    a = p.parse_args(argv)
-    return ServerConfig(
-        directory=a.dir,
-        address=a.address,
-        capacity=a.capacity,
-        max_staleness=None if a.max_staleness < 0 else a.max_staleness,
-        selector=a.selector,
-        max_times_sampled=a.max_times_sampled,
-        groups_per_version=a.groups_per_version,
-        admission=a.admission,
-        fsync=a.fsync,
-        fsync_interval_ms=a.fsync_interval_ms,
-        segment_bytes=a.segment_bytes,
-        seed=a.seed,
-        fresh_fraction=a.fresh_fraction,
-        samples_per_insert=a.samples_per_insert,
-        min_size_to_sample=a.min_size_to_sample,
-        error_buffer=a.error_buffer,
-        insert_timeout_ms=a.insert_timeout_ms,
-        curve_secret_key=a.curve_secret_key,
-        curve_authorized_keys=a.curve_authorized_keys,
-    )
+    docs = field_docs(ServerConfig)
+    for f in fields(ServerConfig):
+        flags = [f"--{f.name.replace('_', '-')}"] + (["--dir"] if f.name == "directory" else [])
+        kw = dict(help=docs.get(f.name, ""), dest=f.name, type=_parser_type(f.type))
+        if f.name in CHOICES:
+            kw["choices"] = CHOICES[f.name]
+        if f.default is MISSING:
+            kw["required"] = True
+        else:
+            kw["default"] = f.default
+            kw["help"] += f" (default: {f.default})"
+        p.add_argument(*flags, **kw)
+    values = vars(p.parse_args(argv))
+    if values["max_staleness"] is not None and values["max_staleness"] < 0:
+        values["max_staleness"] = None  # -1: no bound
+    return ServerConfig(**values)

@@ -18,7 +18,7 @@ def test_an_actor_killed_by_rays_memory_monitor_is_reported_as_such():
 
     import ray
 
-    from flowrl_async.processes import memory_kill
+    from flowrl_async.run.processes import memory_kill
 
     # the kill threshold ~3 GB above what the machine uses now (Ray itself takes ~1 GB of
     # it): the hog crosses it within seconds, the idle bystander never does

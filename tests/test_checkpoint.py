@@ -4,7 +4,8 @@ import numpy as np
 import torch
 
 from flowrl_async.learner.checkpoint import checkpoints, latest, load_checkpoint, save_checkpoint
-from flowrl_async.learner.learner import AlgoConfig, Learner
+from flowrl_async.learner.config import AlgoConfig
+from flowrl_async.learner.learner import Learner
 from flowrl_async.learner.log_z import LogZHead
 from flowrl_async.model import build_tiny_model, load_policy, load_tokenizer
 from flowrl_async.records import Group, Response

@@ -24,7 +24,7 @@ def two_node_cluster():
 def test_main_job_joins_a_two_node_cluster(tmp_path, two_node_cluster):
     import ray
 
-    from flowrl_async.launch import train
+    from flowrl_async.run.launch import train
 
     cfg = small_config(tmp_path, steps=6, max_staleness=1)
     cfg.generator.engine = "torch"

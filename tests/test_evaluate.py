@@ -8,9 +8,10 @@ import sys
 
 import pytest
 
-from flowrl_async.evaluate import distribution_metrics, pass_at_k, resolve_model_dir
 from flowrl_async.model import build_tiny_model
+from flowrl_async.run.evaluate import resolve_model_dir
 from flowrl_async.tasks.digits import DigitSumTask, valid_answers
+from flowrl_async.tasks.scoring import distribution_metrics, pass_at_k
 
 
 def test_pass_at_k_unbiased_estimator():
@@ -127,8 +128,8 @@ def test_tv_to_target_hand_worked():
 def test_reference_target_is_pi_ref_renormalised_over_the_valid_set(tmp_path):
     import torch
 
-    from flowrl_async.evaluate import reference_target
     from flowrl_async.model import load_policy, load_tokenizer
+    from flowrl_async.tasks.scoring import reference_target
 
     path = build_tiny_model(tmp_path / "m", seed=3)
     model, tok = load_policy(path), load_tokenizer(path)

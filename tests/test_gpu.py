@@ -36,7 +36,8 @@ def test_vllm_on_cuda_matches_transformers_and_reloads(tmp_path):
 
 
 def test_learner_step_on_cuda(tmp_path):
-    from flowrl_async.learner.learner import AlgoConfig, Learner
+    from flowrl_async.learner.config import AlgoConfig
+    from flowrl_async.learner.learner import Learner
     from flowrl_async.learner.log_z import LogZHead
     from flowrl_async.records import Group, Response
     from flowrl_async.replay.client import SampleInfo

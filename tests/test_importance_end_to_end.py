@@ -8,7 +8,8 @@ import torch
 from flowrl_async.actors.generator import SampleSpec
 from flowrl_async.actors.torch_generator import TorchGenerator
 from flowrl_async.learner.batch import collate, forward
-from flowrl_async.learner.learner import AlgoConfig, Learner
+from flowrl_async.learner.config import AlgoConfig
+from flowrl_async.learner.learner import Learner
 from flowrl_async.learner.log_z import LogZHead
 from flowrl_async.learner.objectives import sequence_importance_weights
 from flowrl_async.model import build_tiny_model, load_policy, load_tokenizer

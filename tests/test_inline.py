@@ -1,4 +1,4 @@
-"""The components wired in one process without Ray (flowrl_async.inline): the replay service
+"""The components wired in one process without Ray (flowrl_async.run.inline): the replay service
 on a thread, learner and two torch-sampler actors as objects, weights over a gloo group
 whose members are threads."""
 
@@ -9,7 +9,7 @@ from test_train_e2e import accounted_for, small_config
 @pytest.mark.integration
 @pytest.mark.parametrize("mode", ["async", "sync"])
 def test_inline_run_trains_and_keeps_every_group(tmp_path, mode):
-    from flowrl_async.inline import run_inline
+    from flowrl_async.run.inline import run_inline
 
     cfg = small_config(tmp_path, steps=5, max_staleness=0)
     cfg.generator.engine, cfg.mode = "torch", mode
@@ -32,8 +32,8 @@ def test_inline_run_trains_and_keeps_every_group(tmp_path, mode):
 
 @pytest.mark.integration
 def test_an_encrypted_replay_socket_with_authorized_clients(tmp_path):
-    from flowrl_async.inline import run_inline
     from flowrl_async.replay.curve import make_keys
+    from flowrl_async.run.inline import run_inline
 
     server_public, server_secret = make_keys(tmp_path / "server", "replay")
     client_public, client_secret = make_keys(tmp_path / "clients", "workers")

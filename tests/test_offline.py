@@ -17,10 +17,10 @@ def digest(directory) -> str:
 
 @pytest.mark.integration
 def test_a_fresh_learner_trains_on_a_stored_run(tmp_path):
-    from flowrl_async.config import AlgoSection
-    from flowrl_async.launch import train
-    from flowrl_async.progress import read_metrics
+    from flowrl_async.learner.config import AlgoConfig
     from flowrl_async.replay.reader import stored_groups
+    from flowrl_async.run.launch import train
+    from flowrl_async.run.progress import read_metrics
 
     first = small_config(tmp_path / "first", steps=4, max_staleness=1)
     first.generator.engine = "torch"
@@ -32,7 +32,7 @@ def test_a_fresh_learner_trains_on_a_stored_run(tmp_path):
 
     cfg = small_config(tmp_path / "offline", steps=3, max_staleness=None)
     cfg.replay.preload, cfg.cluster.num_actors = str(stored_dir), 0
-    cfg.algo = AlgoSection(name="flowrl", beta=3.0, reward_norm="raw", is_mode="off")
+    cfg.algo = AlgoConfig(name="flowrl", beta=3.0, reward_norm="raw", is_mode="off")
     cfg.replay.selector, cfg.replay.max_times_sampled = "uniform", 3
     summary = train(cfg)
     assert summary["replay"]["inserted"] == len(stored)

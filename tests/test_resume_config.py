@@ -7,9 +7,9 @@ from dataclasses import asdict
 import pytest
 from omegaconf import OmegaConf
 
-from flowrl_async import resume
 from flowrl_async.cli import CONFIG_DIR
 from flowrl_async.config import TrainConfig
+from flowrl_async.run import resume
 
 
 def saved_grpo_run(tmp_path) -> dict:

@@ -11,7 +11,7 @@ from flowrl_async.replay.log import SegmentLog
 
 @pytest.mark.integration
 def test_a_resumed_run_trains_again_on_the_groups_of_its_lost_updates(tmp_path):
-    from flowrl_async.launch import train
+    from flowrl_async.run.launch import train
 
     cfg = small_config(tmp_path, steps=6, max_staleness=1)
     cfg.generator.engine = "torch"

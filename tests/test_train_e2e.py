@@ -47,7 +47,7 @@ def test_short_training_run(tmp_path):
     cfg.learner.checkpoint_every = 5
     cfg.evaluation.every, cfg.evaluation.samples = 6, 4  # periodic held-out evaluation
     cfg.replay.metrics_every = 5  # the service's figures in metrics.jsonl
-    from flowrl_async.launch import train
+    from flowrl_async.run.launch import train
 
     summary = train(cfg)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
@@ -125,7 +125,7 @@ def test_bad_combinations_are_rejected_with_the_field_names():
 
 @pytest.mark.integration
 def test_an_actor_killed_mid_run_is_restarted_and_rejoins(tmp_path):
-    from flowrl_async.launch import train
+    from flowrl_async.run.launch import train
 
     cfg = small_config(tmp_path, steps=40, max_staleness=0)
     summary = train(cfg, on_step=sigkill_at(3, lambda procs: procs.actors[0]))
@@ -146,7 +146,7 @@ def test_an_actor_killed_mid_run_is_restarted_and_rejoins(tmp_path):
 
 @pytest.mark.integration
 def test_the_replay_service_killed_mid_run_recovers_from_its_log(tmp_path):
-    from flowrl_async.launch import train
+    from flowrl_async.run.launch import train
 
     cfg = small_config(tmp_path, steps=20, max_staleness=1)
     summary = train(cfg, on_step=sigkill_at(4, lambda procs: procs.replay))
@@ -165,12 +165,12 @@ def test_off_policy_trajectory_balance_mixes_fresh_and_replayed_groups(tmp_path)
 
     import msgpack
 
-    from flowrl_async.config import AlgoSection
-    from flowrl_async.launch import train
+    from flowrl_async.learner.config import AlgoConfig
     from flowrl_async.replay.log import SegmentLog
+    from flowrl_async.run.launch import train
 
     cfg = small_config(tmp_path, steps=12, max_staleness=None)
-    cfg.algo = AlgoSection(name="flowrl", beta=3.0, reward_norm="raw", is_mode="off")
+    cfg.algo = AlgoConfig(name="flowrl", beta=3.0, reward_norm="raw", is_mode="off")
     cfg.replay.selector, cfg.replay.max_times_sampled, cfg.replay.fresh_fraction = "mixed", 3, 0.5
     summary = train(cfg)
     assert summary["replay"]["sampled_groups"] == 12 * 4
@@ -188,7 +188,7 @@ def test_off_policy_trajectory_balance_mixes_fresh_and_replayed_groups(tmp_path)
 
 @pytest.mark.integration
 def test_a_learner_crash_stops_the_run_clearly_and_resume_continues(tmp_path):
-    from flowrl_async.launch import train
+    from flowrl_async.run.launch import train
 
     cfg = small_config(tmp_path, steps=9, max_staleness=1)
     cfg.generator.engine = "torch"
@@ -212,7 +212,7 @@ def test_a_run_whose_actor_dies_after_the_last_step_still_leaves_its_results(tmp
     # the actor's process is killed after the last step (as Ray's memory monitor did to a
     # 0.5B-model run): the final policy, summary.json and curves are written anyway, and
     # the summary says why that actor could not answer (Ray's reason), instead of exit 1
-    from flowrl_async.launch import train
+    from flowrl_async.run.launch import train
 
     cfg = small_config(tmp_path, steps=3, max_staleness=1)
     summary = train(cfg, on_step=sigkill_at(3, lambda procs: procs.actors[0]))

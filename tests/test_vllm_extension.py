@@ -10,9 +10,8 @@ import pytest
 import torch
 
 from flowrl_async.actors.generator import SampleSpec, WeightLoadError, check_probe
-from flowrl_async.learner.batch import sequence_logprob
-from flowrl_async.model import build_tiny_model, load_policy
-from flowrl_async.placement import free_port
+from flowrl_async.model import build_tiny_model, load_policy, sequence_logprob
+from flowrl_async.net import free_port
 from flowrl_async.weights import new_group
 
 PROMPT = [1, 20, 21, 22]

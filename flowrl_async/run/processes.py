@@ -14,10 +14,11 @@ Invariants:
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
+from dataclasses import replace
 
 from flowrl_async.config import TrainConfig
-from flowrl_async.placement import Placement, free_port
+from flowrl_async.net import free_port
+from flowrl_async.run.placement import Placement
 
 
 def threads_env(threads: int) -> dict[str, str]:
@@ -28,29 +29,16 @@ def threads_env(threads: int) -> dict[str, str]:
 
 def replay_config(cfg: TrainConfig, run_dir, address: str):
     """The replay service's settings for this run (any process wiring uses the same)."""
-    from flowrl_async.replay.server import ServerConfig
+    from flowrl_async.replay.config import ServerConfig, settings_of
 
-    lc, rc = cfg.learner, cfg.replay
+    settings = settings_of(cfg.replay)
+    if cfg.mode == "sync":  # lock-step: every trained group is from the current weights
+        settings["max_staleness"] = 0
+    lc = cfg.learner
     return ServerConfig(
-        directory=str(run_dir / "replay"),
-        address=address,
-        capacity=rc.capacity,
-        max_staleness=0 if cfg.mode == "sync" else rc.max_staleness,
-        selector=rc.selector,
-        max_times_sampled=rc.max_times_sampled,
-        groups_per_version=lc.batch_groups * lc.publish_every,
-        admission=rc.admission,
-        fsync=rc.fsync,
-        fsync_interval_ms=rc.fsync_interval_ms,
-        seed=cfg.seed,
-        fresh_fraction=rc.fresh_fraction,
-        samples_per_insert=rc.samples_per_insert,
-        min_size_to_sample=rc.min_size_to_sample,
-        error_buffer=rc.error_buffer,
-        insert_timeout_ms=rc.insert_timeout_ms,
-        curve_secret_key=rc.curve_secret_key,
-        curve_authorized_keys=rc.curve_authorized_keys,
-    )
+        directory=str(run_dir / "replay"), address=address, seed=cfg.seed,
+        groups_per_version=lc.batch_groups * lc.publish_every, **settings,
+    )  # fmt: skip
 
 
 def replay_keys(cfg: TrainConfig) -> dict:
@@ -67,10 +55,10 @@ def replay_keys(cfg: TrainConfig) -> dict:
 def learner_args(cfg: TrainConfig, model_path: str, address: str, device: str,
                  probe_text: str) -> tuple[tuple, dict]:  # fmt: skip
     """LearnerWorker's (args, kwargs) for this run."""
-    from flowrl_async.learner.learner import AlgoConfig
-
     lc = cfg.learner
-    algo = AlgoConfig(**asdict(cfg.algo), temperature=cfg.generator.temperature)
+    algo = cfg.algo
+    if algo.temperature is None:  # the learner's log-probs at the actors' temperature
+        algo = replace(algo, temperature=cfg.generator.temperature)
     return (model_path, algo, address), dict(
         batch_groups=lc.batch_groups, micro_batch=lc.micro_batch, lr=lc.lr,
         log_z_lr=lc.log_z_lr, grad_clip=lc.grad_clip, warmup_steps=lc.warmup_steps,

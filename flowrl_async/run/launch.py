@@ -17,14 +17,20 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
-from flowrl_async import resume
 from flowrl_async.config import TrainConfig, validate
 from flowrl_async.learner.checkpoint import latest
-from flowrl_async.offline import preload
-from flowrl_async.placement import plan
-from flowrl_async.processes import LearnerDied, Processes, replay_keys
-from flowrl_async.progress import MetricsLog, plot_curves, print_summary, read_metrics, summarize
 from flowrl_async.replay.metrics import flat
+from flowrl_async.run import resume
+from flowrl_async.run.offline import preload
+from flowrl_async.run.placement import plan
+from flowrl_async.run.processes import LearnerDied, Processes, replay_keys
+from flowrl_async.run.progress import (
+    MetricsLog,
+    plot_curves,
+    print_summary,
+    read_metrics,
+    summarize,
+)
 
 
 def prepare_model(cfg: TrainConfig, run_dir: Path) -> str:
@@ -93,7 +99,7 @@ def pick_device(cfg: TrainConfig, ray) -> tuple[str, str]:
     cluster has a GPU (the driver's own node may have none)."""
     import torch
 
-    from flowrl_async.placement import cluster_has_gpu
+    from flowrl_async.run.placement import cluster_has_gpu
 
     has_gpu = cluster_has_gpu(ray) if cfg.cluster.address else torch.cuda.is_available()
     use_gpu = cfg.learner.device == "cuda" or (cfg.learner.device == "auto" and has_gpu)

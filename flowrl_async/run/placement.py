@@ -18,27 +18,9 @@ address in cluster mode, and always is in local mode.
 
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass, field
 
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def node_ip() -> str:
-    """This process's node IP as Ray sees it (the address other nodes reach it at)."""
-    import ray
-
-    return ray.util.get_node_ip_address()
-
-
-def endpoint(loopback: bool) -> tuple[str, int]:
-    """(host, free port) on the calling process's node, for a server it will bind."""
-    host = "127.0.0.1" if loopback else node_ip()
-    return host, free_port(host)
+from flowrl_async.net import node_ip
 
 
 @dataclass

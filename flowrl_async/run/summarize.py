@@ -12,7 +12,7 @@ import argparse
 import statistics
 from pathlib import Path
 
-from flowrl_async.progress import read_metrics
+from flowrl_async.run.progress import read_metrics
 
 COLUMNS = ("reward", "accuracy", "distinct", "tok/s", "staleness", "wait")
 

@@ -3,7 +3,7 @@ the learner and the actors as plain objects, each actor's loop on a thread of it
 the weight group (gloo) formed by threads of this process.
 
 For tests and debugging (one debugger or profiler sees every component); the product path
-is ``flowrl_async.launch.train`` under Ray. Settings come from the same ``TrainConfig`` and
+is ``flowrl_async.run.launch.train`` under Ray. Settings come from the same ``TrainConfig`` and
 the same constructor arguments (``processes.replay_config / learner_args / actor_args``).
 
     summary = run_inline(cfg)        # cfg.generator.engine="torch" keeps it light
@@ -16,8 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from flowrl_async.config import TrainConfig, validate
-from flowrl_async.placement import free_port
-from flowrl_async.processes import actor_args, learner_args, replay_config
+from flowrl_async.net import free_port
+from flowrl_async.run.processes import actor_args, learner_args, replay_config
 
 
 class InlineRun:
@@ -93,7 +93,7 @@ def run_inline(cfg: TrainConfig, on_step=None) -> dict:
     """Train ``cfg.learner.steps`` steps with every component in this process
     (``on_step(step, run)``: a hook for tests).
     -> {"history": per-step metrics, "learner", "replay", "actors": final stats}."""
-    from flowrl_async.launch import prepare_model, probe_text, sync_batches_per_actor
+    from flowrl_async.run.launch import prepare_model, probe_text, sync_batches_per_actor
 
     validate(cfg)
     run_dir = Path(cfg.run_dir).resolve()

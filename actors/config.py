@@ -1,0 +1,3 @@
+"""The rollout actors' choice lists, named once (validated by the run config)."""
+
+ENGINES = ("vllm", "torch")
