@@ -26,14 +26,8 @@ import torch
 
 from flowrl_async.learner.batch import TrainBatch, collate, forward
 from flowrl_async.learner.config import AlgoConfig
-from flowrl_async.learner.objectives import (
-    flowrl_loss,
-    group_normalized_rewards,
-    grpo_loss,
-    masked_mean,
-    masked_sum,
-    reinforce_loss,
-)
+from flowrl_async.learner.objective import OBJECTIVES, LossInputs
+from flowrl_async.learner.objectives import masked_mean, masked_sum
 from flowrl_async.model import sequence_logprob
 
 
@@ -70,8 +64,9 @@ class Learner:
         self.batch_groups, self.micro_batch, self.grad_clip = batch_groups, micro_batch, grad_clip
         self.publish_every, self.publish_fn = publish_every, publish_fn
         self.probe_token_ids, self.device = tuple(probe_token_ids), device
+        self.objective = OBJECTIVES[algo.name]
         groups = [{"params": list(policy.parameters()), "lr": lr}]
-        if algo.name == "flowrl":
+        if self.objective.uses_log_z:
             groups.append({"params": list(log_z_head.parameters()), "lr": log_z_lr})
         self.optimizer = torch.optim.AdamW(groups, weight_decay=weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -118,41 +113,26 @@ class Learner:
 
     def trainable(self):
         params = list(self.policy.parameters())
-        if self.algo.name == "flowrl":
+        if self.objective.uses_log_z:
             params += list(self.log_z.parameters())
         return params
 
     def shape_rewards(self, batch: TrainBatch) -> torch.Tensor:
-        if self.algo.name != "flowrl" or self.algo.reward_norm == "group":
-            return group_normalized_rewards(batch.rewards, batch.group_index)
-        return batch.rewards
+        return self.objective.shape_rewards(batch.rewards, batch.group_index, self.algo)
 
     def accumulate(self, micro: TrainBatch, rewards: torch.Tensor, normalizer: int) -> dict:
         """Forward + backward of one micro-batch; the loss is divided by ``normalizer``."""
-        a = self.algo
-        pol = forward(self.policy, micro, self.temperature, want_hidden=a.name == "flowrl")
+        obj = self.objective
+        pol = forward(self.policy, micro, self.temperature, want_hidden=obj.uses_log_z)
         mask = micro.response_mask
         behavior = micro.behavior_logprobs
         ref = None
-        if a.name == "flowrl" or (a.name == "grpo" and a.kl_coef):  # others never read π_ref
+        if obj.needs_ref(self.algo):
             with torch.no_grad():
                 ref = forward(self.ref, micro, self.temperature, want_hidden=False).logprobs
-        if a.name == "flowrl":
-            log_z = self.log_z(pol.hidden, micro.prompt_mask)
-            out = flowrl_loss(
-                pol.logprobs, ref, behavior, mask, log_z, rewards, a.beta, a.is_mode,
-                a.clip_low, a.clip_high, a.truncate_at, normalizer=normalizer,
-            )  # fmt: skip
-        elif a.name == "grpo":
-            out = grpo_loss(
-                pol.logprobs, behavior, mask, rewards, a.clip_low, a.clip_high, ref,
-                a.kl_coef, normalizer=normalizer,
-            )  # fmt: skip
-        else:
-            out = reinforce_loss(
-                pol.logprobs, behavior, mask, rewards, a.is_mode, a.clip_low, a.clip_high,
-                a.truncate_at, normalizer=normalizer,
-            )  # fmt: skip
+        log_z = self.log_z(pol.hidden, micro.prompt_mask) if obj.uses_log_z else None
+        inputs = LossInputs(pol.logprobs, behavior, mask, rewards, ref, log_z)
+        out = obj.loss(inputs, self.algo, normalizer)
         out.loss.backward()
         with torch.no_grad():
             metrics = dict(out.metrics)

@@ -245,3 +245,11 @@ def test_reinforce_loss_hand_worked():
     mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
     out = reinforce_loss(logprobs, behavior, mask, torch.tensor([2.0, -1.0]), is_mode="none")
     close(out.loss, (6 * math.exp(-0.5) - 1.5) / 2)
+
+
+def test_the_registry_holds_exactly_the_objectives_the_config_accepts():
+    from flowrl_async.learner.config import OBJECTIVES as NAMES
+    from flowrl_async.learner.objective import OBJECTIVES
+
+    assert tuple(OBJECTIVES) == NAMES
+    assert all(name == o.name for name, o in OBJECTIVES.items())

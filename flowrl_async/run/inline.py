@@ -12,11 +12,13 @@ the same constructor arguments (``processes.replay_config / learner_args / actor
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from flowrl_async.config import TrainConfig, validate
 from flowrl_async.net import free_port
+from flowrl_async.run.driver import Figures, run_steps
 from flowrl_async.run.processes import actor_args, learner_args, replay_config
 
 
@@ -68,11 +70,28 @@ class InlineRun:
         self.threads.extend(started)
         return started
 
-    def generate_batch(self, batches_per_actor: int) -> None:
-        """mode=sync: every actor generates ``batches_per_actor`` batches now."""
+    # ---------------------------------------------------------------- the driver's calls
+    def generate_batch(self, batches_per_actor: int) -> float:
+        """mode=sync: every actor generates ``batches_per_actor`` batches now; -> seconds."""
+        started = time.perf_counter()
         for t in self.start_loops(batches_per_actor):
             t.join()
         self.raise_errors()
+        return time.perf_counter() - started
+
+    def learner_step(self) -> dict:
+        metrics = self.learner.step()
+        self.raise_errors()
+        return metrics
+
+    def evaluate(self, split: str, samples: int, temperature: float, max_tokens: int) -> dict:
+        return self.actors[0].evaluate(split, samples, temperature, max_tokens)
+
+    def replay_stats(self) -> dict:
+        return self.replay.stats()
+
+    def save_checkpoint(self, root: str, keep: int) -> str:
+        return self.learner.save_checkpoint(root, keep)
 
     def raise_errors(self) -> None:
         if self.errors:
@@ -90,27 +109,21 @@ class InlineRun:
 
 
 def run_inline(cfg: TrainConfig, on_step=None) -> dict:
-    """Train ``cfg.learner.steps`` steps with every component in this process
-    (``on_step(step, run)``: a hook for tests).
+    """Train ``cfg.learner.steps`` steps with every component in this process, through the
+    same step loop as the Ray runtime (``on_step(step, run)``: a hook for tests).
     -> {"history": per-step metrics, "learner", "replay", "actors": final stats}."""
-    from flowrl_async.run.launch import prepare_model, probe_text, sync_batches_per_actor
+    from flowrl_async.run.launch import prepare_model, probe_text
 
     validate(cfg)
     run_dir = Path(cfg.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     run = InlineRun(cfg, prepare_model(cfg, run_dir), run_dir, probe_text(cfg))
-    history = []
+    history: list[dict] = []
     try:
         run.form_weight_group()
         if cfg.mode == "async":
             run.start_loops()
-        for step in range(1, cfg.learner.steps + 1):
-            if cfg.mode == "sync":
-                run.generate_batch(sync_batches_per_actor(cfg))
-            history.append(run.learner.step())
-            run.raise_errors()
-            if on_step is not None:
-                on_step(step, run)
+        run_steps(run, cfg, 0, history.append, str(run_dir / "checkpoints"), Figures(), on_step)
     finally:
         run.shutdown()
     return {

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from flowrl_async.config import TrainConfig, validate
 from flowrl_async.learner.checkpoint import latest
-from flowrl_async.replay.metrics import flat
 from flowrl_async.run import resume
+from flowrl_async.run.driver import Figures, run_steps
 from flowrl_async.run.offline import preload
 from flowrl_async.run.placement import plan
 from flowrl_async.run.processes import LearnerDied, Processes, replay_keys
@@ -89,11 +89,6 @@ def start_ray(cfg: TrainConfig, run_dir: Path):
     return ray
 
 
-def sync_batches_per_actor(cfg: TrainConfig) -> int:
-    per_round = cfg.cluster.num_actors * cfg.generator.groups_per_batch
-    return cfg.learner.batch_groups // per_round
-
-
 def pick_device(cfg: TrainConfig, ray) -> tuple[str, str]:
     """-> (learner device, weight-sync backend). On a cluster "auto" means: CUDA when the
     cluster has a GPU (the driver's own node may have none)."""
@@ -107,40 +102,6 @@ def pick_device(cfg: TrainConfig, ray) -> tuple[str, str]:
     if backend == "auto":
         backend = "nccl" if use_gpu else "gloo"
     return ("cuda" if use_gpu else "cpu"), backend
-
-
-class Figures:
-    """Metrics that must never stop training: a failed read is printed and counted
-    (``replay_stats_errors``, ``eval_errors`` in metrics.jsonl), and the run goes on."""
-
-    def __init__(self):
-        self.errors = {"replay_stats": 0, "eval": 0}
-
-    def _failed(self, what: str, e: Exception) -> None:
-        self.errors[what] += 1
-        print(f"\nwarning: {what} figures unavailable ({type(e).__name__}: {str(e)[:300]}); "
-              "training goes on", flush=True)  # fmt: skip
-
-    def replay_stats(self, procs) -> dict:
-        try:
-            return procs.replay_stats()
-        except Exception as e:
-            self._failed("replay_stats", e)
-            return {"unavailable": f"{type(e).__name__}: {str(e)[:300]}"}
-
-    def replay(self, procs) -> dict:
-        """The service's figures for one metrics row."""
-        stats = self.replay_stats(procs)
-        return {**flat(stats), "replay_stats_errors": self.errors["replay_stats"]}
-
-    def evaluation(self, procs, ev, max_tokens: int) -> dict:
-        try:
-            return procs.ray.get(
-                procs.actors[0].evaluate.remote(ev.split, ev.samples, ev.temperature, max_tokens)
-            )
-        except Exception as e:
-            self._failed("eval", e)
-            return {"eval_errors": self.errors["eval"]}
 
 
 def train(cfg: TrainConfig, on_step=None) -> dict:
@@ -185,23 +146,9 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
         figures = Figures()
         ckpt_root, lc = str(run_dir / "checkpoints"), cfg.learner
         try:
-            for step in range(start + 1, lc.steps + 1):
-                if cfg.mode == "sync":  # lock-step: generate this step's groups, then train
-                    generate_s = procs.generate_batch(sync_batches_per_actor(cfg))
-                    metrics = {**procs.call_learner("step"), "generate_s": generate_s}
-                else:
-                    metrics = procs.call_learner("step")
-                ev = cfg.evaluation
-                if ev.every and step % ev.every == 0:  # on actor 1, with its current weights
-                    metrics.update(figures.evaluation(procs, ev, cfg.generator.max_tokens))
-                if cfg.replay.metrics_every and step % cfg.replay.metrics_every == 0:
-                    metrics.update(figures.replay(procs))
-                log.add(metrics)
-                if step % lc.checkpoint_every == 0 or step == lc.steps:
-                    procs.call_learner("save_checkpoint", ckpt_root, lc.keep_checkpoints)
-                if on_step is not None:
-                    on_step(step, procs)
+            run_steps(procs, cfg, start, log.add, ckpt_root, figures, on_step)
         except LearnerDied as e:
+            step = start + len(log.history) + 1  # the step the learner was on
             newest = latest(ckpt_root)
             how = (f"resume from {newest} with: flowrl-async train run_dir={run_dir} resume=true"
                    if newest else "no checkpoint was written yet: start the run again")  # fmt: skip

@@ -238,7 +238,16 @@ class Processes:
         self.heal()
         return result
 
-    # ---------------------------------------------------------------- figures
+    # ---------------------------------------------------------------- the driver's calls
+    def learner_step(self) -> dict:
+        return self.call_learner("step")
+
+    def save_checkpoint(self, root: str, keep: int) -> str:
+        return self.call_learner("save_checkpoint", root, keep)
+
+    def evaluate(self, split: str, samples: int, temperature: float, max_tokens: int) -> dict:
+        return self.ray.get(self.actors[0].evaluate.remote(split, samples, temperature, max_tokens))
+
     def replay_stats(self, timeout_s: float = 30.0) -> dict:
         """The replay service's figures (raises what the call raised: callers decide)."""
         return self.ray.get(self.replay.stats.remote(), timeout=timeout_s)

@@ -1,0 +1,112 @@
+"""The objective registry: one entry per objective, each saying what it needs (π_ref? the
+log Z head?), how it shapes rewards, and which pure loss of ``objectives.py`` it applies.
+The learner step calls ``OBJECTIVES[algo.name]`` and nothing else knows the names; adding an
+objective is one entry here (plus its loss function) and its name in ``learner/config.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Protocol
+
+import torch
+
+from flowrl_async.learner.config import AlgoConfig
+from flowrl_async.learner.objectives import (
+    LossOutput,
+    flowrl_loss,
+    group_normalized_rewards,
+    grpo_loss,
+    reinforce_loss,
+)
+
+
+@dataclass(frozen=True)
+class LossInputs:
+    """One micro-batch's tensors, [N, T] per token unless said ([N] per sequence)."""
+
+    logprobs: torch.Tensor  # log π_θ of the response tokens (with gradient)
+    behavior_logprobs: torch.Tensor  # log μ, as the actors recorded them
+    mask: torch.Tensor  # response tokens (bool)
+    rewards: torch.Tensor  # [N], shaped by the objective
+    ref_logprobs: torch.Tensor | None = None  # log π_ref, when the objective needs it
+    log_z: torch.Tensor | None = None  # [N] the head's log Z(x), when the objective uses it
+
+
+class Objective(Protocol):
+    """What the learner needs to know about one objective."""
+
+    name: ClassVar[str]
+    uses_log_z: ClassVar[bool]  # trains the log Z head (its parameters join the optimizer)
+
+    def needs_ref(self, algo: AlgoConfig) -> bool:
+        """Whether the loss reads π_ref (the frozen reference is then run forward)."""
+        ...
+
+    def shape_rewards(
+        self, rewards: torch.Tensor, group_index: torch.Tensor, algo: AlgoConfig
+    ) -> torch.Tensor:
+        """[N] rewards -> [N] what the loss uses."""
+        ...
+
+    def loss(self, x: LossInputs, algo: AlgoConfig, normalizer: float) -> LossOutput: ...
+
+
+class FlowRL:
+    """Trajectory balance with a learned partition function (arXiv 2509.15207)."""
+
+    name, uses_log_z = "flowrl", True
+
+    def needs_ref(self, algo: AlgoConfig) -> bool:
+        return True
+
+    def shape_rewards(self, rewards, group_index, algo):
+        if algo.reward_norm == "group":  # the paper; "raw" is off-policy TB's
+            return group_normalized_rewards(rewards, group_index)
+        return rewards
+
+    def loss(self, x: LossInputs, algo: AlgoConfig, normalizer: float) -> LossOutput:
+        return flowrl_loss(
+            x.logprobs, x.ref_logprobs, x.behavior_logprobs, x.mask, x.log_z, x.rewards,
+            algo.beta, algo.is_mode, algo.clip_low, algo.clip_high, algo.truncate_at,
+            normalizer=normalizer,
+        )  # fmt: skip
+
+
+class GRPO:
+    """Token-level clipped surrogate on group-normalised advantages (optional k3 KL)."""
+
+    name, uses_log_z = "grpo", False
+
+    def needs_ref(self, algo: AlgoConfig) -> bool:
+        return algo.kl_coef != 0
+
+    def shape_rewards(self, rewards, group_index, algo):
+        return group_normalized_rewards(rewards, group_index)
+
+    def loss(self, x: LossInputs, algo: AlgoConfig, normalizer: float) -> LossOutput:
+        return grpo_loss(
+            x.logprobs, x.behavior_logprobs, x.mask, x.rewards, algo.clip_low, algo.clip_high,
+            x.ref_logprobs, algo.kl_coef, normalizer=normalizer,
+        )  # fmt: skip
+
+
+class Reinforce:
+    """REINFORCE with a group-mean baseline and sequence IS weights."""
+
+    name, uses_log_z = "reinforce", False
+
+    def needs_ref(self, algo: AlgoConfig) -> bool:
+        return False
+
+    def shape_rewards(self, rewards, group_index, algo):
+        return group_normalized_rewards(rewards, group_index)
+
+    def loss(self, x: LossInputs, algo: AlgoConfig, normalizer: float) -> LossOutput:
+        return reinforce_loss(
+            x.logprobs, x.behavior_logprobs, x.mask, x.rewards, algo.is_mode, algo.clip_low,
+            algo.clip_high, algo.truncate_at, normalizer=normalizer,
+        )  # fmt: skip
+
+
+OBJECTIVES: dict[str, Objective] = {o.name: o for o in (FlowRL(), GRPO(), Reinforce())}
