@@ -17,9 +17,9 @@ from __future__ import annotations
 from collections import Counter, deque
 from numbers import Real
 
+from flowrl_async.replay.protocol import REQUESTS
+
 RATE_WINDOW_S = 10.0
-REQUESTS = ("insert", "insert_batch", "admit", "version", "release", "sample", "checkpoint")
-REQUESTS += ("prune", "rewind", "stats")
 # Every map of the stats reply has a bounded, data-independent key set, so the reply always
 # fits the decoder's limits (wire.MAX_MAP_LEN) however long a run lasts.
 REASONS = ("frames", "undecodable", "unknown_type", "bad_group", "other")

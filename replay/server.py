@@ -1,40 +1,6 @@
 """The replay service: one process owning the buffer, serving actors and the learner over zmq.
 
-Protocol (flowrl_async.wire messages over a ROUTER socket; every request carries ``rid`` and
-its reply echoes it):
-  insert {group, timeout_ms?}       -> ack {group_id, duplicate}      (after the log append;
-                                       held while the rate limiter says wait, at most
-                                       timeout_ms, then error {reason, code: insert_timeout})
-  insert_batch {groups, timeout_ms?} -> acks {results}   (``groups``: a list of msgpack
-                                       bytes, one group each (``wire.pack_group``);
-                                       ``results``: one [status, reason] per group, in order:
-                                       accepted | duplicate | rejected (malformed: reason,
-                                       counted in ``rejected``) | timeout (held by the rate
-                                       limiter past timeout_ms; resending is safe). Sent once
-                                       every group's outcome is known and every accepted
-                                       group is in the log: the accepted ones of a message
-                                       are appended together, one flush and fsync policy)
-  version {version}                 -> version {version}   (the learner's, after a publication)
-  admit  {actor, k, version?, weights?} -> admitted {n, positions}  (0 when the actor's
-                                       weight version is already beyond the staleness bound)
-  release {actor}                   -> released {}
-  sample {batch_size, version, timeout_ms, req} -> batch {groups, info} | empty {}  (held
-                                       until enough groups and the rate limiter allow, or
-                                       the timeout; a retry (same ``req``) of one of the
-                                       last ``ANSWERS_KEPT`` answered gets the same batch,
-                                       after a restart too: ``req`` is in the ``smp``
-                                       record)
-  checkpoint {tag?}                 -> checkpointed {path, segment, offset}
-  prune  {keep}                     -> pruned {deleted}   (delete every checkpoint but the
-                                       newest and those named in ``keep``: file names)
-  rewind {checkpoint}               -> rewound {checkpoint, version, size}  (the learner
-                                       resumed from the state of that replay checkpoint,
-                                       named by its file in ``<dir>/checkpoints`` (a path:
-                                       its file name): sampling state back to it, every
-                                       group and prompt position since kept; see ``rewind``)
-  stats  {}                         -> stats {...}
-  anything malformed                -> error {reason}                 (counted in
-                                       ``rejected``; nothing else changes)
+The protocol (every request and its reply) is in ``flowrl_async/replay/protocol.py``.
 
 Invariants: an insert is acknowledged only after its record is in the log; every state
 change is a log record (``flowrl_async.replay.state``), so after a restart the buffer holds
@@ -77,7 +43,8 @@ from flowrl_async.replay.config import ServerConfig, parse_args
 from flowrl_async.replay.curve import ServerCurve
 from flowrl_async.replay.held import SUPERSEDED, BatchReply, Held, HeldInsert, HeldRequests
 from flowrl_async.replay.log import SegmentLog
-from flowrl_async.replay.metrics import REQUESTS, ServiceMetrics
+from flowrl_async.replay.metrics import ServiceMetrics
+from flowrl_async.replay.protocol import REQUESTS
 from flowrl_async.replay.recovery import recover, rewound
 from flowrl_async.replay.state import ReplayState, insert_record
 from flowrl_async.wire import (
@@ -223,58 +190,60 @@ class ReplayServer:
     def handle(self, msg_type: str, msg: dict, identity: bytes = b"") -> tuple[str, dict] | None:
         """One request -> (reply type, fields), or None when it is held: the answer goes to
         ``identity`` later."""
-        if msg_type == "insert_batch":
-            return self._insert_batch(msg, identity)
-        if msg_type == "insert":
-            return self._insert(msg, identity)
-        if msg_type == "admit":
-            actor, k = _int(msg, "actor"), _int(msg, "k")
-            if "version" in msg:
-                self._advance_version(_int(msg, "version"))
-            weights = _int(msg, "weights") if "weights" in msg else None
-            free = self.buffer.admission_capacity(
-                self._admission_version(weights), self.cfg.groups_per_version,
-                self.state.in_flight,
-            )  # fmt: skip
-            if weights is not None and self._dead_on_arrival(weights):
-                free = 0  # this actor's weights are too old: its groups would be evicted
-            n = max(0, min(k, free, self.limits.max_groups))  # the reply lists n positions
-            redo = self.state.redo[:n]
-            positions = redo + list(range(self.state.cursor, self.state.cursor + n - len(redo)))
-            if positions:
-                self._record({"k": "adm", "a": actor, "p": positions})
-            return "admitted", {"n": n, "positions": positions}
-        if msg_type == "version":  # the learner published: admission may open up
+        if msg_type not in REQUESTS:
+            raise WireError(f"unknown message type {msg_type!r}")
+        return getattr(self, f"_{msg_type}")(msg, identity)
+
+    def _admit(self, msg: dict, identity: bytes) -> tuple[str, dict]:
+        actor, k = _int(msg, "actor"), _int(msg, "k")
+        if "version" in msg:
             self._advance_version(_int(msg, "version"))
-            return "version", {"version": self.buffer.version}
-        if msg_type == "release":  # an actor restarted: its unfinished work is handed out again
-            self._record({"k": "rel", "a": _int(msg, "actor")})
-            return "released", {}
-        if msg_type == "sample":
-            return self._sample(msg, identity)
-        if msg_type == "checkpoint":
-            try:
-                tag = ckpt.check_tag(msg.get("tag", ""))
-            except ValueError as e:
-                raise WireError(str(e)) from None
-            header = self.checkpoint(tag=tag)
-            return "checkpointed", {k: header[k] for k in ("path", "segment", "offset")}
-        if msg_type == "prune":
-            names = msg.get("keep")
-            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-                raise WireError("prune needs 'keep': a list of checkpoint file names")
-            gone = [p.name for p in ckpt.prune(self.checkpoint_dir, {Path(n).name for n in names})]
-            cap = max_array_len(self.limits)  # the reply names at most this many
-            more = {"more": len(gone) - cap} if len(gone) > cap else {}  # deleted, unnamed
-            return "pruned", {"deleted": gone[:cap], **more}
-        if msg_type == "rewind":
-            checkpoint = msg.get("checkpoint")
-            if not isinstance(checkpoint, str):
-                raise WireError("rewind needs the name of a replay checkpoint 'checkpoint'")
-            return "rewound", self.rewind(checkpoint)
-        if msg_type == "stats":
-            return "stats", self.stats()
-        raise WireError(f"unknown message type {msg_type!r}")
+        weights = _int(msg, "weights") if "weights" in msg else None
+        free = self.buffer.admission_capacity(
+            self._admission_version(weights), self.cfg.groups_per_version, self.state.in_flight
+        )
+        if weights is not None and self._dead_on_arrival(weights):
+            free = 0  # this actor's weights are too old: its groups would be evicted
+        n = max(0, min(k, free, self.limits.max_groups))  # the reply lists n positions
+        redo = self.state.redo[:n]
+        positions = redo + list(range(self.state.cursor, self.state.cursor + n - len(redo)))
+        if positions:
+            self._record({"k": "adm", "a": actor, "p": positions})
+        return "admitted", {"n": n, "positions": positions}
+
+    def _version(self, msg: dict, identity: bytes) -> tuple[str, dict]:
+        self._advance_version(_int(msg, "version"))  # the learner published
+        return "version", {"version": self.buffer.version}
+
+    def _release(self, msg: dict, identity: bytes) -> tuple[str, dict]:
+        self._record({"k": "rel", "a": _int(msg, "actor")})  # its unfinished work goes again
+        return "released", {}
+
+    def _checkpoint(self, msg: dict, identity: bytes) -> tuple[str, dict]:
+        try:
+            tag = ckpt.check_tag(msg.get("tag", ""))
+        except ValueError as e:
+            raise WireError(str(e)) from None
+        header = self.checkpoint(tag=tag)
+        return "checkpointed", {k: header[k] for k in ("path", "segment", "offset")}
+
+    def _prune(self, msg: dict, identity: bytes) -> tuple[str, dict]:
+        names = msg.get("keep")
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise WireError("prune needs 'keep': a list of checkpoint file names")
+        gone = [p.name for p in ckpt.prune(self.checkpoint_dir, {Path(n).name for n in names})]
+        cap = max_array_len(self.limits)  # the reply names at most this many
+        more = {"more": len(gone) - cap} if len(gone) > cap else {}  # deleted, unnamed
+        return "pruned", {"deleted": gone[:cap], **more}
+
+    def _rewind(self, msg: dict, identity: bytes) -> tuple[str, dict]:
+        checkpoint = msg.get("checkpoint")
+        if not isinstance(checkpoint, str):
+            raise WireError("rewind needs the name of a replay checkpoint 'checkpoint'")
+        return "rewound", self.rewind(checkpoint)
+
+    def _stats(self, msg: dict, identity: bytes) -> tuple[str, dict]:
+        return "stats", self.stats()
 
     def _insert(self, msg: dict, identity: bytes) -> tuple[str, dict] | None:
         obj = msg.get("group")
