@@ -11,7 +11,26 @@ from omegaconf import OmegaConf
 from flowrl_async.config import TrainConfig, register
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
-COMMANDS = ("train", "eval", "summarize", "replay")
+COMMANDS = {  # name -> (what it does, an example)
+    "train": ("train a policy: Ray, replay service, learner, vLLM actors (a Hydra app)",
+              "flowrl-async train algo=flowrl_tb replay=mixed learner.steps=500"),
+    "eval": ("sample k completions per prompt of a policy and score them",
+             "flowrl-async eval checkpoint=runs/x samples=64 temperature=0.6"),
+    "summarize": ("one table and one plot over a set of runs (e.g. a sweep)",
+                  "flowrl-async summarize multirun/<time>"),
+    "replay": ("summarise, export or re-insert a stored run's groups",
+               "flowrl-async replay runs/x --versions 3:7 --export groups.jsonl"),
+}  # fmt: skip
+HELP = "flowrl-async: asynchronous off-policy LLM RL with the FlowRL objective"
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [HELP, "", "usage: flowrl-async COMMAND [arguments]", "", "commands:"]
+    for name, (what, example) in COMMANDS.items():
+        lines += [f"  {name:<{width}}  {what}", f"  {'':<{width}}  e.g. {example}"]
+    lines += ["", "flowrl-async COMMAND --help shows each command's own options."]
+    return "\n".join(lines)
 
 
 def _train(cfg) -> None:
@@ -52,8 +71,11 @@ def _eval(cfg) -> None:
 
 def main(argv: list[str] | None = None) -> None:  # noqa: RET503
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return
     if not argv or argv[0] not in COMMANDS:
-        print(f"usage: flowrl-async {{{','.join(COMMANDS)}}} [key=value ...]", file=sys.stderr)
+        print(usage(), file=sys.stderr)
         raise SystemExit(2)
     command, rest = argv[0], argv[1:]
     if command == "summarize":  # plain arguments, not a Hydra app
