@@ -7,36 +7,7 @@ import pytest
 
 from flowrl_async.config import TrainConfig, validate
 
-
-def small_config(tmp_path, steps: int, max_staleness: int | None = 0) -> TrainConfig:
-    """A short run on the 2-digit task: 4 groups per step, a brief warm-start."""
-    cfg = TrainConfig(run_dir=str(tmp_path / "run"))
-    cfg.learner.steps = steps
-    cfg.learner.batch_groups = 4
-    cfg.replay.max_staleness = max_staleness
-    cfg.model.warm_start_steps = 10
-    cfg.task.kwargs = {"lengths": [2], "min_solutions": 5, "partial_credit": 0.5}
-    return cfg
-
-
-def sigkill_at(step: int, pick):
-    """An on_step hook that SIGKILLs the process of ``pick(procs)`` after ``step``."""
-    import os
-    import signal
-
-    import ray
-
-    def hook(current, procs):
-        if current == step:
-            os.kill(ray.get(pick(procs).pid.remote()), signal.SIGKILL)
-
-    return hook
-
-
-def accounted_for(replay: dict) -> bool:
-    """Every acknowledged group is buffered, trained, or evicted (as stale or for room)."""
-    gone = replay["evicted_used"] + replay["evicted_stale"] + replay["evicted_capacity"]
-    return replay["inserted"] == replay["size"] + gone
+from helpers import accounted_for, sigkill_at, small_config
 
 
 @pytest.mark.integration

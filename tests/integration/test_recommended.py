@@ -68,10 +68,10 @@ def test_readme_settings_run_end_to_end(tmp_path, setting):
 
 def stored_run(directory, versions: range, n: int = 4):
     """A replay log as a run's service leaves it: one group per weight version."""
-    from test_replay_fuzz import serve_and_connect
-
     from flowrl_async.replay.client import ReplayClient
     from flowrl_async.replay.server import ReplayServer, ServerConfig
+
+    from helpers import serve_and_connect
 
     cfg = ServerConfig(str(directory), "tcp://127.0.0.1:0", max_staleness=None, selector="fifo")
     server = ReplayServer(cfg)

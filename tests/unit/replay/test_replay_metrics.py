@@ -6,7 +6,6 @@ import time
 
 import msgpack
 import pytest
-from test_replay_fuzz import serve_and_connect
 
 from flowrl_async.replay.client import ReplayClient
 from flowrl_async.replay.metrics import RATE_WINDOW_S, ServiceMetrics
@@ -14,6 +13,7 @@ from flowrl_async.replay.server import ReplayServer, ServerConfig
 from flowrl_async.wire import encode, pack_group
 
 from factories import make_group
+from helpers import serve_and_connect
 
 
 def test_rates_over_the_window_from_marks_at_most_a_second_apart():

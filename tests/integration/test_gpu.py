@@ -75,7 +75,7 @@ def _nccl_rank(rank, port, queue):
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL between ranks needs two GPUs")
 def test_nccl_weight_group_broadcasts():
-    from test_weight_broadcast import free_port
+    from flowrl_async.net import free_port
 
     ctx = mp.get_context("spawn")
     queue, port = ctx.Queue(), free_port()

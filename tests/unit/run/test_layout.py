@@ -12,7 +12,7 @@
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 COMPONENTS = ("actors", "learner", "replay")
 SETTINGS = {f"flowrl_async.{c}.config" for c in COMPONENTS} | {"flowrl_async.replay.filter"}
 

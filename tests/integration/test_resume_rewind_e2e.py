@@ -4,9 +4,10 @@ lost updates used are trained again (a real run: Ray, replay service, learner, a
 
 import msgpack
 import pytest
-from test_train_e2e import accounted_for, sigkill_at, small_config
 
 from flowrl_async.replay.log import SegmentLog
+
+from helpers import accounted_for, sigkill_at, small_config
 
 
 @pytest.mark.integration

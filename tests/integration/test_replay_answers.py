@@ -9,7 +9,6 @@ from pathlib import Path
 import msgpack
 import pytest
 import zmq
-from test_replay_crash import ServerProcess
 
 from flowrl_async.replay import checkpoint as ckpt
 from flowrl_async.replay.client import ReplayClient
@@ -19,6 +18,7 @@ from flowrl_async.replay.state import ANSWERS_KEPT
 from flowrl_async.wire import decode, group_to_wire
 
 from factories import make_group
+from helpers import ServerProcess
 
 FIFO = dict(selector="fifo", max_staleness=None)
 

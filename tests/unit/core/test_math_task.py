@@ -14,7 +14,7 @@ from flowrl_async.tasks.math import MathTask, extract_answer, last_boxed
 
 from factories import write_jsonl
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture

@@ -1,9 +1,5 @@
 """The replay server as a real process: killed with SIGKILL mid-stream, then a damaged log."""
 
-import re
-import signal
-import subprocess
-import sys
 import threading
 
 import msgpack
@@ -13,41 +9,12 @@ from flowrl_async.replay.client import ReplayClient
 from flowrl_async.replay.log import FRAME
 
 from factories import make_group
+from helpers import ServerProcess
 
 pytestmark = pytest.mark.integration
 
 N = 150  # groups in the stream
 KILL_AFTER = 40  # acknowledged groups before the SIGKILL
-
-
-class ServerProcess:
-    """``python -m flowrl_async.replay.server``; ready once it answers a stats request."""
-
-    def __init__(self, directory, address="tcp://127.0.0.1:0", *extra: str):
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "flowrl_async.replay.server", "--dir", str(directory)]
-            + ["--address", address, "--fsync", "interval", "--max-staleness", "-1"]
-            + ["--selector", "uniform", "--max-times-sampled", "1000", *extra],
-            stdout=subprocess.PIPE,
-            stderr=open(directory.parent / "server.err", "a"),  # noqa: SIM115
-            text=True,
-        )
-        line = self.proc.stdout.readline()  # "replay server on tcp://127.0.0.1:PORT, ..."
-        found = re.search(r"replay server on (tcp://[0-9.]+:\d+),", line)
-        assert found, f"no address in {line!r}"
-        self.address = found.group(1)
-        self.client = ReplayClient(self.address, request_timeout_s=0.2, max_retries=50)
-        self.stats = self.client.stats()  # answered: ready
-
-    def kill(self):
-        self.proc.send_signal(signal.SIGKILL)
-        assert self.proc.wait(10) == -signal.SIGKILL
-        self.client.close()
-
-    def stop(self):
-        self.client.close()
-        self.proc.send_signal(signal.SIGTERM)
-        assert self.proc.wait(10) == 0
 
 
 def frames(data: bytes) -> list[tuple[int, bytes]]:

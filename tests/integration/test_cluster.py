@@ -3,7 +3,8 @@ joining it through ``cluster.address``. The placement group spreads learner and 
 the nodes, and every address the processes use is the node IP, not loopback."""
 
 import pytest
-from test_train_e2e import accounted_for, small_config
+
+from helpers import accounted_for, small_config
 
 
 @pytest.fixture

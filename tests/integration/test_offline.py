@@ -4,7 +4,8 @@ a previous run's replay service acknowledged, read from its log (which is never 
 import hashlib
 
 import pytest
-from test_train_e2e import small_config
+
+from helpers import small_config
 
 
 def digest(directory) -> str:

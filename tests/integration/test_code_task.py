@@ -16,7 +16,7 @@ from flowrl_async.tasks.code import CodeTask, extract_code
 
 from factories import write_jsonl
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 ADD = "def add(a, b):\n    return a + b\n"
 SUM_IO = "a, b = map(int, input().split())\nprint(a + b)\n"

@@ -3,7 +3,8 @@ on a thread, learner and two torch-sampler actors as objects, weights over a glo
 whose members are threads."""
 
 import pytest
-from test_train_e2e import accounted_for, small_config
+
+from helpers import accounted_for, small_config
 
 
 @pytest.mark.integration

@@ -2,13 +2,10 @@
 rejection counted, nothing crashes, and a valid insert still works afterwards."""
 
 import random
-import threading
-import time
 
 import msgpack
 import numpy as np
 import pytest
-import zmq
 
 from flowrl_async.replay.client import ReplayClient
 from flowrl_async.replay.server import ReplayServer, ServerConfig
@@ -28,23 +25,12 @@ from flowrl_async.wire import (
 )
 
 from factories import make_group
+from helpers import serve_and_connect
 
 pytestmark = pytest.mark.integration
 
 # small limits, so that "too big" costs 64 KiB per message instead of 64 MiB
 LIMITS = WireLimits(max_message_bytes=1 << 16, max_responses=16, max_tokens=512, max_groups=64)
-
-
-def serve_and_connect(server: ReplayServer):
-    """Serve ``server`` on a thread; -> (that thread, a DEALER socket connected to it)."""
-    thread = threading.Thread(target=server.serve, daemon=True)
-    thread.start()
-    while server.bound_address is None:
-        time.sleep(0.01)
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(server.bound_address)
-    return thread, sock
 
 
 def base_groups() -> list[dict]:
