@@ -28,6 +28,8 @@ class WeightLoadError(RuntimeError):
 
 @dataclass(frozen=True)
 class Completion:
+    """One generated response: tokens, behaviour log-probs, finish reason."""
+
     token_ids: np.ndarray  # int32 [L]
     logprobs: np.ndarray  # float32 [L]
     finish_reason: str  # "stop" (eos) or "length"
@@ -35,6 +37,8 @@ class Completion:
 
 @dataclass(frozen=True)
 class SampleSpec:
+    """What to sample: responses per prompt, temperature, top-p, length, seed."""
+
     n: int
     temperature: float
     top_p: float
@@ -43,6 +47,8 @@ class SampleSpec:
 
 
 class Generator(Protocol):
+    """What a rollout actor needs from a generation engine."""
+
     def generate(
         self, prompts: Sequence[Sequence[int]], spec: SampleSpec
     ) -> list[list[Completion]]:

@@ -32,6 +32,8 @@ from flowrl_async.tasks import PromptSource
 
 @dataclass
 class ActorStats:
+    """What one actor has done: batches, groups, tokens, weight loads."""
+
     groups: int = 0
     tokens: int = 0
     generate_s: float = 0.0
@@ -46,6 +48,8 @@ class ActorStats:
 
 
 class RolloutLoop:
+    """Admit, generate, verify, insert; load newer weights between batches."""
+
     def __init__(
         self,
         actor_id: int,

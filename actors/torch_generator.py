@@ -29,6 +29,8 @@ def nucleus_logprobs(logprobs: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 class TorchGenerator:
+    """A plain PyTorch sampler with a KV cache (tests and small models)."""
+
     def __init__(self, model, eos_token_id: int, pad_token_id: int, seed: int = 0):
         self.model = model.eval()
         self.eos, self.pad = eos_token_id, pad_token_id

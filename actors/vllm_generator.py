@@ -41,6 +41,8 @@ def with_tied_head(named: list, tied: bool) -> list:
 
 
 class VLLMGenerator:
+    """vLLM as a Generator, in this process or in an engine process of its own."""
+
     def __init__(
         self,
         model_path: str,

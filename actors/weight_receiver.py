@@ -27,6 +27,8 @@ class WeightLinkError(RuntimeError):
 
 @dataclass
 class Publication:
+    """One received publication: its header and tensors."""
+
     header: Header
     buckets: list[torch.Tensor]
     pool: list | None = None  # where release() returns the buckets for reuse
@@ -51,6 +53,8 @@ class Publication:
 
 
 class WeightReceiver:
+    """Receives publications on a background thread; the newest waits to be loaded."""
+
     def __init__(self, group, device: str = "cpu", pool: list | None = None):
         """``pool``: released buffers to start from (e.g. the previous receiver's, when the
         group is re-formed), shared with it."""

@@ -21,6 +21,8 @@ from flowrl_async.weights import new_group
 
 
 class RolloutWorker:
+    """One rollout actor's process: engine, task, replay client and weight receiver."""
+
     def __init__(
         self,
         actor_id: int,

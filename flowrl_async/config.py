@@ -27,6 +27,8 @@ MODES = ("async", "sync")
 
 @dataclass
 class ModelSection:
+    """Which policy the run starts from, and its dtype."""
+
     path: str | None = None
     """A local Hugging Face model directory; null builds the built-in tiny Llama."""
     dtype: str = "float32"
@@ -43,6 +45,8 @@ class ModelSection:
 
 @dataclass
 class TaskSection:
+    """The task: its class and constructor arguments."""
+
     target: str = "flowrl_async.tasks.digits.DigitSumTask"
     """Import path of the task class; users plug their own in here."""
     kwargs: dict[str, Any] = field(default_factory=dict)
@@ -51,6 +55,8 @@ class TaskSection:
 
 @dataclass
 class GeneratorSection:
+    """How the actors sample: engine, group size, temperature, lengths."""
+
     engine: str = "vllm"
     """Generation engine in the actors: vllm or torch (plain PyTorch sampler)."""
     n: int = 8
@@ -111,6 +117,8 @@ class ReplaySection(ReplaySettings):
 
 @dataclass
 class LearnerSection:
+    """The learner's optimisation, publication and checkpoint settings."""
+
     steps: int = 400
     """Optimizer steps to train."""
     batch_groups: int = 8
@@ -141,6 +149,8 @@ class LearnerSection:
 
 @dataclass
 class ClusterSection:
+    """Where the processes run: local or a Ray cluster, actor count and placement."""
+
     address: str | None = None
     """Ray cluster address to join; null starts Ray locally."""
     num_actors: int = 2
@@ -160,6 +170,8 @@ class ClusterSection:
 
 @dataclass
 class PeriodicEvalSection:
+    """Evaluation during training, on actor 1 with its current weights."""
+
     every: int = 0
     """Evaluate every this many learner steps (0: never), into metrics.jsonl as eval_*."""
     split: str = "eval"
@@ -172,6 +184,8 @@ class PeriodicEvalSection:
 
 @dataclass
 class TrainConfig:
+    """Everything ``flowrl-async train`` is configured with."""
+
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     model: ModelSection = field(default_factory=ModelSection)
     task: TaskSection = field(default_factory=TaskSection)
@@ -194,6 +208,8 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
+    """Everything ``flowrl-async eval`` is configured with."""
+
     checkpoint: str = "???"
     """A model directory, a checkpoint directory (…/checkpoints/step-N) or a run directory
     (its final policy, else its newest checkpoint)."""

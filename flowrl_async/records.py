@@ -28,6 +28,8 @@ class RecordError(ValueError):
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """The sampling settings a group was generated with."""
+
     temperature: float = 1.0
     top_p: float = 1.0
     max_tokens: int = 16
@@ -36,6 +38,9 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class Response:
+    """One sampled response: its tokens, behaviour log-probs, weight versions, reward and
+    verdict."""
+
     token_ids: np.ndarray  # int32 [L]
     behavior_logprobs: np.ndarray  # float32 [L], log μ(token) at the sampling temperature
     reward: float
@@ -68,6 +73,8 @@ class Response:
 
 @dataclass(frozen=True)
 class Group:
+    """All responses to one prompt: the unit of insert, storage and sampling."""
+
     group_id: str
     prompt_id: int
     prompt_token_ids: np.ndarray  # int32 [P]

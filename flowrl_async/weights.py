@@ -33,6 +33,8 @@ _DTYPES = {
 
 @dataclass(frozen=True)
 class Slot:
+    """Where one named tensor lies in a bucket."""
+
     name: str
     shape: tuple[int, ...]
     offset: int  # in elements, within its bucket
@@ -42,6 +44,8 @@ class Slot:
 
 @dataclass(frozen=True)
 class Bucket:
+    """One broadcast unit: a flat tensor of one dtype and the slots in it."""
+
     dtype: torch.dtype
     numel: int
     slots: tuple[Slot, ...]
@@ -49,6 +53,8 @@ class Bucket:
 
 @dataclass(frozen=True)
 class Header:
+    """What a publication announces before its buckets: version, layout and probe."""
+
     version: int
     buckets: tuple[Bucket, ...]
     probe_token_ids: tuple[int, ...] = ()

@@ -40,6 +40,8 @@ class WireError(ValueError):
 
 @dataclass(frozen=True)
 class WireLimits:
+    """The sizes a decoder accepts; anything larger is rejected as malformed."""
+
     max_message_bytes: int = 64 * 1024 * 1024
     max_responses: int = 1024
     max_tokens: int = 131_072  # per array (prompt or response)

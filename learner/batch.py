@@ -20,6 +20,8 @@ from flowrl_async.records import Group
 
 @dataclass
 class TrainBatch:
+    """Whole groups collated into padded tensors, one row per response."""
+
     input_ids: torch.Tensor  # [N, P+T]
     attention_mask: torch.Tensor  # [N, P+T]
     prompt_width: int  # P
@@ -89,6 +91,8 @@ def collate(groups: list[Group], staleness: list[int], pad_token_id: int) -> Tra
 
 @dataclass
 class PolicyOutput:
+    """One forward pass: token log-probs, entropy and (optionally) hidden states."""
+
     logprobs: torch.Tensor  # [N, T] log π(response token) at the given temperature
     entropy: torch.Tensor  # [N, T] entropy of that distribution (no grad)
     hidden: torch.Tensor | None  # [N, P, H] last hidden states over the prompt

@@ -36,6 +36,8 @@ def lr_factor(step: int, warmup_steps: int) -> float:
 
 
 class Learner:
+    """Samples whole groups, applies the objective with IS weights, steps, publishes."""
+
     def __init__(
         self,
         policy,

@@ -13,6 +13,8 @@ from torch import nn
 
 
 class LogZHead(nn.Module):
+    """The learned log partition function log Z(x) on the prompt's hidden states."""
+
     def __init__(self, hidden_size: int, width: int = 256, n_blocks: int = 2, init: float = 0.0):
         super().__init__()
         layers: list[nn.Module] = []

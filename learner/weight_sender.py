@@ -21,6 +21,8 @@ from flowrl_async.weights import (
 
 
 class WeightSender:
+    """Publishes the policy's weights on the weight group, bucket by bucket."""
+
     def __init__(self, group, bucket_bytes: int = DEFAULT_BUCKET_BYTES, device: str = "cpu"):
         self.group, self.bucket_bytes, self.device = group, bucket_bytes, device
         self._signature = None

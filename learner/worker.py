@@ -27,6 +27,8 @@ from flowrl_async.weights import new_group, share_storage
 
 
 class LearnerWorker:
+    """The learner's process: policy, reference, log Z head, replay client, weight sender."""
+
     def __init__(
         self,
         model_path: str,

@@ -29,6 +29,8 @@ from flowrl_async.replay.config import SELECTORS
 
 @dataclass
 class Entry:
+    """One held group and what the buffer knows about it."""
+
     group_id: str
     min_version: int
     payload: bytes  # the group's validated msgpack bytes; sent back as they are
@@ -41,6 +43,8 @@ class Entry:
 
 @dataclass
 class Counters:
+    """The buffer's lifetime counts (restored by recovery)."""
+
     inserted: int = 0
     duplicates: int = 0
     sampled_groups: int = 0
@@ -50,6 +54,8 @@ class Counters:
 
 
 class ReplayBuffer:
+    """Held groups, admission, staleness eviction and the selectors."""
+
     def __init__(
         self,
         capacity: int = 10_000,

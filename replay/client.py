@@ -55,12 +55,16 @@ def _rejected(msg_type: str, msg: dict) -> ReplayError:
 
 @dataclass(frozen=True)
 class SampleInfo:
+    """What the service says about one sampled group: id, staleness, times sampled."""
+
     times_sampled: int
     staleness: int
     inserted_at: float
 
 
 class ReplayClient:
+    """Talks to the replay service: retries until answered, never pickles."""
+
     def __init__(
         self,
         address: str,

@@ -60,6 +60,8 @@ def load_secret(path: str | Path) -> tuple[bytes, bytes]:
 
 @dataclass(frozen=True)
 class ServerCurve:
+    """The server's CURVE keys and the ZAP handler that admits clients."""
+
     public: bytes
     secret: bytes
     authorized_dir: Path | None = None
@@ -108,6 +110,8 @@ class _AuthorizedKeys:
 
 @dataclass(frozen=True)
 class ClientCurve:
+    """A client's CURVE keys, applied to each socket it opens."""
+
     server_public: bytes
     public: bytes
     secret: bytes

@@ -57,6 +57,8 @@ class HeldInsert:
 
 @dataclass
 class HeldRequests:
+    """Inserts and samples the server answers later (rate limiter, too few groups)."""
+
     inserts: OrderedDict[str, HeldInsert] = field(default_factory=OrderedDict)  # by group id
     samples: list[Held] = field(default_factory=list)
 

@@ -38,6 +38,8 @@ MAX_RECORD = 1 << 30
 
 @dataclass
 class RecoveryReport:
+    """What reading the log found: records, torn bytes, corrupt frames."""
+
     records: int = 0
     corrupt_skipped: int = 0
     torn_bytes_truncated: int = 0
@@ -57,6 +59,8 @@ def _frame_at(data: bytes, pos: int) -> bytes | None:
 
 
 class SegmentLog:
+    """The append-only, CRC-framed segment log every state change goes to."""
+
     def __init__(
         self,
         directory: str | Path,

@@ -43,6 +43,8 @@ def staleness_bucket(staleness: int) -> str:
 
 
 class ServiceMetrics:
+    """The service's runtime figures since its process started."""
+
     def __init__(self):
         self.rejected_by: Counter[str] = Counter()
         self.sampled_staleness: Counter[str] = Counter()  # keys: STALENESS_BUCKETS

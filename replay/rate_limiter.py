@@ -36,6 +36,8 @@ from dataclasses import dataclass
 
 @dataclass
 class RateLimiter:
+    """Reverb's SampleToInsertRatio: keeps sampled per inserted groups near a target."""
+
     samples_per_insert: float
     min_size_to_sample: int
     error_buffer: float

@@ -22,6 +22,8 @@ from flowrl_async.replay.state import REWIND_KEEPS, ReplayState, group_bytes_in
 
 @dataclass
 class Recovered:
+    """The state recovery rebuilt, and how."""
+
     state: ReplayState
     report: RecoveryReport = field(default_factory=RecoveryReport)
     checkpoint: str = ""  # the checkpoint file it started from ("" for none)

@@ -68,6 +68,8 @@ ZERO_COPY_BYTES = 1 << 16  # replies from this size on are handed to zmq without
 
 
 class ReplayServer:
+    """The replay service: one process owning the buffer, serving over zmq."""
+
     def __init__(self, cfg: ServerConfig, limits: WireLimits = WireLimits()):
         self.cfg, self.limits = cfg, limits
         self.curve = None  # keys are checked before anything else starts

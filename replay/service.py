@@ -11,6 +11,8 @@ from flowrl_async.replay.server import ReplayServer, ServerConfig
 
 
 class ReplayService:
+    """The replay server on a thread of its own (what Ray runs as an actor)."""
+
     def __init__(self, cfg: ServerConfig):
         self.server = ReplayServer(cfg)
         self.thread = threading.Thread(target=self.server.serve, name="replay", daemon=True)

@@ -57,6 +57,8 @@ def insert_record(group_bytes: bytes, at: float) -> tuple[bytes, bytes, bytes]:
 
 
 class ReplayState:
+    """The service's state, changed only by applying log records."""
+
     def __init__(
         self,
         buffer: ReplayBuffer,

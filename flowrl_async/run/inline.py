@@ -23,6 +23,8 @@ from flowrl_async.run.processes import actor_args, learner_args, replay_config
 
 
 class InlineRun:
+    """Every component of a run as plain objects in this process (a Runtime)."""
+
     def __init__(self, cfg: TrainConfig, model_path: str, run_dir: Path, probe_text: str):
         from flowrl_async.actors.worker import RolloutWorker
         from flowrl_async.learner.worker import LearnerWorker

@@ -25,6 +25,8 @@ from flowrl_async.net import node_ip
 
 @dataclass
 class Placement:
+    """Where each role runs: Ray options per role and the addresses to bind."""
+
     loopback: bool
     replay_host: str
     replay: dict = field(default_factory=dict)  # Ray .options() of each role

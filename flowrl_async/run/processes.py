@@ -83,6 +83,8 @@ def actor_args(cfg: TrainConfig, actor_id: int, model_path: str, address: str):
 
 
 class Processes:
+    """The Ray processes of one run and the weight group between them (a Runtime)."""
+
     def __init__(self, ray, cfg: TrainConfig, model_path: str, run_dir, device: str,
                  backend: str, probe_text: str, placement: Placement):  # fmt: skip
         from flowrl_async.actors.worker import RolloutWorker

@@ -12,6 +12,8 @@ CURVES = ("reward_mean", "accuracy", "distinct_correct", "loss", "entropy", "sta
 
 
 class MetricsLog:
+    """metrics.jsonl, TensorBoard and the live progress line of one run."""
+
     def __init__(self, run_dir: Path, total_steps: int):
         self.run_dir, self.total = run_dir, total_steps
         self.file = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()

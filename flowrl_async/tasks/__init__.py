@@ -14,6 +14,8 @@ from typing import Any, Protocol
 
 
 class Task(Protocol):
+    """What a task gives the system: prompts and a verifier."""
+
     name: str
     train_prompts: list
     eval_prompts: list
@@ -34,6 +36,8 @@ def load_task(target: str, **kwargs) -> Task:
 
 
 class PromptSource:
+    """The prompt stream: a position maps to a prompt, so the data cursor is one number."""
+
     def __init__(self, task: Task, seed: int = 0, split: str = "train"):
         self.task, self.seed = task, seed
         self.items = task.train_prompts if split == "train" else task.eval_prompts

@@ -82,6 +82,8 @@ _UID_BASE, _UID_SPAN = 3_000_000, 1_000_000_000  # fresh uids for "root" isolati
 
 @dataclass(frozen=True)
 class Prompt:
+    """One coding problem and its tests."""
+
     prompt_id: int
     text: str
     tests: tuple  # assert statements (str), or (input, output) pairs
@@ -106,6 +108,8 @@ _probe_lock = threading.Lock()
 
 
 class CodeTask:
+    """Coding problems verified by running the completion against tests in a sandbox."""
+
     name = "code"
 
     def __init__(

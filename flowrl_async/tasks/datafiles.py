@@ -19,6 +19,8 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 @dataclass(frozen=True)
 class Verdict:
+    """A verifier's result: reward, verdict text and the answer it extracted."""
+
     reward: float
     info: str  # "ok" marks a correct answer; anything else is a short reason
     answer: str | None = None  # the normalised answer, for counting distinct correct ones

@@ -19,6 +19,8 @@ from functools import cache
 
 @dataclass(frozen=True)
 class Prompt:
+    """One built-in prompt: the digit count and the sum to reach."""
+
     prompt_id: int
     text: str
     total: int  # s
@@ -27,6 +29,8 @@ class Prompt:
 
 @dataclass(frozen=True)
 class Verdict:
+    """The built-in task's verdict on one completion."""
+
     reward: float
     info: str
     answer: str | None = None  # the normalised answer, for counting distinct correct ones
@@ -41,6 +45,8 @@ def valid_answers(total: int, length: int) -> tuple[str, ...]:
 
 
 class DigitSumTask:
+    """The built-in task: k digits summing to s, with an enumerable valid set."""
+
     name = "digits"
 
     def __init__(

@@ -42,6 +42,8 @@ DEFAULT_TEMPLATE = "{prompt}\n\nReason step by step and put the final answer in 
 
 @dataclass(frozen=True)
 class Prompt:
+    """One math problem and its gold answer."""
+
     prompt_id: int
     text: str
     answer: str  # the gold answer (LaTeX or plain)
@@ -223,6 +225,8 @@ class _Checker:
 
 
 class MathTask:
+    """Math problems from a data file, verified with math-verify in a child process."""
+
     name = "math"
 
     def __init__(
