@@ -1,7 +1,7 @@
 """Keeping Python's cyclic garbage collector out of the latency-critical loops.
 
-A full collection walks every tracked object of the process: ~70 ms in a process that
-imported torch, ~80 ms in a replay server holding 200k groups (measured here). CPython
+A full collection walks every tracked object of the process (tens of milliseconds once torch
+is imported or a replay server holds many groups: the README has the figures). CPython
 starts one whenever the objects that survived since the last one exceed a quarter of the
 long-lived ones, so without care it lands inside random ``sample`` calls and learner steps.
 Objects that live for the whole run (modules, the model, the optimizer state, groups held

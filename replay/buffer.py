@@ -183,9 +183,9 @@ class ReplayBuffer:
         learner, admission would stay at 0 forever: a deadlock seen in a resumed run).
 
         Without a staleness bound (off-policy trajectory balance) old groups are still valid
-        data, but actors must not run arbitrarily far ahead of the learner (measured: 1,472
-        groups generated for 240 trained in 30 steps, the "fresh" ones 26 versions old), so
-        admission then paces them as if the bound were 1.
+        data, but actors must not run arbitrarily far ahead of the learner (their "fresh"
+        groups would be tens of versions old), so admission then paces them as if the bound
+        were 1.
         """
         bound = 1 if self.max_staleness is None else self.max_staleness
         allowed = (bound + version + 1) * groups_per_version
