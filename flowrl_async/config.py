@@ -124,7 +124,16 @@ class LearnerSection:
     batch_groups: int = 8
     """Groups per optimizer step."""
     micro_batch: int = 64
-    """Sequences per forward/backward pass (gradient accumulation over the step)."""
+    """Most sequences per forward/backward pass (gradient accumulation over the step)."""
+    max_tokens_per_micro: int | None = None
+    """Token budget of a micro-batch: rows packed longest first while rows × (longest
+    prompt + response) stays within it (a longer row goes alone); null: micro_batch rows
+    in order. The loss divides by the step's real totals whatever the split."""
+    logprob_chunk: int | None = 1024
+    """Positions per pass of the output layer (log-probs and entropy are computed chunk by
+    chunk and recomputed in backward: memory O(chunk × vocabulary)); null: all at once."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in backward (memory for time)."""
     lr: float = 1e-4
     """Policy learning rate (AdamW; the README says why the default is 1e-4)."""
     log_z_lr: float = 1e-3
@@ -280,6 +289,10 @@ def validate(cfg: TrainConfig) -> None:
         problems.append("replay.metrics_every must be >= 0 (0: only in summary.json)")
     if r.capacity < lr.batch_groups:
         problems.append("replay.capacity must be >= learner.batch_groups")
+    if lr.max_tokens_per_micro is not None and lr.max_tokens_per_micro < 1:
+        problems.append("learner.max_tokens_per_micro must be >= 1 (or null)")
+    if lr.logprob_chunk is not None and lr.logprob_chunk < 1:
+        problems.append("learner.logprob_chunk must be >= 1 (or null)")
     if lr.steps < 1 or lr.batch_groups < 1 or lr.publish_every < 1:
         problems.append("learner.steps, batch_groups and publish_every must be >= 1")
     if lr.checkpoint_every < 1 or lr.keep_checkpoints < 1:

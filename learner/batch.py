@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from flowrl_async.learner.logprobs import token_logprobs
 from flowrl_async.records import Group
 
 
@@ -40,6 +41,25 @@ class TrainBatch:
     def prompt_mask(self) -> torch.Tensor:
         return self.attention_mask[:, : self.prompt_width].bool()
 
+    def select(self, rows: list[int]) -> TrainBatch:
+        """The given rows, with the padding no selected row needs trimmed off both sides."""
+        index = torch.as_tensor(rows, dtype=torch.long)
+        p = int(self.attention_mask[index, : self.prompt_width].sum(1).max())
+        t = max(1, int(self.response_mask[index].sum(1).max()))
+        cols = slice(self.prompt_width - p, self.prompt_width + t)
+        return TrainBatch(
+            self.input_ids[index, cols],
+            self.attention_mask[index, cols],
+            p,
+            self.response_mask[index, :t],
+            self.behavior_logprobs[index, :t],
+            self.rewards[index],
+            self.correct[index],
+            self.group_index[index],
+            self.staleness[index],
+            self.version[index],
+        )
+
     def rows(self, index: slice) -> TrainBatch:
         return TrainBatch(
             self.input_ids[index],
@@ -57,6 +77,35 @@ class TrainBatch:
     def to(self, device: str) -> TrainBatch:
         fields = {k: v.to(device) if torch.is_tensor(v) else v for k, v in vars(self).items()}
         return TrainBatch(**fields)
+
+
+def micro_batches(
+    batch: TrainBatch, max_rows: int, max_tokens: int | None = None
+) -> list[list[int]]:
+    """Row indices of each micro-batch. Without a token budget: consecutive runs of
+    ``max_rows``. With one: rows longest first, packed greedily while rows × the longest
+    row's prompt + response tokens (what the padded micro-batch holds) stays within
+    ``max_tokens``, at most ``max_rows`` rows; a row longer than the budget goes alone."""
+    n = len(batch)
+    if max_tokens is None:
+        return [list(range(s, min(s + max_rows, n))) for s in range(0, n, max_rows)]
+    prompt = batch.attention_mask[:, : batch.prompt_width].sum(1)
+    response = batch.response_mask.sum(1)
+    lengths = (prompt + response).tolist()
+    order = sorted(range(n), key=lambda i: (-lengths[i], i))
+    out: list[list[int]] = []
+    widest_p = widest_t = 0
+    for i in order:
+        p, t = int(prompt[i]), max(1, int(response[i]))
+        if out:
+            wp, wt = max(widest_p, p), max(widest_t, t)
+            if len(out[-1]) < max_rows and (len(out[-1]) + 1) * (wp + wt) <= max_tokens:
+                out[-1].append(i)
+                widest_p, widest_t = wp, wt
+                continue
+        out.append([i])
+        widest_p, widest_t = p, t
+    return out
 
 
 def collate(groups: list[Group], staleness: list[int], pad_token_id: int) -> TrainBatch:
@@ -98,21 +147,25 @@ class PolicyOutput:
     hidden: torch.Tensor | None  # [N, P, H] last hidden states over the prompt
 
 
-def forward(model, batch: TrainBatch, temperature: float, want_hidden: bool) -> PolicyOutput:
+def forward(model, batch: TrainBatch, temperature: float, want_hidden: bool,
+            chunk: int | None = 1024) -> PolicyOutput:  # fmt: skip
+    """The response tokens' log-probs (and entropy) under ``model``: the decoder runs once,
+    the output layer only over the response positions, ``chunk`` positions at a time
+    (``learner/logprobs.py``), so [N, T, V] logits never exist at once."""
+    if getattr(model.config, "final_logit_softcapping", None):
+        raise NotImplementedError("models with logit soft-capping (e.g. Gemma 2)")
     position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(
+    decoder = getattr(model, model.base_model_prefix)
+    hidden = decoder(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
         position_ids=position_ids,
-        output_hidden_states=want_hidden,
         use_cache=False,
-    )
+    ).last_hidden_state  # [N, P+T, H], after the final norm
     p, t = batch.prompt_width, batch.response_mask.shape[1]
-    logits = out.logits[:, p - 1 : p + t - 1].float() / temperature
-    logp_all = torch.log_softmax(logits, -1)
+    head = model.get_output_embeddings()
     targets = batch.input_ids[:, p : p + t]
-    logprobs = logp_all.gather(-1, targets[..., None]).squeeze(-1)
-    with torch.no_grad():
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
-    hidden = out.hidden_states[-1][:, :p] if want_hidden else None
-    return PolicyOutput(logprobs, entropy, hidden)
+    logprobs, entropy = token_logprobs(
+        hidden[:, p - 1 : p + t - 1], head.weight, head.bias, targets, temperature, chunk
+    )
+    return PolicyOutput(logprobs, entropy, hidden[:, :p] if want_hidden else None)

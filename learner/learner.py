@@ -24,7 +24,7 @@ from collections import Counter
 
 import torch
 
-from flowrl_async.learner.batch import TrainBatch, collate, forward
+from flowrl_async.learner.batch import TrainBatch, collate, forward, micro_batches
 from flowrl_async.learner.config import AlgoConfig
 from flowrl_async.learner.objective import OBJECTIVES, LossInputs
 from flowrl_async.learner.objectives import masked_mean, masked_sum
@@ -48,6 +48,8 @@ class Learner:
         pad_token_id: int,
         batch_groups: int = 8,
         micro_batch: int = 64,
+        max_tokens_per_micro: int | None = None,
+        logprob_chunk: int | None = 1024,
         lr: float = 1e-4,
         log_z_lr: float = 1e-3,
         weight_decay: float = 0.0,
@@ -64,6 +66,7 @@ class Learner:
         self.algo, self.sample_fn, self.pad = algo, sample_fn, pad_token_id
         self.temperature = 1.0 if algo.temperature is None else algo.temperature
         self.batch_groups, self.micro_batch, self.grad_clip = batch_groups, micro_batch, grad_clip
+        self.max_tokens_per_micro, self.logprob_chunk = max_tokens_per_micro, logprob_chunk
         self.publish_every, self.publish_fn = publish_every, publish_fn
         self.probe_token_ids, self.device = tuple(probe_token_ids), device
         self.objective = OBJECTIVES[algo.name]
@@ -90,10 +93,9 @@ class Learner:
         rewards = self.shape_rewards(batch)
         self.optimizer.zero_grad(set_to_none=True)
         totals: Counter = Counter()
-        for start in range(0, len(batch), self.micro_batch):
-            rows = slice(start, start + self.micro_batch)
-            metrics = self.accumulate(batch.rows(rows), rewards[rows], normalizer=len(batch))
-            totals.update({k: v * len(batch.rows(rows)) for k, v in metrics.items()})
+        for rows in micro_batches(batch, self.micro_batch, self.max_tokens_per_micro):
+            metrics = self.accumulate(batch.select(rows), rewards[rows], normalizer=len(batch))
+            totals.update({k: v * len(rows) for k, v in metrics.items()})
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable(), self.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
@@ -125,13 +127,14 @@ class Learner:
     def accumulate(self, micro: TrainBatch, rewards: torch.Tensor, normalizer: int) -> dict:
         """Forward + backward of one micro-batch; the loss is divided by ``normalizer``."""
         obj = self.objective
-        pol = forward(self.policy, micro, self.temperature, want_hidden=obj.uses_log_z)
+        chunk = self.logprob_chunk
+        pol = forward(self.policy, micro, self.temperature, obj.uses_log_z, chunk)
         mask = micro.response_mask
         behavior = micro.behavior_logprobs
         ref = None
         if obj.needs_ref(self.algo):
             with torch.no_grad():
-                ref = forward(self.ref, micro, self.temperature, want_hidden=False).logprobs
+                ref = forward(self.ref, micro, self.temperature, False, chunk).logprobs
         log_z = self.log_z(pol.hidden, micro.prompt_mask) if obj.uses_log_z else None
         inputs = LossInputs(pol.logprobs, behavior, mask, rewards, ref, log_z)
         out = obj.loss(inputs, self.algo, normalizer)

@@ -36,6 +36,9 @@ class LearnerWorker:
         replay_address: str,
         batch_groups: int = 8,
         micro_batch: int = 64,
+        max_tokens_per_micro: int | None = None,
+        logprob_chunk: int | None = 1024,
+        gradient_checkpointing: bool = False,
         lr: float = 1e-4,
         log_z_lr: float = 1e-3,
         grad_clip: float = 1.0,
@@ -55,6 +58,8 @@ class LearnerWorker:
         self.tokenizer = load_tokenizer(model_path)
         policy = load_policy(model_path, device=device)
         ref = load_policy(model_path, device=device)
+        if gradient_checkpointing:  # recompute each decoder layer in backward
+            policy.gradient_checkpointing_enable({"use_reentrant": False})
         head = LogZHead(policy.config.hidden_size).to(device)
         # publications send the weights where they are, without a packing copy
         share_storage(list(policy.state_dict(keep_vars=True).items()), bucket_bytes)
@@ -69,6 +74,7 @@ class LearnerWorker:
         self.learner = Learner(
             policy, ref, head, algo, self._sample, self.tokenizer.pad_token_id,
             batch_groups=batch_groups, micro_batch=micro_batch, lr=lr, log_z_lr=log_z_lr,
+            max_tokens_per_micro=max_tokens_per_micro, logprob_chunk=logprob_chunk,
             grad_clip=grad_clip, warmup_steps=warmup_steps, publish_every=publish_every,
             publish_fn=self._publish, probe_token_ids=probe, device=device,
         )  # fmt: skip

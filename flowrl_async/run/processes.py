@@ -61,6 +61,8 @@ def learner_args(cfg: TrainConfig, model_path: str, address: str, device: str,
         algo = replace(algo, temperature=cfg.generator.temperature)
     return (model_path, algo, address), dict(
         batch_groups=lc.batch_groups, micro_batch=lc.micro_batch, lr=lc.lr,
+        max_tokens_per_micro=lc.max_tokens_per_micro, logprob_chunk=lc.logprob_chunk,
+        gradient_checkpointing=lc.gradient_checkpointing,
         log_z_lr=lc.log_z_lr, grad_clip=lc.grad_clip, warmup_steps=lc.warmup_steps,
         publish_every=lc.publish_every, probe_text=probe_text, seed=cfg.seed,
         threads=lc.threads, device=device, sample_timeout_s=lc.sample_timeout_s,
