@@ -176,7 +176,7 @@ def histogram(out: Path, results: dict, seed: int) -> dict:
     task = DigitSumTask(**TASK)
     prompt = max(task.train_prompts, key=lambda p: len(task.valid_set(p)))
     valid = task.valid_set(prompt)
-    some_run = Path(results[VARIANTS[0]][0]["run_dir"])
+    some_run = Path(next(iter(results.values()))[0]["run_dir"])  # any variant given
     empirical = {}
     for variant, runs in results.items():
         run = next(r for r in runs if r["seed"] == seed)
