@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from flowrl_async.learner.logprobs import token_logprobs
 from flowrl_async.records import Group
@@ -147,25 +148,50 @@ class PolicyOutput:
     hidden: torch.Tensor | None  # [N, P, H] last hidden states over the prompt
 
 
+class PolicyForward(nn.Module):
+    """A causal LM's forward as the learner needs it: the response tokens' log-probs (and
+    entropy) and the prompt's last hidden states. The decoder runs once, the output layer
+    only over the response positions, ``chunk`` positions at a time (``logprobs.py``), so
+    [N, T, V] logits never exist at once. Sharded, it is FSDP2's root unit."""
+
+    def __init__(self, model):
+        super().__init__()
+        if getattr(model.config, "final_logit_softcapping", None):
+            raise NotImplementedError("models with logit soft-capping (e.g. Gemma 2)")
+        self.model = model
+
+    def forward(self, batch: TrainBatch, temperature: float, want_hidden: bool,
+                chunk: int | None = 1024) -> PolicyOutput:  # fmt: skip
+        model = self.model
+        position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+        hidden = getattr(model, model.base_model_prefix)(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+        ).last_hidden_state  # [N, P+T, H], after the final norm
+        p, t = batch.prompt_width, batch.response_mask.shape[1]
+        head = model.get_output_embeddings()
+        targets = batch.input_ids[:, p : p + t]
+        logprobs, entropy = token_logprobs(
+            hidden[:, p - 1 : p + t - 1], head.weight, head.bias, targets, temperature, chunk
+        )
+        prompt_hidden = hidden[:, :p].float() if want_hidden else None  # log Z pools in fp32
+        return PolicyOutput(logprobs, entropy, prompt_hidden)
+
+
 def forward(model, batch: TrainBatch, temperature: float, want_hidden: bool,
             chunk: int | None = 1024) -> PolicyOutput:  # fmt: skip
-    """The response tokens' log-probs (and entropy) under ``model``: the decoder runs once,
-    the output layer only over the response positions, ``chunk`` positions at a time
-    (``learner/logprobs.py``), so [N, T, V] logits never exist at once."""
-    if getattr(model.config, "final_logit_softcapping", None):
-        raise NotImplementedError("models with logit soft-capping (e.g. Gemma 2)")
-    position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
-    decoder = getattr(model, model.base_model_prefix)
-    hidden = decoder(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=position_ids,
-        use_cache=False,
-    ).last_hidden_state  # [N, P+T, H], after the final norm
-    p, t = batch.prompt_width, batch.response_mask.shape[1]
-    head = model.get_output_embeddings()
-    targets = batch.input_ids[:, p : p + t]
-    logprobs, entropy = token_logprobs(
-        hidden[:, p - 1 : p + t - 1], head.weight, head.bias, targets, temperature, chunk
-    )
-    return PolicyOutput(logprobs, entropy, hidden[:, :p] if want_hidden else None)
+    """``PolicyForward`` of an unsharded model."""
+    return PolicyForward(model)(batch, temperature, want_hidden, chunk)
+
+
+def probe_batch(token_ids) -> TrainBatch:
+    """The weight-load probe as a one-row batch: its first token the prompt, the rest the
+    response (the sum of the response's log-probs at temperature 1 is the probe)."""
+    ids = torch.tensor([list(token_ids)], dtype=torch.long)
+    t = ids.shape[1] - 1
+    zeros = torch.zeros(1, dtype=torch.long)
+    return TrainBatch(ids, torch.ones_like(ids), 1, torch.ones(1, t, dtype=torch.bool),
+                      torch.zeros(1, t), torch.zeros(1), torch.zeros(1, dtype=torch.bool),
+                      zeros, zeros, zeros)  # fmt: skip

@@ -24,10 +24,17 @@ from collections import Counter
 
 import torch
 
-from flowrl_async.learner.batch import TrainBatch, collate, forward, micro_batches
+from flowrl_async.learner.batch import (
+    PolicyForward,
+    TrainBatch,
+    collate,
+    micro_batches,
+    probe_batch,
+)
 from flowrl_async.learner.config import AlgoConfig
 from flowrl_async.learner.objective import OBJECTIVES, LossInputs
 from flowrl_async.learner.objectives import masked_mean, masked_sum
+from flowrl_async.learner.sharding import Ranks, clip_grads, full_tensor, shard
 from flowrl_async.model import sequence_logprob
 
 
@@ -59,10 +66,19 @@ class Learner:
         publish_fn=None,
         probe_token_ids: tuple[int, ...] = (),
         device: str = "cpu",
+        ranks: Ranks | None = None,
+        param_dtype: torch.dtype | None = None,
     ):
         self.policy, self.ref, self.log_z = policy.train(), ref_policy.eval(), log_z_head
         for p in self.ref.parameters():
             p.requires_grad_(False)
+        # the forward passes; with L learner ranks, FSDP2 units (learner/sharding.py)
+        self.ranks = ranks or Ranks(0, 1, device)
+        self.policy_fwd, self.ref_fwd = PolicyForward(policy), PolicyForward(ref_policy)
+        if self.ranks.sharded:
+            for model, fwd in ((policy, self.policy_fwd), (ref_policy, self.ref_fwd)):
+                layers = getattr(model, model.base_model_prefix).layers
+                shard(fwd, layers, self.ranks.mesh, param_dtype)
         self.algo, self.sample_fn, self.pad = algo, sample_fn, pad_token_id
         self.temperature = 1.0 if algo.temperature is None else algo.temperature
         self.batch_groups, self.micro_batch, self.grad_clip = batch_groups, micro_batch, grad_clip
@@ -83,20 +99,37 @@ class Learner:
     # ------------------------------------------------------------------ the step
     def step(self) -> dict[str, float]:
         started = time.perf_counter()
-        groups, infos = self.sample_fn(self.batch_groups, self.version)
+        groups, infos = [], []
+        if self.ranks.rank == 0:  # rank 0 samples; train_on shares the batch
+            groups, infos = self.sample_fn(self.batch_groups, self.version)
         return self.train_on(groups, infos, waited=time.perf_counter() - started)
 
     def train_on(self, groups, infos, waited: float = 0.0) -> dict[str, float]:
-        """One optimizer step on a batch of whole groups (and a publication if it is due)."""
+        """One optimizer step on a batch of whole groups (and a publication if it is due);
+        with L ranks, every rank calls it (rank 0 with the batch) and trains on its share."""
         started = time.perf_counter() - waited
+        groups, infos, mine = self.ranks.share(groups, infos)
         batch = collate(groups, [i.staleness for i in infos], self.pad).to(self.device)
-        rewards = self.shape_rewards(batch)
+        rewards = self.shape_rewards(batch)  # whole groups: the same on every rank
+        rows = ((batch.group_index >= mine.start) & (batch.group_index < mine.stop)).nonzero()
+        local = rows.view(-1).tolist()  # this rank's rows, contiguous
+        micros = micro_batches(batch.select(local), self.micro_batch, self.max_tokens_per_micro)
+        # FSDP averages gradients over the L ranks: dividing by N / L makes their mean the
+        # gradient of Σ_all / N, the 1-rank step's
+        normalizer = len(batch) / self.ranks.world
         self.optimizer.zero_grad(set_to_none=True)
         totals: Counter = Counter()
-        for rows in micro_batches(batch, self.micro_batch, self.max_tokens_per_micro):
-            metrics = self.accumulate(batch.select(rows), rewards[rows], normalizer=len(batch))
-            totals.update({k: v * len(rows) for k, v in metrics.items()})
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable(), self.grad_clip)
+        for i in range(self.ranks.max(len(micros))):  # every rank: the same passes
+            pad = i >= len(micros)  # a zero-weight pass, only to join the collectives
+            picked = [local[j] for j in (micros[0][:1] if pad else micros[i])]
+            metrics = self.accumulate(batch.select(picked), rewards[picked], normalizer,
+                                      weight=0.0 if pad else 1.0)  # fmt: skip
+            if not pad:
+                totals.update({k: v * len(picked) for k, v in metrics.items()})
+        totals = self.ranks.sum(dict(totals))
+        if self.objective.uses_log_z:  # replicated on every rank, not sharded
+            self.ranks.average_grads(list(self.log_z.parameters()))
+        grad_norm = clip_grads(self.trainable(), self.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.step_count += 1
@@ -124,21 +157,23 @@ class Learner:
     def shape_rewards(self, batch: TrainBatch) -> torch.Tensor:
         return self.objective.shape_rewards(batch.rewards, batch.group_index, self.algo)
 
-    def accumulate(self, micro: TrainBatch, rewards: torch.Tensor, normalizer: int) -> dict:
-        """Forward + backward of one micro-batch; the loss is divided by ``normalizer``."""
+    def accumulate(self, micro: TrainBatch, rewards: torch.Tensor, normalizer: float,
+                   weight: float = 1.0) -> dict:  # fmt: skip
+        """Forward + backward of one micro-batch; the loss is divided by ``normalizer``
+        (and multiplied by ``weight``: 0 for a pass that only joins the collectives)."""
         obj = self.objective
         chunk = self.logprob_chunk
-        pol = forward(self.policy, micro, self.temperature, obj.uses_log_z, chunk)
+        pol = self.policy_fwd(micro, self.temperature, obj.uses_log_z, chunk)
         mask = micro.response_mask
         behavior = micro.behavior_logprobs
         ref = None
         if obj.needs_ref(self.algo):
             with torch.no_grad():
-                ref = forward(self.ref, micro, self.temperature, False, chunk).logprobs
+                ref = self.ref_fwd(micro, self.temperature, False, chunk).logprobs
         log_z = self.log_z(pol.hidden, micro.prompt_mask) if obj.uses_log_z else None
         inputs = LossInputs(pol.logprobs, behavior, mask, rewards, ref, log_z)
         out = obj.loss(inputs, self.algo, normalizer)
-        out.loss.backward()
+        (out.loss * weight if weight != 1.0 else out.loss).backward()
         with torch.no_grad():
             metrics = dict(out.metrics)
             metrics["loss"] = float(out.loss) * normalizer / len(micro)
@@ -203,17 +238,24 @@ class Learner:
 
     # ------------------------------------------------------------------ weights
     def named_weights(self) -> list[tuple[str, torch.Tensor]]:
-        return [(n, p.detach()) for n, p in self.policy.state_dict().items()]
+        """The policy's full tensors (sharded: gathered, a collective every rank joins)."""
+        return [(n, full_tensor(p.detach())) for n, p in self.policy.state_dict().items()]
 
     def probe(self) -> float:
         if not self.probe_token_ids:
             return math.nan
-        return sequence_logprob(self.policy, self.probe_token_ids)
+        if not self.ranks.sharded:
+            return sequence_logprob(self.policy, self.probe_token_ids)
+        with torch.no_grad():  # through the root unit: a collective every rank joins
+            out = self.policy_fwd(probe_batch(self.probe_token_ids).to(self.device), 1.0, False)
+        return float(out.logprobs.sum())
 
     def publish(self) -> None:
+        """version + 1, and the weights to the actors (rank 0; every rank gathers)."""
         self.version += 1
+        named, probe = self.named_weights(), self.probe()
         if self.publish_fn is not None:
-            self.publish_fn(self.named_weights(), self.version, self.probe_token_ids, self.probe())
+            self.publish_fn(named, self.version, self.probe_token_ids, probe)
 
 
 def rng_state() -> dict:

@@ -55,7 +55,7 @@ def _rejected(msg_type: str, msg: dict) -> ReplayError:
 
 @dataclass(frozen=True)
 class SampleInfo:
-    """What the service says about one sampled group: id, staleness, times sampled."""
+    """What the service says about one sampled group: times sampled, staleness, insert time."""
 
     times_sampled: int
     staleness: int

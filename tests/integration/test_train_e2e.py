@@ -193,8 +193,9 @@ def test_a_run_whose_actor_dies_after_the_last_step_still_leaves_its_results(tmp
     written = json.loads((run / "summary.json").read_text())
     dead, alive = written["actors"]
     assert dead["actor"] == 1 and "unavailable" in dead, dead
-    # Ray's reason for the death, from the actor's loop (SIGKILL here: a connection error;
-    # the memory monitor's says "Task was killed due to the node running low on memory")
-    assert dead["unavailable"].startswith("ActorDiedError: Worker unexpectedly exits"), dead
+    # Ray's word for it: the actor's loop ended with its death ("ActorDiedError: Worker
+    # unexpectedly exits ...") or, when Ray is already restarting it, the call found it
+    # unavailable (a memory-monitor kill is named as such: test_actor_health.py)
+    assert dead["unavailable"].startswith(("ActorDiedError: ", "ActorUnavailableError: ")), dead
     assert "unavailable" not in alive and alive["weight_loads"] >= 1
     assert summary["steps"] == 3 and summary["replay"]["sampled_groups"] == 3 * 4

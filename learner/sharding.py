@@ -1,0 +1,156 @@
+"""Learner ranks: L processes that shard policy and reference with FSDP2 and train as one.
+
+Rules:
+- the ranks form their own torch.distributed group from a TCPStore hosted by rank 0 (gloo on
+  CPU, NCCL on GPU). It is the default group of the learner processes: FSDP2's DeviceMesh
+  needs a registered group, and nothing else in a learner process uses the default group
+  (the weight group to the actors is a group of its own, ``weights.new_group``);
+- every decoder layer is one FSDP unit and the policy's forward (``PolicyForward``) the root
+  unit, which holds embeddings, final norm and output layer; the frozen reference is sharded
+  the same way and has no optimizer state;
+- rank 0 samples the step's groups and broadcasts them (the wire codec's bytes, never
+  pickle); every rank trains on whole groups of its share; the loss of each rank is divided
+  by the step's global row count ÷ L, because FSDP averages gradients over the L ranks: the
+  sum is then the 1-rank step's gradient exactly;
+- every rank runs the same number of forward/backward passes (a rank with fewer micro-batches
+  runs zero-weight ones), since each pass is a collective of the whole group.
+"""
+
+from __future__ import annotations
+
+import datetime
+
+import msgpack
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from flowrl_async.replay.client import SampleInfo
+from flowrl_async.wire import group_from_wire, group_to_wire
+
+
+class Ranks:
+    """This process's place among the learner ranks, and the collectives the step uses."""
+
+    def __init__(self, rank: int, world: int, device: str = "cpu"):
+        self.rank, self.world, self.device = rank, world, device
+        self.mesh = None
+        if world > 1:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            self.mesh = init_device_mesh("cuda" if device.startswith("cuda") else "cpu", (world,))
+
+    @classmethod
+    def join(cls, host: str, port: int, rank: int, world: int, backend: str = "gloo",
+             device: str = "cpu", timeout_s: float = 600.0) -> Ranks:  # fmt: skip
+        """Form the learner group (rank 0 hosts the TCPStore at host:port)."""
+        if world > 1 and not dist.is_initialized():
+            timeout = datetime.timedelta(seconds=timeout_s)
+            store = dist.TCPStore(host, port, world, is_master=rank == 0, timeout=timeout,
+                                  wait_for_workers=False)  # fmt: skip
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world,
+                                    timeout=timeout)  # fmt: skip
+        return cls(rank, world, device)
+
+    @property
+    def sharded(self) -> bool:
+        return self.world > 1
+
+    def share(self, groups: list, infos: list) -> tuple[list, list, slice]:
+        """Rank 0's sampled batch on every rank -> (all groups, all infos, this rank's
+        groups as a slice: contiguous, whole groups, sizes differing by at most one)."""
+        if self.sharded:
+            groups, infos = self._broadcast_batch(groups, infos)
+        n = len(groups)
+        base, extra = divmod(n, self.world)
+        start = self.rank * base + min(self.rank, extra)
+        return groups, infos, slice(start, start + base + (1 if self.rank < extra else 0))
+
+    def _broadcast_batch(self, groups, infos):
+        if self.rank == 0:
+            payload = msgpack.packb(
+                {
+                    "g": [group_to_wire(g) for g in groups],
+                    "i": [[i.times_sampled, i.staleness, i.inserted_at] for i in infos],
+                },  # fmt: skip
+                use_bin_type=True,
+            )
+            size = torch.tensor([len(payload)], dtype=torch.long, device=self.device)
+        else:
+            size = torch.zeros(1, dtype=torch.long, device=self.device)
+        dist.broadcast(size, 0)
+        data = torch.empty(int(size), dtype=torch.uint8, device=self.device)
+        if self.rank == 0:
+            data.copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
+        dist.broadcast(data, 0)
+        if self.rank == 0:
+            return groups, infos
+        obj = msgpack.unpackb(data.cpu().numpy().tobytes(), raw=False)
+        return [group_from_wire(g) for g in obj["g"]], [SampleInfo(*i) for i in obj["i"]]
+
+    def max(self, value: int) -> int:
+        if not self.sharded:
+            return value
+        t = torch.tensor([value], dtype=torch.long, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t)
+
+    def sum(self, values: dict[str, float]) -> dict[str, float]:
+        """Key-wise sums over the ranks (every rank passes the same keys)."""
+        if not self.sharded:
+            return values
+        keys = sorted(values)
+        t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return dict(zip(keys, t.tolist(), strict=True))
+
+    def average_grads(self, params: list[nn.Parameter]) -> None:
+        """Average the gradients of replicated (unsharded) parameters, as FSDP does."""
+        if not self.sharded:
+            return
+        for p in params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad.div_(self.world)
+
+
+def shard(forward: nn.Module, decoder_layers, mesh, param_dtype: torch.dtype | None = None):
+    """FSDP2: every decoder layer a unit, then ``forward`` (the root: embeddings, final
+    norm, output layer). ``param_dtype``: compute dtype (bf16), gradients reduced in fp32,
+    fp32 master weights kept by the optimizer."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for layer in decoder_layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(forward, mesh=mesh, mp_policy=mp)
+    return forward
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor gathered (a collective: every rank calls it); a plain tensor as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def grad_norm(params: list[nn.Parameter]) -> torch.Tensor:
+    """The global 2-norm of the parameters' gradients, sharded (DTensor) or not."""
+    squares = []
+    for p in params:
+        if p.grad is None:
+            continue
+        g = p.grad
+        sq = torch.linalg.vector_norm(g.float()) ** 2
+        squares.append(full_tensor(sq) if hasattr(sq, "full_tensor") else sq)
+    if not squares:
+        return torch.zeros(())
+    return torch.stack([s.reshape(()) for s in squares]).sum().sqrt()
+
+
+def clip_grads(params: list[nn.Parameter], max_norm: float) -> float:
+    """Scale every gradient by min(1, max_norm / global norm); -> the norm before."""
+    total = grad_norm(params)
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_(float(scale))
+    return float(total)
