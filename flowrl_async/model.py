@@ -125,15 +125,22 @@ def build_tiny_model(
 
 def cpu_state(model) -> dict:
     """The state dict on the CPU: saving never makes a second copy on the GPU (weights that
-    share one storage per bucket are copied out tensor by tensor by the saver)."""
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    share one storage per bucket are copied out tensor by tensor by the saver). Sharded
+    (DTensor) entries are gathered: a collective every rank of their group joins."""
+    return {k: _full(v.detach()).cpu() for k, v in model.state_dict().items()}
 
 
-def save_model(out_dir: str | Path, model, tokenizer) -> Path:
-    """Save model + tokenizer atomically in Hugging Face format (transformers and vLLM load it)."""
+def _full(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def save_model(out_dir: str | Path, model, tokenizer, state: dict | None = None) -> Path:
+    """Save model + tokenizer atomically in Hugging Face format (transformers and vLLM load
+    it); ``state``: the weights to write (default: the model's own, on the CPU)."""
 
     def save(tmp: Path) -> None:
-        model.save_pretrained(tmp, safe_serialization=True, state_dict=cpu_state(model))
+        weights = cpu_state(model) if state is None else state
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
         tokenizer.save_pretrained(tmp)
 
     return _atomic_save(Path(out_dir), save)

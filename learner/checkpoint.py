@@ -23,15 +23,15 @@ PREFIX = "step-"
 
 
 def save_checkpoint(root, step: int, policy, tokenizer, training_state: dict, extra: dict,
-                    keep: int = 3) -> Path:  # fmt: skip
+                    keep: int = 3, policy_state: dict | None = None) -> Path:  # fmt: skip
+    """``policy_state``: the full weights to write (default: the policy's own)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
     try:
-        policy.save_pretrained(
-            tmp / "policy", safe_serialization=True, state_dict=cpu_state(policy)
-        )
+        weights = cpu_state(policy) if policy_state is None else policy_state
+        policy.save_pretrained(tmp / "policy", safe_serialization=True, state_dict=weights)
         tokenizer.save_pretrained(tmp / "policy")
         torch.save(training_state, tmp / "training_state.pt")
         (tmp / "extra.json").write_text(json.dumps(extra, indent=2))

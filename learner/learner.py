@@ -212,10 +212,19 @@ class Learner:
 
     # ------------------------------------------------------------------ checkpoints
     def training_state(self) -> dict:
-        """Everything but the policy weights (saved in Hugging Face format beside it)."""
+        """Everything but the policy weights (saved in Hugging Face format beside it), in one
+        format for every number of ranks: sharded optimizer state is gathered (a collective
+        every rank joins), so any number of ranks can resume it."""
+        optimizer = self.optimizer.state_dict()
+        if self.ranks.sharded:
+            optimizer["state"] = {
+                i: {k: full_tensor(v).cpu() if torch.is_tensor(v) else v
+                    for k, v in sorted(entry.items())}
+                for i, entry in sorted(optimizer["state"].items())
+            }  # fmt: skip
         return {
             "log_z": self.log_z.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
             "rng": rng_state(),
             "step": self.step_count,
@@ -223,15 +232,24 @@ class Learner:
         }
 
     def load_training_state(self, state: dict, policy_state: dict) -> None:
-        missing, unexpected = self.policy.load_state_dict(policy_state, strict=False)
         tied = getattr(self.policy.config, "tie_word_embeddings", False)
+        if self.ranks.sharded:  # full tensors from disk: every rank keeps its shard
+            policy_state = _like(self.policy.state_dict(), policy_state)
+        missing, unexpected = self.policy.load_state_dict(policy_state, strict=False)
         missing = [k for k in missing if not (tied and k == "lm_head.weight")]
         if missing or unexpected:
             raise KeyError(
                 f"checkpoint does not fit the policy: missing {missing}, unexpected {unexpected}"
             )
         self.log_z.load_state_dict(state["log_z"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        optimizer = state["optimizer"]
+        if self.ranks.sharded:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            optimizer = {**optimizer, "state": {
+                i: {k: _shard_like(params[int(i)], v) for k, v in entry.items()}
+                for i, entry in optimizer["state"].items()
+            }}  # fmt: skip
+        self.optimizer.load_state_dict(optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         self.step_count, self.version = state["step"], state["version"]
@@ -278,3 +296,20 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
+
+
+def _shard_like(param, value):
+    """A full tensor the shape of ``param``, laid out as ``param`` is (DTensor: this rank's
+    shard); anything else as it is."""
+    if not (torch.is_tensor(value) and hasattr(param, "device_mesh")):
+        return value
+    if tuple(value.shape) != tuple(param.shape):
+        return value  # e.g. AdamW's scalar step
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(value.to(param.to_local().device), param.device_mesh, param.placements)
+
+
+def _like(current: dict, loaded: dict) -> dict:
+    """``loaded``'s full tensors, each laid out like the entry of ``current`` it replaces."""
+    return {k: _shard_like(current[k], v) if k in current else v for k, v in loaded.items()}

@@ -40,12 +40,12 @@ def batch(model_dir):
     return groups, [SampleInfo(1, k % 3, 0.0) for k in range(5)]
 
 
-def one_step(model_dir, algo_name, rank=0, world=1, port=0):
-    """Build a learner (rank ``rank`` of ``world``), take one step; -> full params, grads."""
+def make(model_dir, algo_name, rank=0, world=1, port=0):
+    """A learner (rank ``rank`` of ``world``) on the fixed batch."""
     torch.set_num_threads(1)
     from flowrl_async.learner.learner import Learner
     from flowrl_async.learner.log_z import LogZHead
-    from flowrl_async.learner.sharding import Ranks, full_tensor
+    from flowrl_async.learner.sharding import Ranks
     from flowrl_async.model import load_policy
 
     ranks = Ranks.join("127.0.0.1", port, rank, world) if world > 1 else None
@@ -57,19 +57,72 @@ def one_step(model_dir, algo_name, rank=0, world=1, port=0):
     learner = Learner(policy, ref, head, ALGOS[algo_name], lambda b, v: (groups, infos),
                       pad_token_id=0, batch_groups=5, micro_batch=4, max_tokens_per_micro=24,
                       logprob_chunk=5, lr=1e-4, log_z_lr=1e-3, ranks=ranks)  # fmt: skip
-    metrics = learner.step()
+    return learner, head
+
+
+def snapshot(learner, head, metrics) -> dict:
+    from flowrl_async.learner.sharding import full_tensor
+
     params = {n: full_tensor(p.detach()).clone() for n, p in learner.policy.named_parameters()}
+    if any(p.grad is None for p in learner.policy.parameters()):
+        return {"params": params}
     grads = {n: full_tensor(p.grad).clone() for n, p in learner.policy.named_parameters()}
     params.update({f"log_z.{n}": p.detach().clone() for n, p in head.named_parameters()})
     return {"params": params, "grads": grads, "loss": metrics["loss"],
             "grad_norm": metrics["grad_norm"]}  # fmt: skip
 
 
-def rank_main(model_dir, algo_name, rank, world, port, queue):
-    out = one_step(model_dir, algo_name, rank, world, port)
+def one_step(model_dir, algo_name, rank=0, world=1, port=0):
+    """Build a learner, take one step; -> full params, grads, loss, grad norm."""
+    learner, head = make(model_dir, algo_name, rank, world, port)
+    return snapshot(learner, head, learner.step())
+
+
+def resume_then_step(model_dir, algo_name, state_file, rank=0, world=1, port=0):
+    """Load a checkpoint written by any number of ranks, then take one step."""
+    learner, head = make(model_dir, algo_name, rank, world, port)
+    state, policy_state = torch.load(state_file, weights_only=False)
+    learner.load_training_state(state, policy_state)
+    return snapshot(learner, head, learner.step())
+
+
+def step_save_step(model_dir, algo_name, state_file, rank=0, world=1, port=0):
+    """One step, a checkpoint's contents to ``state_file``, one more step."""
+    from flowrl_async.model import cpu_state
+
+    learner, head = make(model_dir, algo_name, rank, world, port)
+    learner.step()
+    state, policy_state = learner.training_state(), cpu_state(learner.policy)  # collectives
+    if rank == 0:
+        torch.save((state, policy_state), state_file)
+    return snapshot(learner, head, learner.step())
+
+
+def rank_main(fn, args, rank, world, port, queue):
+    out = fn(*args, rank, world, port)
     if rank == 0:
         queue.put({k: ({n: t.numpy() for n, t in v.items()} if isinstance(v, dict) else v)
                    for k, v in out.items()})  # fmt: skip
+
+
+def on_two_ranks(fn, args) -> dict:
+    """``fn(*args, rank, 2, port)`` in two spawned processes; -> rank 0's result."""
+    ctx, port = mp.get_context("spawn"), free_port()
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=rank_main, args=(fn, args, r, 2, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    out = None
+    for _ in range(240):  # a rank that dies fails the test at once, not at the timeout
+        try:
+            out = queue.get(timeout=1)
+            break
+        except Exception:
+            assert all(p.exitcode in (None, 0) for p in procs), [p.exitcode for p in procs]
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    return out
 
 
 def relative(a: dict, b: dict) -> float:
@@ -85,22 +138,7 @@ def test_two_learner_ranks_make_the_one_rank_update(tmp_path, algo_name):
 
     model_dir = str(build_tiny_model(tmp_path / "m", seed=2))
     single = one_step(model_dir, algo_name)
-    ctx, port = mp.get_context("spawn"), free_port()
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=rank_main, args=(model_dir, algo_name, r, 2, port, queue))
-             for r in range(2)]  # fmt: skip
-    for p in procs:
-        p.start()
-    two = None
-    for _ in range(240):  # a rank that dies fails the test at once, not at the timeout
-        try:
-            two = queue.get(timeout=1)
-            break
-        except Exception:
-            assert all(p.exitcode in (None, 0) for p in procs), [p.exitcode for p in procs]
-    for p in procs:
-        p.join(60)
-        assert p.exitcode == 0
+    two = on_two_ranks(one_step, (model_dir, algo_name))
     assert set(two["params"]) == set(single["params"])
     print(
         algo_name,
@@ -113,3 +151,25 @@ def test_two_learner_ranks_make_the_one_rank_update(tmp_path, algo_name):
     assert two["grad_norm"] == pytest.approx(single["grad_norm"], rel=1e-6)
     assert relative(single["grads"], two["grads"]) < 1e-6
     assert relative(single["params"], two["params"]) < 1e-6
+
+
+@pytest.mark.integration
+def test_a_checkpoint_resumes_on_another_number_of_ranks(tmp_path):
+    # 2 ranks: step, checkpoint, step == 1 rank: load that checkpoint, step (2 -> 1); and
+    # 1 rank: step, checkpoint, step == 2 ranks: load it, step (1 -> 2)
+    from flowrl_async.model import build_tiny_model
+
+    model_dir = str(build_tiny_model(tmp_path / "m", seed=2))
+    two = on_two_ranks(step_save_step, (model_dir, "flowrl", str(tmp_path / "two.pt")))
+    one_after = resume_then_step(model_dir, "flowrl", str(tmp_path / "two.pt"))
+    print("2 -> 1", relative(two["params"], one_after["params"]))
+    assert relative(two["params"], one_after["params"]) < 1e-6
+
+    one = step_save_step(model_dir, "flowrl", str(tmp_path / "one.pt"))
+    two_after = on_two_ranks(resume_then_step, (model_dir, "flowrl", str(tmp_path / "one.pt")))
+    print("1 -> 2", relative(one["params"], two_after["params"]))
+    assert relative(one["params"], two_after["params"]) < 1e-6
+    state, _ = torch.load(tmp_path / "two.pt", weights_only=False)
+    assert state["step"] == 1 and not any(
+        hasattr(v, "device_mesh") for e in state["optimizer"]["state"].values() for v in e.values()
+    )  # plain tensors on disk: one format for every number of ranks
