@@ -153,7 +153,11 @@ class LearnerSection:
     device: str = "auto"
     """auto (cuda if available), cpu or cuda."""
     threads: int = 1
-    """Torch threads of the learner process."""
+    """Torch threads of each learner process."""
+    world_size: int = 1
+    """Learner ranks: processes (one GPU each on a GPU cluster) that shard policy and
+    reference with FSDP2 over their own group (gloo on CPU, NCCL on GPU) and make the same
+    update as one learner; each trains on whole groups of rank 0's batch."""
 
 
 @dataclass
@@ -289,6 +293,11 @@ def validate(cfg: TrainConfig) -> None:
         problems.append("replay.metrics_every must be >= 0 (0: only in summary.json)")
     if r.capacity < lr.batch_groups:
         problems.append("replay.capacity must be >= learner.batch_groups")
+    if lr.world_size < 1 or lr.batch_groups < lr.world_size:
+        problems.append(
+            f"learner.world_size={lr.world_size}: must be >= 1 and <= learner.batch_groups "
+            f"({lr.batch_groups}): every rank trains on whole groups"
+        )
     if lr.max_tokens_per_micro is not None and lr.max_tokens_per_micro < 1:
         problems.append("learner.max_tokens_per_micro must be >= 1 (or null)")
     if lr.logprob_chunk is not None and lr.logprob_chunk < 1:

@@ -19,8 +19,9 @@ from flowrl_async.learner.checkpoint import checkpoints, latest, load_checkpoint
 from flowrl_async.learner.config import AlgoConfig
 from flowrl_async.learner.learner import Learner
 from flowrl_async.learner.log_z import LogZHead
+from flowrl_async.learner.sharding import Ranks
 from flowrl_async.learner.weight_sender import WeightSender
-from flowrl_async.model import load_policy, load_tokenizer, save_model
+from flowrl_async.model import cpu_state, load_policy, load_tokenizer, save_model
 from flowrl_async.net import endpoint
 from flowrl_async.replay.client import ReplayClient, ReplayError
 from flowrl_async.weights import new_group, share_storage
@@ -51,6 +52,8 @@ class LearnerWorker:
         sample_timeout_s: float = 300.0,
         bucket_bytes: int = 64 * 1024 * 1024,
         replay_keys: dict | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ):
         torch.set_num_threads(threads)
         torch.manual_seed(seed)
@@ -61,8 +64,9 @@ class LearnerWorker:
         if gradient_checkpointing:  # recompute each decoder layer in backward
             policy.gradient_checkpointing_enable({"use_reentrant": False})
         head = LogZHead(policy.config.hidden_size).to(device)
-        # publications send the weights where they are, without a packing copy
-        share_storage(list(policy.state_dict(keep_vars=True).items()), bucket_bytes)
+        self.rank, self.world_size = rank, world_size
+        if world_size == 1:  # publications send the weights where they are, without a copy
+            share_storage(list(policy.state_dict(keep_vars=True).items()), bucket_bytes)
         keys = replay_keys or {}  # CURVE keyword arguments, when the socket is encrypted
         self.replay = ReplayClient(replay_address, **keys)  # used by step() only
         self.replay_control = ReplayClient(replay_address, **keys)  # other threads
@@ -71,13 +75,20 @@ class LearnerWorker:
         self.lock = threading.Lock()  # a step and a checkpoint never overlap
         self.published, self.publish_failures, self.last_publish_error = 0, 0, ""
         probe = tuple(self.tokenizer(probe_text)["input_ids"]) if probe_text else ()
-        self.learner = Learner(
-            policy, ref, head, algo, self._sample, self.tokenizer.pad_token_id,
-            batch_groups=batch_groups, micro_batch=micro_batch, lr=lr, log_z_lr=log_z_lr,
-            max_tokens_per_micro=max_tokens_per_micro, logprob_chunk=logprob_chunk,
-            grad_clip=grad_clip, warmup_steps=warmup_steps, publish_every=publish_every,
-            publish_fn=self._publish, probe_token_ids=probe, device=device,
-        )  # fmt: skip
+
+        def build(ranks: Ranks | None) -> Learner:
+            return Learner(
+                policy, ref, head, algo, self._sample, self.tokenizer.pad_token_id,
+                batch_groups=batch_groups, micro_batch=micro_batch, lr=lr, log_z_lr=log_z_lr,
+                max_tokens_per_micro=max_tokens_per_micro, logprob_chunk=logprob_chunk,
+                grad_clip=grad_clip, warmup_steps=warmup_steps, publish_every=publish_every,
+                publish_fn=self._publish if rank == 0 else None, probe_token_ids=probe,
+                device=device, ranks=ranks,
+            )  # fmt: skip
+
+        self._build = build
+        # one rank: ready now; L ranks: once they formed their group (join_learner_group)
+        self.learner: Learner | None = build(None) if world_size == 1 else None
         freeze_survivors()  # modules and models: out of the collector's way
         self._froze_after_step = False
 
@@ -93,6 +104,15 @@ class LearnerWorker:
         """Where this learner (rank 0) will host the weight group's TCPStore: its node's IP
         (loopback on one machine) and a port free on its node."""
         return endpoint(loopback)
+
+    def join_learner_group(self, host: str, port: int, backend: str) -> int:
+        """Learner ranks: form their group (rank 0's TCPStore at host:port), then shard
+        policy and reference; every rank calls it at once."""
+        device = "cuda" if backend == "nccl" else "cpu"
+        ranks = Ranks.join(host, port, self.rank, self.world_size, backend, device)
+        self.learner = self._build(ranks)
+        freeze_survivors()
+        return self.rank
 
     def init_weight_group(self, host: str, port: int, world: int, backend: str) -> int:
         device = "cuda" if backend == "nccl" else "cpu"  # NCCL sends from GPU memory only
@@ -110,6 +130,11 @@ class LearnerWorker:
             f"learner waited {self.sample_timeout_s:.0f}s for {batch_size} groups at version "
             f"{version}: are the actors alive? replay stats: {self.replay.stats()}"
         )
+
+    def _sample_on_rank0(self):
+        if self.rank != 0:
+            return [], []  # rank 0's batch arrives in train_on
+        return self._sample(self.learner.batch_groups, self.learner.version)
 
     def _publish(self, named, version, probe_ids, probe_logprob) -> None:
         """Broadcast to the group; a broken group (a member died) is dropped, never fatal:
@@ -130,10 +155,17 @@ class LearnerWorker:
     def step(self) -> dict:
         # waiting for data holds no lock: a group re-formation (publish_current) or a
         # checkpoint may run meanwhile
+        # (L ranks: every collective of every rank happens in the same order, so a step
+        # holds the lock from the start; the orchestrator never overlaps collective calls)
         started = time.perf_counter()
-        groups, infos = self._sample(self.learner.batch_groups, self.learner.version)
-        with self.lock:
-            out = self.learner.train_on(groups, infos, waited=time.perf_counter() - started)
+        if self.world_size > 1:
+            with self.lock:
+                groups, infos = self._sample_on_rank0()
+                out = self.learner.train_on(groups, infos, waited=time.perf_counter() - started)
+        else:
+            groups, infos = self._sample(self.learner.batch_groups, self.learner.version)
+            with self.lock:
+                out = self.learner.train_on(groups, infos, waited=time.perf_counter() - started)
         if not self._froze_after_step:  # the optimizer's state, made by the first step
             self._froze_after_step = True
             freeze_survivors()
@@ -156,27 +188,33 @@ class LearnerWorker:
         """A fresh learner training on stored groups numbers its versions after theirs."""
         with self.lock:
             self.learner.version = version
-            self.replay_control.set_version(version)
+            if self.rank == 0:
+                self.replay_control.set_version(version)
             return version
 
     def publish_current(self) -> int:
         """Send the current weights at the current version (a new or rebuilt group)."""
         with self.lock:
             lrn = self.learner
-            self._publish(lrn.named_weights(), lrn.version, lrn.probe_token_ids, lrn.probe())
+            named, probe = lrn.named_weights(), lrn.probe()  # collectives when sharded
+            if self.rank == 0:
+                self._publish(named, lrn.version, lrn.probe_token_ids, probe)
             return lrn.version
 
     def save_checkpoint(self, root: str, keep: int, extra: dict | None = None) -> str:
-        """The learner's checkpoint, and the replay service's taken at the same point."""
+        """The learner's checkpoint, and the replay service's taken at the same point
+        (every rank gathers its shards; rank 0 writes)."""
         with self.lock:
             lrn = self.learner
+            state, weights = lrn.training_state(), cpu_state(lrn.policy)
+            if self.rank != 0:
+                return ""
             tag = f"step-{lrn.step_count:08d}"
             replay = self.replay_control.checkpoint(tag)
             extra = {**(extra or {}), "replay_checkpoint": replay}
             path = save_checkpoint(
-                root, lrn.step_count, lrn.policy, self.tokenizer, lrn.training_state(), extra,
-                keep,
-            )  # fmt: skip
+                root, lrn.step_count, lrn.policy, self.tokenizer, state, extra, keep, weights
+            )
             self._prune_replay_checkpoints(root)
             return str(path)
 
@@ -206,7 +244,7 @@ class LearnerWorker:
         with self.lock:
             self.learner.load_training_state(state, policy_state)
             rewind = None
-            if "replay_checkpoint" in extra:
+            if "replay_checkpoint" in extra and self.rank == 0:
                 try:
                     rewind = self.replay_control.rewind(extra["replay_checkpoint"]["path"])
                 except ReplayError as e:  # e.g. a fresh replay directory: nothing to rewind
@@ -217,7 +255,11 @@ class LearnerWorker:
         }  # fmt: skip
 
     def save_policy(self, path: str) -> str:
-        return str(save_model(path, self.learner.policy, self.tokenizer))
+        """The policy in Hugging Face format (every rank gathers; rank 0 writes)."""
+        weights = cpu_state(self.learner.policy)
+        if self.rank != 0:
+            return path
+        return str(save_model(path, self.learner.policy, self.tokenizer, weights))
 
     def stop(self) -> None:
         if self.sender is not None:

@@ -117,6 +117,8 @@ def run_inline(cfg: TrainConfig, on_step=None) -> dict:
     from flowrl_async.run.launch import prepare_model, probe_text
 
     validate(cfg)
+    if cfg.learner.world_size != 1:
+        raise ValueError("the inline wiring runs one learner: learner.world_size must be 1")
     run_dir = Path(cfg.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     run = InlineRun(cfg, prepare_model(cfg, run_dir), run_dir, probe_text(cfg))

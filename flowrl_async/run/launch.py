@@ -81,7 +81,7 @@ def start_ray(cfg: TrainConfig, run_dir: Path):
         ray.init(address=cfg.cluster.address, log_to_driver=False)
     else:
         ray.init(
-            num_cpus=max(os.cpu_count() or 1, cfg.cluster.num_actors + 1),
+            num_cpus=max(os.cpu_count() or 1, cfg.cluster.num_actors + cfg.learner.world_size),
             include_dashboard=False,
             log_to_driver=False,
             _temp_dir=f"/tmp/ray-flowrl-{os.getuid()}",
@@ -120,13 +120,14 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
     procs = None
     try:
         device, backend = pick_device(cfg, ray)
-        placement = plan(ray, cfg.cluster, cfg.learner.threads, learner_gpu=device == "cuda")
+        placement = plan(ray, cfg.cluster, cfg.learner.threads, learner_gpu=device == "cuda",
+                         learner_ranks=cfg.learner.world_size)  # fmt: skip
         procs = Processes(
             ray, cfg, model_path, run_dir, device, backend, probe_text(cfg), placement
         )
         start = 0
         if cfg.resume:
-            resumed = ray.get(procs.learner.resume.remote(str(run_dir / "checkpoints")))
+            resumed = procs.call_learner("resume", str(run_dir / "checkpoints"))
             start = resumed["step"]
             print(f"resumed from {resumed['path']} (step {start}, version {resumed['version']})")
             if (rewind := resumed["replay_rewind"]) is not None:
@@ -138,7 +139,7 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
             print(f"preloaded {stored['groups']} stored groups ({stored['new']} new) from "
                   f"{cfg.replay.preload}")  # fmt: skip
             if not cfg.resume:
-                ray.get(procs.learner.start_at_version.remote(stored["max_version"] + 1))
+                procs.call_learner("start_at_version", stored["max_version"] + 1)
         procs.form_weight_group()  # every member starts from the learner's current weights
         if cfg.mode == "async":
             procs.start_loops()  # actors generate without pause from here on
@@ -158,7 +159,7 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
             ) from e
         except KeyboardInterrupt:
             print("\ninterrupted: saving a checkpoint before stopping ...", flush=True)
-            path = ray.get(procs.learner.save_checkpoint.remote(ckpt_root, lc.keep_checkpoints))
+            path = procs.call_learner("save_checkpoint", ckpt_root, lc.keep_checkpoints)
             print(f"checkpoint: {path}\nresume with: flowrl-async train run_dir={run_dir} "
                   "resume=true")  # fmt: skip
             raise
@@ -168,9 +169,7 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
         summary = {
             "run_dir": str(run_dir),
             "steps": len(log.history),
-            "final_policy": ray.get(
-                procs.learner.save_policy.remote(str(run_dir / "final_policy"))
-            ),
+            "final_policy": procs.call_learner("save_policy", str(run_dir / "final_policy")),
             "curves": str(plot_curves(read_metrics(run_dir / "metrics.jsonl"),
                                       run_dir / "curves.png", title=str(run_dir.name))),
             "learner": ray.get(procs.learner.state.remote()),

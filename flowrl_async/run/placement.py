@@ -4,8 +4,8 @@ Local (``cluster.address`` null): everything on this machine, loopback addresses
 placement group.
 
 Cluster (``cluster.address`` set):
-- one placement group reserves, all or nothing, a bundle for the learner (with a GPU when the
-  learner runs on CUDA) and one bundle per actor (``cluster.actor_gpus`` GPUs each), with
+- one placement group reserves, all or nothing, a bundle per learner rank (with a GPU each
+  when the learner runs on CUDA) and one bundle per actor (``cluster.actor_gpus`` GPUs each), with
   ``cluster.placement`` strategy (SPREAD by default: actors over the nodes);
 - the replay service runs on the driver's node (its log lives in the run directory there) and
   binds that node's IP at a port that is free there;
@@ -30,16 +30,18 @@ class Placement:
     loopback: bool
     replay_host: str
     replay: dict = field(default_factory=dict)  # Ray .options() of each role
-    learner: dict = field(default_factory=dict)
+    learners: list[dict] = field(default_factory=lambda: [{}])  # one per learner rank
     actors: list[dict] = field(default_factory=list)
     group: object | None = None  # the placement group, removed at shutdown
 
 
-def plan(ray, cluster, learner_threads: int, learner_gpu: bool, timeout_s: float = 120.0):
+def plan(ray, cluster, learner_threads: int, learner_gpu: bool, timeout_s: float = 120.0,
+         learner_ranks: int = 1):  # fmt: skip
     """-> Placement for ``cluster`` (a ClusterSection); raises if the cluster cannot hold it."""
     n = cluster.num_actors
     if not cluster.address:
-        return Placement(True, "127.0.0.1", actors=[{} for _ in range(n)])
+        return Placement(True, "127.0.0.1", learners=[{} for _ in range(learner_ranks)],
+                         actors=[{} for _ in range(n)])  # fmt: skip
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import (
         NodeAffinitySchedulingStrategy,
@@ -50,7 +52,8 @@ def plan(ray, cluster, learner_threads: int, learner_gpu: bool, timeout_s: float
     actor_bundle = {"CPU": cluster.actor_threads}
     if cluster.actor_gpus:
         actor_bundle["GPU"] = cluster.actor_gpus
-    bundles = [learner_bundle] + [dict(actor_bundle) for _ in range(n)]
+    bundles = [dict(learner_bundle) for _ in range(learner_ranks)]
+    bundles += [dict(actor_bundle) for _ in range(n)]
     group = placement_group(bundles, strategy=cluster.placement)
     ready, _ = ray.wait([group.ready()], timeout=timeout_s)
     if not ready:
@@ -70,8 +73,8 @@ def plan(ray, cluster, learner_threads: int, learner_gpu: bool, timeout_s: float
         loopback=False,
         replay_host=node_ip(),
         replay={"scheduling_strategy": NodeAffinitySchedulingStrategy(here, soft=False)},
-        learner=in_bundle(0),
-        actors=[in_bundle(i + 1) for i in range(n)],
+        learners=[in_bundle(r) for r in range(learner_ranks)],
+        actors=[in_bundle(learner_ranks + i) for i in range(n)],
         group=group,
     )
 

@@ -112,18 +112,21 @@ class Processes:
         address = ray.get(self.replay.address.remote())
         threads = cfg.learner.threads
         args, kwargs = learner_args(cfg, model_path, address, device, probe_text)
-        self.learner = (
+        world = cfg.learner.world_size
+        self.learners = [  # learner ranks; rank 0 samples, publishes and writes
             ray.remote(LearnerWorker)
             .options(
                 num_cpus=threads,
                 num_gpus=1 if device == "cuda" else 0,
                 max_concurrency=3,
                 runtime_env={"env_vars": threads_env(threads)},
-                **placement.learner,
+                **placement.learners[rank],
             )
-            .remote(*args, **kwargs)
-        )
-        self.handles.append(self.learner)
+            .remote(*args, **kwargs, rank=rank, world_size=world)
+            for rank in range(world)
+        ]
+        self.learner = self.learners[0]
+        self.handles.extend(self.learners)
         threads = cfg.cluster.actor_threads
         self.actors = []
         for i in range(cfg.cluster.num_actors):
@@ -148,7 +151,12 @@ class Processes:
         self.died: dict[int, str] = {}  # actor index -> Ray's reason for its last death
         self.restart_timeout_s = 300.0
         self.weight_endpoint: tuple[str, int] | None = None  # set when the group forms
-        ray.get([h.ready.remote() for h in [self.learner, *self.actors]])
+        ray.get([h.ready.remote() for h in [*self.learners, *self.actors]])
+        if world > 1:  # the ranks form their own group (rank 0 hosts its store) and shard
+            host, port = ray.get(self.learner.weight_endpoint.remote(placement.loopback))
+            learner_backend = "nccl" if device == "cuda" else "gloo"
+            ray.get([r.join_learner_group.remote(host, port, learner_backend)
+                     for r in self.learners])  # fmt: skip
 
     # ---------------------------------------------------------------- weight group
     def form_weight_group(self) -> int:
@@ -168,7 +176,7 @@ class Processes:
                     for i, a in enumerate(self.actors)
                 ]
             )
-            return self.ray.get(self.learner.publish_current.remote())
+            return self.ray.get([r.publish_current.remote() for r in self.learners])[0]
         except RayActorError as e:
             if self._learner_alive():
                 raise  # an actor died again while joining: heal notices it next time
@@ -192,10 +200,10 @@ class Processes:
         return time.perf_counter() - started
 
     # ---------------------------------------------------------------- health
-    def heal(self) -> None:
+    def heal(self, reform: bool = True) -> None:
         """Notice dead actors, wait (without blocking training) for Ray to restart them, then
-        re-form the weight group and restart their loops. Raise the error of a loop that
-        failed for any other reason."""
+        (unless ``reform`` is False) re-form the weight group and restart their loops. Raise
+        the error of a loop that failed for any other reason."""
         from ray.exceptions import RayActorError
 
         if self.loops:
@@ -209,7 +217,7 @@ class Processes:
                     self.died[index] = self._death_reason(index, e)
                     continue
                 raise RuntimeError(f"rollout actor {index + 1} stopped before the learner ended")
-        if not self.restarting:
+        if not self.restarting or not reform:
             return
         for index, since in list(self.restarting.items()):
             try:  # calls fail while Ray restarts the process
@@ -232,11 +240,16 @@ class Processes:
         process raises LearnerDied (the learner is not restarted: resume from a checkpoint)."""
         from ray.exceptions import RayActorError
 
-        ref = getattr(self.learner, method).remote(*args)
-        while not self.ray.wait([ref], timeout=poll_s)[0]:
-            self.heal()
+        # a collective call goes to every rank; only rank 0's answer is kept. While one is
+        # in flight with several ranks, dead actors are noticed but the weight group (whose
+        # publication is a collective too) is re-formed only after it
+        ranks = self.learners if method in COLLECTIVE else [self.learner]
+        refs = [getattr(r, method).remote(*args) for r in ranks]
+        reform = len(self.learners) == 1
+        while len(self.ray.wait(refs, num_returns=len(refs), timeout=poll_s)[0]) < len(refs):
+            self.heal(reform=reform)
         try:
-            result = self.ray.get(ref)
+            result = self.ray.get(refs)[0]
         except RayActorError as e:
             raise LearnerDied(f"the learner process died during {method}: {e}") from e
         self.heal()
@@ -303,12 +316,18 @@ class Processes:
     def shutdown(self) -> None:
         for a in self.actors:
             _quietly(lambda a=a: a.stop.remote())
-        _quietly(lambda: self.ray.get(self.learner.stop.remote(), timeout=30))
+        for r in self.learners:
+            _quietly(lambda r=r: self.ray.get(r.stop.remote(), timeout=30))
         time.sleep(0.5)
         for h in self.handles:
             _quietly(lambda h=h: self.ray.kill(h))
         if self.placement.group is not None:
             _quietly(lambda: self.ray.util.remove_placement_group(self.placement.group))
+
+
+# learner calls every rank must join (they gather, broadcast or shard)
+COLLECTIVE = {"step", "save_checkpoint", "resume", "save_policy", "publish_current"}
+COLLECTIVE |= {"start_at_version"}
 
 
 class LearnerDied(RuntimeError):

@@ -199,3 +199,27 @@ def test_a_run_whose_actor_dies_after_the_last_step_still_leaves_its_results(tmp
     assert dead["unavailable"].startswith(("ActorDiedError: ", "ActorUnavailableError: ")), dead
     assert "unavailable" not in alive and alive["weight_loads"] >= 1
     assert summary["steps"] == 3 and summary["replay"]["sampled_groups"] == 3 * 4
+
+
+@pytest.mark.integration
+def test_a_sharded_learner_trains_the_main_job_and_resumes_on_one_rank(tmp_path):
+    # learner.world_size=2: two learner processes shard policy and reference with FSDP2 on
+    # gloo; rank 0 publishes to the vLLM actors, whose recorded log-probs then match the
+    # learner's own; the checkpoint resumes on one rank (resharded) and training goes on
+    from flowrl_async.run.launch import train
+
+    cfg = small_config(tmp_path, steps=4, max_staleness=0)
+    cfg.learner.world_size, cfg.learner.checkpoint_every = 2, 2
+    summary = train(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert [r["version"] for r in rows] == [1, 2, 3, 4]
+    assert all(r["fresh_rows"] == 1 for r in rows)  # staleness 0: the learner's own weights
+    assert max(r["logprob_gap_fresh"] for r in rows) < 1e-4
+    assert all(a["weight_loads"] >= 4 for a in summary["actors"])  # probe passed each time
+    assert summary["learner"]["published"] == 5  # the group's first publication + 4
+    assert (tmp_path / "run" / "final_policy" / "model.safetensors").exists()
+    cfg.resume, cfg.learner.world_size, cfg.learner.steps = True, 1, 6
+    train(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert max(r["logprob_gap_fresh"] for r in rows[4:]) < 1e-4
