@@ -154,3 +154,21 @@ def clip_grads(params: list[nn.Parameter], max_norm: float) -> float:
         if p.grad is not None:
             p.grad.mul_(float(scale))
     return float(total)
+
+
+def bytes_per_rank(n_params: int, ranks: int, ref_bytes: int = 2, chunk: int = 1024,
+                   vocab: int = 0) -> dict[str, float]:  # fmt: skip
+    """What one learner rank holds, in bytes, before activations: fp32 master weights (4 B a
+    parameter), fp32 gradients (4), AdamW's two fp32 moments (8), all sharded over ``ranks``;
+    the frozen reference at ``ref_bytes`` a parameter, sharded too; and the output layer's
+    chunk (``logprobs.py``): about four [chunk, vocab] float32 tensors live at once."""
+    share = n_params / ranks
+    out = {
+        "weights": 4 * share,
+        "grads": 4 * share,
+        "adamw": 8 * share,
+        "reference": ref_bytes * share,
+        "logprob_chunk": 4 * 4 * chunk * vocab,
+    }
+    out["total"] = sum(out.values())
+    return out

@@ -78,3 +78,15 @@ def test_the_learner_forward_equals_the_full_logits_path(tmp_path):
     torch.testing.assert_close(got.logprobs.detach(), want, rtol=0, atol=1e-5)
     torch.testing.assert_close(got.entropy, -(logp.exp() * logp).sum(-1), rtol=0, atol=1e-5)
     torch.testing.assert_close(got.hidden.detach(), out.hidden_states[-1][:, :p], rtol=0, atol=1e-6)
+
+
+def test_the_memory_formula_of_a_learner_rank():
+    from flowrl_async.learner.sharding import bytes_per_rank
+
+    # 7.6e9 parameters over 8 ranks: 0.95e9 each; 4 + 4 + 8 B = 15.2 GB of training state,
+    # a bf16 reference 1.9 GB; the chunk: 4 × 4 B × 1024 × 152,064 = 2.49 GB
+    got = bytes_per_rank(7_600_000_000, 8, ref_bytes=2, chunk=1024, vocab=152_064)
+    assert got["weights"] == got["grads"] == 3.8e9 and got["adamw"] == 7.6e9
+    assert got["reference"] == 1.9e9
+    assert got["logprob_chunk"] == 16 * 1024 * 152_064
+    assert got["total"] == 3.8e9 + 3.8e9 + 7.6e9 + 1.9e9 + 16 * 1024 * 152_064
