@@ -101,7 +101,11 @@ class Learner:
         started = time.perf_counter()
         groups, infos = [], []
         if self.ranks.rank == 0:  # rank 0 samples; train_on shares the batch
-            groups, infos = self.sample_fn(self.batch_groups, self.version)
+            try:
+                groups, infos = self.sample_fn(self.batch_groups, self.version)
+            except BaseException:
+                self.ranks.abort_share()  # the other ranks wait for this batch
+                raise
         return self.train_on(groups, infos, waited=time.perf_counter() - started)
 
     def train_on(self, groups, infos, waited: float = 0.0) -> dict[str, float]:
@@ -216,10 +220,10 @@ class Learner:
         format for every number of ranks: sharded optimizer state is gathered (a collective
         every rank joins), so any number of ranks can resume it."""
         optimizer = self.optimizer.state_dict()
-        if self.ranks.sharded:
+        if self.ranks.sharded:  # gathered one tensor at a time; ranks > 0 keep nothing
+            keep = self.ranks.rank == 0
             optimizer["state"] = {
-                i: {k: full_tensor(v).cpu() if torch.is_tensor(v) else v
-                    for k, v in sorted(entry.items())}
+                i: {k: _gathered(v, keep) for k, v in sorted(entry.items())}
                 for i, entry in sorted(optimizer["state"].items())
             }  # fmt: skip
         return {
@@ -255,9 +259,18 @@ class Learner:
         self.step_count, self.version = state["step"], state["version"]
 
     # ------------------------------------------------------------------ weights
-    def named_weights(self) -> list[tuple[str, torch.Tensor]]:
-        """The policy's full tensors (sharded: gathered, a collective every rank joins)."""
-        return [(n, full_tensor(p.detach())) for n, p in self.policy.state_dict().items()]
+    def named_weights(self, keep: bool = True) -> list[tuple[str, torch.Tensor | None]]:
+        """The policy's full tensors (sharded: gathered, a collective every rank joins;
+        ``keep=False``: each dropped once gathered, for ranks that only join)."""
+        return [(n, _gathered(p.detach(), keep, cpu=False))
+                for n, p in self.policy.state_dict().items()]  # fmt: skip
+
+    def full_policy_state(self) -> dict | None:
+        """The policy's weights on the CPU (sharded: gathered one tensor at a time; None on
+        ranks > 0, which keep nothing)."""
+        keep = self.ranks.rank == 0
+        state = {n: _gathered(p.detach(), keep) for n, p in self.policy.state_dict().items()}
+        return state if keep else None
 
     def probe(self) -> float:
         if not self.probe_token_ids:
@@ -271,7 +284,7 @@ class Learner:
     def publish(self) -> None:
         """version + 1, and the weights to the actors (rank 0; every rank gathers)."""
         self.version += 1
-        named, probe = self.named_weights(), self.probe()
+        named, probe = self.named_weights(keep=self.ranks.rank == 0), self.probe()
         if self.publish_fn is not None:
             self.publish_fn(named, self.version, self.probe_token_ids, probe)
 
@@ -313,3 +326,14 @@ def _shard_like(param, value):
 def _like(current: dict, loaded: dict) -> dict:
     """``loaded``'s full tensors, each laid out like the entry of ``current`` it replaces."""
     return {k: _shard_like(current[k], v) if k in current else v for k, v in loaded.items()}
+
+
+def _gathered(value, keep: bool, cpu: bool = True):
+    """A state entry as a full tensor (a DTensor gathered: a collective), on the CPU unless
+    ``cpu=False``; None when not ``keep`` (this rank only joins the gather)."""
+    if not torch.is_tensor(value):
+        return value if keep else None
+    full = full_tensor(value)
+    if not keep:
+        return None
+    return full.cpu() if cpu else full

@@ -52,6 +52,12 @@ class Ranks:
                                     timeout=timeout)  # fmt: skip
         return cls(rank, world, device)
 
+    def close(self) -> None:
+        """Leave the learner group (before the process exits: its threads must stop first)."""
+        if self.sharded and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
     @property
     def sharded(self) -> bool:
         return self.world > 1
@@ -79,6 +85,8 @@ class Ranks:
         else:
             size = torch.zeros(1, dtype=torch.long, device=self.device)
         dist.broadcast(size, 0)
+        if int(size) < 0:
+            raise RuntimeError("learner rank 0 failed before sharing the step's batch")
         data = torch.empty(int(size), dtype=torch.uint8, device=self.device)
         if self.rank == 0:
             data.copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
@@ -87,6 +95,11 @@ class Ranks:
             return groups, infos
         obj = msgpack.unpackb(data.cpu().numpy().tobytes(), raw=False)
         return [group_from_wire(g) for g in obj["g"]], [SampleInfo(*i) for i in obj["i"]]
+
+    def abort_share(self) -> None:
+        """Rank 0 could not sample: the other ranks, waiting in ``share``, fail too."""
+        if self.sharded and self.rank == 0:
+            dist.broadcast(torch.tensor([-1], dtype=torch.long, device=self.device), 0)
 
     def max(self, value: int) -> int:
         if not self.sharded:

@@ -21,7 +21,7 @@ from flowrl_async.learner.learner import Learner
 from flowrl_async.learner.log_z import LogZHead
 from flowrl_async.learner.sharding import Ranks
 from flowrl_async.learner.weight_sender import WeightSender
-from flowrl_async.model import cpu_state, load_policy, load_tokenizer, save_model
+from flowrl_async.model import load_policy, load_tokenizer, save_model
 from flowrl_async.net import endpoint
 from flowrl_async.replay.client import ReplayClient, ReplayError
 from flowrl_async.weights import new_group, share_storage
@@ -109,7 +109,9 @@ class LearnerWorker:
         """Learner ranks: form their group (rank 0's TCPStore at host:port), then shard
         policy and reference; every rank calls it at once."""
         device = "cuda" if backend == "nccl" else "cpu"
-        ranks = Ranks.join(host, port, self.rank, self.world_size, backend, device)
+        # a collective may wait for rank 0's sampling: the group's timeout is longer
+        timeout_s = max(600.0, 2 * self.sample_timeout_s + 60)
+        ranks = Ranks.join(host, port, self.rank, self.world_size, backend, device, timeout_s)
         self.learner = self._build(ranks)
         freeze_survivors()
         return self.rank
@@ -160,7 +162,11 @@ class LearnerWorker:
         started = time.perf_counter()
         if self.world_size > 1:
             with self.lock:
-                groups, infos = self._sample_on_rank0()
+                try:
+                    groups, infos = self._sample_on_rank0()
+                except BaseException:
+                    self.learner.ranks.abort_share()  # the other ranks wait for this batch
+                    raise
                 out = self.learner.train_on(groups, infos, waited=time.perf_counter() - started)
         else:
             groups, infos = self._sample(self.learner.batch_groups, self.learner.version)
@@ -196,7 +202,7 @@ class LearnerWorker:
         """Send the current weights at the current version (a new or rebuilt group)."""
         with self.lock:
             lrn = self.learner
-            named, probe = lrn.named_weights(), lrn.probe()  # collectives when sharded
+            named, probe = lrn.named_weights(keep=self.rank == 0), lrn.probe()  # collectives
             if self.rank == 0:
                 self._publish(named, lrn.version, lrn.probe_token_ids, probe)
             return lrn.version
@@ -206,7 +212,7 @@ class LearnerWorker:
         (every rank gathers its shards; rank 0 writes)."""
         with self.lock:
             lrn = self.learner
-            state, weights = lrn.training_state(), cpu_state(lrn.policy)
+            state, weights = lrn.training_state(), lrn.full_policy_state()
             if self.rank != 0:
                 return ""
             tag = f"step-{lrn.step_count:08d}"
@@ -256,7 +262,7 @@ class LearnerWorker:
 
     def save_policy(self, path: str) -> str:
         """The policy in Hugging Face format (every rank gathers; rank 0 writes)."""
-        weights = cpu_state(self.learner.policy)
+        weights = self.learner.full_policy_state()
         if self.rank != 0:
             return path
         return str(save_model(path, self.learner.policy, self.tokenizer, weights))
@@ -265,3 +271,5 @@ class LearnerWorker:
         if self.sender is not None:
             self.sender.stop()
             self.sender = None
+        if self.learner is not None and self.world_size > 1:
+            self.learner.ranks.close()

@@ -284,7 +284,7 @@ class ReplayServer:
                 obj, info = unpack_group(raw, self.limits)  # full validation, once
             except WireError as e:
                 self._reject("bad_group")
-                results[i] = [REJECTED, str(e)]
+                results[i] = [REJECTED, _short(str(e), MAX_GROUP_REASON)]
                 continue
             gid = info.group_id
             if gid in self.buffer.seen or gid in ids:
@@ -542,8 +542,11 @@ def _int(msg: dict, key: str, default: int | None = None) -> int:
 MAX_REASON = 2000  # characters of an error reply's reason (it may quote the request)
 
 
-def _short(reason: str) -> str:
-    return reason if len(reason) <= MAX_REASON else reason[: MAX_REASON - 3] + "..."
+MAX_GROUP_REASON = 300  # per rejected group of an insert_batch (up to max_groups of them)
+
+
+def _short(reason: str, limit: int = MAX_REASON) -> str:
+    return reason if len(reason) <= limit else reason[: limit - 3] + "..."
 
 
 def _safe_rid(rid):

@@ -49,7 +49,7 @@ class Figures:
     """Reads of figures that must never stop training; failures are printed and counted."""
 
     def __init__(self):
-        self.errors = {"replay_stats": 0, "eval": 0}
+        self.errors = {"replay_stats": 0, "eval": 0, "curves": 0}
 
     def _failed(self, what: str, e: Exception) -> str:
         self.errors[what] += 1
@@ -67,6 +67,16 @@ class Figures:
         """The service's figures for one metrics row."""
         stats = self.replay_stats(runtime)
         return {**flat(stats), "replay_stats_errors": self.errors["replay_stats"]}
+
+    def curves(self, run_dir) -> str:
+        """curves.png of the run's metrics.jsonl; -> its path, or why there is none."""
+        from flowrl_async.run.progress import plot_curves, read_metrics
+
+        try:
+            rows = read_metrics(run_dir / "metrics.jsonl")
+            return str(plot_curves(rows, run_dir / "curves.png", title=str(run_dir.name)))
+        except Exception as e:
+            return f"unavailable: {self._failed('curves', e)}"
 
     def evaluation(self, runtime: Runtime, ev, max_tokens: int) -> dict:
         try:

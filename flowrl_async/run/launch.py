@@ -26,9 +26,7 @@ from flowrl_async.run.placement import plan
 from flowrl_async.run.processes import LearnerDied, Processes, replay_keys
 from flowrl_async.run.progress import (
     MetricsLog,
-    plot_curves,
     print_summary,
-    read_metrics,
     summarize,
 )
 
@@ -113,8 +111,6 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
     if cfg.resume:  # the settings the checkpoint holds must be the run's own
         resume.check(resume.saved_config(run_dir), asdict(cfg), run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    # the config the run runs with now: the base of the next resume
-    (run_dir / resume.SAVED).write_text(json.dumps(asdict(cfg), indent=2))
     model_path = prepare_model(cfg, run_dir)
     ray = start_ray(cfg, run_dir)
     procs = None
@@ -140,6 +136,8 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
                   f"{cfg.replay.preload}")  # fmt: skip
             if not cfg.resume:
                 procs.call_learner("start_at_version", stored["max_version"] + 1)
+        # the config the run runs with now, once it started: the base of the next resume
+        (run_dir / resume.SAVED).write_text(json.dumps(asdict(cfg), indent=2))
         procs.form_weight_group()  # every member starts from the learner's current weights
         if cfg.mode == "async":
             procs.start_loops()  # actors generate without pause from here on
@@ -169,9 +167,10 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
         summary = {
             "run_dir": str(run_dir),
             "steps": len(log.history),
-            "final_policy": procs.call_learner("save_policy", str(run_dir / "final_policy")),
-            "curves": str(plot_curves(read_metrics(run_dir / "metrics.jsonl"),
-                                      run_dir / "curves.png", title=str(run_dir.name))),
+            "final_policy": procs.call_learner(
+                "save_policy", str(run_dir / "final_policy"), heal=False
+            ),
+            "curves": figures.curves(run_dir),
             "learner": ray.get(procs.learner.state.remote()),
             "actor_restarts": procs.restarts,
         }  # fmt: skip

@@ -13,7 +13,10 @@ Invariants:
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 
 from flowrl_async.config import TrainConfig
@@ -176,7 +179,9 @@ class Processes:
                     for i, a in enumerate(self.actors)
                 ]
             )
-            return self.ray.get([r.publish_current.remote() for r in self.learners])[0]
+            with no_interrupt():
+                refs = [r.publish_current.remote() for r in self.learners]
+            return self.ray.get(refs)[0]
         except RayActorError as e:
             if self._learner_alive():
                 raise  # an actor died again while joining: heal notices it next time
@@ -235,25 +240,48 @@ class Processes:
         print(f"weight group re-formed at version {version}", flush=True)
         self.start_loops(back)
 
-    def call_learner(self, method: str, *args, poll_s: float = 1.0):
-        """A learner call that keeps the actors healthy while it waits; a dead learner
-        process raises LearnerDied (the learner is not restarted: resume from a checkpoint)."""
+    def call_learner(self, method: str, *args, poll_s: float = 1.0, heal: bool = True):
+        """A learner call that keeps the actors healthy while it waits (``heal=False``: it
+        does not, e.g. at the end of a run); a dead learner process raises LearnerDied (the
+        learner is not restarted: resume from a checkpoint). A collective call goes to
+        every rank; rank 0's answer is kept; the first rank that fails ends the wait."""
         from ray.exceptions import RayActorError
 
-        # a collective call goes to every rank; only rank 0's answer is kept. While one is
-        # in flight with several ranks, dead actors are noticed but the weight group (whose
-        # publication is a collective too) is re-formed only after it
         ranks = self.learners if method in COLLECTIVE else [self.learner]
-        refs = [getattr(r, method).remote(*args) for r in ranks]
+        with no_interrupt():  # every rank gets the call, or none: collectives pair by order
+            refs = [getattr(r, method).remote(*args) for r in ranks]
+        # with several ranks, dead actors are noticed while a call is in flight, but the
+        # weight group (whose publication is a collective too) is re-formed only after it
         reform = len(self.learners) == 1
-        while len(self.ray.wait(refs, num_returns=len(refs), timeout=poll_s)[0]) < len(refs):
-            self.heal(reform=reform)
-        try:
-            result = self.ray.get(refs)[0]
-        except RayActorError as e:
-            raise LearnerDied(f"the learner process died during {method}: {e}") from e
-        self.heal()
+        pending = list(refs)
+        while pending:
+            ready, pending = self.ray.wait(pending, num_returns=len(pending), timeout=poll_s)
+            for ref in ready:
+                try:
+                    self.ray.get(ref)
+                except RayActorError as e:
+                    raise LearnerDied(f"a learner process died during {method}: {e}") from e
+                except Exception:  # a rank whose peer died fails its collective first
+                    self._raise_if_a_rank_died(refs, method)
+                    raise
+            if pending and heal:
+                self.heal(reform=reform)
+        result = self.ray.get(refs[0])
+        if heal:
+            self.heal()
         return result
+
+    def _raise_if_a_rank_died(self, refs: list, method: str, wait_s: float = 10.0) -> None:
+        from ray.exceptions import RayActorError
+
+        done, _ = self.ray.wait(refs, num_returns=len(refs), timeout=wait_s)
+        for ref in done:
+            try:
+                self.ray.get(ref)
+            except RayActorError as e:
+                raise LearnerDied(f"a learner process died during {method}: {e}") from e
+            except Exception:
+                continue
 
     # ---------------------------------------------------------------- the driver's calls
     def learner_step(self) -> dict:
@@ -316,8 +344,10 @@ class Processes:
     def shutdown(self) -> None:
         for a in self.actors:
             _quietly(lambda a=a: a.stop.remote())
+        stops = []  # every rank at once: leaving the learner group is a collective
         for r in self.learners:
-            _quietly(lambda r=r: self.ray.get(r.stop.remote(), timeout=30))
+            _quietly(lambda r=r: stops.append(r.stop.remote()))
+        _quietly(lambda: self.ray.get(stops, timeout=30))
         time.sleep(0.5)
         for h in self.handles:
             _quietly(lambda h=h: self.ray.kill(h))
@@ -332,6 +362,19 @@ COLLECTIVE |= {"start_at_version"}
 
 class LearnerDied(RuntimeError):
     """The learner's process is gone; the run cannot go on without a resume."""
+
+
+@contextmanager
+def no_interrupt():
+    """Ctrl-C waits until the block is done (it is delivered right after)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def death_cause(ray, handle) -> str | None:

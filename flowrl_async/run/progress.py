@@ -16,7 +16,11 @@ class MetricsLog:
 
     def __init__(self, run_dir: Path, total_steps: int):
         self.run_dir, self.total = run_dir, total_steps
-        self.file = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
+        path = run_dir / "metrics.jsonl"
+        torn = path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
+        self.file = open(path, "a")  # noqa: SIM115 - closed in close()
+        if torn:  # a crash left half a line: the next row starts a line of its own
+            self.file.write("\n")
         self.started = time.time()
         self.history: list[dict] = []
         try:
@@ -58,7 +62,15 @@ class MetricsLog:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The rows of a metrics.jsonl; a line a crash left torn (or glued to the next one by a
+    resumed run's appends) is skipped."""
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return [r for r in rows if isinstance(r, dict)]
 
 
 def plot_curves(rows: list[dict], out: Path, title: str = "") -> Path:

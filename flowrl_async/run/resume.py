@@ -5,8 +5,8 @@ Rules:
   start), never the defaults: ``flowrl-async train run_dir=X resume=true`` continues X with
   the settings X ran with;
 - only what the resume's command line names applies on top: a ``key=value`` override sets
-  that key; a group choice (``algo=grpo``) sets the keys that group's file sets; every
-  change is listed at start;
+  that key; a group choice (``algo=grpo``) sets the whole section as that option defines
+  it; every change is listed at start;
 - what the checkpoint holds cannot change (``PINNED``): an override that contradicts it is
   refused with a message naming each such key.
 """
@@ -40,8 +40,9 @@ def saved_config(run_dir: str | Path) -> dict:
 
 
 def named_keys(overrides: list[str], config_dir: str | Path) -> list[str]:
-    """The dotted keys a command line sets: each ``key=value``'s key; for a group choice
-    ``group=option``, every key that ``configs/group/option.yaml`` sets."""
+    """The dotted keys a command line sets: each ``key=value``'s key; a group choice
+    ``group=option`` sets its whole section (as that option defines it: ``replay=default``
+    is every replay key at its default)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     keys: list[str] = []
@@ -49,11 +50,7 @@ def named_keys(overrides: list[str], config_dir: str | Path) -> list[str]:
         key = o.key_or_group
         if key.startswith("hydra.") or key == "hydra" or key in NOT_SETTINGS:
             continue
-        if key in GROUPS and isinstance(o.value(), str):
-            option = OmegaConf.load(Path(config_dir) / key / f"{o.value()}.yaml") or {}
-            keys += [f"{key}.{k}" for k in option if k != "defaults"]
-        else:
-            keys.append(key)
+        keys.append(key)  # a group name selects the whole section (resumed() copies it)
     return keys
 
 
@@ -67,7 +64,12 @@ def resumed(saved: dict, composed: DictConfig, keys: list[str]) -> tuple[dict, l
         new = OmegaConf.select(composed, key, default=None)
         if isinstance(new, DictConfig):
             new = OmegaConf.to_container(new)
-        if old != new:
+        if isinstance(old, DictConfig):
+            old = OmegaConf.to_container(old)
+        if key in GROUPS and isinstance(old, dict) and isinstance(new, dict):
+            changes += [f"{key}.{k}: {old.get(k)!r} -> {v!r}" for k, v in new.items()
+                        if old.get(k) != v]  # fmt: skip
+        elif old != new:
             changes.append(f"{key}: {old!r} -> {new!r}")
         OmegaConf.update(base, key, new, merge=False, force_add=True)
     OmegaConf.update(base, "resume", True)

@@ -99,7 +99,11 @@ def step_save_step(model_dir, algo_name, state_file, rank=0, world=1, port=0):
 
 
 def rank_main(fn, args, rank, world, port, queue):
+    import torch.distributed as dist
+
     out = fn(*args, rank, world, port)
+    dist.barrier()
+    dist.destroy_process_group()  # before exit: the group's threads stop first
     if rank == 0:
         queue.put({k: ({n: t.numpy() for n, t in v.items()} if isinstance(v, dict) else v)
                    for k, v in out.items()})  # fmt: skip

@@ -50,7 +50,7 @@ def test_off_policy_tb_with_replay_trains_past_staleness_64(tmp_path):
     hist = sum(v for k, v in last.items() if k.startswith("replay_sampled_staleness_"))
     assert hist == last["replay_sampled_groups"] == steps * 2
     assert summary["replay"]["sampled_groups"] == steps * 2
-    assert summary["figure_errors"] == {"replay_stats": 0, "eval": 0}
+    assert summary["figure_errors"] == {"replay_stats": 0, "eval": 0, "curves": 0}
 
 
 @pytest.mark.integration

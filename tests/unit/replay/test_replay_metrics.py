@@ -180,3 +180,23 @@ def test_a_reply_never_lists_more_than_the_decoder_accepts(tmp_path):
         client.close()
         server.stop()
         thread.join(5)
+
+
+def test_error_reasons_are_cut_so_replies_stay_decodable(tmp_path):
+    # a rejected group whose id is just under the 1 MB string limit: its reason quotes the id
+    # (and goes over the limit), yet the acks reply must decode on the client
+    from flowrl_async.replay.server import MAX_GROUP_REASON
+    from flowrl_async.wire import WireLimits, decode, group_to_wire
+
+    cfg = ServerConfig(str(tmp_path), "tcp://127.0.0.1:0", max_staleness=None, selector="fifo")
+    server = ReplayServer(cfg)
+    try:
+        bad = group_to_wire(make_group("x" * (1_048_576 - 20)))
+        bad["responses"] = "not a list"  # malformed: rejected with a reason naming the group
+        raw = msgpack.packb(bad, use_bin_type=True)
+        kind, fields = server.handle("insert_batch", {"groups": [raw] * 8})
+    finally:
+        server.log.close()
+    assert kind == "acks" and all(r[0] == "rejected" for r in fields["results"])
+    assert all(len(r[1]) <= MAX_GROUP_REASON for r in fields["results"])
+    decode(encode("acks", rid=1, **fields), WireLimits())

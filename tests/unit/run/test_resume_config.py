@@ -56,7 +56,7 @@ def test_named_overrides_apply_on_top_even_when_they_equal_the_defaults(tmp_path
     )
     assert merged["learner"]["steps"] == 150 and merged["learner"]["lr"] == 1e-4
     assert merged["task"]["kwargs"] == {"lengths": [2]}
-    # replay=mixed sets the four keys of configs/replay/mixed.yaml, nothing else
+    # replay=mixed sets the replay section as configs/replay/mixed.yaml defines it
     assert merged["replay"]["selector"] == "mixed" and merged["replay"]["max_staleness"] is None
     assert merged["replay"]["capacity"] == saved["replay"]["capacity"]
     assert merged["algo"] == saved["algo"]
@@ -64,10 +64,10 @@ def test_named_overrides_apply_on_top_even_when_they_equal_the_defaults(tmp_path
         "learner.steps: 100 -> 150",
         "learner.lr: 0.0003 -> 0.0001",
         "task.kwargs.lengths: None -> [2]",
-        "replay.selector: 'fifo' -> 'mixed'",
-        "replay.fresh_fraction: 1.0 -> 0.5",
-        "replay.max_times_sampled: 1 -> 8",
         "replay.max_staleness: 4 -> None",
+        "replay.selector: 'fifo' -> 'mixed'",
+        "replay.max_times_sampled: 1 -> 8",
+        "replay.fresh_fraction: 1.0 -> 0.5",
     ]
     OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), merged))  # valid
 
@@ -87,3 +87,17 @@ def test_overrides_that_contradict_the_checkpoint_are_refused_by_name(tmp_path):
 def test_a_directory_without_a_saved_config_is_not_a_run(tmp_path):
     with pytest.raises(ValueError, match="run_config.json does not exist"):
         resume.saved_config(tmp_path)
+
+
+def test_a_group_choice_sets_its_whole_section(tmp_path):
+    # a replay=mixed run resumed with replay=default goes back to every replay default
+    saved = saved_grpo_run(tmp_path)
+    saved["replay"].update(selector="mixed", max_times_sampled=8, fresh_fraction=0.5)
+    overrides = [f"run_dir={tmp_path}", "resume=true", "replay=default"]
+    merged, changes = resume.resumed(
+        saved, composed(overrides), resume.named_keys(overrides, CONFIG_DIR)
+    )
+    assert merged["replay"] == OmegaConf.to_container(OmegaConf.structured(TrainConfig).replay)
+    assert "replay.selector: 'mixed' -> 'fifo'" in changes
+    assert "replay.max_staleness: 4 -> 1" in changes
+    assert merged["algo"] == saved["algo"]  # other sections stay the run's own
