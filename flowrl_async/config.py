@@ -353,6 +353,13 @@ def validate(cfg: TrainConfig) -> None:
         problems.append("replay.preload_* filters need replay.preload (a stored run)")
     if cfg.cluster.num_actors == 0 and (cfg.mode == "sync" or cfg.evaluation.every):
         problems.append("cluster.num_actors=0 (offline) needs mode=async and evaluation.every=0")
+    if cfg.model.path is not None:
+        from flowrl_async.model import ModelError, check_model_dir
+
+        try:
+            check_model_dir(cfg.model.path)
+        except ModelError as e:
+            problems.append(f"model.path: {e}")
     if problems:
         raise ValueError("invalid configuration:\n  - " + "\n  - ".join(problems))
 

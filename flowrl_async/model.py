@@ -146,9 +146,31 @@ def save_model(out_dir: str | Path, model, tokenizer, state: dict | None = None)
     return _atomic_save(Path(out_dir), save)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def check_model_dir(path: str | Path, tokenizer: bool = True) -> Path:
+    """A local model directory, or a ModelError that names what is missing (never a hub
+    lookup: a path that is not a directory is not read as a repository id)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelError(f"model directory {str(path)!r} does not exist (model.path must be "
+                         "a local Hugging Face model directory; nothing is fetched from a hub)")  # fmt: skip
+    if not (path / "config.json").is_file():
+        raise ModelError(f"model directory {str(path)!r} has no config.json")
+    if tokenizer and not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelError(f"model directory {str(path)!r} has no tokenizer files "
+                         f"(expected one of {', '.join(TOKENIZER_FILES)})")  # fmt: skip
+    return path
+
+
+class ModelError(FileNotFoundError):
+    """A model directory that cannot be loaded, named with what it lacks."""
+
+
 def load_tokenizer(path: str | Path):
     """Any local Hugging Face tokenizer, left-padded, with a pad token."""
-    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(check_model_dir(path)), local_files_only=True)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -157,6 +179,7 @@ def load_tokenizer(path: str | Path):
 
 def load_policy(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """Any local Hugging Face causal LM, in eval mode (the caller switches to train)."""
+    path = check_model_dir(path, tokenizer=False)
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
     return model.to(device).eval()
 

@@ -38,6 +38,19 @@ from flowrl_async.learner.sharding import Ranks, clip_grads, full_tensor, shard
 from flowrl_async.model import sequence_logprob
 
 
+def no_dropout(model) -> None:
+    """Dropout off in training mode too: every nn.Dropout at p = 0, and the config's
+    attention dropout (applied inside the attention kernels) at 0."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):  # read per call
+            module.attention_dropout = 0.0
+    for key in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if isinstance(getattr(model.config, key, None), float):
+            setattr(model.config, key, 0.0)
+
+
 def lr_factor(step: int, warmup_steps: int) -> float:
     return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
 
@@ -70,6 +83,7 @@ class Learner:
         param_dtype: torch.dtype | None = None,
     ):
         self.policy, self.ref, self.log_z = policy.train(), ref_policy.eval(), log_z_head
+        no_dropout(policy)  # the log-probs must be the sampling policy's, not a dropped one
         for p in self.ref.parameters():
             p.requires_grad_(False)
         # the forward passes; with L learner ranks, FSDP2 units (learner/sharding.py)

@@ -51,3 +51,54 @@ def test_tied_variant_and_rebuild_replaces_atomically(tmp_path):
     build_tiny_model(tmp_path / "m", tie_word_embeddings=False)
     assert json.loads((path / "config.json").read_text())["tie_word_embeddings"] is False
     assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temp dirs left behind
+
+
+def test_model_path_errors_name_the_path_and_what_it_lacks(tmp_path):
+    import pytest
+
+    from flowrl_async.config import TrainConfig, validate
+    from flowrl_async.model import ModelError, build_tiny_model, load_policy, load_tokenizer
+
+    with pytest.raises(ModelError, match="does not exist.*nothing is fetched from a hub"):
+        load_policy(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="has no config.json"):
+        load_tokenizer(tmp_path / "empty")
+    good = build_tiny_model(tmp_path / "m", seed=0)
+    for f in good.iterdir():
+        if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
+            f.unlink()
+    with pytest.raises(ModelError, match="has no tokenizer files"):
+        load_tokenizer(good)
+    cfg = TrainConfig()
+    cfg.model.path = str(tmp_path / "nope")
+    with pytest.raises(ValueError, match=r"model.path: model directory .*nope' does not exist"):
+        validate(cfg)
+
+
+def test_the_learner_turns_dropout_off(tmp_path):
+    # a model configured with attention dropout 0.5: in training mode its forward would be
+    # random; the learner's policy gives the same log-probs twice and equals eval mode
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from flowrl_async.learner.batch import collate
+    from flowrl_async.learner.config import AlgoConfig
+    from flowrl_async.learner.learner import Learner
+    from flowrl_async.learner.log_z import LogZHead
+
+    from factories import make_group
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, vocab_size=64,
+                         attention_dropout=0.5)  # fmt: skip
+    torch.manual_seed(0)
+    policy, ref = LlamaForCausalLM(config), LlamaForCausalLM(config)
+    learner = Learner(policy, ref, LogZHead(64), AlgoConfig(), lambda b, v: None, pad_token_id=0)
+    batch = collate([make_group("a", n=3, tokens=5)], [0], pad_token_id=0)
+    assert learner.policy.training
+    a = learner.policy_fwd(batch, 1.0, False).logprobs
+    b = learner.policy_fwd(batch, 1.0, False).logprobs
+    policy.eval()
+    c = learner.policy_fwd(batch, 1.0, False).logprobs
+    assert torch.equal(a, b) and torch.equal(a, c)
