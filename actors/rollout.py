@@ -28,6 +28,7 @@ from flowrl_async.actors.weight_receiver import WeightLinkError
 from flowrl_async.records import Group, Response, SamplingParams, new_group_id
 from flowrl_async.replay.client import InsertTimeout
 from flowrl_async.tasks import PromptSource
+from flowrl_async.weights import probe_tolerance
 
 
 @dataclass
@@ -63,10 +64,12 @@ class RolloutLoop:
         probe_tolerance: float = 1e-3,
         version: int = 0,
         idle_sleep_s: float = 0.05,
+        dtype: str = "float32",
     ):
         self.actor_id, self.generator, self.prompts = actor_id, generator, prompts
         self.tokenizer, self.replay, self.spec = tokenizer, replay, spec
         self.groups_per_batch, self.receiver = groups_per_batch, receiver
+        self.dtype = dtype  # the engine's: the probe's tolerance allows for its rounding
         self.probe_tolerance, self.version, self.idle_sleep_s = (
             probe_tolerance,
             version,
@@ -174,10 +177,8 @@ class RolloutLoop:
             header = publication.header
             publication.load_into(self.generator)
             if header.probe_token_ids:
-                check_probe(
-                    self.generator, header.probe_token_ids, header.probe_logprob,
-                    self.probe_tolerance,
-                )  # fmt: skip
+                tol = probe_tolerance(self.probe_tolerance, self.dtype, len(header.probe_token_ids))
+                check_probe(self.generator, header.probe_token_ids, header.probe_logprob, tol)
             self.version = header.version
         self.stats.weight_loads += 1
         self.stats.load_s += time.perf_counter() - t0

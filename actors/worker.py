@@ -60,6 +60,7 @@ class RolloutWorker:
             spec,
             groups_per_batch,
             probe_tolerance=probe_tolerance,
+            dtype=dtype,
         )
         freeze_survivors()  # the engine and modules: out of the collector's way
 

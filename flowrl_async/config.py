@@ -22,6 +22,7 @@ from flowrl_async.replay.config import ADMISSIONS, FSYNC, SELECTORS, ReplaySetti
 from flowrl_async.replay.filter import GroupFilter, parse_time
 
 PLACEMENTS = ("SPREAD", "PACK", "STRICT_SPREAD", "STRICT_PACK")
+DTYPES = ("float32", "bfloat16")
 MODES = ("async", "sync")
 
 
@@ -32,7 +33,9 @@ class ModelSection:
     path: str | None = None
     """A local Hugging Face model directory; null builds the built-in tiny Llama."""
     dtype: str = "float32"
-    """Parameter dtype on learner and actors (float32 keeps log-probs comparable on CPU)."""
+    """Compute dtype of learner and actors: float32, or bfloat16 (the learner keeps fp32
+    master weights and AdamW state, computes policy and reference in bf16, publishes bf16
+    weights; the probe's tolerance grows by 5e-2 a token)."""
     init_seed: int = 0
     """Seed of the tiny model's random initialisation."""
     warm_start_steps: int = 80
@@ -293,6 +296,8 @@ def validate(cfg: TrainConfig) -> None:
         problems.append("replay.metrics_every must be >= 0 (0: only in summary.json)")
     if r.capacity < lr.batch_groups:
         problems.append("replay.capacity must be >= learner.batch_groups")
+    if cfg.model.dtype not in DTYPES:
+        problems.append(f"model.dtype={cfg.model.dtype!r}: expected one of {DTYPES}")
     if lr.world_size < 1 or lr.batch_groups < lr.world_size:
         problems.append(
             f"learner.world_size={lr.world_size}: must be >= 1 and <= learner.batch_groups "

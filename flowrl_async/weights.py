@@ -211,3 +211,13 @@ def broadcast(group: dist.ProcessGroup, tensor: torch.Tensor, root: int = 0, wai
         work.wait()
         return None
     return work
+
+
+PROBE_PER_TOKEN = {"float32": 0.0, "bfloat16": 5e-2, "float16": 1e-2}  # 16-bit rounding
+
+
+def probe_tolerance(base: float, dtype: str, tokens: int) -> float:
+    """The largest accepted gap between an actor's and the learner's probe log-prob (a sum
+    over ``tokens`` tokens): ``base`` in float32; in a 16-bit dtype at least a per-token
+    allowance for its rounding times the probe's length."""
+    return max(base, PROBE_PER_TOKEN.get(dtype, 5e-2) * tokens)

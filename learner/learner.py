@@ -82,6 +82,9 @@ class Learner:
         ranks: Ranks | None = None,
         param_dtype: torch.dtype | None = None,
     ):
+        """``param_dtype`` (e.g. torch.bfloat16): the compute dtype of policy and reference,
+        and the dtype weights are published in; the optimizer keeps fp32 master weights
+        and gradients are reduced in fp32. None: everything in the policy's own dtype."""
         self.policy, self.ref, self.log_z = policy.train(), ref_policy.eval(), log_z_head
         no_dropout(policy)  # the log-probs must be the sampling policy's, not a dropped one
         for p in self.ref.parameters():
@@ -89,7 +92,8 @@ class Learner:
         # the forward passes; with L learner ranks, FSDP2 units (learner/sharding.py)
         self.ranks = ranks or Ranks(0, 1, device)
         self.policy_fwd, self.ref_fwd = PolicyForward(policy), PolicyForward(ref_policy)
-        if self.ranks.sharded:
+        self.param_dtype = param_dtype
+        if self.ranks.sharded:  # FSDP2's mixed precision casts the shards for compute
             for model, fwd in ((policy, self.policy_fwd), (ref_policy, self.ref_fwd)):
                 layers = getattr(model, model.base_model_prefix).layers
                 shard(fwd, layers, self.ranks.mesh, param_dtype)
@@ -181,13 +185,15 @@ class Learner:
         (and multiplied by ``weight``: 0 for a pass that only joins the collectives)."""
         obj = self.objective
         chunk = self.logprob_chunk
-        pol = self.policy_fwd(micro, self.temperature, obj.uses_log_z, chunk)
+        with self._compute_dtype():
+            pol = self.policy_fwd(micro, self.temperature, obj.uses_log_z, chunk)
         mask = micro.response_mask
         behavior = micro.behavior_logprobs
         ref = None
         if obj.needs_ref(self.algo):
             with torch.no_grad():
-                ref = self.ref_fwd(micro, self.temperature, False, chunk).logprobs
+                with self._compute_dtype():
+                    ref = self.ref_fwd(micro, self.temperature, False, chunk).logprobs
         log_z = self.log_z(pol.hidden, micro.prompt_mask) if obj.uses_log_z else None
         inputs = LossInputs(pol.logprobs, behavior, mask, rewards, ref, log_z)
         out = obj.loss(inputs, self.algo, normalizer)
@@ -273,11 +279,25 @@ class Learner:
         self.step_count, self.version = state["step"], state["version"]
 
     # ------------------------------------------------------------------ weights
+    def _compute_dtype(self):
+        """One rank with a compute dtype: autocast (sharded: FSDP2 casts, nothing to do)."""
+        import contextlib
+
+        if self.param_dtype is None or self.ranks.sharded:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.split(":")[0], dtype=self.param_dtype)
+
     def named_weights(self, keep: bool = True) -> list[tuple[str, torch.Tensor | None]]:
-        """The policy's full tensors (sharded: gathered, a collective every rank joins;
-        ``keep=False``: each dropped once gathered, for ranks that only join)."""
-        return [(n, _gathered(p.detach(), keep, cpu=False))
-                for n, p in self.policy.state_dict().items()]  # fmt: skip
+        """The policy's full tensors, in the publication dtype (sharded: gathered, a
+        collective every rank joins; ``keep=False``: each dropped once gathered, for ranks
+        that only join)."""
+        out = []
+        for n, p in self.policy.state_dict().items():
+            t = _gathered(p.detach(), keep, cpu=False)
+            if t is not None and self.param_dtype is not None and t.is_floating_point():
+                t = t.to(self.param_dtype)
+            out.append((n, t))
+        return out
 
     def full_policy_state(self) -> dict | None:
         """The policy's weights on the CPU (sharded: gathered one tensor at a time; None on
@@ -289,8 +309,9 @@ class Learner:
     def probe(self) -> float:
         if not self.probe_token_ids:
             return math.nan
-        if not self.ranks.sharded:
-            return sequence_logprob(self.policy, self.probe_token_ids)
+        if not self.ranks.sharded:  # in the compute dtype: what the actors' weights give
+            with self._compute_dtype():
+                return sequence_logprob(self.policy, self.probe_token_ids)
         with torch.no_grad():  # through the root unit: a collective every rank joins
             out = self.policy_fwd(probe_batch(self.probe_token_ids).to(self.device), 1.0, False)
         return float(out.logprobs.sum())

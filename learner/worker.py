@@ -54,13 +54,16 @@ class LearnerWorker:
         replay_keys: dict | None = None,
         rank: int = 0,
         world_size: int = 1,
+        dtype: str = "float32",
     ):
         torch.set_num_threads(threads)
         torch.manual_seed(seed)
         self.device, self.bucket_bytes = device, bucket_bytes
         self.tokenizer = load_tokenizer(model_path)
+        # fp32 master weights; compute (and the reference's weights) in ``dtype``
+        compute = None if dtype == "float32" else getattr(torch, dtype)
         policy = load_policy(model_path, device=device)
-        ref = load_policy(model_path, device=device)
+        ref = load_policy(model_path, dtype=compute or torch.float32, device=device)
         if gradient_checkpointing:  # recompute each decoder layer in backward
             policy.gradient_checkpointing_enable({"use_reentrant": False})
         head = LogZHead(policy.config.hidden_size).to(device)
@@ -83,7 +86,7 @@ class LearnerWorker:
                 max_tokens_per_micro=max_tokens_per_micro, logprob_chunk=logprob_chunk,
                 grad_clip=grad_clip, warmup_steps=warmup_steps, publish_every=publish_every,
                 publish_fn=self._publish if rank == 0 else None, probe_token_ids=probe,
-                device=device, ranks=ranks,
+                device=device, ranks=ranks, param_dtype=compute,
             )  # fmt: skip
 
         self._build = build

@@ -69,6 +69,7 @@ def learner_args(cfg: TrainConfig, model_path: str, address: str, device: str,
         log_z_lr=lc.log_z_lr, grad_clip=lc.grad_clip, warmup_steps=lc.warmup_steps,
         publish_every=lc.publish_every, probe_text=probe_text, seed=cfg.seed,
         threads=lc.threads, device=device, sample_timeout_s=lc.sample_timeout_s,
+        dtype=cfg.model.dtype,
         replay_keys=replay_keys(cfg),
     )  # fmt: skip
 

@@ -40,7 +40,7 @@ def batch(model_dir):
     return groups, [SampleInfo(1, k % 3, 0.0) for k in range(5)]
 
 
-def make(model_dir, algo_name, rank=0, world=1, port=0):
+def make(model_dir, algo_name, rank=0, world=1, port=0, dtype=None):
     """A learner (rank ``rank`` of ``world``) on the fixed batch."""
     torch.set_num_threads(1)
     from flowrl_async.learner.learner import Learner
@@ -56,7 +56,8 @@ def make(model_dir, algo_name, rank=0, world=1, port=0):
     groups, infos = batch(model_dir)
     learner = Learner(policy, ref, head, ALGOS[algo_name], lambda b, v: (groups, infos),
                       pad_token_id=0, batch_groups=5, micro_batch=4, max_tokens_per_micro=24,
-                      logprob_chunk=5, lr=1e-4, log_z_lr=1e-3, ranks=ranks)  # fmt: skip
+                      logprob_chunk=5, lr=1e-4, log_z_lr=1e-3, ranks=ranks,
+                      param_dtype=dtype)  # fmt: skip
     return learner, head
 
 
@@ -72,9 +73,9 @@ def snapshot(learner, head, metrics) -> dict:
             "grad_norm": metrics["grad_norm"]}  # fmt: skip
 
 
-def one_step(model_dir, algo_name, rank=0, world=1, port=0):
+def one_step(model_dir, algo_name, rank=0, world=1, port=0, dtype=None):
     """Build a learner, take one step; -> full params, grads, loss, grad norm."""
-    learner, head = make(model_dir, algo_name, rank, world, port)
+    learner, head = make(model_dir, algo_name, rank, world, port, dtype)
     return snapshot(learner, head, learner.step())
 
 
@@ -98,10 +99,10 @@ def step_save_step(model_dir, algo_name, state_file, rank=0, world=1, port=0):
     return snapshot(learner, head, learner.step())
 
 
-def rank_main(fn, args, rank, world, port, queue):
+def rank_main(fn, args, rank, world, port, queue, kwargs=None):
     import torch.distributed as dist
 
-    out = fn(*args, rank, world, port)
+    out = fn(*args, rank, world, port, **(kwargs or {}))
     dist.barrier()
     dist.destroy_process_group()  # before exit: the group's threads stop first
     if rank == 0:
@@ -109,11 +110,12 @@ def rank_main(fn, args, rank, world, port, queue):
                    for k, v in out.items()})  # fmt: skip
 
 
-def on_two_ranks(fn, args) -> dict:
-    """``fn(*args, rank, 2, port)`` in two spawned processes; -> rank 0's result."""
+def on_two_ranks(fn, args, **kwargs) -> dict:
+    """``fn(*args, rank, 2, port, **kwargs)`` in two spawned processes; -> rank 0's result."""
     ctx, port = mp.get_context("spawn"), free_port()
     queue = ctx.Queue()
-    procs = [ctx.Process(target=rank_main, args=(fn, args, r, 2, port, queue)) for r in range(2)]
+    procs = [ctx.Process(target=rank_main, args=(fn, args, r, 2, port, queue, kwargs))
+             for r in range(2)]  # fmt: skip
     for p in procs:
         p.start()
     out = None
@@ -177,3 +179,21 @@ def test_a_checkpoint_resumes_on_another_number_of_ranks(tmp_path):
     assert state["step"] == 1 and not any(
         hasattr(v, "device_mesh") for e in state["optimizer"]["state"].values() for v in e.values()
     )  # plain tensors on disk: one format for every number of ranks
+
+
+@pytest.mark.integration
+def test_bf16_compute_keeps_fp32_master_weights_and_the_same_update(tmp_path):
+    # bf16 compute (autocast on one rank, FSDP2 mixed precision on two): the gradient is
+    # the fp32 one within bf16's rounding, the master weights stay float32
+    from flowrl_async.model import build_tiny_model
+
+    model_dir = str(build_tiny_model(tmp_path / "m", seed=2))
+    fp32 = one_step(model_dir, "flowrl")
+    one = one_step(model_dir, "flowrl", dtype=torch.bfloat16)
+    two = on_two_ranks(one_step, (model_dir, "flowrl"), dtype=torch.bfloat16)
+    print("bf16 grads vs fp32: 1 rank", relative(fp32["grads"], one["grads"]),
+          "2 ranks", relative(fp32["grads"], two["grads"]))  # fmt: skip
+    assert all(v.dtype == torch.float32 for v in one["params"].values())
+    assert all(str(v.dtype) == "float32" for v in two["params"].values())
+    assert 0 < relative(fp32["grads"], one["grads"]) < 5e-2
+    assert 0 < relative(fp32["grads"], two["grads"]) < 5e-2

@@ -218,8 +218,12 @@ def test_a_sharded_learner_trains_the_main_job_and_resumes_on_one_rank(tmp_path)
     assert all(a["weight_loads"] >= 4 for a in summary["actors"])  # probe passed each time
     assert summary["learner"]["published"] == 5  # the group's first publication + 4
     assert (tmp_path / "run" / "final_policy" / "model.safetensors").exists()
+    # on one rank, and in bf16 (fp32 master weights in the checkpoint: any compute dtype)
     cfg.resume, cfg.learner.world_size, cfg.learner.steps = True, 1, 6
-    train(cfg)
+    cfg.model.dtype = "bfloat16"
+    summary = train(cfg)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
-    assert max(r["logprob_gap_fresh"] for r in rows[4:]) < 1e-4
+    # bf16 engines vs the learner's bf16 autocast: ~1e-2 a token (measured 0.008-0.013)
+    assert all(0 < r["logprob_gap_fresh"] < 3e-2 for r in rows[4:])
+    assert all(a["weight_loads"] >= 1 for a in summary["actors"])  # each load probed, in bf16
