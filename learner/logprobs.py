@@ -22,15 +22,16 @@ def _chunk_logprobs(
     targets: torch.Tensor, temperature: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """hidden [M, H], targets [M] -> (log π of the targets [M], entropy [M], detached)."""
-    logits = hidden.float() @ weight.float().t()  # the chunk's one [M, V] tensor
-    if bias is not None:
-        logits += bias.float()  # in place: the product's backward needs only its inputs
-    logits /= temperature
-    lse = torch.logsumexp(logits, -1)
-    taken = logits.gather(-1, targets[:, None]).squeeze(-1) - lse
-    with torch.no_grad():  # Σ_v p_v·logit_v as a [M, 1, V] × [M, V, 1] product: no 3rd [M, V]
-        p = torch.softmax(logits, -1)
-        entropy = lse - torch.bmm(p.unsqueeze(1), logits.unsqueeze(-1)).view(-1)
+    with torch.autocast(hidden.device.type, enabled=False):  # float32 under autocast too
+        logits = hidden.float() @ weight.float().t()  # the chunk's one [M, V] tensor
+        if bias is not None:
+            logits += bias.float()  # in place: the product's backward needs only its inputs
+        logits /= temperature
+        lse = torch.logsumexp(logits, -1)
+        taken = logits.gather(-1, targets[:, None]).squeeze(-1) - lse
+        with torch.no_grad():  # Σ_v p_v·logit_v as [M, 1, V] × [M, V, 1]: no 3rd [M, V]
+            p = torch.softmax(logits, -1)
+            entropy = lse - torch.bmm(p.unsqueeze(1), logits.unsqueeze(-1)).view(-1)
     return taken, entropy
 
 

@@ -90,3 +90,15 @@ def test_the_memory_formula_of_a_learner_rank():
     assert got["reference"] == 1.9e9
     assert got["logprob_chunk"] == 16 * 1024 * 152_064
     assert got["total"] == 3.8e9 + 3.8e9 + 7.6e9 + 1.9e9 + 16 * 1024 * 152_064
+
+
+def test_the_output_layer_stays_float32_under_autocast():
+    # autocast would run the matmul in bf16 (~1e-2 off); the chunked head opts out
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(2, 5, 32, generator=g), torch.randn(300, 32, generator=g)
+    targets = torch.randint(0, 300, (2, 5), generator=g)
+    want, _ = token_logprobs(hidden, weight, None, targets, 1.0, chunk=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, _ = token_logprobs(hidden, weight, None, targets, 1.0, chunk=4)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
