@@ -177,7 +177,8 @@ class RolloutLoop:
             header = publication.header
             publication.load_into(self.generator)
             if header.probe_token_ids:
-                tol = probe_tolerance(self.probe_tolerance, self.dtype, len(header.probe_token_ids))
+                scored = len(header.probe_token_ids) - 1  # every token after the first
+                tol = probe_tolerance(self.probe_tolerance, self.dtype, scored)
                 check_probe(self.generator, header.probe_token_ids, header.probe_logprob, tol)
             self.version = header.version
         self.stats.weight_loads += 1

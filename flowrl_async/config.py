@@ -358,7 +358,7 @@ def validate(cfg: TrainConfig) -> None:
         problems.append("replay.preload_* filters need replay.preload (a stored run)")
     if cfg.cluster.num_actors == 0 and (cfg.mode == "sync" or cfg.evaluation.every):
         problems.append("cluster.num_actors=0 (offline) needs mode=async and evaluation.every=0")
-    if cfg.model.path is not None:
+    if cfg.model.path is not None and not cfg.cluster.address:  # on a cluster: the nodes' disks
         from flowrl_async.model import ModelError, check_model_dir
 
         try:

@@ -39,16 +39,18 @@ from flowrl_async.model import sequence_logprob
 
 
 def no_dropout(model) -> None:
-    """Dropout off in training mode too: every nn.Dropout at p = 0, and the config's
-    attention dropout (applied inside the attention kernels) at 0."""
+    """Dropout off in training mode too: every nn.Dropout at p = 0, and every float module
+    attribute a forward reads as a dropout rate (``attention_dropout``, OPT's ``dropout``,
+    Bloom's ``hidden_dropout``, ``*_pdrop``, ``layerdrop``) at 0. The config is left as the
+    model's own (checkpoints keep it)."""
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-        if isinstance(getattr(module, "attention_dropout", None), float):  # read per call
-            module.attention_dropout = 0.0
-    for key in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
-        if isinstance(getattr(model.config, key, None), float):
-            setattr(model.config, key, 0.0)
+        for name, value in list(vars(module).items()):
+            if isinstance(value, float) and (
+                "dropout" in name or "pdrop" in name or name == "layerdrop"
+            ):
+                setattr(module, name, 0.0)
 
 
 def lr_factor(step: int, warmup_steps: int) -> float:

@@ -44,6 +44,9 @@ def token_logprobs(
     without). ``chunk``: positions per output-layer pass (None: all at once)."""
     n, t, h = hidden.shape
     flat, flat_targets = hidden.reshape(n * t, h), targets.reshape(n * t)
+    with torch.autocast(hidden.device.type, enabled=False):  # one float32 copy (none if fp32)
+        weight = weight.float()
+        bias = None if bias is None else bias.float()
     if chunk is None or chunk >= n * t:
         taken, entropy = _chunk_logprobs(flat, weight, bias, flat_targets, temperature)
         return taken.view(n, t), entropy.view(n, t)

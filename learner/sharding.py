@@ -74,13 +74,15 @@ class Ranks:
 
     def _broadcast_batch(self, groups, infos):
         if self.rank == 0:
-            payload = msgpack.packb(
-                {
+            try:
+                batch = {
                     "g": [group_to_wire(g) for g in groups],
                     "i": [[i.times_sampled, i.staleness, i.inserted_at] for i in infos],
-                },  # fmt: skip
-                use_bin_type=True,
-            )
+                }
+                payload = msgpack.packb(batch, use_bin_type=True)
+            except BaseException:
+                self.abort_share()  # the other ranks wait for the size below
+                raise
             size = torch.tensor([len(payload)], dtype=torch.long, device=self.device)
         else:
             size = torch.zeros(1, dtype=torch.long, device=self.device)

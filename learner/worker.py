@@ -68,7 +68,7 @@ class LearnerWorker:
             policy.gradient_checkpointing_enable({"use_reentrant": False})
         head = LogZHead(policy.config.hidden_size).to(device)
         self.rank, self.world_size = rank, world_size
-        if world_size == 1:  # publications send the weights where they are, without a copy
+        if world_size == 1 and compute is None:  # publications send the weights in place
             share_storage(list(policy.state_dict(keep_vars=True).items()), bucket_bytes)
         keys = replay_keys or {}  # CURVE keyword arguments, when the socket is encrypted
         self.replay = ReplayClient(replay_address, **keys)  # used by step() only
@@ -271,8 +271,10 @@ class LearnerWorker:
         return str(save_model(path, self.learner.policy, self.tokenizer, weights))
 
     def stop(self) -> None:
-        if self.sender is not None:
-            self.sender.stop()
-            self.sender = None
-        if self.learner is not None and self.world_size > 1:
-            self.learner.ranks.close()
+        try:
+            if self.sender is not None:
+                self.sender.stop()
+                self.sender = None
+        finally:  # the other ranks wait for this one to leave the learner group
+            if self.learner is not None and self.world_size > 1:
+                self.learner.ranks.close()

@@ -264,6 +264,8 @@ class Processes:
                     raise LearnerDied(f"a learner process died during {method}: {e}") from e
                 except Exception:  # a rank whose peer died fails its collective first
                     self._raise_if_a_rank_died(refs, method)
+                    if ref is not refs[0] and self.ray.wait([refs[0]], timeout=10)[0]:
+                        self.ray.get(refs[0])  # rank 0's own error says more (e.g. sampling)
                     raise
             if pending and heal:
                 self.heal(reform=reform)
@@ -367,15 +369,20 @@ class LearnerDied(RuntimeError):
 
 @contextmanager
 def no_interrupt():
-    """Ctrl-C waits until the block is done (it is delivered right after)."""
+    """Ctrl-C waits until the block is done (it is delivered right after). A handler of our
+    own records it: blocking the signal would only hold it back from this thread, and the
+    kernel gives it to any other thread of the process."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    caught: list = []
+    previous = signal.signal(signal.SIGINT, lambda *args: caught.append(args))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        signal.signal(signal.SIGINT, previous)
+        if caught and callable(previous):
+            previous(*caught[0])
 
 
 def death_cause(ray, handle) -> str | None:

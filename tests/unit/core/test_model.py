@@ -102,3 +102,29 @@ def test_the_learner_turns_dropout_off(tmp_path):
     policy.eval()
     c = learner.policy_fwd(batch, 1.0, False).logprobs
     assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_dropout_rates_read_at_call_time_are_zeroed_too():
+    # OPT keeps its dropout as a float attribute of each layer (config.dropout = 0.1 in real
+    # OPT checkpoints); the learner's policy must give the same log-probs twice
+    import torch
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from flowrl_async.learner.batch import collate
+    from flowrl_async.learner.config import AlgoConfig
+    from flowrl_async.learner.learner import Learner
+    from flowrl_async.learner.log_z import LogZHead
+
+    from factories import make_group
+
+    config = OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=2,
+                       vocab_size=64, dropout=0.3, attention_dropout=0.3, layerdrop=0.0,
+                       word_embed_proj_dim=32, max_position_embeddings=64)  # fmt: skip
+    torch.manual_seed(0)
+    policy, ref = OPTForCausalLM(config), OPTForCausalLM(config)
+    learner = Learner(policy, ref, LogZHead(32), AlgoConfig(), lambda b, v: None, pad_token_id=1)
+    batch = collate([make_group("a", n=3, tokens=5)], [0], pad_token_id=1)
+    a = learner.policy_fwd(batch, 1.0, False).logprobs
+    b = learner.policy_fwd(batch, 1.0, False).logprobs
+    assert torch.equal(a, b)
+    assert policy.config.dropout == 0.3  # the model's own config is left as it is
