@@ -246,7 +246,6 @@ class Processes:
         does not, e.g. at the end of a run); a dead learner process raises LearnerDied (the
         learner is not restarted: resume from a checkpoint). A collective call goes to
         every rank; rank 0's answer is kept; the first rank that fails ends the wait."""
-        from ray.exceptions import RayActorError
 
         ranks = self.learners if method in COLLECTIVE else [self.learner]
         with no_interrupt():  # every rank gets the call, or none: collectives pair by order
@@ -260,13 +259,8 @@ class Processes:
             for ref in ready:
                 try:
                     self.ray.get(ref)
-                except RayActorError as e:
-                    raise LearnerDied(f"a learner process died during {method}: {e}") from e
-                except Exception:  # a rank whose peer died fails its collective first
-                    self._raise_if_a_rank_died(refs, method)
-                    if ref is not refs[0] and self.ray.wait([refs[0]], timeout=10)[0]:
-                        self.ray.get(refs[0])  # rank 0's own error says more (e.g. sampling)
-                    raise
+                except Exception as e:
+                    self._raise_failure(refs, method, e)
             if pending and heal:
                 self.heal(reform=reform)
         result = self.ray.get(refs[0])
@@ -274,17 +268,23 @@ class Processes:
             self.heal()
         return result
 
-    def _raise_if_a_rank_died(self, refs: list, method: str, wait_s: float = 10.0) -> None:
+    def _raise_failure(self, refs: list, method: str, error: Exception, wait_s: float = 10.0):
+        """A rank's call failed: a dead learner process is LearnerDied (its peers' collectives
+        usually fail first), else rank 0's own error (it says more, e.g. why sampling
+        failed), else ``error``."""
         from ray.exceptions import RayActorError
 
         done, _ = self.ray.wait(refs, num_returns=len(refs), timeout=wait_s)
+        errors = {}
         for ref in done:
             try:
                 self.ray.get(ref)
-            except RayActorError as e:
+            except Exception as e:
+                errors[ref] = e
+        for e in (error, *errors.values()):
+            if isinstance(e, RayActorError):
                 raise LearnerDied(f"a learner process died during {method}: {e}") from e
-            except Exception:
-                continue
+        raise errors.get(refs[0], error)
 
     # ---------------------------------------------------------------- the driver's calls
     def learner_step(self) -> dict:
