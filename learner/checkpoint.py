@@ -1,9 +1,19 @@
-"""Atomic learner checkpoints: ``<root>/step-%08d/`` with the policy in Hugging Face format
-(loadable by transformers and vLLM) and ``training_state.pt`` (log Z head, optimizer,
-scheduler, RNG states, step, version) plus ``extra.json`` (e.g. the replay checkpoint path).
+"""Atomic learner checkpoints, written by every learner rank: ``<root>/step-%08d/`` holds
 
-Invariants: a checkpoint directory exists only complete (written as a hidden temp dir, then
-renamed); ``latest`` never returns a partial one; only the newest ``keep`` are kept.
+    state/         torch.distributed.checkpoint: policy (fp32 master weights) + log Z head
+                   ("model") and the optimizer ("optim"), each rank writing its shards; any
+                   number of ranks loads it (DCP reshards on load)
+    trainer.pt     scheduler, step, version (rank 0)
+    rng-<rank>.pt  each rank's RNG states
+    policy/        the policy in Hugging Face format (transformers and vLLM load it),
+                   exported by rank 0 from the gathered weights
+    extra.json     e.g. the replay checkpoint taken with it
+
+Invariants: a checkpoint directory exists only complete: every rank writes into one hidden
+``.step-%08d.partial`` directory, and rank 0 renames it once every rank reported success
+(on a failure anywhere, every rank raises and nothing is renamed); ``latest`` never returns
+a partial one; only the newest ``keep`` are kept. Several nodes need one shared file system.
+Checkpoints of the earlier single-file layout (``training_state.pt``) still load.
 """
 
 from __future__ import annotations
@@ -11,38 +21,93 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from flowrl_async.model import cpu_state
-
 PREFIX = "step-"
 
 
-def save_checkpoint(root, step: int, policy, tokenizer, training_state: dict, extra: dict,
-                    keep: int = 3, policy_state: dict | None = None) -> Path:  # fmt: skip
-    """``policy_state``: the full weights to write (default: the policy's own)."""
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"{PREFIX}{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+def save(root, learner, tokenizer, keep: int = 3, extra=dict) -> Path:
+    """Checkpoint ``learner`` (learner.Learner) under ``root``: a collective every rank
+    joins. ``extra()`` is called on rank 0 only, when the state is written."""
+    ranks = learner.ranks
+    tmp = begin(root, learner.step_count, ranks)
     try:
-        weights = cpu_state(policy) if policy_state is None else policy_state
-        policy.save_pretrained(tmp / "policy", safe_serialization=True, state_dict=weights)
-        tokenizer.save_pretrained(tmp / "policy")
-        torch.save(training_state, tmp / "training_state.pt")
-        (tmp / "extra.json").write_text(json.dumps(extra, indent=2))
+        learner.save_state(tmp)  # DCP reports a failed write on every rank
+        weights = learner.full_policy_state()  # gathered: every rank joins
+        if ranks.rank == 0:
+            write_policy(tmp, learner.policy, tokenizer, weights)
+            write_extra(tmp, extra())
+    except BaseException:
+        abandon(tmp, ranks)  # the other ranks raise in commit
+        raise
+    return commit(tmp, True, ranks, keep)
+
+
+def load(path, learner) -> dict:
+    """Load checkpoint ``path`` into ``learner`` (every rank; any number of ranks);
+    -> its trainer state (step, version, scheduler)."""
+    if is_legacy(path):
+        policy_state, state = load_legacy(path)
+        learner.load_training_state(state, policy_state)
+        return state
+    return learner.load_state(Path(path))
+
+
+def begin(root, step: int, ranks) -> Path:
+    """The hidden directory every rank writes checkpoint ``step`` into (a collective)."""
+    tmp = Path(root) / f".{PREFIX}{step:08d}.partial"
+    if ranks.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # a crash mid-write left it
+        tmp.mkdir(parents=True)
+    ranks.barrier()
+    return tmp
+
+
+def commit(tmp: Path, ok: bool, ranks, keep: int = 3) -> Path:
+    """Every rank reports whether its part is written (a collective); all did: rank 0
+    renames ``tmp`` to its final name and prunes old checkpoints; -> the final path."""
+    final = tmp.parent / tmp.name.removeprefix(".").removesuffix(".partial")
+    if not ranks.all_ok(ok):
+        if ranks.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise RuntimeError(f"checkpoint {final.name} failed on a learner rank: nothing kept")
+    if ranks.rank == 0:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    for old in checkpoints(root)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        for old in checkpoints(tmp.parent)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    ranks.barrier()  # nobody reads the checkpoint before it has its final name
     return final
+
+
+def abandon(tmp: Path, ranks) -> None:
+    """This rank failed to write its part: tell the others (they raise in ``commit``)."""
+    ranks.all_ok(False)
+    if ranks.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_policy(directory: Path, policy, tokenizer, weights: dict) -> None:
+    """The Hugging Face export (rank 0; ``weights``: the full state dict on the CPU)."""
+    policy.save_pretrained(directory / "policy", safe_serialization=True, state_dict=weights)
+    tokenizer.save_pretrained(directory / "policy")
+
+
+def write_extra(directory: Path, extra: dict) -> None:
+    (directory / "extra.json").write_text(json.dumps(extra, indent=2))
+
+
+def read_extra(path) -> dict:
+    return json.loads((Path(path) / "extra.json").read_text())
+
+
+def is_legacy(path) -> bool:
+    """A checkpoint of the single-file layout (``training_state.pt``, full tensors)."""
+    return (Path(path) / "training_state.pt").is_file()
 
 
 def checkpoints(root) -> list[Path]:
@@ -57,12 +122,10 @@ def latest(root) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path) -> tuple[dict, dict, dict]:
-    """-> (policy state dict, training state, extra)."""
+def load_legacy(path) -> tuple[dict, dict]:
+    """A single-file-layout checkpoint -> (policy state dict, training state)."""
     path = Path(path)
     policy_state = {}
     for f in sorted((path / "policy").glob("*.safetensors")):
         policy_state.update(load_file(str(f)))
-    state = torch.load(path / "training_state.pt", weights_only=False)
-    extra = json.loads((path / "extra.json").read_text())
-    return policy_state, state, extra
+    return policy_state, torch.load(path / "training_state.pt", weights_only=False)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
+from pathlib import Path
 
 import torch
 
@@ -36,6 +37,7 @@ from flowrl_async.learner.objective import OBJECTIVES, LossInputs
 from flowrl_async.learner.objectives import masked_mean, masked_sum
 from flowrl_async.learner.sharding import Ranks, clip_grads, full_tensor, shard
 from flowrl_async.model import sequence_logprob
+from flowrl_async.weights import DEFAULT_BUCKET_BYTES, plan_buckets
 
 
 def no_dropout(model) -> None:
@@ -83,6 +85,7 @@ class Learner:
         device: str = "cpu",
         ranks: Ranks | None = None,
         param_dtype: torch.dtype | None = None,
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
     ):
         """``param_dtype`` (e.g. torch.bfloat16): the compute dtype of policy and reference,
         and the dtype weights are published in; the optimizer keeps fp32 master weights
@@ -104,6 +107,7 @@ class Learner:
         self.batch_groups, self.micro_batch, self.grad_clip = batch_groups, micro_batch, grad_clip
         self.max_tokens_per_micro, self.logprob_chunk = max_tokens_per_micro, logprob_chunk
         self.publish_every, self.publish_fn = publish_every, publish_fn
+        self.bucket_bytes = bucket_bytes
         self.probe_token_ids, self.device = tuple(probe_token_ids), device
         self.objective = OBJECTIVES[algo.name]
         groups = [{"params": list(policy.parameters()), "lr": lr}]
@@ -115,6 +119,8 @@ class Learner:
         )
         self.step_count = 0
         self.version = 0
+        # what a checkpoint's DCP state holds: the policy and the log Z head
+        self.stateful = torch.nn.ModuleDict({"policy": policy, "log_z": log_z_head})
 
     # ------------------------------------------------------------------ the step
     def step(self) -> dict[str, float]:
@@ -237,27 +243,42 @@ class Learner:
         return out
 
     # ------------------------------------------------------------------ checkpoints
-    def training_state(self) -> dict:
-        """Everything but the policy weights (saved in Hugging Face format beside it), in one
-        format for every number of ranks: sharded optimizer state is gathered (a collective
-        every rank joins), so any number of ranks can resume it."""
-        optimizer = self.optimizer.state_dict()
-        if self.ranks.sharded:  # gathered one tensor at a time; ranks > 0 keep nothing
-            keep = self.ranks.rank == 0
-            optimizer["state"] = {
-                i: {k: _gathered(v, keep) for k, v in sorted(entry.items())}
-                for i, entry in sorted(optimizer["state"].items())
-            }  # fmt: skip
-        return {
-            "log_z": self.log_z.state_dict(),
-            "optimizer": optimizer,
-            "scheduler": self.scheduler.state_dict(),
-            "rng": rng_state(),
-            "step": self.step_count,
-            "version": self.version,
-        }
+    def save_state(self, directory: Path) -> None:
+        """Write this rank's part of a checkpoint into ``directory`` (learner/checkpoint.py:
+        a collective every rank joins): DCP state (sharded policy, log Z head, optimizer),
+        this rank's RNG, and on rank 0 the scheduler, step and version."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model, optim = get_state_dict(self.stateful, self.optimizer)
+        dcp.save({"model": model, "optim": optim}, checkpoint_id=str(directory / "state"))
+        torch.save(rng_state(), directory / f"rng-{self.ranks.rank}.pt")
+        if self.ranks.rank == 0:
+            trainer = {"scheduler": self.scheduler.state_dict(), "step": self.step_count,
+                       "version": self.version}  # fmt: skip
+            torch.save(trainer, directory / "trainer.pt")
+
+    def load_state(self, directory: Path) -> dict:
+        """Load a checkpoint written by any number of ranks (DCP reshards on load; a rank
+        with no RNG file of its own takes rank 0's); -> the trainer state."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model, optim = get_state_dict(self.stateful, self.optimizer)
+        state = {"model": model, "optim": optim}
+        dcp.load(state, checkpoint_id=str(directory / "state"))
+        set_state_dict(self.stateful, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])  # fmt: skip
+        trainer = torch.load(directory / "trainer.pt", weights_only=False)
+        self.scheduler.load_state_dict(trainer["scheduler"])
+        rng = directory / f"rng-{self.ranks.rank}.pt"
+        set_rng_state(torch.load(rng if rng.exists() else directory / "rng-0.pt",
+                                 weights_only=False))  # fmt: skip
+        self.step_count, self.version = trainer["step"], trainer["version"]
+        return trainer
 
     def load_training_state(self, state: dict, policy_state: dict) -> None:
+        """A checkpoint of the single-file layout: full tensors, laid out like this rank's."""
         tied = getattr(self.policy.config, "tie_word_embeddings", False)
         if self.ranks.sharded:  # full tensors from disk: every rank keeps its shard
             policy_state = _like(self.policy.state_dict(), policy_state)
@@ -289,21 +310,30 @@ class Learner:
             return contextlib.nullcontext()
         return torch.autocast(self.device.split(":")[0], dtype=self.param_dtype)
 
-    def named_weights(self, keep: bool = True) -> list[tuple[str, torch.Tensor | None]]:
-        """The policy's full tensors, in the publication dtype (sharded: gathered, a
-        collective every rank joins; ``keep=False``: each dropped once gathered, for ranks
-        that only join)."""
+    def publication_specs(self) -> list[tuple[str, torch.Tensor]]:
+        """What a publication holds: every policy tensor's name, full shape and publication
+        dtype, as meta tensors (nothing allocated; the bucket plan needs no more)."""
         out = []
         for n, p in self.policy.state_dict().items():
-            t = _gathered(p.detach(), keep, cpu=False)
-            if t is not None and self.param_dtype is not None and t.is_floating_point():
-                t = t.to(self.param_dtype)
-            out.append((n, t))
+            dtype = self.param_dtype if self.param_dtype and p.is_floating_point() else p.dtype
+            out.append((n, torch.empty(p.shape, dtype=dtype, device="meta")))
         return out
 
+    def bucket_tensors(self, buckets):
+        """-> (bucket, {name: full tensor in the bucket's dtype}) for each bucket, gathered
+        just before it is yielded (sharded: a collective every rank joins, so every rank
+        must exhaust the iterator; ranks > 0 get None for every tensor)."""
+        state, keep = self.policy.state_dict(), self.ranks.rank == 0
+        for bucket in buckets:
+            tensors = {}
+            for s in bucket.slots:
+                t = _gathered(state[s.name].detach(), keep, cpu=False)
+                tensors[s.name] = t if t is None or t.dtype == bucket.dtype else t.to(bucket.dtype)
+            yield bucket, tensors
+
     def full_policy_state(self) -> dict | None:
-        """The policy's weights on the CPU (sharded: gathered one tensor at a time; None on
-        ranks > 0, which keep nothing)."""
+        """The policy's weights on the CPU (sharded: gathered one tensor at a time, a
+        collective every rank joins; None on ranks > 0, which keep nothing)."""
         keep = self.ranks.rank == 0
         state = {n: _gathered(p.detach(), keep) for n, p in self.policy.state_dict().items()}
         return state if keep else None
@@ -318,12 +348,17 @@ class Learner:
             out = self.policy_fwd(probe_batch(self.probe_token_ids).to(self.device), 1.0, False)
         return float(out.logprobs.sum())
 
-    def publish(self) -> None:
-        """version + 1, and the weights to the actors (rank 0; every rank gathers)."""
-        self.version += 1
-        named, probe = self.named_weights(keep=self.ranks.rank == 0), self.probe()
+    def publish(self, new_version: bool = True) -> None:
+        """The weights to the actors (``new_version``: as version + 1), bucket by bucket:
+        every rank gathers each bucket in turn, rank 0 hands it to ``publish_fn``."""
+        self.version += 1 if new_version else 0
+        probe = self.probe()
+        buckets = plan_buckets(self.publication_specs(), self.bucket_bytes)
+        gathered = self.bucket_tensors(buckets)
         if self.publish_fn is not None:
-            self.publish_fn(named, self.version, self.probe_token_ids, probe)
+            self.publish_fn(self.version, self.probe_token_ids, probe, buckets, gathered)
+        for _ in gathered:  # whatever publish_fn left: the other ranks wait in these gathers
+            pass
 
 
 def rng_state() -> dict:

@@ -103,6 +103,18 @@ class Ranks:
         if self.sharded and self.rank == 0:
             dist.broadcast(torch.tensor([-1], dtype=torch.long, device=self.device), 0)
 
+    def barrier(self) -> None:
+        if self.sharded:
+            dist.barrier()
+
+    def all_ok(self, ok: bool) -> bool:
+        """Whether every rank passed ``ok`` (a collective)."""
+        if not self.sharded:
+            return ok
+        t = torch.tensor([1 if ok else 0], dtype=torch.long, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return bool(int(t))
+
     def max(self, value: int) -> int:
         if not self.sharded:
             return value

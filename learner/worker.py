@@ -15,7 +15,7 @@ import time
 import torch
 
 from flowrl_async.heap import freeze_survivors
-from flowrl_async.learner.checkpoint import checkpoints, latest, load_checkpoint, save_checkpoint
+from flowrl_async.learner import checkpoint as ckpt
 from flowrl_async.learner.config import AlgoConfig
 from flowrl_async.learner.learner import Learner
 from flowrl_async.learner.log_z import LogZHead
@@ -86,7 +86,7 @@ class LearnerWorker:
                 max_tokens_per_micro=max_tokens_per_micro, logprob_chunk=logprob_chunk,
                 grad_clip=grad_clip, warmup_steps=warmup_steps, publish_every=publish_every,
                 publish_fn=self._publish if rank == 0 else None, probe_token_ids=probe,
-                device=device, ranks=ranks, param_dtype=compute,
+                device=device, ranks=ranks, param_dtype=compute, bucket_bytes=bucket_bytes,
             )  # fmt: skip
 
         self._build = build
@@ -141,15 +141,19 @@ class LearnerWorker:
             return [], []  # rank 0's batch arrives in train_on
         return self._sample(self.learner.batch_groups, self.learner.version)
 
-    def _publish(self, named, version, probe_ids, probe_logprob) -> None:
-        """Broadcast to the group; a broken group (a member died) is dropped, never fatal:
-        training goes on and the orchestrator re-forms the group with the restarted actor."""
+    def _publish(self, version, probe_ids, probe_logprob, buckets, bucket_tensors) -> None:
+        """Rank 0: broadcast each bucket as the ranks gather it. A broken group (a member
+        died) is dropped, never fatal: training goes on and the orchestrator re-forms the
+        group with the restarted actor."""
         self.replay_control.set_version(version)  # admission opens for the new version
         sender = self.sender
         if sender is None:
             return
         try:
-            sender.publish(named, version, probe_ids, probe_logprob)
+            publication = sender.start(buckets, version, probe_ids, probe_logprob)
+            for bucket, tensors in bucket_tensors:
+                publication.send(bucket, tensors)
+            publication.finish()
             self.published += 1
         except Exception as e:  # gloo/NCCL raise RuntimeError subclasses of many kinds
             self.publish_failures += 1
@@ -204,34 +208,29 @@ class LearnerWorker:
     def publish_current(self) -> int:
         """Send the current weights at the current version (a new or rebuilt group)."""
         with self.lock:
-            lrn = self.learner
-            named, probe = lrn.named_weights(keep=self.rank == 0), lrn.probe()  # collectives
-            if self.rank == 0:
-                self._publish(named, lrn.version, lrn.probe_token_ids, probe)
-            return lrn.version
+            self.learner.publish(new_version=False)  # collectives: every rank calls it
+            return self.learner.version
 
     def save_checkpoint(self, root: str, keep: int, extra: dict | None = None) -> str:
-        """The learner's checkpoint, and the replay service's taken at the same point
-        (every rank gathers its shards; rank 0 writes)."""
+        """The learner's checkpoint (learner/checkpoint.py: every rank writes its shards,
+        rank 0 the Hugging Face export), and the replay service's taken at the same point."""
         with self.lock:
             lrn = self.learner
-            state, weights = lrn.training_state(), lrn.full_policy_state()
-            if self.rank != 0:
-                return ""
-            tag = f"step-{lrn.step_count:08d}"
-            replay = self.replay_control.checkpoint(tag)
-            extra = {**(extra or {}), "replay_checkpoint": replay}
-            path = save_checkpoint(
-                root, lrn.step_count, lrn.policy, self.tokenizer, state, extra, keep, weights
-            )
-            self._prune_replay_checkpoints(root)
-            return str(path)
+
+            def extra_with_replay() -> dict:  # rank 0, once the state is written
+                replay = self.replay_control.checkpoint(f"step-{lrn.step_count:08d}")
+                return {**(extra or {}), "replay_checkpoint": replay}
+
+            path = ckpt.save(root, lrn, self.tokenizer, keep, extra_with_replay)
+            if self.rank == 0:
+                self._prune_replay_checkpoints(root)
+            return str(path) if self.rank == 0 else ""
 
     def _prune_replay_checkpoints(self, root: str) -> None:
         """Once the learner's checkpoint is on disk (and its old ones pruned): the service
         keeps the replay checkpoints the remaining ones refer to (and its newest)."""
         names = []
-        for path in checkpoints(root):
+        for path in ckpt.checkpoints(root):
             extra = path / "extra.json"
             if extra.is_file():
                 ref = json.loads(extra.read_text()).get("replay_checkpoint") or {}
@@ -246,12 +245,12 @@ class LearnerWorker:
         replay checkpoint taken with it (the groups sampled since, for updates now lost, are
         offered again); -> its step, version and extra, and ``replay_rewind``: what the
         service answered, or the error that kept it from rewinding (training goes on)."""
-        path = latest(root)
+        path = ckpt.latest(root)
         if path is None:
             raise FileNotFoundError(f"resume: no checkpoint under {root}")
-        policy_state, state, extra = load_checkpoint(path)
+        extra = ckpt.read_extra(path)
         with self.lock:
-            self.learner.load_training_state(state, policy_state)
+            state = ckpt.load(path, self.learner)  # every rank reads its shards
             rewind = None
             if "replay_checkpoint" in extra and self.rank == 0:
                 try:

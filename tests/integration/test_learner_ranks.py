@@ -4,10 +4,12 @@ gradients and parameters, for flowrl, flowrl_tb and grpo."""
 
 import multiprocessing as mp
 
+import numpy as np
 import pytest
 import torch
 
 from flowrl_async.learner.config import AlgoConfig
+from flowrl_async.model import build_tiny_model
 from flowrl_async.net import free_port
 
 ALGOS = {
@@ -20,8 +22,6 @@ ALGOS = {
 def batch(model_dir):
     """5 groups of 2-4 responses of 1-6 tokens: rank 0 gets 3 groups, rank 1 gets 2, and
     the token budget splits them into different numbers of micro-batches per rank."""
-    import numpy as np
-
     from flowrl_async.records import Group, Response
     from flowrl_async.replay.client import SampleInfo
 
@@ -79,24 +79,47 @@ def one_step(model_dir, algo_name, rank=0, world=1, port=0, dtype=None):
     return snapshot(learner, head, learner.step())
 
 
-def resume_then_step(model_dir, algo_name, state_file, rank=0, world=1, port=0):
-    """Load a checkpoint written by any number of ranks, then take one step."""
+def resume_then_step(model_dir, algo_name, root, rank=0, world=1, port=0):
+    """Load the newest checkpoint under ``root``, written by any number of ranks, then take
+    one step."""
+    from flowrl_async.learner import checkpoint as ckpt
+
     learner, head = make(model_dir, algo_name, rank, world, port)
-    state, policy_state = torch.load(state_file, weights_only=False)
-    learner.load_training_state(state, policy_state)
+    ckpt.load(ckpt.latest(root), learner)  # every rank reads its shards
     return snapshot(learner, head, learner.step())
 
 
-def step_save_step(model_dir, algo_name, state_file, rank=0, world=1, port=0):
-    """One step, a checkpoint's contents to ``state_file``, one more step."""
-    from flowrl_async.model import cpu_state
+def step_save_step(model_dir, algo_name, root, rank=0, world=1, port=0):
+    """One step, a checkpoint under ``root`` (every rank writes its shards), one more step."""
+    from flowrl_async.learner import checkpoint as ckpt
+    from flowrl_async.model import load_tokenizer
 
     learner, head = make(model_dir, algo_name, rank, world, port)
     learner.step()
-    state, policy_state = learner.training_state(), cpu_state(learner.policy)  # collectives
-    if rank == 0:
-        torch.save((state, policy_state), state_file)
+    ckpt.save(root, learner, load_tokenizer(model_dir))
     return snapshot(learner, head, learner.step())
+
+
+def publish_once(model_dir, weight_port, rank=0, world=1, port=0):
+    """Rank 0 joins a weight group with the test process; every rank publishes in bf16,
+    in buckets of 64 KB gathered one at a time."""
+    from flowrl_async.learner.weight_sender import WeightSender
+    from flowrl_async.weights import new_group
+
+    learner, _ = make(model_dir, "flowrl", rank, world, port, dtype=torch.bfloat16)
+    learner.bucket_bytes = 64 * 1024
+    if rank == 0:
+        sender = WeightSender(new_group("127.0.0.1", weight_port, 0, 2, timeout_s=60))
+
+        def send(version, probe_ids, probe, buckets, gathered):
+            publication = sender.start(buckets, version, probe_ids, probe)
+            for bucket, tensors in gathered:
+                publication.send(bucket, tensors)
+            publication.finish()
+
+        learner.publish_fn = send
+    learner.publish()
+    return {"version": learner.version}
 
 
 def rank_main(fn, args, rank, world, port, queue, kwargs=None):
@@ -140,8 +163,6 @@ def relative(a: dict, b: dict) -> float:
 @pytest.mark.integration
 @pytest.mark.parametrize("algo_name", list(ALGOS))
 def test_two_learner_ranks_make_the_one_rank_update(tmp_path, algo_name):
-    from flowrl_async.model import build_tiny_model
-
     model_dir = str(build_tiny_model(tmp_path / "m", seed=2))
     single = one_step(model_dir, algo_name)
     two = on_two_ranks(one_step, (model_dir, algo_name))
@@ -160,33 +181,73 @@ def test_two_learner_ranks_make_the_one_rank_update(tmp_path, algo_name):
 
 
 @pytest.mark.integration
-def test_a_checkpoint_resumes_on_another_number_of_ranks(tmp_path):
-    # 2 ranks: step, checkpoint, step == 1 rank: load that checkpoint, step (2 -> 1); and
-    # 1 rank: step, checkpoint, step == 2 ranks: load it, step (1 -> 2)
-    from flowrl_async.model import build_tiny_model
+def test_a_sharded_checkpoint_resumes_exactly_and_on_another_number_of_ranks(tmp_path):
+    # 2 ranks: step, checkpoint, step == 2 ranks: load, step (exactly) == 1 rank: load,
+    # step (2 -> 1); 1 rank: step, checkpoint, step == 2 ranks: load it, step (1 -> 2)
+    from flowrl_async.learner.checkpoint import latest
+    from flowrl_async.model import load_policy
 
     model_dir = str(build_tiny_model(tmp_path / "m", seed=2))
-    two = on_two_ranks(step_save_step, (model_dir, "flowrl", str(tmp_path / "two.pt")))
-    one_after = resume_then_step(model_dir, "flowrl", str(tmp_path / "two.pt"))
+    two = on_two_ranks(step_save_step, (model_dir, "flowrl", str(tmp_path / "two")))
+    two_again = on_two_ranks(resume_then_step, (model_dir, "flowrl", str(tmp_path / "two")))
+    assert all(np.array_equal(two["params"][k], two_again["params"][k]) for k in two["params"])
+    one_after = resume_then_step(model_dir, "flowrl", str(tmp_path / "two"))
     print("2 -> 1", relative(two["params"], one_after["params"]))
     assert relative(two["params"], one_after["params"]) < 1e-6
 
-    one = step_save_step(model_dir, "flowrl", str(tmp_path / "one.pt"))
-    two_after = on_two_ranks(resume_then_step, (model_dir, "flowrl", str(tmp_path / "one.pt")))
+    one = step_save_step(model_dir, "flowrl", str(tmp_path / "one"))
+    two_after = on_two_ranks(resume_then_step, (model_dir, "flowrl", str(tmp_path / "one")))
     print("1 -> 2", relative(one["params"], two_after["params"]))
     assert relative(one["params"], two_after["params"]) < 1e-6
-    state, _ = torch.load(tmp_path / "two.pt", weights_only=False)
-    assert state["step"] == 1 and not any(
-        hasattr(v, "device_mesh") for e in state["optimizer"]["state"].values() for v in e.values()
-    )  # plain tensors on disk: one format for every number of ranks
+    # each rank wrote its shards; rank 0 exported the gathered policy for transformers
+    written = latest(tmp_path / "two")
+    assert sorted(p.name for p in written.iterdir()) == [
+        "extra.json", "policy", "rng-0.pt", "rng-1.pt", "state", "trainer.pt"
+    ]  # fmt: skip
+    assert len(list((written / "state").glob("*.distcp"))) == 2
+    exported = load_policy(written / "policy").state_dict()
+    before = make(model_dir, "flowrl")[0].policy.state_dict()
+    assert set(exported) == set(before) and any(
+        not torch.equal(exported[k], before[k]) for k in before
+    )  # the trained weights, not the initial ones
+
+
+@pytest.mark.integration
+def test_a_sharded_learner_publishes_bucket_by_bucket_what_one_rank_holds(tmp_path):
+    # two ranks gather each 64 KB bucket in turn, rank 0 broadcasts it: the receiver gets
+    # the full weights in bf16, bit for bit, in more than one bucket
+    import threading
+
+    from flowrl_async.actors.weight_receiver import WeightReceiver
+    from flowrl_async.model import load_policy
+    from flowrl_async.weights import new_group
+
+    model_dir = str(build_tiny_model(tmp_path / "m", seed=2))
+    weight_port, got = free_port(), {}
+
+    def receive():
+        receiver = WeightReceiver(new_group("127.0.0.1", weight_port, 1, 2, timeout_s=60))
+        got["publication"] = receiver.wait(timeout=120)
+
+    thread = threading.Thread(target=receive)
+    thread.start()
+    assert on_two_ranks(publish_once, (model_dir, weight_port))["version"] == 1
+    thread.join(60)
+    publication = got["publication"]
+    expected = load_policy(model_dir)
+    expected.model.layers[0].mlp.up_proj.weight.data.mul_(1.5)  # as make() does
+    received = dict(publication.named_tensors())
+    assert publication.header.version == 1 and len(publication.header.buckets) > 4
+    assert set(received) == set(expected.state_dict())
+    for name, t in expected.state_dict().items():
+        assert received[name].dtype == torch.bfloat16
+        assert torch.equal(received[name], t.to(torch.bfloat16)), name
 
 
 @pytest.mark.integration
 def test_bf16_compute_keeps_fp32_master_weights_and_the_same_update(tmp_path):
     # bf16 compute (autocast on one rank, FSDP2 mixed precision on two): the gradient is
     # the fp32 one within bf16's rounding, the master weights stay float32
-    from flowrl_async.model import build_tiny_model
-
     model_dir = str(build_tiny_model(tmp_path / "m", seed=2))
     fp32 = one_step(model_dir, "flowrl")
     one = one_step(model_dir, "flowrl", dtype=torch.bfloat16)

@@ -3,7 +3,8 @@
 import numpy as np
 import torch
 
-from flowrl_async.learner.checkpoint import checkpoints, latest, load_checkpoint, save_checkpoint
+from flowrl_async.learner import checkpoint as ckpt
+from flowrl_async.learner.checkpoint import checkpoints, latest
 from flowrl_async.learner.config import AlgoConfig
 from flowrl_async.learner.learner import Learner
 from flowrl_async.learner.log_z import LogZHead
@@ -65,18 +66,12 @@ def test_resume_reproduces_the_uninterrupted_loss_sequence(tmp_path):
 
     first, calls = make(model_dir)
     losses = [first.step()["loss"] for _ in range(n)]
-    save_checkpoint(
-        tmp_path / "ckpt",
-        first.step_count,
-        first.policy,
-        tok,
-        first.training_state(),
-        {"stream_position": calls["n"]},
-    )
+    position = calls["n"]
+    ckpt.save(tmp_path / "ckpt", first, tok, extra=lambda: {"stream_position": position})
     del first
     resumed, calls = make(model_dir)
-    policy_state, state, extra = load_checkpoint(latest(tmp_path / "ckpt"))
-    resumed.load_training_state(state, policy_state)
+    ckpt.load(latest(tmp_path / "ckpt"), resumed)
+    extra = ckpt.read_extra(latest(tmp_path / "ckpt"))
     calls["n"] = extra["stream_position"]  # the data cursor comes back with the checkpoint
     losses += [resumed.step()["loss"] for _ in range(n)]
     assert resumed.step_count == 2 * n and resumed.version == 2 * n
@@ -88,9 +83,8 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path):
     learner, _ = make(model_dir)
     tok = load_tokenizer(model_dir)
     for step in (1, 2, 3, 4):
-        save_checkpoint(
-            tmp_path / "c", step, learner.policy, tok, learner.training_state(), {}, keep=2
-        )
+        learner.step_count = step
+        ckpt.save(tmp_path / "c", learner, tok, keep=2)
     (tmp_path / "c" / ".step-00000005.partial").mkdir()  # a crash mid-write leaves this
     assert [p.name for p in checkpoints(tmp_path / "c")] == ["step-00000003", "step-00000004"]
     assert latest(tmp_path / "c").name == "step-00000004"
