@@ -23,6 +23,7 @@ from flowrl_async.replay.filter import GroupFilter, parse_time
 
 PLACEMENTS = ("SPREAD", "PACK", "STRICT_SPREAD", "STRICT_PACK")
 DTYPES = ("float32", "bfloat16")
+BUILTIN_MODELS = ("tiny", "qwen2_0p5b_shape")
 MODES = ("async", "sync")
 
 
@@ -31,13 +32,17 @@ class ModelSection:
     """Which policy the run starts from, and its dtype."""
 
     path: str | None = None
-    """A local Hugging Face model directory; null builds the built-in tiny Llama."""
+    """A local Hugging Face model directory; null builds the model ``builtin`` names."""
+    builtin: str = "tiny"
+    """Built offline when path is null: tiny (a 2.4M-parameter Llama with a character
+    tokenizer, format warm-started) or qwen2_0p5b_shape (Qwen2.5-0.5B's architecture and
+    shapes, random weights, a byte-level BPE tokenizer trained on the task's text)."""
     dtype: str = "float32"
     """Compute dtype of learner and actors: float32, or bfloat16 (the learner keeps fp32
     master weights and AdamW state, computes policy and reference in bf16, publishes bf16
     weights; the probe's tolerance grows by 5e-2 a token)."""
     init_seed: int = 0
-    """Seed of the tiny model's random initialisation."""
+    """Seed of the built-in model's random initialisation."""
     warm_start_steps: int = 80
     """Supervised format warm-start steps before RL (0 to skip)."""
     warm_start_lr: float = 2e-3
@@ -296,6 +301,8 @@ def validate(cfg: TrainConfig) -> None:
         problems.append("replay.metrics_every must be >= 0 (0: only in summary.json)")
     if r.capacity < lr.batch_groups:
         problems.append("replay.capacity must be >= learner.batch_groups")
+    if cfg.model.builtin not in BUILTIN_MODELS:
+        problems.append(f"model.builtin={cfg.model.builtin!r}: expected one of {BUILTIN_MODELS}")
     if cfg.model.dtype not in DTYPES:
         problems.append(f"model.dtype={cfg.model.dtype!r}: expected one of {DTYPES}")
     if lr.world_size < 1 or lr.batch_groups < lr.world_size:

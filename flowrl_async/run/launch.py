@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -32,34 +33,43 @@ from flowrl_async.run.progress import (
 
 
 def prepare_model(cfg: TrainConfig, run_dir: Path) -> str:
-    """The initial policy directory: a given checkpoint, or the tiny model after warm-start."""
+    """The initial policy directory: a given checkpoint, or the built-in model (the tiny one
+    after its format warm-start)."""
     if cfg.model.path is not None:
         return cfg.model.path
     import torch
 
     from flowrl_async.learner.warm_start import warm_start
     from flowrl_async.model import build_tiny_model, load_policy, load_tokenizer, save_model
+    from flowrl_async.qwen2_shape import build_qwen2_shape, task_texts
     from flowrl_async.tasks import load_task
 
     target = run_dir / "init_model"
     if (target / "config.json").exists():
         return str(target)
-    raw = build_tiny_model(run_dir / "tiny_random", seed=cfg.model.init_seed)
+    task = load_task(cfg.task.target, **cfg.task.kwargs)
+    if cfg.model.builtin == "qwen2_0p5b_shape":
+        raw = build_qwen2_shape(run_dir / "builtin_random", task_texts(task),
+                                seed=cfg.model.init_seed)  # fmt: skip
+    else:
+        raw = build_tiny_model(run_dir / "builtin_random", seed=cfg.model.init_seed)
+    if cfg.model.warm_start_steps <= 0:
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(raw, target)
+        return str(target)
     model, tokenizer = load_policy(raw), load_tokenizer(raw)
-    if cfg.model.warm_start_steps > 0:
-        torch.manual_seed(cfg.seed)
-        task = load_task(cfg.task.target, **cfg.task.kwargs)
-        if not hasattr(task, "format_example"):
-            raise ValueError(
-                f"model.warm_start_steps={cfg.model.warm_start_steps}: task {task.name!r} has no "
-                "format_example for the tiny model's format warm-start; set "
-                "model.warm_start_steps=0, or give a pretrained model with model.path"
-            )
-        losses = warm_start(
-            model, tokenizer, task, cfg.model.warm_start_steps, lr=cfg.model.warm_start_lr,
-            seed=cfg.seed,
-        )  # fmt: skip
-        print(f"warm-start: {len(losses)} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    torch.manual_seed(cfg.seed)
+    if not hasattr(task, "format_example"):
+        raise ValueError(
+            f"model.warm_start_steps={cfg.model.warm_start_steps}: task {task.name!r} has no "
+            "format_example for the built-in model's format warm-start; set "
+            "model.warm_start_steps=0, or give a pretrained model with model.path"
+        )
+    losses = warm_start(
+        model, tokenizer, task, cfg.model.warm_start_steps, lr=cfg.model.warm_start_lr,
+        seed=cfg.seed,
+    )  # fmt: skip
+    print(f"warm-start: {len(losses)} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}")
     return str(save_model(target, model, tokenizer))
 
 

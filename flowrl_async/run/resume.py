@@ -23,6 +23,7 @@ SAVED = "run_config.json"
 PINNED = {
     "algo.name": "the objective decides the optimizer's parameter groups and the log Z head",
     "model.path": "the checkpoint holds this model's weights",
+    "model.builtin": "the run's initial policy and reference were built as this model",
     "model.init_seed": "the run's initial policy and reference were built from it",
     "model.warm_start_steps": "the run's initial policy (init_model/) was warm-started so",
     "model.warm_start_lr": "the run's initial policy (init_model/) was warm-started so",
