@@ -30,6 +30,15 @@ every weight and the probe proves it. Medians of ``--repeats`` after one warm-up
 
 Run: .venv/bin/python benchmarks/weight_broadcast.py [--repeats 7] [--world 2]
      [--dtype bfloat16] [--layers 24]
+
+``--sharded``: the sharded learner's path instead. Two learner ranks (a gloo group of their
+own, the synthetic state sharded on dim 0 as FSDP2 shards it) and one receiver: per repeat,
+interleaved, (a) the learner's publication (``sharding.gather_buckets``: every rank gathers
+one bucket at a time, rank 0 broadcasts it on the weight group while the next is gathered)
+until the receiver took it, (b) one flat broadcast of the same bytes from rank 0, and (c)
+the gathers alone. Target: (a) <= 1.3x (b).
+
+     .venv/bin/python benchmarks/weight_broadcast.py --sharded [--repeats 5]
 """
 
 from __future__ import annotations
@@ -239,13 +248,133 @@ def pack_seconds(named, flat) -> float:
     return time.perf_counter() - t0
 
 
+# ------------------------------------------------------------------------------ sharded
+def learner_rank_main(rank, learner_port, weight_port, dtype, layers, repeats, bucket_bytes,
+                      queue):  # fmt: skip
+    """One of two learner ranks: shards of the synthetic state; rank 0 also sends."""
+    one_thread()
+    import torch
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from flowrl_async.learner.sharding import Ranks, gather_buckets
+    from flowrl_async.learner.weight_sender import WeightSender
+    from flowrl_async.weights import broadcast, new_group, plan_buckets
+
+    ranks = Ranks.join("127.0.0.1", learner_port, rank, 2)
+    state = {n: distribute_tensor(t, ranks.mesh, [Shard(0)])
+             for n, t in synthetic_state(getattr(torch, dtype), layers)}  # fmt: skip
+    specs = [(n, torch.empty(t.shape, dtype=t.dtype, device="meta")) for n, t in state.items()]
+    buckets = plan_buckets(specs, bucket_bytes)
+    sender = group = None
+    if rank == 0:
+        group = new_group("127.0.0.1", weight_port, 0, 2, timeout_s=600)
+        sender = WeightSender(group, bucket_bytes)
+        flat = torch.empty(sum(t.numel() for _, t in specs), dtype=getattr(torch, dtype)).fill_(0.5)
+    times = {"sharded": [], "flat": [], "gather": []}
+    for r in range(repeats + 1):
+        ranks.barrier()
+        t0 = time.perf_counter()
+        publication = sender.start(buckets, r + 1) if rank == 0 else None
+        for bucket, tensors in gather_buckets(state, buckets, keep=rank == 0):
+            if publication is not None:
+                publication.send(bucket, tensors)
+        if publication is not None:
+            publication.finish()
+            broadcast(group, torch.zeros(1), root=1)  # the receiver's ack: all of it arrived
+        sharded = time.perf_counter() - t0
+        ranks.barrier()
+        t0 = time.perf_counter()
+        if rank == 0:
+            broadcast(group, flat)
+            broadcast(group, torch.zeros(1), root=1)
+        flat_s = time.perf_counter() - t0
+        ranks.barrier()
+        t0 = time.perf_counter()
+        for _ in gather_buckets(state, buckets, keep=rank == 0):
+            pass
+        gather = time.perf_counter() - t0
+        if r:
+            for k, v in (("sharded", sharded), ("flat", flat_s), ("gather", gather)):
+                times[k].append(v)
+    if rank == 0:
+        sender.stop()
+        queue.put({k: median(v) for k, v in times.items()} | {"buckets": len(buckets)})
+    ranks.close()
+
+
+def main_sharded(a) -> None:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    learner_port, weight_port = free_port(), free_port()
+    bucket_bytes = 64 * 1024 * 1024
+    procs = [ctx.Process(target=learner_rank_main, daemon=True,
+                         args=(r, learner_port, weight_port, a.dtype, a.layers, a.repeats,
+                               bucket_bytes, queue))
+             for r in range(2)]  # fmt: skip
+    procs.append(ctx.Process(target=plain_receiver_main, daemon=True,
+                             args=(weight_port, a.dtype, a.layers, a.repeats)))  # fmt: skip
+    for proc in procs:
+        proc.start()
+    m = queue.get(timeout=3600)
+    for proc in procs:
+        proc.join(120)
+    import torch
+
+    size = sum(t.numel() * t.element_size()
+               for _, t in synthetic_state(getattr(torch, a.dtype), a.layers))  # fmt: skip
+    print(f"sharded learner (2 ranks, gloo, one thread each) -> 1 receiver, {size / 1e9:.2f} GB "
+          f"{a.dtype} in {m['buckets']} buckets of 64 MiB, median of {a.repeats}")  # fmt: skip
+    rows = [(name, f"{1000 * m[k]:.1f}", f"{size / m[k] / 1e9:.2f}", f"{m[k] / m['flat']:.2f}x")
+            for name, k in (("gather + broadcast, bucket by bucket", "sharded"),
+                            ("one flat broadcast of the same bytes", "flat"),
+                            ("the gathers alone", "gather"))]  # fmt: skip
+    print(table(("path", "ms", "GB/s", "x flat"), rows, (38, 8, 6, 7)))
+    print(f"target: sharded publication <= 1.3x flat; measured {m['sharded'] / m['flat']:.2f}x")
+
+
+def plain_receiver_main(weight_port, dtype, layers, repeats) -> None:
+    """The receiver: each publication into bucket buffers kept between rounds (as a
+    WeightReceiver reuses released ones), then an ack it broadcasts; each flat broadcast
+    into a kept tensor, then an ack."""
+    one_thread()
+    import torch
+
+    from flowrl_async.weights import STOP, Header, broadcast, new_group
+
+    group = new_group("127.0.0.1", weight_port, 1, 2, timeout_s=600)
+    n = sum(t.numel() for _, t in synthetic_state(getattr(torch, dtype), layers))
+    flat = torch.empty(n, dtype=getattr(torch, dtype)).fill_(0)
+    buffers: dict = {}
+    for _ in range(repeats + 1):
+        length = torch.zeros(1, dtype=torch.int64)  # the publication, as WeightReceiver does
+        broadcast(group, length)
+        raw = torch.empty(int(length), dtype=torch.uint8)
+        broadcast(group, raw)
+        header = Header.from_bytes(bytes(raw.numpy()))
+        for i, b in enumerate(header.buckets):
+            buf = buffers.get(i)
+            if buf is None or buf.numel() != b.numel:
+                buf = buffers[i] = torch.empty(b.numel, dtype=b.dtype).fill_(0)
+            broadcast(group, buf)
+        broadcast(group, torch.zeros(1), root=1)  # ack
+        broadcast(group, flat)
+        broadcast(group, torch.zeros(1), root=1)  # ack
+    length = torch.zeros(1, dtype=torch.int64)
+    broadcast(group, length)
+    assert int(length) == STOP
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--world", type=int, default=2, help="processes in the group (>= 2)")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     p.add_argument("--layers", type=int, default=24, help="layers of the synthetic model")
+    p.add_argument("--sharded", action="store_true", help="the sharded learner's path")
     a = p.parse_args(argv)
+    if a.sharded:
+        main_sharded(a)
+        return
     one_thread()
     import torch
 

@@ -35,7 +35,7 @@ from flowrl_async.learner.batch import (
 from flowrl_async.learner.config import AlgoConfig
 from flowrl_async.learner.objective import OBJECTIVES, LossInputs
 from flowrl_async.learner.objectives import masked_mean, masked_sum
-from flowrl_async.learner.sharding import Ranks, clip_grads, full_tensor, shard
+from flowrl_async.learner.sharding import Ranks, clip_grads, full_tensor, gather_buckets, shard
 from flowrl_async.model import sequence_logprob
 from flowrl_async.weights import DEFAULT_BUCKET_BYTES, plan_buckets
 
@@ -319,18 +319,6 @@ class Learner:
             out.append((n, torch.empty(p.shape, dtype=dtype, device="meta")))
         return out
 
-    def bucket_tensors(self, buckets):
-        """-> (bucket, {name: full tensor in the bucket's dtype}) for each bucket, gathered
-        just before it is yielded (sharded: a collective every rank joins, so every rank
-        must exhaust the iterator; ranks > 0 get None for every tensor)."""
-        state, keep = self.policy.state_dict(), self.ranks.rank == 0
-        for bucket in buckets:
-            tensors = {}
-            for s in bucket.slots:
-                t = _gathered(state[s.name].detach(), keep, cpu=False)
-                tensors[s.name] = t if t is None or t.dtype == bucket.dtype else t.to(bucket.dtype)
-            yield bucket, tensors
-
     def full_policy_state(self) -> dict | None:
         """The policy's weights on the CPU (sharded: gathered one tensor at a time, a
         collective every rank joins; None on ranks > 0, which keep nothing)."""
@@ -354,7 +342,7 @@ class Learner:
         self.version += 1 if new_version else 0
         probe = self.probe()
         buckets = plan_buckets(self.publication_specs(), self.bucket_bytes)
-        gathered = self.bucket_tensors(buckets)
+        gathered = gather_buckets(self.policy.state_dict(), buckets, keep=self.ranks.rank == 0)
         if self.publish_fn is not None:
             self.publish_fn(self.version, self.probe_token_ids, probe, buckets, gathered)
         for _ in gathered:  # whatever publish_fn left: the other ranks wait in these gathers

@@ -159,6 +159,21 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+def gather_buckets(state: dict, buckets, keep: bool = True):
+    """-> (bucket, {name: full tensor in the bucket's dtype}) for each of ``buckets``
+    (flowrl_async.weights.plan_buckets over ``state``), each gathered just before it is
+    yielded, so one bucket of full tensors exists at a time. Sharded entries are gathered by
+    a collective every rank joins: every rank must exhaust the iterator; with ``keep=False``
+    (ranks that only join) every tensor is None."""
+    for bucket in buckets:
+        tensors = {}
+        for s in bucket.slots:
+            full = full_tensor(state[s.name].detach())
+            tensors[s.name] = None if not keep else full.to(bucket.dtype)
+            del full
+        yield bucket, tensors
+
+
 def grad_norm(params: list[nn.Parameter]) -> torch.Tensor:
     """The global 2-norm of the parameters' gradients, sharded (DTensor) or not."""
     squares = []

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from flowrl_async.heap import freeze_survivors
+from flowrl_async.heap import freeze_survivors, return_freed_memory
 from flowrl_async.learner import checkpoint as ckpt
 from flowrl_async.learner.config import AlgoConfig
 from flowrl_async.learner.learner import Learner
@@ -58,6 +58,8 @@ class LearnerWorker:
     ):
         torch.set_num_threads(threads)
         torch.manual_seed(seed)
+        if device == "cpu":  # a step's transient tensors go back to the system after it
+            return_freed_memory()
         self.device, self.bucket_bytes = device, bucket_bytes
         self.tokenizer = load_tokenizer(model_path)
         # fp32 master weights; compute (and the reference's weights) in ``dtype``
