@@ -256,7 +256,7 @@ def learner_rank_main(rank, learner_port, weight_port, dtype, layers, repeats, b
     import torch
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    from flowrl_async.learner.sharding import Ranks, gather_buckets
+    from flowrl_async.learner.sharding import Buffers, Ranks, gather_buckets
     from flowrl_async.learner.weight_sender import WeightSender
     from flowrl_async.weights import broadcast, new_group, plan_buckets
 
@@ -271,11 +271,12 @@ def learner_rank_main(rank, learner_port, weight_port, dtype, layers, repeats, b
         sender = WeightSender(group, bucket_bytes)
         flat = torch.empty(sum(t.numel() for _, t in specs), dtype=getattr(torch, dtype)).fill_(0.5)
     times = {"sharded": [], "flat": [], "gather": []}
+    buffers = Buffers()  # kept between publications, as the learner keeps them
     for r in range(repeats + 1):
         ranks.barrier()
         t0 = time.perf_counter()
         publication = sender.start(buckets, r + 1) if rank == 0 else None
-        for bucket, tensors in gather_buckets(state, buckets, keep=rank == 0):
+        for bucket, tensors in gather_buckets(state, buckets, rank == 0, buffers):
             if publication is not None:
                 publication.send(bucket, tensors)
         if publication is not None:
@@ -290,7 +291,7 @@ def learner_rank_main(rank, learner_port, weight_port, dtype, layers, repeats, b
         flat_s = time.perf_counter() - t0
         ranks.barrier()
         t0 = time.perf_counter()
-        for _ in gather_buckets(state, buckets, keep=rank == 0):
+        for _ in gather_buckets(state, buckets, rank == 0, buffers):
             pass
         gather = time.perf_counter() - t0
         if r:
@@ -306,7 +307,7 @@ def main_sharded(a) -> None:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     learner_port, weight_port = free_port(), free_port()
-    bucket_bytes = 64 * 1024 * 1024
+    bucket_bytes = a.bucket_mb * 1024 * 1024
     procs = [ctx.Process(target=learner_rank_main, daemon=True,
                          args=(r, learner_port, weight_port, a.dtype, a.layers, a.repeats,
                                bucket_bytes, queue))
@@ -323,7 +324,7 @@ def main_sharded(a) -> None:
     size = sum(t.numel() * t.element_size()
                for _, t in synthetic_state(getattr(torch, a.dtype), a.layers))  # fmt: skip
     print(f"sharded learner (2 ranks, gloo, one thread each) -> 1 receiver, {size / 1e9:.2f} GB "
-          f"{a.dtype} in {m['buckets']} buckets of 64 MiB, median of {a.repeats}")  # fmt: skip
+          f"{a.dtype} in {m['buckets']} buckets of {a.bucket_mb} MiB, median of {a.repeats}")  # fmt: skip
     rows = [(name, f"{1000 * m[k]:.1f}", f"{size / m[k] / 1e9:.2f}", f"{m[k] / m['flat']:.2f}x")
             for name, k in (("gather + broadcast, bucket by bucket", "sharded"),
                             ("one flat broadcast of the same bytes", "flat"),
@@ -371,6 +372,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     p.add_argument("--layers", type=int, default=24, help="layers of the synthetic model")
     p.add_argument("--sharded", action="store_true", help="the sharded learner's path")
+    p.add_argument("--bucket-mb", type=int, default=64, help="with --sharded: bucket size")
     a = p.parse_args(argv)
     if a.sharded:
         main_sharded(a)

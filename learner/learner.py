@@ -35,7 +35,14 @@ from flowrl_async.learner.batch import (
 from flowrl_async.learner.config import AlgoConfig
 from flowrl_async.learner.objective import OBJECTIVES, LossInputs
 from flowrl_async.learner.objectives import masked_mean, masked_sum
-from flowrl_async.learner.sharding import Ranks, clip_grads, full_tensor, gather_buckets, shard
+from flowrl_async.learner.sharding import (
+    Buffers,
+    Ranks,
+    clip_grads,
+    full_tensor,
+    gather_buckets,
+    shard,
+)
 from flowrl_async.model import sequence_logprob
 from flowrl_async.weights import DEFAULT_BUCKET_BYTES, plan_buckets
 
@@ -107,7 +114,7 @@ class Learner:
         self.batch_groups, self.micro_batch, self.grad_clip = batch_groups, micro_batch, grad_clip
         self.max_tokens_per_micro, self.logprob_chunk = max_tokens_per_micro, logprob_chunk
         self.publish_every, self.publish_fn = publish_every, publish_fn
-        self.bucket_bytes = bucket_bytes
+        self.bucket_bytes, self.publication_buffers = bucket_bytes, Buffers()
         self.probe_token_ids, self.device = tuple(probe_token_ids), device
         self.objective = OBJECTIVES[algo.name]
         groups = [{"params": list(policy.parameters()), "lr": lr}]
@@ -342,7 +349,8 @@ class Learner:
         self.version += 1 if new_version else 0
         probe = self.probe()
         buckets = plan_buckets(self.publication_specs(), self.bucket_bytes)
-        gathered = gather_buckets(self.policy.state_dict(), buckets, keep=self.ranks.rank == 0)
+        gathered = gather_buckets(self.policy.state_dict(), buckets, self.ranks.rank == 0,
+                                  self.publication_buffers)  # fmt: skip
         if self.publish_fn is not None:
             self.publish_fn(self.version, self.probe_token_ids, probe, buckets, gathered)
         for _ in gathered:  # whatever publish_fn left: the other ranks wait in these gathers

@@ -4,10 +4,12 @@ One publication = header length, header, then every bucket (flowrl_async.weights
 publication streams: ``start`` sends the header of a bucket plan, ``Publication.send`` one
 bucket's tensors at a time (a sharded learner gathers each bucket just before it is sent),
 ``finish`` waits for the wire. Rules:
-- buckets whose tensors lie in the publication layout (``weights.share_storage``) go as they
-  are; the others are packed into one of two staging buffers, so the next bucket is packed
-  while the previous is on the wire, and a publication never holds more than two packed
-  buckets (collectives keep their order);
+- buckets whose tensors lie in the publication layout (``weights.share_storage``), and
+  buckets handed over already laid out (a sharded learner's gathers), go as they are; the
+  others are packed into one of two staging buffers;
+- at most two broadcasts are in flight: ``send`` returns once the one before its own is
+  done, so the next bucket is gathered or packed while the previous is on the wire, and a
+  buffer is free again two buckets later (collectives keep their order);
 - after a failed send, the rest of the publication's ``send`` calls do nothing (the caller
   keeps gathering: the other learner ranks are in those gathers) and ``finish`` raises.
 """
@@ -80,25 +82,22 @@ class Publication:
         self.sent, self.error = 0, None
         self._works: list = []  # every bucket's broadcast, in order
         self._packed = 0
-        self._last_use: list = [None, None]  # the broadcast that last read each staging slot
 
-    def send(self, bucket: Bucket, tensors: dict[str, torch.Tensor]) -> None:
-        """Broadcast one bucket (the next of the plan) from ``tensors`` (name -> full tensor)."""
+    def send(self, bucket: Bucket, tensors: dict[str, torch.Tensor] | torch.Tensor) -> None:
+        """Broadcast one bucket (the next of the plan): ``tensors`` (name -> full tensor) or
+        the bucket already laid out as one flat tensor. Returns once the broadcast of the
+        bucket before this one is done, so a buffer is free again two buckets later."""
         if self.error is not None:
             return
         try:
-            flat = bucket_view(bucket, tensors)
-            slot = None
-            if flat is None:  # packed into the staging slot the bucket two back used
+            flat = tensors if torch.is_tensor(tensors) else bucket_view(bucket, tensors)
+            if flat is None:  # packed into the staging buffer the bucket two back used
                 slot, self._packed = self._packed % 2, self._packed + 1
-                if self._last_use[slot] is not None:
-                    self._last_use[slot].wait()
                 flat = pack_bucket(bucket, tensors, out=self.sender.staging(slot, bucket))
-            work = broadcast(self.sender.group, flat, wait=False)
-            self._works.append(work)
-            if slot is not None:
-                self._last_use[slot] = work
+            self._works.append(broadcast(self.sender.group, flat, wait=False))
             self.sent += flat.numel() * flat.element_size()
+            if len(self._works) > 1:
+                self._works[-2].wait()
         except Exception as e:  # gloo/NCCL raise RuntimeError subclasses of many kinds
             self.error = e
 
