@@ -72,13 +72,15 @@ def check_probe(generator: Generator, token_ids: Sequence[int], expected: float,
 
 
 def build_generator(engine: str, model_path: str, seed: int, max_model_len: int, dtype: str,
-                    engine_process: bool = False) -> Generator:  # fmt: skip
+                    engine_process: bool = False, tensor_parallel_size: int = 1,
+                    ) -> Generator:  # fmt: skip
     """The Generator of ``engine`` (one of ENGINES) for the model at ``model_path``."""
     if engine == "vllm":
         from flowrl_async.actors.vllm_generator import VLLMGenerator
 
         return VLLMGenerator(model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
-                             engine_process=engine_process)  # fmt: skip
+                             engine_process=engine_process,
+                             tensor_parallel_size=tensor_parallel_size)  # fmt: skip
     if engine == "torch":
         from flowrl_async.actors.torch_generator import TorchGenerator
         from flowrl_async.model import load_policy, load_tokenizer

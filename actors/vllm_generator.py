@@ -52,6 +52,7 @@ class VLLMGenerator:
         gpu_memory_utilization: float = 0.5,
         kv_cache_gib: int = 1,
         engine_process: bool = False,
+        tensor_parallel_size: int = 1,
     ):
         """``engine_process``: run vLLM's engine in a process of its own and receive weights
         inside it (``vllm_extension``); otherwise the engine runs in this process."""
@@ -72,6 +73,7 @@ class VLLMGenerator:
             logprobs_mode="processed_logprobs",
             seed=seed,
             gpu_memory_utilization=gpu_memory_utilization,
+            tensor_parallel_size=tensor_parallel_size,
         )
 
     def generate(

@@ -40,6 +40,7 @@ class RolloutWorker:
         dtype: str = "float32",
         probe_tolerance: float = 1e-3,
         engine_process: bool = False,
+        tensor_parallel_size: int = 1,
         replay_keys: dict | None = None,
     ):
         """``replay_keys``: ReplayClient's CURVE keyword arguments (encrypted replay socket)."""
@@ -49,7 +50,13 @@ class RolloutWorker:
         self.replay.release(actor_id)
         task = load_task(task_target, **task_kwargs)
         self.generator = build_generator(
-            engine, model_path, seed + actor_id, max_model_len, dtype, engine_process
+            engine,
+            model_path,
+            seed + actor_id,
+            max_model_len,
+            dtype,
+            engine_process,
+            tensor_parallel_size,
         )
         self.loop = RolloutLoop(
             actor_id,

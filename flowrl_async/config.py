@@ -83,6 +83,11 @@ class GeneratorSection:
     """vLLM only: run the engine in a process of its own (vLLM's default on GPU) and receive
     weights inside it through a worker extension and collective_rpc; false runs the engine
     in the actor's process (fastest start on CPU)."""
+    tensor_parallel_size: int = 1
+    """vLLM only: GPUs per engine (vLLM tensor parallelism; needs engine_process=true and
+    cluster.actor_gpus >= it). TP rank 0 receives each publication and shares it with the
+    other TP workers over vLLM's TP group; every worker loads its shard from the same
+    full tensors."""
 
 
 @dataclass(kw_only=True)
@@ -301,6 +306,15 @@ def validate(cfg: TrainConfig) -> None:
         problems.append("replay.metrics_every must be >= 0 (0: only in summary.json)")
     if r.capacity < lr.batch_groups:
         problems.append("replay.capacity must be >= learner.batch_groups")
+    g = cfg.generator
+    if g.tensor_parallel_size < 1:
+        problems.append("generator.tensor_parallel_size must be >= 1")
+    elif g.tensor_parallel_size > 1 and (g.engine != "vllm" or not g.engine_process):
+        problems.append("generator.tensor_parallel_size > 1 needs generator.engine=vllm and "
+                        "generator.engine_process=true (vLLM's multiprocess executor)")  # fmt: skip
+    elif g.tensor_parallel_size > 1 and cfg.cluster.actor_gpus < g.tensor_parallel_size:
+        problems.append(f"generator.tensor_parallel_size={g.tensor_parallel_size} needs "
+                        f"cluster.actor_gpus >= {g.tensor_parallel_size} (the engine's GPUs)")  # fmt: skip
     if cfg.model.builtin not in BUILTIN_MODELS:
         problems.append(f"model.builtin={cfg.model.builtin!r}: expected one of {BUILTIN_MODELS}")
     if cfg.model.dtype not in DTYPES:

@@ -200,8 +200,8 @@ def _row_sharded(t) -> bool:
     """An FSDP2 parameter: a DTensor on a 1-D mesh, split on dim 0 as ``torch.chunk`` does."""
     from torch.distributed.tensor import Shard
 
-    return hasattr(t, "device_mesh") and t.device_mesh.ndim == 1 and tuple(t.placements) == (
-        Shard(0),
+    return (
+        hasattr(t, "device_mesh") and t.device_mesh.ndim == 1 and tuple(t.placements) == (Shard(0),)
     )
 
 

@@ -58,7 +58,9 @@ class WeightSender:
         """Send the header of a publication of ``buckets``; -> the publication to fill."""
         header = Header(version, buckets, tuple(probe_token_ids), probe_logprob).to_bytes()
         broadcast(self.group, torch.tensor([len(header)], dtype=torch.int64, device=self.device))
-        broadcast(self.group, torch.frombuffer(bytearray(header), dtype=torch.uint8).to(self.device))
+        broadcast(
+            self.group, torch.frombuffer(bytearray(header), dtype=torch.uint8).to(self.device)
+        )
         return Publication(self)
 
     def staging(self, slot: int, bucket: Bucket) -> torch.Tensor:

@@ -65,3 +65,66 @@ def test_weights_reach_a_vllm_engine_process_through_the_extension(tmp_path):
         check_probe(gen, PROMPT, sequence_logprob(load_policy(a), PROMPT), 1e-4)
     sender.stop()  # the engine's receiver thread ends
     gen.close()
+
+
+class GlooTP:
+    """vLLM's TP group coordinator as share_publication uses it, over a gloo group."""
+
+    def __init__(self, rank: int, world: int):
+        self.rank_in_group, self.world_size = rank, world
+
+    def broadcast(self, tensor, src=0):
+        import torch.distributed as dist
+
+        dist.broadcast(tensor, src)
+        return tensor
+
+
+def _tp_worker(rank, port, queue):
+    # two "TP workers": rank 0 holds a publication (or an error, or nothing), both share it
+    import torch.distributed as dist
+
+    from flowrl_async.actors.vllm_extension import share_publication
+    from flowrl_async.actors.weight_receiver import Publication
+    from flowrl_async.weights import Header, plan_buckets
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=2)  # fmt: skip
+    tp, cpu = GlooTP(rank, 2), torch.device("cpu")
+    named = [(f"w{i}", torch.arange(i * 10, i * 10 + 6, dtype=torch.bfloat16).view(2, 3))
+             for i in range(5)]  # fmt: skip
+    buckets = plan_buckets(named, bucket_bytes=24)  # several buckets
+    flats = [torch.cat([dict(named)[s.name].reshape(-1) for s in b.slots]) for b in buckets]
+    outs = []
+    for offer in ("publication", None, "error"):
+        got = None
+        if rank == 0 and offer == "publication":
+            got = Publication(Header(7, buckets, (1, 2), -3.5), flats)
+        elif rank == 0 and offer == "error":
+            got = {"error": "the weight group broke"}
+        shared = share_publication(tp, got, cpu)
+        if isinstance(shared, Publication):
+            outs.append((shared.header.version, shared.header.probe_logprob,
+                         [(n, t.float().tolist()) for n, t in shared.named_tensors()]))  # fmt: skip
+        else:
+            outs.append(shared)
+    queue.put((rank, outs))
+    dist.destroy_process_group()
+
+
+@pytest.mark.integration
+def test_tensor_parallel_workers_load_what_tp_rank_0_received():
+    import multiprocessing as mp
+
+    ctx, port = mp.get_context("spawn"), free_port()
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_tp_worker, args=(r, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = dict(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(30)
+    expected = [(f"w{i}", [[float(i * 10 + j) for j in range(3)],
+                           [float(i * 10 + 3 + j) for j in range(3)]]) for i in range(5)]  # fmt: skip
+    assert got[0] == got[1]  # both workers: the same publication, nothing, the same error
+    assert got[1] == [(7, -3.5, expected), None, {"error": "the weight group broke"}]

@@ -25,8 +25,11 @@ print((rss() - before) / 2**20)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
 def test_freed_tensors_return_to_the_system():
     kept = {
-        mode: float(subprocess.run([sys.executable, "-c", CHILD, mode], capture_output=True,
-                                   text=True, check=True).stdout)  # fmt: skip
+        mode: float(
+            subprocess.run(
+                [sys.executable, "-c", CHILD, mode], capture_output=True, text=True, check=True
+            ).stdout
+        )  # fmt: skip
         for mode in ("off", "on")
     }
     print(kept)
