@@ -12,6 +12,7 @@ from flowrl_async.learner.config import AlgoConfig
 from flowrl_async.model import build_tiny_model
 from flowrl_async.net import free_port
 
+PROBE = (1, 20, 21, 22, 30, 31)
 ALGOS = {
     "flowrl": AlgoConfig(beta=1.0, is_mode="clip"),
     "flowrl_tb": AlgoConfig(beta=3.0, reward_norm="raw", is_mode="off"),
@@ -94,10 +95,14 @@ def step_save_step(model_dir, algo_name, root, rank=0, world=1, port=0):
     from flowrl_async.learner import checkpoint as ckpt
     from flowrl_async.model import load_tokenizer
 
+    from flowrl_async.learner.batch import probe_batch
+
     learner, head = make(model_dir, algo_name, rank, world, port)
     learner.step()
     ckpt.save(root, learner, load_tokenizer(model_dir))
-    return snapshot(learner, head, learner.step())
+    with torch.no_grad():  # the checkpointed policy's log-prob of PROBE (every rank joins)
+        probe = float(learner.policy_fwd(probe_batch(PROBE), 1.0, False).logprobs.sum())
+    return {**snapshot(learner, head, learner.step()), "probe": probe}
 
 
 def publish_once(model_dir, weight_port, rank=0, world=1, port=0):
@@ -210,6 +215,11 @@ def test_a_sharded_checkpoint_resumes_exactly_and_on_another_number_of_ranks(tmp
     assert set(exported) == set(before) and any(
         not torch.equal(exported[k], before[k]) for k in before
     )  # the trained weights, not the initial ones
+    from flowrl_async.actors.vllm_generator import VLLMGenerator
+
+    engine = VLLMGenerator(str(written / "policy"), max_model_len=64)  # vLLM loads the export
+    print("export: vLLM", engine.probe_logprob(PROBE), "learner", two["probe"])
+    assert engine.probe_logprob(PROBE) == pytest.approx(two["probe"], abs=1e-4)
 
 
 @pytest.mark.integration
