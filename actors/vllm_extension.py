@@ -22,7 +22,11 @@ joins the weight group and receives; at a load, every TP worker runs ``flowrl_lo
 and rank 0 shares what it took over vLLM's own TP group (``share_publication``: the header,
 then each bucket, broadcast on the workers' devices), so all workers load the same version
 from the same full tensors, and vLLM's weight loaders cut each worker's shard. The weight
-group keeps one member per actor whatever the TP size.
+group keeps one member per actor whatever the TP size. Memory: every TP worker but rank 0
+holds the whole publication once more on its GPU during a load, outside vLLM's
+``gpu_memory_utilization`` budget (2 B a parameter in bf16: leave that much free); loading
+bucket by bucket is the way to lift it once vLLM's layer-wise reload is known to copy each
+tensor before the next arrives.
 """
 
 from __future__ import annotations
@@ -85,6 +89,8 @@ class WeightSyncExtension:
         except WeightLinkError as e:
             self._flowrl_receiver = None
             return {"error": str(e)}
+        except Exception as e:  # the other TP workers wait in share_publication: tell them
+            return {"error": f"{type(e).__name__}: {e}"}
 
 
 def _tp_group():

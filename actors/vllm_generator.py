@@ -74,6 +74,9 @@ class VLLMGenerator:
             seed=seed,
             gpu_memory_utilization=gpu_memory_utilization,
             tensor_parallel_size=tensor_parallel_size,
+            # inside a Ray actor vLLM would pick its Ray executor, whose workers cannot get
+            # the GPUs the actor's bundle already holds: its own worker processes instead
+            distributed_executor_backend="mp" if tensor_parallel_size > 1 else None,
         )
 
     def generate(

@@ -5,7 +5,8 @@ The model is the Qwen2-0.5B shape (hidden 896, vocabulary 151,936, tied embeddin
 ``--layers`` decoder layers, since CPU time forbids all 24: the vocabulary term, which
 chunking bounds, does not depend on depth; the layers' activations, which checkpointing
 bounds, grow with it. One step = FlowRL (policy + reference forward, backward, AdamW) on one
-group of one response of T tokens, bf16 compute as a real run has. Every configuration runs
+group of two responses of T tokens, one response per micro-batch, bf16 compute as a real
+run has (the output layer in fp32). Every configuration runs
 in a fresh process; its figure is the growth of peak RSS during the measured step, after a
 warm-up step at T = 16 made the optimizer state (on CUDA: ``max_memory_allocated``).
 

@@ -10,8 +10,9 @@
     extra.json     e.g. the replay checkpoint taken with it
 
 Invariants: a checkpoint directory exists only complete: every rank writes into one hidden
-``.step-%08d.partial`` directory, and rank 0 renames it once every rank reported success
-(on a failure anywhere, every rank raises and nothing is renamed); ``latest`` never returns
+``.step-%08d.partial`` directory (that every rank sees the same one is checked first), and
+rank 0 renames it once every rank reported success at each phase (on a failure anywhere,
+every rank raises and nothing is renamed); ``latest`` never returns
 a partial one; only the newest ``keep`` are kept. Several nodes need one shared file system.
 Checkpoints of the earlier single-file layout (``training_state.pt``) still load.
 """
@@ -27,6 +28,7 @@ import torch
 from safetensors.torch import load_file
 
 PREFIX = "step-"
+SHARED = ".rank0"  # written by rank 0 first: every rank must see it
 
 
 def save(root, learner, tokenizer, keep: int = 3, extra=dict) -> Path:
@@ -34,16 +36,34 @@ def save(root, learner, tokenizer, keep: int = 3, extra=dict) -> Path:
     joins. ``extra()`` is called on rank 0 only, when the state is written."""
     ranks = learner.ranks
     tmp = begin(root, learner.step_count, ranks)
-    try:
-        learner.save_state(tmp)  # DCP reports a failed write on every rank
-        weights = learner.full_policy_state()  # gathered: every rank joins
+    learner.save_state(tmp)  # DCP: a failed write raises on every rank
+    phase(ranks, tmp, lambda: learner.save_local_state(tmp))
+    weights = learner.full_policy_state()  # gathered: every rank joins
+
+    def export() -> None:
         if ranks.rank == 0:
             write_policy(tmp, learner.policy, tokenizer, weights)
             write_extra(tmp, extra())
-    except BaseException:
-        abandon(tmp, ranks)  # the other ranks raise in commit
-        raise
-    return commit(tmp, True, ranks, keep)
+
+    phase(ranks, tmp, export)
+    return commit(tmp, ranks, keep)
+
+
+def phase(ranks, tmp: Path, part) -> None:
+    """This rank's ``part`` of the checkpoint; then every rank learns whether every part
+    succeeded (a collective, so no rank is left in a later one): if not, every rank raises
+    (a failed one its own error) and nothing is kept."""
+    error = None
+    try:
+        part()
+    except Exception as e:
+        error = e
+    if not ranks.all_ok(error is None):
+        if ranks.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if error is not None:
+            raise error
+        raise RuntimeError(f"checkpoint {tmp.name}: another learner rank failed; nothing kept")
 
 
 def load(path, learner) -> dict:
@@ -59,22 +79,28 @@ def load(path, learner) -> dict:
 def begin(root, step: int, ranks) -> Path:
     """The hidden directory every rank writes checkpoint ``step`` into (a collective)."""
     tmp = Path(root) / f".{PREFIX}{step:08d}.partial"
-    if ranks.rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # a crash mid-write left it
-        tmp.mkdir(parents=True)
-    ranks.barrier()
+
+    def create() -> None:
+        if ranks.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # a crash mid-write left it
+            tmp.mkdir(parents=True)
+            (tmp / SHARED).write_text(str(step))
+
+    phase(ranks, tmp, create)
+    if not ranks.all_ok((tmp / SHARED).is_file()):  # each rank writes its shards here
+        raise RuntimeError(
+            f"checkpoint root {root} is not one directory for every learner rank (a rank on "
+            "another node does not see rank 0's files): put run_dir on a shared file system"
+        )
     return tmp
 
 
-def commit(tmp: Path, ok: bool, ranks, keep: int = 3) -> Path:
-    """Every rank reports whether its part is written (a collective); all did: rank 0
-    renames ``tmp`` to its final name and prunes old checkpoints; -> the final path."""
+def commit(tmp: Path, ranks, keep: int = 3) -> Path:
+    """Every part is written: rank 0 renames ``tmp`` to its final name and prunes old
+    checkpoints (a collective); -> the final path."""
     final = tmp.parent / tmp.name.removeprefix(".").removesuffix(".partial")
-    if not ranks.all_ok(ok):
-        if ranks.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise RuntimeError(f"checkpoint {final.name} failed on a learner rank: nothing kept")
     if ranks.rank == 0:
+        (tmp / SHARED).unlink(missing_ok=True)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -82,13 +108,6 @@ def commit(tmp: Path, ok: bool, ranks, keep: int = 3) -> Path:
             shutil.rmtree(old, ignore_errors=True)
     ranks.barrier()  # nobody reads the checkpoint before it has its final name
     return final
-
-
-def abandon(tmp: Path, ranks) -> None:
-    """This rank failed to write its part: tell the others (they raise in ``commit``)."""
-    ranks.all_ok(False)
-    if ranks.rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_policy(directory: Path, policy, tokenizer, weights: dict) -> None:

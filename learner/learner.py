@@ -251,32 +251,53 @@ class Learner:
 
     # ------------------------------------------------------------------ checkpoints
     def save_state(self, directory: Path) -> None:
-        """Write this rank's part of a checkpoint into ``directory`` (learner/checkpoint.py:
-        a collective every rank joins): DCP state (sharded policy, log Z head, optimizer),
-        this rank's RNG, and on rank 0 the scheduler, step and version."""
+        """Write the DCP state of a checkpoint into ``directory`` (learner/checkpoint.py: a
+        collective every rank joins; a failed write raises on every rank): sharded policy,
+        log Z head, optimizer."""
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
-        model, optim = get_state_dict(self.stateful, self.optimizer)
-        dcp.save({"model": model, "optim": optim}, checkpoint_id=str(directory / "state"))
+        # before the first step AdamW has no state, and get_state_dict would make some with
+        # a step of learning rate 0 (Adam's step count 1): then only the weights are saved
+        has_optimizer = bool(self.optimizer.state)
+        if has_optimizer:
+            model, optim = get_state_dict(self.stateful, self.optimizer)
+            state = {"model": model, "optim": optim}
+        else:
+            state = {"model": get_model_state_dict(self.stateful)}
+        dcp.save(state, checkpoint_id=str(directory / "state"))
+
+    def save_local_state(self, directory: Path) -> None:
+        """This rank's files of a checkpoint (no collective): its RNG states, and on rank 0
+        the scheduler, step and version."""
         torch.save(rng_state(), directory / f"rng-{self.ranks.rank}.pt")
         if self.ranks.rank == 0:
             trainer = {"scheduler": self.scheduler.state_dict(), "step": self.step_count,
-                       "version": self.version}  # fmt: skip
+                       "version": self.version, "has_optimizer": bool(self.optimizer.state)}  # fmt: skip
             torch.save(trainer, directory / "trainer.pt")
 
     def load_state(self, directory: Path) -> dict:
         """Load a checkpoint written by any number of ranks (DCP reshards on load; a rank
         with no RNG file of its own takes rank 0's); -> the trainer state."""
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            get_model_state_dict,
+            get_state_dict,
+            set_model_state_dict,
+            set_state_dict,
+        )
 
-        model, optim = get_state_dict(self.stateful, self.optimizer)
-        state = {"model": model, "optim": optim}
-        dcp.load(state, checkpoint_id=str(directory / "state"))
-        set_state_dict(self.stateful, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"])  # fmt: skip
         trainer = torch.load(directory / "trainer.pt", weights_only=False)
+        if trainer.get("has_optimizer", True):
+            model, optim = get_state_dict(self.stateful, self.optimizer)
+            state = {"model": model, "optim": optim}
+            dcp.load(state, checkpoint_id=str(directory / "state"))
+            set_state_dict(self.stateful, self.optimizer, model_state_dict=state["model"],
+                           optim_state_dict=state["optim"])  # fmt: skip
+        else:  # saved before the first step: the optimizer starts fresh, as it was
+            state = {"model": get_model_state_dict(self.stateful)}
+            dcp.load(state, checkpoint_id=str(directory / "state"))
+            set_model_state_dict(self.stateful, state["model"])
         self.scheduler.load_state_dict(trainer["scheduler"])
         rng = directory / f"rng-{self.ranks.rank}.pt"
         set_rng_state(torch.load(rng if rng.exists() else directory / "rng-0.pt",
@@ -319,9 +340,13 @@ class Learner:
 
     def publication_specs(self) -> list[tuple[str, torch.Tensor]]:
         """What a publication holds: every policy tensor's name, full shape and publication
-        dtype, as meta tensors (nothing allocated; the bucket plan needs no more)."""
+        dtype, as meta tensors (nothing allocated; the bucket plan needs no more). A tied
+        output layer is left out: it is the input embedding."""
         out = []
+        tied = getattr(self.policy.config, "tie_word_embeddings", False)
         for n, p in self.policy.state_dict().items():
+            if tied and n == "lm_head.weight":  # the input embedding: receivers re-tie it
+                continue
             dtype = self.param_dtype if self.param_dtype and p.is_floating_point() else p.dtype
             out.append((n, torch.empty(p.shape, dtype=dtype, device="meta")))
         return out
@@ -351,10 +376,12 @@ class Learner:
         buckets = plan_buckets(self.publication_specs(), self.bucket_bytes)
         gathered = gather_buckets(self.policy.state_dict(), buckets, self.ranks.rank == 0,
                                   self.publication_buffers)  # fmt: skip
-        if self.publish_fn is not None:
-            self.publish_fn(self.version, self.probe_token_ids, probe, buckets, gathered)
-        for _ in gathered:  # whatever publish_fn left: the other ranks wait in these gathers
-            pass
+        try:
+            if self.publish_fn is not None:
+                self.publish_fn(self.version, self.probe_token_ids, probe, buckets, gathered)
+        finally:  # whatever publish_fn left: the other ranks wait in these gathers
+            for _ in gathered:
+                pass
 
 
 def rng_state() -> dict:

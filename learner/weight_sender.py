@@ -102,15 +102,24 @@ class Publication:
                 self._works[-2].wait()
         except Exception as e:  # gloo/NCCL raise RuntimeError subclasses of many kinds
             self.error = e
+            self._settle()  # the caller reuses buffers next: nothing may still read them
+
+    def _settle(self) -> None:
+        """Wait for every broadcast posted, ignoring their errors."""
+        for work in self._works:
+            try:
+                work.wait()
+            except Exception:
+                pass
+        self._works = []
 
     def finish(self) -> int:
         """Wait until every bucket is on the wire; -> bytes sent (raises the first error)."""
         for work in self._works:
-            if self.error is None:
-                try:
-                    work.wait()
-                except Exception as e:
-                    self.error = e
+            try:
+                work.wait()
+            except Exception as e:
+                self.error = self.error or e
         self._works = []
         if self.error is not None:
             raise self.error

@@ -55,11 +55,12 @@ class LearnerWorker:
         rank: int = 0,
         world_size: int = 1,
         dtype: str = "float32",
+        own_process: bool = False,
     ):
         torch.set_num_threads(threads)
         torch.manual_seed(seed)
-        if device == "cpu":  # a step's transient tensors go back to the system after it
-            return_freed_memory()
+        if device == "cpu" and own_process:  # a step's transient tensors go back at once
+            return_freed_memory()  # (process-wide: not for an in-process learner)
         self.device, self.bucket_bytes = device, bucket_bytes
         self.tokenizer = load_tokenizer(model_path)
         # fp32 master weights; compute (and the reference's weights) in ``dtype``
@@ -115,7 +116,9 @@ class LearnerWorker:
         policy and reference; every rank calls it at once."""
         device = "cuda" if backend == "nccl" else "cpu"
         # a collective may wait for rank 0's sampling: the group's timeout is longer
-        timeout_s = max(600.0, 2 * self.sample_timeout_s + 60)
+        # (and rank 0 may wait on a slow actor in a publication's broadcasts: the weight
+        # group's own timeout is 600 s, so a weight-group stall fails there first)
+        timeout_s = max(1800.0, 2 * self.sample_timeout_s + 60)
         ranks = Ranks.join(host, port, self.rank, self.world_size, backend, device, timeout_s)
         self.learner = self._build(ranks)
         freeze_survivors()
@@ -148,20 +151,29 @@ class LearnerWorker:
         died) is dropped, never fatal: training goes on and the orchestrator re-forms the
         group with the restarted actor."""
         self.replay_control.set_version(version)  # admission opens for the new version
-        sender = self.sender
-        if sender is None:
-            return
-        try:
-            publication = sender.start(buckets, version, probe_ids, probe_logprob)
-            for bucket, tensors in bucket_tensors:
-                publication.send(bucket, tensors)
-            publication.finish()
-            self.published += 1
-        except Exception as e:  # gloo/NCCL raise RuntimeError subclasses of many kinds
-            self.publish_failures += 1
-            self.last_publish_error = f"{type(e).__name__}: {e}"
-            if self.sender is sender:
-                self.sender = None
+        sender, publication = self.sender, None
+        if sender is not None:
+            try:
+                publication = sender.start(buckets, version, probe_ids, probe_logprob)
+            except Exception as e:  # gloo/NCCL raise RuntimeError subclasses of many kinds
+                self._weight_group_broke(sender, e)
+        # the gathers run whatever the weight group does: the other learner ranks are in
+        # them (a failed gather is the learner group's failure, and raises)
+        for bucket, tensors in bucket_tensors:
+            if publication is not None:
+                publication.send(bucket, tensors)  # never raises: finish() does
+        if publication is not None:
+            try:
+                publication.finish()
+                self.published += 1
+            except Exception as e:
+                self._weight_group_broke(sender, e)
+
+    def _weight_group_broke(self, sender, error: Exception) -> None:
+        self.publish_failures += 1
+        self.last_publish_error = f"{type(error).__name__}: {error}"
+        if self.sender is sender:
+            self.sender = None
 
     def step(self) -> dict:
         # waiting for data holds no lock: a group re-formation (publish_current) or a

@@ -127,7 +127,7 @@ class Processes:
                 runtime_env={"env_vars": threads_env(threads)},
                 **placement.learners[rank],
             )
-            .remote(*args, **kwargs, rank=rank, world_size=world)
+            .remote(*args, **kwargs, rank=rank, world_size=world, own_process=True)
             for rank in range(world)
         ]
         self.learner = self.learners[0]

@@ -28,6 +28,8 @@ PINNED = {
     "model.warm_start_steps": "the run's initial policy (init_model/) was warm-started so",
     "model.warm_start_lr": "the run's initial policy (init_model/) was warm-started so",
 }
+# what a pinned key meant in saved configs written before the key existed
+PINNED_BEFORE = {"model.builtin": "tiny"}
 NOT_SETTINGS = ("run_dir", "resume")  # say where and how to start, not how to train
 GROUPS = ("algo", "model", "task", "generator", "replay", "learner", "cluster")
 
@@ -82,6 +84,7 @@ def contradictions(saved: dict, config: dict) -> list[str]:
     out = []
     for key, why in PINNED.items():
         old, new = _get(saved, key), _get(config, key)
+        old = PINNED_BEFORE.get(key) if old is None else old
         if old != new:
             out.append(f"{key}: the run has {old!r}, the command line asks for {new!r} ({why})")
     return out

@@ -268,3 +268,37 @@ def test_bf16_compute_keeps_fp32_master_weights_and_the_same_update(tmp_path):
     assert all(str(v.dtype) == "float32" for v in two["params"].values())
     assert 0 < relative(fp32["grads"], one["grads"]) < 5e-2
     assert 0 < relative(fp32["grads"], two["grads"]) < 5e-2
+
+
+def failing_checkpoint(model_dir, root, rank=0, world=1, port=0):
+    """Rank 1's part fails (a full disk); then rank 1 sees another directory than rank 0's
+    (no shared file system): both times every rank raises, and nothing is kept."""
+    from flowrl_async.learner import checkpoint as ckpt
+    from flowrl_async.model import load_tokenizer
+
+    learner, _ = make(model_dir, "flowrl", rank, world, port)
+    learner.step()
+    tok, errors = load_tokenizer(model_dir), []
+    if rank == 1:
+
+        def full_disk(directory):
+            raise OSError("No space left on device")
+
+        learner.save_local_state = full_disk
+    for where in (root, f"{root}-rank{rank}" if rank else root):
+        try:
+            ckpt.save(where, learner, tok)
+        except (OSError, RuntimeError) as e:
+            errors.append(str(e))
+        learner.save_local_state = type(learner).save_local_state.__get__(learner)
+    learner.step()  # the ranks are still in step with each other
+    return {"errors": errors, "kept": [p.name for p in ckpt.checkpoints(root)]}
+
+
+@pytest.mark.integration
+def test_a_checkpoint_that_fails_on_one_rank_fails_on_every_rank(tmp_path):
+    model_dir = str(build_tiny_model(tmp_path / "m", seed=2))
+    out = on_two_ranks(failing_checkpoint, (model_dir, str(tmp_path / "c")))
+    assert out["kept"] == []
+    assert "another learner rank failed" in out["errors"][0]
+    assert "shared file system" in out["errors"][1]

@@ -94,3 +94,22 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path):
         learner.policy.state_dict().items(), reloaded.state_dict().values(), strict=True
     ):
         assert torch.equal(a, b), name
+
+
+def test_a_checkpoint_before_the_first_step_changes_nothing(tmp_path):
+    # with no AdamW state yet, saving must not make any (get_state_dict would run a step of
+    # learning rate 0: Adam's step count 1, so the first real update would be bias-corrected
+    # as the second); resuming from it starts the optimizer fresh too
+    model_dir = build_tiny_model(tmp_path / "m", seed=0)
+    tok = load_tokenizer(model_dir)
+    straight, _ = make(model_dir)
+    expected = [straight.step()["loss"] for _ in range(2)]
+    saved, _ = make(model_dir)
+    ckpt.save(tmp_path / "c", saved, tok)
+    assert not saved.optimizer.state
+    assert [saved.step()["loss"] for _ in range(2)] == expected
+    resumed, _ = make(model_dir)
+    ckpt.load(latest(tmp_path / "c"), resumed)
+    assert [resumed.step()["loss"] for _ in range(2)] == expected
+    for a, b in zip(straight.policy.parameters(), resumed.policy.parameters(), strict=True):
+        assert torch.equal(a, b)

@@ -101,3 +101,15 @@ def test_a_group_choice_sets_its_whole_section(tmp_path):
     assert "replay.selector: 'mixed' -> 'fifo'" in changes
     assert "replay.max_staleness: 4 -> 1" in changes
     assert merged["algo"] == saved["algo"]  # other sections stay the run's own
+
+
+def test_a_run_saved_before_model_builtin_existed_resumes_with_the_tiny_model(tmp_path):
+    saved = saved_grpo_run(tmp_path)
+    del saved["model"]["builtin"]  # a run_config.json from before the key
+    overrides = [f"run_dir={tmp_path}", "resume=true", "model=tiny"]
+    merged, _ = resume.resumed(saved, composed(overrides), resume.named_keys(overrides, CONFIG_DIR))
+    resume.check(saved, merged, tmp_path)  # nothing contradicts: it was the tiny model
+    overrides = [f"run_dir={tmp_path}", "resume=true", "model=qwen2_0p5b_shape"]
+    merged, _ = resume.resumed(saved, composed(overrides), resume.named_keys(overrides, CONFIG_DIR))
+    with pytest.raises(ValueError, match="model.builtin: the run has 'tiny'"):
+        resume.check(saved, merged, tmp_path)
