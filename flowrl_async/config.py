@@ -138,6 +138,13 @@ class LearnerSection:
     """Groups per optimizer step."""
     micro_batch: int = 64
     """Most sequences per forward/backward pass (gradient accumulation over the step)."""
+    log_z_grad_clip: float | None = None
+    """FlowRL: clip the log Z head's gradient by its own norm at this value (its learning
+    rate is log_z_lr, 10x the policy's by default); null: one norm, policy and head together,
+    clipped at grad_clip."""
+    max_skipped_steps: int = 5
+    """A step whose loss or gradient norm is not finite is skipped (weights and optimizer
+    state untouched, counted as ``skipped_steps``); this many in a row stop the run."""
     max_tokens_per_micro: int | None = None
     """Token budget of a micro-batch: rows packed longest first while rows × (longest
     prompt + response) stays within it (a longer row goes alone); null: micro_batch rows
@@ -277,6 +284,9 @@ def validate(cfg: TrainConfig) -> None:
         problems.append(f"generator.engine={g.engine!r}: expected one of {ENGINES}")
     if g.n < 2 and (a.name != "flowrl" or a.reward_norm == "group"):
         problems.append("generator.n must be >= 2: group-normalised rewards need a group")
+    if g.temperature <= 0:
+        problems.append(f"generator.temperature={g.temperature}: must be > 0 (the learner's "
+                        "log-probs divide by it; greedy decoding has no log-probs to train on)")  # fmt: skip
     if g.top_p != 1.0:
         problems.append("generator.top_p must be 1.0: the learner's log-probs are untruncated")
     if r.selector not in SELECTORS:
@@ -324,6 +334,10 @@ def validate(cfg: TrainConfig) -> None:
             f"learner.world_size={lr.world_size}: must be >= 1 and <= learner.batch_groups "
             f"({lr.batch_groups}): every rank trains on whole groups"
         )
+    if lr.log_z_grad_clip is not None and lr.log_z_grad_clip <= 0:
+        problems.append("learner.log_z_grad_clip must be > 0 (or null)")
+    if lr.max_skipped_steps < 1:
+        problems.append("learner.max_skipped_steps must be >= 1")
     if lr.max_tokens_per_micro is not None and lr.max_tokens_per_micro < 1:
         problems.append("learner.max_tokens_per_micro must be >= 1 (or null)")
     if lr.logprob_chunk is not None and lr.logprob_chunk < 1:

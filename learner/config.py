@@ -9,6 +9,8 @@ from dataclasses import dataclass
 OBJECTIVES = ("flowrl", "grpo", "reinforce")  # the registry's names (learner/objective.py)
 IS_MODES = ("clip", "truncate", "none", "off")
 REWARD_NORMS = ("group", "raw")
+TRUNCATED = ("keep", "drop", "zero_reward")
+RESIDUALS = ("mean", "sum", "sum_over_len")  # objectives.residual: each form's target there
 
 
 @dataclass
@@ -20,6 +22,11 @@ class AlgoConfig:
     flowrl: configs/algo/flowrl_tb.yaml)."""
     beta: float = 15.0
     """FlowRL's reward temperature β (the target tilts π_ref by exp(β·r), see the README)."""
+    residual: str = "mean"
+    """FlowRL's residual form, and with it the distribution it converges to (|y|: response
+    length): mean (the paper's; π ∝ π_ref·exp(|y|·(β r − c)): the effective β grows with
+    length, longer answers of equal reward win), sum (true trajectory balance:
+    π ∝ π_ref·exp(β r)), sum_over_len (sum's target with the gradient scale of mean)."""
     reward_norm: str = "group"
     """FlowRL rewards: "group" normalised (the paper) or "raw" (off-policy TB)."""
     is_mode: str = "clip"
@@ -33,6 +40,13 @@ class AlgoConfig:
     """Truncated IS: weights are capped at this value (is_mode=truncate)."""
     kl_coef: float = 0.0
     """GRPO only: weight of the k3 KL penalty toward the reference policy."""
+    truncated: str = "keep"
+    """Responses cut at the length limit (finish reason "length"): keep (trained like
+    finished ones), drop (no loss on them, DAPO's overlong filtering; they still count in
+    their group's reward normalisation), zero_reward (reward 0, then shaped as usual)."""
+    log_z_detach: bool = False
+    """FlowRL: the log Z head reads the prompt's hidden states detached, so the policy trunk
+    gets no gradient from it (false: the paper's, the head's gradient reaches the trunk)."""
     temperature: float | None = None
     """The temperature of the learner's log-probs; null: the actors' sampling temperature
     (generator.temperature), which the run fills in (1.0 for a learner built directly)."""
@@ -40,5 +54,9 @@ class AlgoConfig:
     def __post_init__(self):
         if self.name not in OBJECTIVES:
             raise ValueError(f"algo.name={self.name!r}: expected one of {OBJECTIVES}")
+        if self.truncated not in TRUNCATED:
+            raise ValueError(f"algo.truncated={self.truncated!r}: expected one of {TRUNCATED}")
+        if self.residual not in RESIDUALS:
+            raise ValueError(f"algo.residual={self.residual!r}: expected one of {RESIDUALS}")
         if self.reward_norm not in REWARD_NORMS:
             raise ValueError(f"algo.reward_norm={self.reward_norm!r}: expected {REWARD_NORMS}")

@@ -19,6 +19,7 @@ and log Z head never reach the actors.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -45,6 +46,14 @@ from flowrl_async.learner.sharding import (
 )
 from flowrl_async.model import sequence_logprob
 from flowrl_async.weights import DEFAULT_BUCKET_BYTES, plan_buckets
+
+
+class SamplingMismatch(ValueError):
+    """A group was sampled at settings the learner's log-probs do not reproduce."""
+
+
+class NonFiniteError(RuntimeError):
+    """Too many steps in a row had a non-finite loss or gradient norm."""
 
 
 def no_dropout(model) -> None:
@@ -93,6 +102,8 @@ class Learner:
         ranks: Ranks | None = None,
         param_dtype: torch.dtype | None = None,
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        max_skipped_steps: int = 5,
+        log_z_grad_clip: float | None = None,
     ):
         """``param_dtype`` (e.g. torch.bfloat16): the compute dtype of policy and reference,
         and the dtype weights are published in; the optimizer keeps fp32 master weights
@@ -115,6 +126,7 @@ class Learner:
         self.max_tokens_per_micro, self.logprob_chunk = max_tokens_per_micro, logprob_chunk
         self.publish_every, self.publish_fn = publish_every, publish_fn
         self.bucket_bytes, self.publication_buffers = bucket_bytes, Buffers()
+        self.log_z_grad_clip, self.last_log_z_grad_norm = log_z_grad_clip, math.nan
         self.probe_token_ids, self.device = tuple(probe_token_ids), device
         self.objective = OBJECTIVES[algo.name]
         groups = [{"params": list(policy.parameters()), "lr": lr}]
@@ -126,6 +138,7 @@ class Learner:
         )
         self.step_count = 0
         self.version = 0
+        self.max_skipped_steps, self.skipped_steps, self.skipped_in_a_row = max_skipped_steps, 0, 0
         # what a checkpoint's DCP state holds: the policy and the log Z head
         self.stateful = torch.nn.ModuleDict({"policy": policy, "log_z": log_z_head})
 
@@ -146,19 +159,24 @@ class Learner:
         with L ranks, every rank calls it (rank 0 with the batch) and trains on its share."""
         started = time.perf_counter() - waited
         groups, infos, mine = self.ranks.share(groups, infos)
+        self.check_sampling(groups)  # every rank holds the same groups: all raise together
         batch = collate(groups, [i.staleness for i in infos], self.pad).to(self.device)
-        rewards = self.shape_rewards(batch)  # whole groups: the same on every rank
-        rows = ((batch.group_index >= mine.start) & (batch.group_index < mine.stop)).nonzero()
-        local = rows.view(-1).tolist()  # this rank's rows, contiguous
+        truncated = torch.tensor([r.finish_reason == "length" for g in groups for r in g.responses],
+                                 device=self.device)  # fmt: skip
+        rewards = self.shape_rewards(batch, truncated)  # whole groups: the same on every rank
+        trained = ~truncated if self.algo.truncated == "drop" else torch.ones_like(truncated)
+        share = (batch.group_index >= mine.start) & (batch.group_index < mine.stop)
+        local = (share & trained).nonzero().view(-1).tolist()  # this rank's rows, in order
         micros = micro_batches(batch.select(local), self.micro_batch, self.max_tokens_per_micro)
         # FSDP averages gradients over the L ranks: dividing by N / L makes their mean the
-        # gradient of Σ_all / N, the 1-rank step's
-        normalizer = len(batch) / self.ranks.world
+        # gradient of Σ_all / N, the 1-rank step's (N: the rows trained on)
+        normalizer = max(1, int(trained.sum())) / self.ranks.world
+        idle_row = int(share.nonzero()[0])  # a zero-weight pass needs some row of this rank
         self.optimizer.zero_grad(set_to_none=True)
         totals: Counter = Counter()
         for i in range(self.ranks.max(len(micros))):  # every rank: the same passes
             pad = i >= len(micros)  # a zero-weight pass, only to join the collectives
-            picked = [local[j] for j in (micros[0][:1] if pad else micros[i])]
+            picked = [idle_row] if pad else [local[j] for j in micros[i]]
             metrics = self.accumulate(batch.select(picked), rewards[picked], normalizer,
                                       weight=0.0 if pad else 1.0)  # fmt: skip
             if not pad:
@@ -166,13 +184,19 @@ class Learner:
         totals = self.ranks.sum(dict(totals))
         if self.objective.uses_log_z:  # replicated on every rank, not sharded
             self.ranks.average_grads(list(self.log_z.parameters()))
-        grad_norm = clip_grads(self.trainable(), self.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
+        grad_norm = self.clip()  # the same on every rank
         self.step_count += 1
-        if self.step_count % self.publish_every == 0:
-            self.publish()
-        out = {k: v / len(batch) for k, v in totals.items()}
+        skipped = not (math.isfinite(totals.get("loss", 0.0)) and math.isfinite(grad_norm))
+        if skipped:  # one NaN update would reach the actors: weights and AdamW untouched
+            self.skip_step(totals.get("loss", math.nan), grad_norm)
+        else:
+            self.skipped_in_a_row = 0
+            self.optimizer.step()
+            self.scheduler.step()
+            if self.step_count % self.publish_every == 0:
+                self.publish()
+        out = {k: v / max(1, int(trained.sum())) for k, v in totals.items()}
+        out["no_eos_ratio"] = float(truncated.float().mean())
         out.update(self.batch_metrics(batch, groups))
         out.update(
             step=self.step_count,
@@ -182,8 +206,48 @@ class Learner:
             wait_s=waited,
             step_s=time.perf_counter() - started,
             tokens=float(batch.response_mask.sum()),
+            skipped_steps=float(self.skipped_steps),
         )
         return out
+
+    def skip_step(self, loss: float, grad_norm: float) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.skipped_steps += 1
+        self.skipped_in_a_row += 1
+        print(f"learner: step {self.step_count} skipped: loss {loss}, gradient norm {grad_norm} "
+              f"({self.skipped_in_a_row} in a row)", file=sys.stderr, flush=True)  # fmt: skip
+        if self.skipped_in_a_row >= self.max_skipped_steps:
+            raise NonFiniteError(
+                f"{self.skipped_in_a_row} steps in a row had a non-finite loss or gradient "
+                f"(the last: step {self.step_count}, loss {loss}, gradient norm {grad_norm}; "
+                f"learner.max_skipped_steps={self.max_skipped_steps}): check the rewards, the "
+                "behaviour log-probs of the stored groups, and the learning rate"
+            )
+
+    def check_sampling(self, groups) -> None:
+        """Refuse groups sampled from another distribution than the one the learner's
+        log-probs and IS weights assume: another temperature, or top_p < 1."""
+        for g in groups:
+            t, top_p = g.sampling.temperature, g.sampling.top_p
+            if abs(t - self.temperature) > 1e-6 or top_p != 1.0:
+                raise SamplingMismatch(
+                    f"group {g.group_id} was sampled at temperature {t}, top_p {top_p}; the "
+                    f"learner computes log-probs at temperature {self.temperature}, top_p 1.0 "
+                    f"(its importance weights and target would be wrong): train on it with "
+                    f"algo.temperature={t}"
+                    + ("" if top_p == 1.0 else ", or not at all (top_p < 1)")
+                )
+
+    def clip(self) -> float:
+        """Clip the gradients: one norm over policy and log Z head at ``grad_clip``, or
+        (``log_z_grad_clip`` set) each by its own norm; -> the norm before clipping (the
+        policy's alone in the second case; non-finite if either is)."""
+        if self.log_z_grad_clip is None or not self.objective.uses_log_z:
+            return clip_grads(self.trainable(), self.grad_clip)
+        policy = clip_grads(list(self.policy.parameters()), self.grad_clip)
+        head = clip_grads(list(self.log_z.parameters()), self.log_z_grad_clip)
+        self.last_log_z_grad_norm = head
+        return policy if math.isfinite(head) else head
 
     def trainable(self):
         params = list(self.policy.parameters())
@@ -191,8 +255,13 @@ class Learner:
             params += list(self.log_z.parameters())
         return params
 
-    def shape_rewards(self, batch: TrainBatch) -> torch.Tensor:
-        return self.objective.shape_rewards(batch.rewards, batch.group_index, self.algo)
+    def shape_rewards(self, batch: TrainBatch, truncated: torch.Tensor | None = None):
+        """[N] the rewards the loss uses (``algo.truncated=zero_reward``: a response cut at
+        the length limit counts as reward 0, before shaping)."""
+        raw = batch.rewards
+        if truncated is not None and self.algo.truncated == "zero_reward":
+            raw = torch.where(truncated, torch.zeros_like(raw), raw)
+        return self.objective.shape_rewards(raw, batch.group_index, self.algo)
 
     def accumulate(self, micro: TrainBatch, rewards: torch.Tensor, normalizer: float,
                    weight: float = 1.0) -> dict:  # fmt: skip
@@ -209,7 +278,10 @@ class Learner:
             with torch.no_grad():
                 with self._compute_dtype():
                     ref = self.ref_fwd(micro, self.temperature, False, chunk).logprobs
-        log_z = self.log_z(pol.hidden, micro.prompt_mask) if obj.uses_log_z else None
+        log_z = None
+        if obj.uses_log_z:  # detached: the trunk learns only from the policy's own terms
+            hidden = pol.hidden.detach() if self.algo.log_z_detach else pol.hidden
+            log_z = self.log_z(hidden, micro.prompt_mask)
         inputs = LossInputs(pol.logprobs, behavior, mask, rewards, ref, log_z)
         out = obj.loss(inputs, self.algo, normalizer)
         (out.loss * weight if weight != 1.0 else out.loss).backward()

@@ -69,7 +69,7 @@ class FlowRL:
         return flowrl_loss(
             x.logprobs, x.ref_logprobs, x.behavior_logprobs, x.mask, x.log_z, x.rewards,
             algo.beta, algo.is_mode, algo.clip_low, algo.clip_high, algo.truncate_at,
-            normalizer=normalizer,
+            normalizer=normalizer, form=algo.residual,
         )  # fmt: skip
 
 

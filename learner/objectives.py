@@ -21,7 +21,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from flowrl_async.learner.config import IS_MODES
+from flowrl_async.learner.config import IS_MODES, RESIDUALS
+
+# log importance ratios are clamped to ±MAX_LOG_RATIO before exp: weights stay within
+# [2e-9, 4.9e8] and finite in float32 (exp overflows past ~88), whatever the gap
+MAX_LOG_RATIO = 20.0
 
 
 @dataclass(frozen=True)
@@ -83,8 +87,10 @@ def _check_mode(mode: str) -> None:
 def sequence_log_ratio(
     logprobs: torch.Tensor, behavior_logprobs: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:
-    """s_i = Σ_t (log π_θ − log μ) over response tokens -> [B], detached."""
-    return masked_sum(logprobs.detach() - behavior_logprobs.detach(), mask)
+    """s_i = Σ_t (log π_θ − log μ) over response tokens, clamped to ±MAX_LOG_RATIO -> [B],
+    detached."""
+    s = masked_sum(logprobs.detach() - behavior_logprobs.detach(), mask)
+    return s.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
 
 
 def _limit_weights(
@@ -120,16 +126,46 @@ def sequence_importance_weights(
     return _limit_weights(raw, mode, clip_low, clip_high, truncate_at)
 
 
+def residual(log_z: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+             mask: torch.Tensor, rewards: torch.Tensor, beta: float, form: str = "mean",
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The trajectory-balance residual δ [B] of ``form`` (with |y| the response length):
+
+        mean          δ = log Z + mean_t log π − β r − mean_t log π_ref       (the paper)
+        sum           δ = log Z + Σ_t log π − β r − Σ_t log π_ref              (true TB)
+        sum_over_len  δ = (log Z + Σ_t log π − β r − Σ_t log π_ref) / |y|
+
+    What δ = 0 for every y (full support) means, Z normalising:
+        sum, sum_over_len:  π(y) = π_ref(y)·exp(β r(y)) / Z
+        mean:               π(y) = π_ref(y)·exp(|y|·(β r(y) − c)), c fixed by normalisation
+                            (the effective β grows with length; among equally rewarded
+                            answers longer ones are favoured exponentially)
+    -> (δ, the policy term, the reference term) as the form uses them."""
+    if form not in RESIDUALS:
+        raise ValueError(f"unknown residual form {form!r}; expected one of {RESIDUALS}")
+    ref = ref_logprobs.detach()
+    if form == "mean":
+        pol, ref_term = masked_mean(logprobs, mask), masked_mean(ref, mask)
+        return log_z + pol - beta * rewards.detach() - ref_term, pol, ref_term
+    pol, ref_term = masked_sum(logprobs, mask), masked_sum(ref, mask)
+    delta = log_z + pol - beta * rewards.detach() - ref_term
+    if form == "sum_over_len":
+        delta = delta / _as_bool(mask).sum(-1).clamp(min=1).to(delta.dtype)
+    return delta, pol, ref_term
+
+
 def importance_metrics(
-    raw: torch.Tensor, weights: torch.Tensor, mode: str = "clip"
-) -> dict[str, float]:
+    raw: torch.Tensor, weights: torch.Tensor, mode: str = "clip",
+    log_raw: torch.Tensor | None = None,
+) -> dict[str, float]:  # fmt: skip
     """IS weight mean, normalised effective sample size (Σw)²/(B·Σw²) of the raw weights
-    (how far from the behaviour policy the batch is, reported even when weighting is off)
-    and the fraction of weights a clip or truncation changed."""
+    (how far from the behaviour policy the batch is, reported even when weighting is off),
+    computed in log space from ``log_raw`` (= log raw) so it stays finite, and the fraction
+    of weights a clip or truncation changed."""
     if raw.numel() == 0:
         return {"is_weight_mean": 0.0, "is_ess": 0.0, "is_clip_fraction": 0.0}
-    raw64 = raw.detach().double()
-    ess = raw64.sum() ** 2 / (raw64.numel() * (raw64**2).sum())
+    s = raw.detach().double().log() if log_raw is None else log_raw.detach().double()
+    ess = (2 * torch.logsumexp(s, 0) - torch.logsumexp(2 * s, 0)).exp() / s.numel()
     changed = weights.detach() != raw.detach()
     clipped = 0.0 if mode == "off" else float(changed.double().mean())
     return {
@@ -159,20 +195,23 @@ def flowrl_loss(
     clip_high: float = 0.2,
     truncate_at: float = 10.0,
     normalizer: float | None = None,
+    form: str = "mean",
 ) -> LossOutput:
     """FlowRL trajectory-balance loss.
 
-    δ_i = log_z_i + mean_t(logprobs_i) − beta·rewards_i − mean_t(ref_logprobs_i)
+    δ_i = ``residual`` of ``form`` (mean: log_z_i + mean_t(logprobs_i) − beta·rewards_i −
+          mean_t(ref_logprobs_i), the paper's; sum; sum_over_len; see ``residual`` for
+          each form's target)
     loss = Σ_i w_i·δ_i² / normalizer   (normalizer defaults to B: the mean)
 
     logprobs, ref_logprobs, behavior_logprobs, mask: [B, T]; log_z, rewards: [B]. ``rewards``
     are used as given (normalise them first for the paper's setting).
     """
     _check_mode(is_mode)
-    mean_logprob = masked_mean(logprobs, mask)
-    mean_ref = masked_mean(ref_logprobs.detach(), mask)
-    delta = log_z + mean_logprob - beta * rewards.detach() - mean_ref
-    raw = sequence_log_ratio(logprobs, behavior_logprobs, mask).exp()
+    delta, mean_logprob, mean_ref = residual(log_z, logprobs, ref_logprobs, mask, rewards,
+                                             beta, form)  # fmt: skip
+    log_raw = sequence_log_ratio(logprobs, behavior_logprobs, mask)
+    raw = log_raw.exp()
     weights = _limit_weights(raw, is_mode, clip_low, clip_high, truncate_at)
     loss = _divide((weights * delta**2).sum(), normalizer, logprobs.shape[0])
     with torch.no_grad():
@@ -181,7 +220,7 @@ def flowrl_loss(
             "log_z": float(log_z.mean()),
             "logprob_mean": float(mean_logprob.mean()),
             "ref_logprob_mean": float(mean_ref.mean()),
-            **importance_metrics(raw, weights, is_mode),
+            **importance_metrics(raw, weights, is_mode, log_raw),
         }
     return LossOutput(loss=loss, metrics=metrics)
 
@@ -208,7 +247,7 @@ def grpo_loss(
     """
     mask = _as_bool(mask)
     log_ratio = torch.where(mask, logprobs - behavior_logprobs.detach(), logprobs.new_zeros(()))
-    ratio = log_ratio.exp()
+    ratio = log_ratio.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO).exp()
     adv = advantages.detach()[:, None]
     unclipped = ratio * adv
     clipped = ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * adv
@@ -249,10 +288,11 @@ def reinforce_loss(
     ``sequence_importance_weights``); A_i are baseline-subtracted rewards.
     """
     _check_mode(is_mode)
-    raw = sequence_log_ratio(logprobs, behavior_logprobs, mask).exp()
+    log_raw = sequence_log_ratio(logprobs, behavior_logprobs, mask)
+    raw = log_raw.exp()
     weights = _limit_weights(raw, is_mode, clip_low, clip_high, truncate_at)
     per_seq = -weights * advantages.detach() * masked_sum(logprobs, mask)
     loss = _divide(per_seq.sum(), normalizer, logprobs.shape[0])
-    metrics = importance_metrics(raw, weights, is_mode)
+    metrics = importance_metrics(raw, weights, is_mode, log_raw)
     metrics["advantage_mean"] = float(advantages.mean()) if advantages.numel() else 0.0
     return LossOutput(loss=loss, metrics=metrics)

@@ -39,6 +39,8 @@ class LearnerWorker:
         micro_batch: int = 64,
         max_tokens_per_micro: int | None = None,
         logprob_chunk: int | None = 1024,
+        max_skipped_steps: int = 5,
+        log_z_grad_clip: float | None = None,
         gradient_checkpointing: bool = False,
         lr: float = 1e-4,
         log_z_lr: float = 1e-3,
@@ -87,6 +89,7 @@ class LearnerWorker:
                 policy, ref, head, algo, self._sample, self.tokenizer.pad_token_id,
                 batch_groups=batch_groups, micro_batch=micro_batch, lr=lr, log_z_lr=log_z_lr,
                 max_tokens_per_micro=max_tokens_per_micro, logprob_chunk=logprob_chunk,
+                max_skipped_steps=max_skipped_steps, log_z_grad_clip=log_z_grad_clip,
                 grad_clip=grad_clip, warmup_steps=warmup_steps, publish_every=publish_every,
                 publish_fn=self._publish if rank == 0 else None, probe_token_ids=probe,
                 device=device, ranks=ranks, param_dtype=compute, bucket_bytes=bucket_bytes,
@@ -208,6 +211,7 @@ class LearnerWorker:
             "version": self.learner.version,
             "published": self.published,
             "publish_failures": self.publish_failures,
+            "skipped_steps": self.learner.skipped_steps,
             "last_publish_error": self.last_publish_error,
         }
 

@@ -65,6 +65,7 @@ def learner_args(cfg: TrainConfig, model_path: str, address: str, device: str,
     return (model_path, algo, address), dict(
         batch_groups=lc.batch_groups, micro_batch=lc.micro_batch, lr=lc.lr,
         max_tokens_per_micro=lc.max_tokens_per_micro, logprob_chunk=lc.logprob_chunk,
+        max_skipped_steps=lc.max_skipped_steps, log_z_grad_clip=lc.log_z_grad_clip,
         gradient_checkpointing=lc.gradient_checkpointing,
         log_z_lr=lc.log_z_lr, grad_clip=lc.grad_clip, warmup_steps=lc.warmup_steps,
         publish_every=lc.publish_every, probe_text=probe_text, seed=cfg.seed,

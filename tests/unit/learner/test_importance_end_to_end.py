@@ -13,7 +13,7 @@ from flowrl_async.learner.learner import Learner
 from flowrl_async.learner.log_z import LogZHead
 from flowrl_async.learner.objectives import sequence_importance_weights
 from flowrl_async.model import build_tiny_model, load_policy, load_tokenizer
-from flowrl_async.records import Group, Response
+from flowrl_async.records import Group, Response, SamplingParams
 from flowrl_async.replay.client import SampleInfo
 
 TEMPERATURE = 0.8
@@ -28,7 +28,8 @@ def generate_groups(gen, tok, version, texts, seed):
             Response(c.token_ids, c.logprobs, float(j % 2), c.finish_reason, version, version)
             for j, c in enumerate(comps)
         )
-        out.append(Group(f"v{version}-{k}", k, np.asarray(p, np.int32), "t", responses))
+        out.append(Group(f"v{version}-{k}", k, np.asarray(p, np.int32), "t", responses,
+                         sampling=SamplingParams(temperature=TEMPERATURE)))  # fmt: skip
     return out
 
 

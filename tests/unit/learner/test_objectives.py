@@ -253,3 +253,63 @@ def test_the_registry_holds_exactly_the_objectives_the_config_accepts():
 
     assert tuple(OBJECTIVES) == NAMES
     assert all(name == o.name for name, o in OBJECTIVES.items())
+
+
+# ---------------------------------------------------------------- residual forms
+
+
+def residual_batch():
+    # row 0: two response tokens, a padded third holding garbage; row 1: three tokens
+    logprobs = torch.tensor([[-1.0, -2.0, GARBAGE], [-1.0, -1.0, -1.0]], requires_grad=True)
+    ref = torch.tensor([[-1.5, -1.5, GARBAGE], [-2.0, -2.0, -2.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)
+    return logprobs, ref, mask, torch.tensor([0.5, -0.5]), torch.tensor([1.0, 0.0])
+
+
+@pytest.mark.parametrize(
+    "form, expected, token_grad",
+    [
+        # mean: 0.5 + (−1.5) − 2·1 − (−1.5) = −1.5;  −0.5 + (−1) − 0 − (−2) = 0.5
+        ("mean", [-1.5, 0.5], [1 / 2, 1 / 3]),
+        # sum:  0.5 + (−3) − 2 − (−3) = −1.5;        −0.5 + (−3) − 0 − (−6) = 2.5
+        ("sum", [-1.5, 2.5], [1.0, 1.0]),
+        # sum_over_len: the sum residual / |y|: −1.5 / 2 = −0.75;  2.5 / 3
+        ("sum_over_len", [-0.75, 2.5 / 3], [1 / 2, 1 / 3]),
+    ],
+)
+def test_each_residual_form_by_hand(form, expected, token_grad):
+    from flowrl_async.learner.objectives import residual
+
+    logprobs, ref, mask, log_z, rewards = residual_batch()
+    delta, _, _ = residual(log_z, logprobs, ref, mask, rewards, beta=2.0, form=form)
+    close(delta.detach(), expected)
+    (grad,) = torch.autograd.grad(delta.sum(), logprobs)
+    # dδ_i/d log π_it on response tokens: 1/|y| (mean, sum_over_len) or 1 (sum); padding 0
+    close(grad, [[token_grad[0]] * 2 + [0.0], [token_grad[1]] * 3])
+
+
+def test_flowrl_loss_uses_the_residual_form_it_is_given():
+    logprobs, ref, mask, log_z, rewards = residual_batch()
+    behavior = logprobs.detach().clone()  # on-policy: every weight 1
+    out = flowrl_loss(logprobs, ref, behavior, mask, log_z, rewards, beta=2.0, form="sum")
+    close(out.loss.detach(), ((-1.5) ** 2 + 2.5**2) / 2)  # (2.25 + 6.25) / 2 = 4.25
+    with pytest.raises(ValueError, match="residual form"):
+        flowrl_loss(logprobs, ref, behavior, mask, log_z, rewards, form="median")
+
+
+# ---------------------------------------------------------------- non-finite guards
+
+
+def test_log_ratios_are_clamped_before_exp_and_the_ess_stays_finite():
+    # row 0's behaviour log-probs are 100 lower per token than the policy's: Σ = 200, past
+    # float32's exp range (~88); clamped to 20 it gives e^20. Row 1 is on-policy: weight 1.
+    # ESS = (e^20 + 1)² / (2·(e^40 + 1)) = 0.5 (to 1e-8)
+    logprobs = torch.tensor([[-1.0, -1.0], [-2.0, GARBAGE]])
+    behavior = torch.tensor([[-101.0, -101.0], [-2.0, GARBAGE]])
+    mask = torch.tensor([[1, 1], [1, 0]], dtype=torch.bool)
+    weights = sequence_importance_weights(logprobs, behavior, mask, mode="none")
+    close(weights, [math.exp(20.0), 1.0], tol=1e-3 * math.exp(20.0))
+    out = flowrl_loss(logprobs.requires_grad_(), torch.zeros(2, 2), behavior, mask,
+                      torch.zeros(2), torch.zeros(2), is_mode="none")  # fmt: skip
+    assert math.isfinite(out.metrics["is_ess"]) and out.metrics["is_ess"] == pytest.approx(0.5)
+    assert torch.isfinite(out.loss)
