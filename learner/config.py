@@ -21,7 +21,8 @@ class AlgoConfig:
     """Objective: flowrl (trajectory balance), grpo, or reinforce (flowrl_tb is a preset of
     flowrl: configs/algo/flowrl_tb.yaml)."""
     beta: float = 15.0
-    """FlowRL's reward temperature β (the target tilts π_ref by exp(β·r), see the README)."""
+    """FlowRL's reward temperature β: the target tilts π_ref by exp(β·r) in the sum forms and
+    by exp(|y|·β·r) in the mean form (``residual``; the README has each target)."""
     residual: str = "mean"
     """FlowRL's residual form, and with it the distribution it converges to (|y|: response
     length): mean (the paper's; π ∝ π_ref·exp(|y|·(β r − c)): the effective β grows with

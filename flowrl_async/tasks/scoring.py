@@ -49,7 +49,9 @@ def distribution_metrics(
 
 def reference_target(model, tokenizer, prompt_text: str, valid: tuple[str, ...]) -> list[float]:
     """FlowRL's target on the valid set: π ∝ π_ref·exp(β·r) restricted to answers that all
-    earn the full reward is π_ref(y | x) renormalised over them (y followed by <eos>)."""
+    earn the full reward is π_ref(y | x) renormalised over them (y followed by <eos>). That
+    is every residual form's target when the valid answers have one length (the digits
+    task); otherwise the mean form's differs (learner/objectives.py: residual)."""
     from flowrl_async.model import sequence_logprob
 
     prompt_ids = tokenizer(prompt_text)["input_ids"]
