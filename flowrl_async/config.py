@@ -274,6 +274,11 @@ def validate(cfg: TrainConfig) -> None:
         problems.append(f"algo.name={a.name!r}: expected one of {OBJECTIVES}")
     if a.is_mode not in IS_MODES:
         problems.append(f"algo.is_mode={a.is_mode!r}: expected one of {IS_MODES}")
+    if a.is_level == "token" and a.name != "reinforce":
+        problems.append(f"algo.is_level=token weights tokens: only reinforce takes it (algo.name="
+                        f"{a.name}: sequence or geometric; grpo's ratios are per token already)")  # fmt: skip
+    if a.is_mode == "mask" and not 0 < a.mask_low < 1 < a.mask_high:
+        problems.append("algo.is_mode=mask needs 0 < algo.mask_low < 1 < algo.mask_high")
     if a.name == "grpo" and a.is_mode != "clip":
         problems.append("algo.name=grpo clips per-token ratios: algo.is_mode must be clip")
     if a.reward_norm not in REWARD_NORMS:

@@ -7,7 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 OBJECTIVES = ("flowrl", "grpo", "reinforce")  # the registry's names (learner/objective.py)
-IS_MODES = ("clip", "truncate", "none", "off")
+IS_MODES = ("clip", "truncate", "mask", "none", "off")
+IS_LEVELS = ("sequence", "geometric", "token")  # token: reinforce only
 REWARD_NORMS = ("group", "raw")
 TRUNCATED = ("keep", "drop", "zero_reward")
 RESIDUALS = ("mean", "sum", "sum_over_len")  # objectives.residual: each form's target there
@@ -33,6 +34,15 @@ class AlgoConfig:
     is_mode: str = "clip"
     """Importance weights toward the current policy: clip (the paper), truncate, none (raw,
     unbounded) or off (weight 1: off-policy trajectory balance, which needs no correction)."""
+    is_level: str = "sequence"
+    """What one importance ratio covers: sequence (exp Σ_t of the token log-ratios: exact,
+    but it saturates any clip on long responses), geometric (exp mean_t: GSPO-style, one
+    ratio per sequence on a per-token scale), token (reinforce only: one weight a token)."""
+    mask_low: float = 0.5
+    """is_mode=mask (IcePop/MIS): ratios below this get weight 0."""
+    mask_high: float = 2.0
+    """is_mode=mask: ratios above this get weight 0; those in [mask_low, mask_high] keep
+    their raw value."""
     clip_low: float = 0.2
     """Lower clip ε: weights (or GRPO ratios) below 1 − ε are clipped."""
     clip_high: float = 0.2
@@ -55,6 +65,8 @@ class AlgoConfig:
     def __post_init__(self):
         if self.name not in OBJECTIVES:
             raise ValueError(f"algo.name={self.name!r}: expected one of {OBJECTIVES}")
+        if self.is_level not in IS_LEVELS:
+            raise ValueError(f"algo.is_level={self.is_level!r}: expected one of {IS_LEVELS}")
         if self.truncated not in TRUNCATED:
             raise ValueError(f"algo.truncated={self.truncated!r}: expected one of {TRUNCATED}")
         if self.residual not in RESIDUALS:

@@ -69,7 +69,8 @@ class FlowRL:
         return flowrl_loss(
             x.logprobs, x.ref_logprobs, x.behavior_logprobs, x.mask, x.log_z, x.rewards,
             algo.beta, algo.is_mode, algo.clip_low, algo.clip_high, algo.truncate_at,
-            normalizer=normalizer, form=algo.residual,
+            normalizer=normalizer, form=algo.residual, level=algo.is_level,
+            mask_low=algo.mask_low, mask_high=algo.mask_high,
         )  # fmt: skip
 
 
@@ -105,7 +106,8 @@ class Reinforce:
     def loss(self, x: LossInputs, algo: AlgoConfig, normalizer: float) -> LossOutput:
         return reinforce_loss(
             x.logprobs, x.behavior_logprobs, x.mask, x.rewards, algo.is_mode, algo.clip_low,
-            algo.clip_high, algo.truncate_at, normalizer=normalizer,
+            algo.clip_high, algo.truncate_at, normalizer=normalizer, level=algo.is_level,
+            mask_low=algo.mask_low, mask_high=algo.mask_high,
         )  # fmt: skip
 
 

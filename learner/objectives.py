@@ -85,17 +85,45 @@ def _check_mode(mode: str) -> None:
 
 
 def sequence_log_ratio(
-    logprobs: torch.Tensor, behavior_logprobs: torch.Tensor, mask: torch.Tensor
-) -> torch.Tensor:
-    """s_i = Σ_t (log π_θ − log μ) over response tokens, clamped to ±MAX_LOG_RATIO -> [B],
-    detached."""
-    s = masked_sum(logprobs.detach() - behavior_logprobs.detach(), mask)
+    logprobs: torch.Tensor, behavior_logprobs: torch.Tensor, mask: torch.Tensor,
+    level: str = "sequence",
+) -> torch.Tensor:  # fmt: skip
+    """s_i = Σ_t (log π_θ − log μ) over response tokens (``level`` geometric: the mean over
+    them), clamped to ±MAX_LOG_RATIO -> [B], detached."""
+    gap = logprobs.detach() - behavior_logprobs.detach()
+    if level not in ("sequence", "geometric"):
+        raise ValueError(f"a sequence-level objective takes is_level sequence or geometric, "
+                         f"not {level!r}")  # fmt: skip
+    s = masked_sum(gap, mask) if level == "sequence" else masked_mean(gap, mask)
     return s.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
 
 
+def token_log_ratio(logprobs, behavior_logprobs, mask) -> torch.Tensor:
+    """(log π_θ − log μ) per response token, clamped to ±MAX_LOG_RATIO -> [B, T], detached;
+    0 on padding."""
+    gap = torch.where(_as_bool(mask), logprobs.detach() - behavior_logprobs.detach(), 0.0)
+    return gap.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
+
+
+def mismatch_metrics(logprobs, behavior_logprobs, mask) -> dict[str, float]:
+    """How far the learner's log-probs are from the recorded ones on the sampled tokens:
+    k3 = r − 1 − log r per token (r = π_θ/μ; ≥ 0, an estimate of KL(μ ‖ π_θ) from μ's
+    samples), its mean over tokens, and χ² = mean_i(w_i²) − 1 of the sequence ratios."""
+    m = _as_bool(mask)
+    if not m.any():
+        return {"mismatch_kl": 0.0, "is_chi2": 0.0}
+    gap = token_log_ratio(logprobs, behavior_logprobs, mask).double()
+    k3 = gap.exp() - 1 - gap
+    s = sequence_log_ratio(logprobs, behavior_logprobs, mask).double()
+    return {"mismatch_kl": float(k3[m].mean()), "is_chi2": float((2 * s).exp().mean() - 1)}
+
+
 def _limit_weights(
-    raw: torch.Tensor, mode: str, clip_low: float, clip_high: float, truncate_at: float
-) -> torch.Tensor:
+    raw: torch.Tensor, mode: str, clip_low: float, clip_high: float, truncate_at: float,
+    mask_low: float = 0.5, mask_high: float = 2.0,
+) -> torch.Tensor:  # fmt: skip
+    if mode == "mask":  # IcePop/MIS: out of [mask_low, mask_high] -> weight 0
+        return torch.where((raw >= mask_low) & (raw <= mask_high), raw, torch.zeros_like(raw))
     if mode == "clip":
         return raw.clamp(1.0 - clip_low, 1.0 + clip_high)
     if mode == "truncate":
@@ -167,11 +195,12 @@ def importance_metrics(
     s = raw.detach().double().log() if log_raw is None else log_raw.detach().double()
     ess = (2 * torch.logsumexp(s, 0) - torch.logsumexp(2 * s, 0)).exp() / s.numel()
     changed = weights.detach() != raw.detach()
-    clipped = 0.0 if mode == "off" else float(changed.double().mean())
+    clipped = 0.0 if mode in ("off", "mask") else float(changed.double().mean())
     return {
         "is_weight_mean": float(weights.detach().double().mean()),
         "is_ess": float(ess),
         "is_clip_fraction": float(clipped),
+        "is_masked_fraction": float(changed.double().mean()) if mode == "mask" else 0.0,
     }
 
 
@@ -196,6 +225,9 @@ def flowrl_loss(
     truncate_at: float = 10.0,
     normalizer: float | None = None,
     form: str = "mean",
+    level: str = "sequence",
+    mask_low: float = 0.5,
+    mask_high: float = 2.0,
 ) -> LossOutput:
     """FlowRL trajectory-balance loss.
 
@@ -210,9 +242,9 @@ def flowrl_loss(
     _check_mode(is_mode)
     delta, mean_logprob, mean_ref = residual(log_z, logprobs, ref_logprobs, mask, rewards,
                                              beta, form)  # fmt: skip
-    log_raw = sequence_log_ratio(logprobs, behavior_logprobs, mask)
+    log_raw = sequence_log_ratio(logprobs, behavior_logprobs, mask, level)
     raw = log_raw.exp()
-    weights = _limit_weights(raw, is_mode, clip_low, clip_high, truncate_at)
+    weights = _limit_weights(raw, is_mode, clip_low, clip_high, truncate_at, mask_low, mask_high)
     loss = _divide((weights * delta**2).sum(), normalizer, logprobs.shape[0])
     with torch.no_grad():
         metrics = {
@@ -221,6 +253,7 @@ def flowrl_loss(
             "logprob_mean": float(mean_logprob.mean()),
             "ref_logprob_mean": float(mean_ref.mean()),
             **importance_metrics(raw, weights, is_mode, log_raw),
+            **mismatch_metrics(logprobs, behavior_logprobs, mask),
         }
     return LossOutput(loss=loss, metrics=metrics)
 
@@ -281,18 +314,33 @@ def reinforce_loss(
     clip_high: float = 0.2,
     truncate_at: float = 10.0,
     normalizer: float | None = None,
+    level: str = "sequence",
+    mask_low: float = 0.5,
+    mask_high: float = 2.0,
 ) -> LossOutput:
-    """REINFORCE with a baseline and sequence-level importance weights.
+    """REINFORCE with a baseline and importance weights.
 
-    loss = −Σ_i w_i·A_i·Σ_t logprobs_it / normalizer, w_i detached (see
-    ``sequence_importance_weights``); A_i are baseline-subtracted rewards.
+    sequence / geometric ``level``: loss = −Σ_i w_i·A_i·Σ_t logprobs_it / normalizer;
+    token: loss = −Σ_i A_i·Σ_t w_it·logprobs_it / normalizer, w_it = exp(log π_θ − log μ)
+    of token t; weights detached and limited by ``is_mode``; A_i baseline-subtracted rewards.
     """
     _check_mode(is_mode)
-    log_raw = sequence_log_ratio(logprobs, behavior_logprobs, mask)
-    raw = log_raw.exp()
-    weights = _limit_weights(raw, is_mode, clip_low, clip_high, truncate_at)
-    per_seq = -weights * advantages.detach() * masked_sum(logprobs, mask)
+    limits = (is_mode, clip_low, clip_high, truncate_at, mask_low, mask_high)
+    adv = advantages.detach()
+    if level == "token":
+        log_raw = token_log_ratio(logprobs, behavior_logprobs, mask)
+        m = _as_bool(mask)
+        raw = log_raw.exp()
+        weights = _limit_weights(raw, *limits)
+        per_seq = -adv * masked_sum(weights * logprobs, mask)
+        raw, weights, log_raw = raw[m], weights[m], log_raw[m]  # the metrics: real tokens
+    else:
+        log_raw = sequence_log_ratio(logprobs, behavior_logprobs, mask, level)
+        raw = log_raw.exp()
+        weights = _limit_weights(raw, *limits)
+        per_seq = -weights * adv * masked_sum(logprobs, mask)
     loss = _divide(per_seq.sum(), normalizer, logprobs.shape[0])
     metrics = importance_metrics(raw, weights, is_mode, log_raw)
+    metrics.update(mismatch_metrics(logprobs, behavior_logprobs, mask))
     metrics["advantage_mean"] = float(advantages.mean()) if advantages.numel() else 0.0
     return LossOutput(loss=loss, metrics=metrics)

@@ -313,3 +313,55 @@ def test_log_ratios_are_clamped_before_exp_and_the_ess_stays_finite():
                       torch.zeros(2), torch.zeros(2), is_mode="none")  # fmt: skip
     assert math.isfinite(out.metrics["is_ess"]) and out.metrics["is_ess"] == pytest.approx(0.5)
     assert torch.isfinite(out.loss)
+
+
+# ---------------------------------------------------------------- IS levels, masking, mismatch
+
+
+def test_geometric_level_takes_the_mean_token_log_ratio():
+    # token gaps log π − log μ: row 0: 0.2, 0.4 -> Σ 0.6, mean 0.3; row 1: 0.1 (+ padding)
+    from flowrl_async.learner.objectives import sequence_log_ratio
+
+    logprobs = torch.tensor([[-1.0, -1.0], [-1.0, GARBAGE]])
+    behavior = torch.tensor([[-1.2, -1.4], [-1.1, GARBAGE]])
+    mask = torch.tensor([[1, 1], [1, 0]], dtype=torch.bool)
+    close(sequence_log_ratio(logprobs, behavior, mask, "sequence"), [0.6, 0.1])
+    close(sequence_log_ratio(logprobs, behavior, mask, "geometric"), [0.3, 0.1])
+
+
+def test_mask_mode_zeroes_sequences_outside_the_band_and_their_gradient():
+    # sequence ratios e^-1 = 0.37, e^0 = 1, e^1 = 2.72 with the band [0.5, 2]: weights 0, 1, 0
+    logprobs = torch.tensor([[-2.0], [-1.0], [-0.5]], requires_grad=True)
+    behavior = torch.tensor([[-1.0], [-1.0], [-1.5]])
+    mask = torch.ones(3, 1, dtype=torch.bool)
+    out = flowrl_loss(logprobs, torch.zeros(3, 1), behavior, mask, torch.zeros(3),
+                      torch.ones(3), beta=1.0, is_mode="mask", mask_low=0.5, mask_high=2.0)  # fmt: skip
+    # δ = 0 + log π − 1 − 0: the one kept row: −1 − 1 = −2 -> loss = 1·4 / 3
+    close(out.loss.detach(), 4.0 / 3.0)
+    (grad,) = torch.autograd.grad(out.loss, logprobs)
+    close(grad, [[0.0], [2 * -2.0 / 3.0], [0.0]])  # dL/dlogπ = 2wδ/3 on the kept row only
+    assert out.metrics["is_masked_fraction"] == pytest.approx(2 / 3)
+
+
+def test_token_level_weights_and_masked_tokens_give_exactly_zero_gradient():
+    # reinforce, is_level=token, is_mode=mask [0.5, 2]: token gaps 0, 1, −1 (ratios 1, e, 1/e):
+    # only token 0 keeps a weight (1). loss = −A·Σ_t w_t·log π_t / B, A = 2, B = 1
+    logprobs = torch.tensor([[-1.0, -1.0, -1.0]], requires_grad=True)
+    behavior = torch.tensor([[-1.0, -2.0, 0.0]])
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    out = reinforce_loss(logprobs, behavior, mask, torch.tensor([2.0]), is_mode="mask",
+                         level="token", mask_low=0.5, mask_high=2.0)  # fmt: skip
+    close(out.loss.detach(), 2.0)  # −2·(1·−1) = 2
+    (grad,) = torch.autograd.grad(out.loss, logprobs)
+    close(grad, [[-2.0, 0.0, 0.0]])  # exactly zero for the masked tokens
+
+
+def test_mismatch_kl_is_k3_per_token():
+    # one token, log π − log μ = 0.2: k3 = e^0.2 − 1 − 0.2 = 0.0214027581601699;
+    # χ² = e^(2·0.2) − 1 = 0.4918246976412703
+    from flowrl_async.learner.objectives import mismatch_metrics
+
+    m = mismatch_metrics(torch.tensor([[-1.0, GARBAGE]]), torch.tensor([[-1.2, GARBAGE]]),
+                         torch.tensor([[1, 0]], dtype=torch.bool))  # fmt: skip
+    assert m["mismatch_kl"] == pytest.approx(0.0214027581601699, rel=1e-6)
+    assert m["is_chi2"] == pytest.approx(0.4918246976412703, rel=1e-6)
