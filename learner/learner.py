@@ -139,6 +139,7 @@ class Learner:
         self.step_count = 0
         self.version = 0
         self.max_skipped_steps, self.skipped_steps, self.skipped_in_a_row = max_skipped_steps, 0, 0
+        self.empty_steps = 0  # steps with no row to train on (every response dropped)
         # what a checkpoint's DCP state holds: the policy and the log Z head
         self.stateful = torch.nn.ModuleDict({"policy": policy, "log_z": log_z_head})
 
@@ -167,11 +168,15 @@ class Learner:
         trained = ~truncated if self.algo.truncated == "drop" else torch.ones_like(truncated)
         share = (batch.group_index >= mine.start) & (batch.group_index < mine.stop)
         local = (share & trained).nonzero().view(-1).tolist()  # this rank's rows, in order
-        micros = micro_batches(batch.select(local), self.micro_batch, self.max_tokens_per_micro)
+        micros = (
+            micro_batches(batch.select(local), self.micro_batch, self.max_tokens_per_micro)
+            if local
+            else []
+        )
         # FSDP averages gradients over the L ranks: dividing by N / L makes their mean the
         # gradient of Σ_all / N, the 1-rank step's (N: the rows trained on)
         normalizer = max(1, int(trained.sum())) / self.ranks.world
-        idle_row = int(share.nonzero()[0])  # a zero-weight pass needs some row of this rank
+        idle_row = self.idle_row(batch, local or share.nonzero().view(-1).tolist())
         self.optimizer.zero_grad(set_to_none=True)
         totals: Counter = Counter()
         for i in range(self.ranks.max(len(micros))):  # every rank: the same passes
@@ -179,8 +184,8 @@ class Learner:
             picked = [idle_row] if pad else [local[j] for j in micros[i]]
             metrics = self.accumulate(batch.select(picked), rewards[picked], normalizer,
                                       weight=0.0 if pad else 1.0)  # fmt: skip
-            if not pad:
-                totals.update({k: v * len(picked) for k, v in metrics.items()})
+            # every rank sums the same keys (a rank with only zero-weight passes adds zeros)
+            totals.update({k: 0.0 if pad else v * len(picked) for k, v in metrics.items()})
         totals = self.ranks.sum(dict(totals))
         if self.objective.uses_log_z:  # replicated on every rank, not sharded
             self.ranks.average_grads(list(self.log_z.parameters()))
@@ -189,6 +194,9 @@ class Learner:
         skipped = not (math.isfinite(totals.get("loss", 0.0)) and math.isfinite(grad_norm))
         if skipped:  # one NaN update would reach the actors: weights and AdamW untouched
             self.skip_step(totals.get("loss", math.nan), grad_norm)
+        elif not trained.any():  # every response dropped (algo.truncated=drop): no update
+            self.empty_steps += 1
+            self.optimizer.zero_grad(set_to_none=True)
         else:
             self.skipped_in_a_row = 0
             self.optimizer.step()
@@ -197,6 +205,9 @@ class Learner:
                 self.publish()
         out = {k: v / max(1, int(trained.sum())) for k, v in totals.items()}
         out["no_eos_ratio"] = float(truncated.float().mean())
+        out["empty_steps"] = float(self.empty_steps)
+        if self.log_z_grad_clip is not None and self.objective.uses_log_z:
+            out["log_z_grad_norm"] = float(self.last_log_z_grad_norm)
         out.update(self.batch_metrics(batch, groups))
         out.update(
             step=self.step_count,
@@ -215,7 +226,8 @@ class Learner:
         self.skipped_steps += 1
         self.skipped_in_a_row += 1
         print(f"learner: step {self.step_count} skipped: loss {loss}, gradient norm {grad_norm} "
-              f"({self.skipped_in_a_row} in a row)", file=sys.stderr, flush=True)  # fmt: skip
+              f"({self.skipped_in_a_row} in a row; the norm counts the zero-weight passes "
+              "too)", file=sys.stderr, flush=True)  # fmt: skip
         if self.skipped_in_a_row >= self.max_skipped_steps:
             raise NonFiniteError(
                 f"{self.skipped_in_a_row} steps in a row had a non-finite loss or gradient "
@@ -223,6 +235,12 @@ class Learner:
                 f"learner.max_skipped_steps={self.max_skipped_steps}): check the rewards, the "
                 "behaviour log-probs of the stored groups, and the learning rate"
             )
+
+    @staticmethod
+    def idle_row(batch: TrainBatch, rows: list[int]) -> int:
+        """The row a zero-weight pass runs on: the shortest of ``rows``."""
+        lengths = batch.attention_mask[rows].sum(1).tolist()
+        return rows[min(range(len(rows)), key=lambda i: lengths[i])]
 
     def check_sampling(self, groups) -> None:
         """Refuse groups sampled from another distribution than the one the learner's

@@ -191,7 +191,8 @@ def importance_metrics(
     computed in log space from ``log_raw`` (= log raw) so it stays finite, and the fraction
     of weights a clip or truncation changed."""
     if raw.numel() == 0:
-        return {"is_weight_mean": 0.0, "is_ess": 0.0, "is_clip_fraction": 0.0}
+        return {"is_weight_mean": 0.0, "is_ess": 0.0, "is_clip_fraction": 0.0,
+                "is_masked_fraction": 0.0}  # fmt: skip
     s = raw.detach().double().log() if log_raw is None else log_raw.detach().double()
     ess = (2 * torch.logsumexp(s, 0) - torch.logsumexp(2 * s, 0)).exp() / s.numel()
     changed = weights.detach() != raw.detach()
@@ -250,8 +251,8 @@ def flowrl_loss(
         metrics = {
             "delta_sq": float((delta**2).mean()),
             "log_z": float(log_z.mean()),
-            "logprob_mean": float(mean_logprob.mean()),
-            "ref_logprob_mean": float(mean_ref.mean()),
+            "logprob_mean": float(masked_mean(logprobs.detach(), mask).mean()),
+            "ref_logprob_mean": float(masked_mean(ref_logprobs.detach(), mask).mean()),
             **importance_metrics(raw, weights, is_mode, log_raw),
             **mismatch_metrics(logprobs, behavior_logprobs, mask),
         }
@@ -276,7 +277,9 @@ def grpo_loss(
           [+ kl_coef · mean_t k3(π_θ ‖ π_ref) when ref_logprobs are given]
     loss = Σ_i ℓ_i / normalizer   (normalizer defaults to B)
 
-    ``advantages`` [B] are usually group-normalised rewards.
+    ``advantages`` [B] are usually group-normalised rewards. The log-ratio is clamped to
+    ±MAX_LOG_RATIO before exp, gradient included: a token past e^20 contributes no
+    gradient (as a dual clip would bound it) instead of inf.
     """
     mask = _as_bool(mask)
     log_ratio = torch.where(mask, logprobs - behavior_logprobs.detach(), logprobs.new_zeros(()))

@@ -212,6 +212,7 @@ class LearnerWorker:
             "published": self.published,
             "publish_failures": self.publish_failures,
             "skipped_steps": self.learner.skipped_steps,
+            "empty_steps": self.learner.empty_steps,
             "last_publish_error": self.last_publish_error,
         }
 

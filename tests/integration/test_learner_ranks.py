@@ -17,10 +17,12 @@ ALGOS = {
     "flowrl": AlgoConfig(beta=1.0, is_mode="clip"),
     "flowrl_tb": AlgoConfig(beta=3.0, reward_norm="raw", is_mode="off"),
     "grpo": AlgoConfig(name="grpo", kl_coef=0.05),
+    # groups 3 and 4 (rank 1's share) hit the length limit: rank 1 trains on nothing
+    "flowrl_drop": AlgoConfig(beta=1.0, is_mode="clip", truncated="drop"),
 }
 
 
-def batch(model_dir):
+def batch(model_dir, truncate=False):
     """5 groups of 2-4 responses of 1-6 tokens: rank 0 gets 3 groups, rank 1 gets 2, and
     the token budget splits them into different numbers of micro-batches per rank."""
     from flowrl_async.records import Group, Response
@@ -33,7 +35,8 @@ def batch(model_dir):
         responses = tuple(
             Response(g.integers(3, 60, 1 + (k + j) % 6).astype(np.int32),
                      g.uniform(-3, -0.5, 1 + (k + j) % 6).astype(np.float32),
-                     float(j % 2), "stop", 0, 0, "ok" if j % 2 else "x")
+                     float(j % 2), "length" if truncate and k >= 3 else "stop", 0, 0,
+                     "ok" if j % 2 else "x")
             for j in range(n)
         )  # fmt: skip
         prompt = g.integers(3, 60, 2 + k).astype(np.int32)
@@ -54,7 +57,7 @@ def make(model_dir, algo_name, rank=0, world=1, port=0, dtype=None):
     policy, ref = load_policy(model_dir), load_policy(model_dir)
     policy.model.layers[0].mlp.up_proj.weight.data.mul_(1.5)  # π ≠ π_ref: the KL and TB terms move
     head = LogZHead(policy.config.hidden_size)
-    groups, infos = batch(model_dir)
+    groups, infos = batch(model_dir, truncate=algo_name == "flowrl_drop")
     learner = Learner(policy, ref, head, ALGOS[algo_name], lambda b, v: (groups, infos),
                       pad_token_id=0, batch_groups=5, micro_batch=4, max_tokens_per_micro=24,
                       logprob_chunk=5, lr=1e-4, log_z_lr=1e-3, ranks=ranks,

@@ -101,3 +101,17 @@ def test_the_log_z_head_can_be_clipped_by_its_own_norm(model_dir):
     one = learner(model_dir, batch(first_finish="stop"), grad_clip=1e-6)
     one.step()  # one norm over both
     assert norm(one.trainable()) == pytest.approx(1e-6, rel=1e-3)
+
+
+def test_a_batch_with_every_response_dropped_updates_nothing(model_dir):
+    group = batch(first_finish="length")[0][0]
+    from dataclasses import replace
+
+    cut = replace(
+        group, responses=tuple(replace(r, finish_reason="length") for r in group.responses)
+    )
+    lrn = learner(model_dir, ([cut], [SampleInfo(1, 0, 0.0)]), truncated="drop")
+    before = params(lrn)
+    out = lrn.step()
+    assert out["empty_steps"] == 1 and out["no_eos_ratio"] == 1.0 and lrn.version == 0
+    assert same(before, params(lrn)) and not lrn.optimizer.state
