@@ -277,6 +277,8 @@ def validate(cfg: TrainConfig) -> None:
     if a.is_level == "token" and a.name != "reinforce":
         problems.append(f"algo.is_level=token weights tokens: only reinforce takes it (algo.name="
                         f"{a.name}: sequence or geometric; grpo's ratios are per token already)")  # fmt: skip
+    if a.clip_ratio_c is not None and a.clip_ratio_c <= 1:
+        problems.append(f"algo.clip_ratio_c={a.clip_ratio_c}: the dual clip must be > 1 (or null)")
     if a.name == "grpo" and a.is_level != "sequence":
         problems.append("algo.name=grpo weights every token already: leave algo.is_level=sequence")
     if (a.temperature is not None and abs(a.temperature - g.temperature) > 1e-6

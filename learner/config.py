@@ -49,6 +49,12 @@ class AlgoConfig:
     """Upper clip ε: weights (or GRPO ratios) above 1 + ε are clipped."""
     truncate_at: float = 10.0
     """Truncated IS: weights are capped at this value (is_mode=truncate)."""
+    clip_ratio_c: float | None = None
+    """GRPO: dual clip (e.g. 3.0): a token with a negative advantage loses at most
+    clip_ratio_c·|A|; null: off."""
+    std_norm: bool = True
+    """GRPO and REINFORCE: divide the group-centred rewards by the group's std (false:
+    r − group mean only, Dr. GRPO)."""
     kl_coef: float = 0.0
     """GRPO only: weight of the k3 KL penalty toward the reference policy."""
     truncated: str = "keep"

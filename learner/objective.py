@@ -83,12 +83,12 @@ class GRPO:
         return algo.kl_coef != 0
 
     def shape_rewards(self, rewards, group_index, algo):
-        return group_normalized_rewards(rewards, group_index)
+        return group_normalized_rewards(rewards, group_index, std=algo.std_norm)
 
     def loss(self, x: LossInputs, algo: AlgoConfig, normalizer: float) -> LossOutput:
         return grpo_loss(
             x.logprobs, x.behavior_logprobs, x.mask, x.rewards, algo.clip_low, algo.clip_high,
-            x.ref_logprobs, algo.kl_coef, normalizer=normalizer,
+            x.ref_logprobs, algo.kl_coef, normalizer=normalizer, clip_ratio_c=algo.clip_ratio_c,
         )  # fmt: skip
 
 
@@ -101,7 +101,7 @@ class Reinforce:
         return False
 
     def shape_rewards(self, rewards, group_index, algo):
-        return group_normalized_rewards(rewards, group_index)
+        return group_normalized_rewards(rewards, group_index, std=algo.std_norm)
 
     def loss(self, x: LossInputs, algo: AlgoConfig, normalizer: float) -> LossOutput:
         return reinforce_loss(

@@ -53,9 +53,11 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def group_normalized_rewards(
-    rewards: torch.Tensor, group_ids: torch.Tensor | Sequence, eps: float = 1e-6
-) -> torch.Tensor:
-    """(r − group mean) / (group std + eps) per group -> [B].
+    rewards: torch.Tensor, group_ids: torch.Tensor | Sequence, eps: float = 1e-6,
+    std: bool = True,
+) -> torch.Tensor:  # fmt: skip
+    """(r − group mean) / (group std + eps) per group -> [B] (``std=False``: r − group mean,
+    Dr. GRPO's advantage).
 
     ``group_ids`` is a [B] integer tensor or any sequence of hashable ids (e.g. group uuids).
     The std is unbiased (torch.std's default); a group of one gives 0.
@@ -75,7 +77,7 @@ def group_normalized_rewards(
     mean = zeros.index_add(0, inverse, rewards) / count
     centered = rewards - mean[inverse]
     var = zeros.index_add(0, inverse, centered**2) / (count - 1).clamp(min=1)
-    normalized = centered / (var.sqrt()[inverse] + eps)
+    normalized = centered / (var.sqrt()[inverse] + eps) if std else centered
     return torch.where(count[inverse] > 1, normalized, torch.zeros_like(normalized))
 
 
@@ -269,6 +271,7 @@ def grpo_loss(
     ref_logprobs: torch.Tensor | None = None,
     kl_coef: float = 0.0,
     normalizer: float | None = None,
+    clip_ratio_c: float | None = None,
 ) -> LossOutput:
     """GRPO: token-level clipped surrogate against the behaviour policy.
 
@@ -277,7 +280,9 @@ def grpo_loss(
           [+ kl_coef · mean_t k3(π_θ ‖ π_ref) when ref_logprobs are given]
     loss = Σ_i ℓ_i / normalizer   (normalizer defaults to B)
 
-    ``advantages`` [B] are usually group-normalised rewards. The log-ratio is clamped to
+    ``clip_ratio_c`` (dual clip, > 1): for A < 0 the token's loss is at most c·|A|, i.e.
+    ℓ_t = min(that surrogate, −c·A) where A < 0, bounding what one very off-policy token
+    can contribute. ``advantages`` [B] are usually group-normalised rewards. The log-ratio is clamped to
     ±MAX_LOG_RATIO before exp, gradient included: a token past e^20 contributes no
     gradient (as a dual clip would bound it) instead of inf.
     """
@@ -287,7 +292,11 @@ def grpo_loss(
     adv = advantages.detach()[:, None]
     unclipped = ratio * adv
     clipped = ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * adv
-    per_seq = masked_mean(-torch.minimum(unclipped, clipped), mask)
+    token_loss = -torch.minimum(unclipped, clipped)
+    if clip_ratio_c is not None:
+        bounded = torch.minimum(token_loss, -clip_ratio_c * adv)
+        token_loss = torch.where(adv < 0, bounded, token_loss)
+    per_seq = masked_mean(token_loss, mask)
     kl = torch.zeros_like(per_seq)
     if ref_logprobs is not None and kl_coef:
         # k3 estimator of KL(π_θ ‖ π_ref): e^(ref − θ) − (ref − θ) − 1 >= 0.

@@ -365,3 +365,27 @@ def test_mismatch_kl_is_k3_per_token():
                          torch.tensor([[1, 0]], dtype=torch.bool))  # fmt: skip
     assert m["mismatch_kl"] == pytest.approx(0.0214027581601699, rel=1e-6)
     assert m["is_chi2"] == pytest.approx(0.4918246976412703, rel=1e-6)
+
+
+# ---------------------------------------------------------------- GRPO as users run it
+
+
+def test_dual_clip_bounds_a_negative_advantage_token():
+    # one token, A = −1, log π − log μ = 2: ρ = e² = 7.389; PPO's min picks ρ·A, so the loss is
+    # −ρA = 7.389 with gradient −A·ρ = 7.389; the dual clip at c = 3 caps it at c·|A| = 3,
+    # a constant: gradient 0
+    for c, loss, grad in ((None, math.exp(2.0), math.exp(2.0)), (3.0, 3.0, 0.0)):
+        logprobs = torch.tensor([[-1.0]], requires_grad=True)
+        out = grpo_loss(logprobs, torch.tensor([[-3.0]]), torch.ones(1, 1, dtype=torch.bool),
+                        torch.tensor([-1.0]), clip_ratio_c=c)  # fmt: skip
+        close(out.loss.detach(), loss, tol=1e-5)
+        (g,) = torch.autograd.grad(out.loss, logprobs)
+        close(g, [[grad]], tol=1e-5)
+
+
+def test_dr_grpo_advantages_are_centred_but_not_scaled():
+    # one group 1, 0, 0, 1: mean 0.5 -> 0.5, −0.5, −0.5, 0.5 (with std: ±0.5/0.57735 = ±0.866)
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    close(group_normalized_rewards(r, [7, 7, 7, 7], std=False), [0.5, -0.5, -0.5, 0.5])
+    close(group_normalized_rewards(r, [7, 7, 7, 7]), [0.8660229, -0.8660229, -0.8660229, 0.8660229],
+          tol=1e-5)  # fmt: skip
