@@ -81,12 +81,16 @@ class TrainBatch:
 
 
 def micro_batches(
-    batch: TrainBatch, max_rows: int, max_tokens: int | None = None
+    batch: TrainBatch, max_rows: int, max_tokens: int | None = None, whole_groups: bool = False
 ) -> list[list[int]]:
     """Row indices of each micro-batch. Without a token budget: consecutive runs of
     ``max_rows``. With one: rows longest first, packed greedily while rows × the longest
     row's prompt + response tokens (what the padded micro-batch holds) stays within
-    ``max_tokens``, at most ``max_rows`` rows; a row longer than the budget goes alone."""
+    ``max_tokens``, at most ``max_rows`` rows; a row longer than the budget goes alone.
+    ``whole_groups``: the same limits over whole groups (a group larger than them alone),
+    for losses that need every row of a group at once."""
+    if whole_groups:
+        return _whole_group_batches(batch, max_rows, max_tokens)
     n = len(batch)
     if max_tokens is None:
         return [list(range(s, min(s + max_rows, n))) for s in range(0, n, max_rows)]
@@ -106,6 +110,30 @@ def micro_batches(
                 continue
         out.append([i])
         widest_p, widest_t = p, t
+    return out
+
+
+def _whole_group_batches(batch: TrainBatch, max_rows: int, max_tokens: int | None):
+    width = (batch.attention_mask[:, : batch.prompt_width].sum(1)
+             + batch.response_mask.sum(1).clamp(min=1)).tolist()  # fmt: skip
+    index = batch.group_index.tolist()
+    groups: list[list[int]] = []
+    for row, g in enumerate(index):
+        if groups and index[groups[-1][0]] == g:
+            groups[-1].append(row)
+        else:
+            groups.append([row])
+    out: list[list[int]] = []
+    for rows in groups:
+        if out:
+            merged = out[-1] + rows
+            fits = len(merged) <= max_rows and (
+                max_tokens is None or len(merged) * max(width[r] for r in merged) <= max_tokens
+            )
+            if fits:
+                out[-1] = merged
+                continue
+        out.append(list(rows))
     return out
 
 

@@ -6,7 +6,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-OBJECTIVES = ("flowrl", "grpo", "reinforce")  # the registry's names (learner/objective.py)
+OBJECTIVES = (
+    "flowrl",
+    "grpo",
+    "reinforce",
+    "vargrad",
+)  # the registry's names (learner/objective.py)
 IS_MODES = ("clip", "truncate", "mask", "none", "off")
 IS_LEVELS = ("sequence", "geometric", "token")  # token: reinforce only
 REWARD_NORMS = ("group", "raw")
@@ -19,8 +24,9 @@ class AlgoConfig:
     """Which objective the learner trains with, and its settings."""
 
     name: str = "flowrl"
-    """Objective: flowrl (trajectory balance), grpo, or reinforce (flowrl_tb is a preset of
-    flowrl: configs/algo/flowrl_tb.yaml)."""
+    """Objective: flowrl (trajectory balance), grpo, reinforce, or vargrad (trajectory
+    balance with log Z the group's mean residual, no head; flowrl_tb is a preset of flowrl:
+    configs/algo/flowrl_tb.yaml)."""
     beta: float = 15.0
     """FlowRL's reward temperature β: the target tilts π_ref by exp(β·r) in the sum forms and
     by exp(|y|·β·r) in the mean form (``residual``; the README has each target)."""

@@ -169,7 +169,12 @@ class Learner:
         share = (batch.group_index >= mine.start) & (batch.group_index < mine.stop)
         local = (share & trained).nonzero().view(-1).tolist()  # this rank's rows, in order
         micros = (
-            micro_batches(batch.select(local), self.micro_batch, self.max_tokens_per_micro)
+            micro_batches(
+                batch.select(local),
+                self.micro_batch,
+                self.max_tokens_per_micro,
+                self.objective.whole_groups,
+            )
             if local
             else []
         )
@@ -300,7 +305,7 @@ class Learner:
         if obj.uses_log_z:  # detached: the trunk learns only from the policy's own terms
             hidden = pol.hidden.detach() if self.algo.log_z_detach else pol.hidden
             log_z = self.log_z(hidden, micro.prompt_mask)
-        inputs = LossInputs(pol.logprobs, behavior, mask, rewards, ref, log_z)
+        inputs = LossInputs(pol.logprobs, behavior, mask, rewards, ref, log_z, micro.group_index)
         out = obj.loss(inputs, self.algo, normalizer)
         (out.loss * weight if weight != 1.0 else out.loss).backward()
         with torch.no_grad():

@@ -18,6 +18,7 @@ from flowrl_async.learner.objectives import (
     group_normalized_rewards,
     grpo_loss,
     reinforce_loss,
+    vargrad_loss,
 )
 
 
@@ -31,6 +32,7 @@ class LossInputs:
     rewards: torch.Tensor  # [N], shaped by the objective
     ref_logprobs: torch.Tensor | None = None  # log π_ref, when the objective needs it
     log_z: torch.Tensor | None = None  # [N] the head's log Z(x), when the objective uses it
+    group_index: torch.Tensor | None = None  # [N] which group a row belongs to
 
 
 class Objective(Protocol):
@@ -38,6 +40,7 @@ class Objective(Protocol):
 
     name: ClassVar[str]
     uses_log_z: ClassVar[bool]  # trains the log Z head (its parameters join the optimizer)
+    whole_groups: ClassVar[bool]  # its loss needs every row of a group in one micro-batch
 
     def needs_ref(self, algo: AlgoConfig) -> bool:
         """Whether the loss reads π_ref (the frozen reference is then run forward)."""
@@ -55,7 +58,7 @@ class Objective(Protocol):
 class FlowRL:
     """Trajectory balance with a learned partition function (arXiv 2509.15207)."""
 
-    name, uses_log_z = "flowrl", True
+    name, uses_log_z, whole_groups = "flowrl", True, False
 
     def needs_ref(self, algo: AlgoConfig) -> bool:
         return True
@@ -77,7 +80,7 @@ class FlowRL:
 class GRPO:
     """Token-level clipped surrogate on group-normalised advantages (optional k3 KL)."""
 
-    name, uses_log_z = "grpo", False
+    name, uses_log_z, whole_groups = "grpo", False, False
 
     def needs_ref(self, algo: AlgoConfig) -> bool:
         return algo.kl_coef != 0
@@ -95,7 +98,7 @@ class GRPO:
 class Reinforce:
     """REINFORCE with a group-mean baseline and sequence IS weights."""
 
-    name, uses_log_z = "reinforce", False
+    name, uses_log_z, whole_groups = "reinforce", False, False
 
     def needs_ref(self, algo: AlgoConfig) -> bool:
         return False
@@ -111,4 +114,22 @@ class Reinforce:
         )  # fmt: skip
 
 
-OBJECTIVES: dict[str, Objective] = {o.name: o for o in (FlowRL(), GRPO(), Reinforce())}
+class VarGrad:
+    """Trajectory balance with log Z estimated per group from the batch (no head, no IS)."""
+
+    name, uses_log_z, whole_groups = "vargrad", False, True
+
+    def needs_ref(self, algo: AlgoConfig) -> bool:
+        return True
+
+    def shape_rewards(self, rewards, group_index, algo):
+        if algo.reward_norm == "group":
+            return group_normalized_rewards(rewards, group_index)
+        return rewards
+
+    def loss(self, x: LossInputs, algo: AlgoConfig, normalizer: float) -> LossOutput:
+        return vargrad_loss(x.logprobs, x.ref_logprobs, x.mask, x.rewards, x.group_index,
+                            algo.beta, normalizer=normalizer, form=algo.residual)  # fmt: skip
+
+
+OBJECTIVES: dict[str, Objective] = {o.name: o for o in (FlowRL(), GRPO(), Reinforce(), VarGrad())}

@@ -261,6 +261,40 @@ def flowrl_loss(
     return LossOutput(loss=loss, metrics=metrics)
 
 
+def vargrad_loss(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    rewards: torch.Tensor,
+    group_index: torch.Tensor,
+    beta: float = 15.0,
+    normalizer: float | None = None,
+    form: str = "sum_over_len",
+) -> LossOutput:
+    """Trajectory balance without a learned log Z (VarGrad, as in TBA): per group,
+    log Ẑ = mean over its rows of −δ₀ with δ₀ the ``residual`` of ``form`` at log Z = 0
+    (β r − log π + log π_ref in the sum form), detached; δ = δ₀ + log Ẑ;
+    loss = Σ_i δ_i² / normalizer. Every row of a group must be in the batch (a group of
+    one gives δ = 0). No importance weights: the optimum does not depend on the sampler."""
+    zeros = torch.zeros_like(rewards)
+    delta0, _, _ = residual(zeros, logprobs, ref_logprobs, mask, rewards, beta, form)
+    _, inverse = torch.unique(group_index, return_inverse=True)
+    n = int(inverse.max()) + 1 if inverse.numel() else 0
+    d = delta0.detach()
+    count = torch.zeros(n, dtype=d.dtype, device=d.device).index_add(0, inverse, torch.ones_like(d))
+    log_z_hat = -torch.zeros(n, dtype=d.dtype, device=d.device).index_add(0, inverse, d) / count
+    delta = delta0 + log_z_hat[inverse]
+    loss = _divide((delta**2).sum(), normalizer, logprobs.shape[0])
+    with torch.no_grad():
+        metrics = {
+            "delta_sq": float((delta**2).mean()) if delta.numel() else 0.0,
+            "log_z": float(log_z_hat.mean()) if n else 0.0,
+            "logprob_mean": float(masked_mean(logprobs.detach(), mask).mean()),
+            "ref_logprob_mean": float(masked_mean(ref_logprobs.detach(), mask).mean()),
+        }
+    return LossOutput(loss=loss, metrics=metrics)
+
+
 def grpo_loss(
     logprobs: torch.Tensor,
     behavior_logprobs: torch.Tensor,

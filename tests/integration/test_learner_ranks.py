@@ -19,6 +19,9 @@ ALGOS = {
     "grpo": AlgoConfig(name="grpo", kl_coef=0.05),
     # groups 3 and 4 (rank 1's share) hit the length limit: rank 1 trains on nothing
     "flowrl_drop": AlgoConfig(beta=1.0, is_mode="clip", truncated="drop"),
+    "vargrad": AlgoConfig(
+        name="vargrad", beta=1.0, reward_norm="raw", residual="sum_over_len", is_mode="off"
+    ),
 }
 
 

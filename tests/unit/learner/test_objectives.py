@@ -389,3 +389,36 @@ def test_dr_grpo_advantages_are_centred_but_not_scaled():
     close(group_normalized_rewards(r, [7, 7, 7, 7], std=False), [0.5, -0.5, -0.5, 0.5])
     close(group_normalized_rewards(r, [7, 7, 7, 7]), [0.8660229, -0.8660229, -0.8660229, 0.8660229],
           tol=1e-5)  # fmt: skip
+
+
+# ---------------------------------------------------------------- vargrad
+
+
+def test_vargrad_takes_log_z_from_each_groups_mean_residual():
+    # sum form, β = 1. group 5: Σlog π = −2, −4; Σlog π_ref = −3, −3; r = 1, 0:
+    #   δ₀ = Σlog π − β r − Σlog π_ref = 0, −1; log Ẑ = −mean(δ₀) = 0.5; δ = 0.5, −0.5
+    # group 9 (one row): δ = 0.  loss = (0.25 + 0.25 + 0) / 3 = 1/6
+    from flowrl_async.learner.objectives import vargrad_loss
+
+    logprobs = torch.tensor([[-1.0, -1.0], [-2.0, -2.0], [-1.0, GARBAGE]], requires_grad=True)
+    ref = torch.tensor([[-1.5, -1.5], [-1.5, -1.5], [-0.7, GARBAGE]])
+    mask = torch.tensor([[1, 1], [1, 1], [1, 0]], dtype=torch.bool)
+    out = vargrad_loss(logprobs, ref, mask, torch.tensor([1.0, 0.0, 1.0]),
+                       torch.tensor([5, 5, 9]), beta=1.0, form="sum")  # fmt: skip
+    close(out.loss.detach(), 1.0 / 6.0)
+    (g,) = torch.autograd.grad(out.loss, logprobs)
+    # log Ẑ detached: dL/dlog π_t = 2δ_i/3 on every token of row i
+    close(g, [[1 / 3, 1 / 3], [-1 / 3, -1 / 3], [0.0, 0.0]])
+
+
+def test_whole_group_micro_batches_never_split_a_group():
+    from flowrl_async.learner.batch import TrainBatch, micro_batches
+
+    n = 6  # groups of 2, 3 and 1 rows
+    batch = TrainBatch(torch.ones(n, 4, dtype=torch.long), torch.ones(n, 4, dtype=torch.long), 2,
+                       torch.ones(n, 2, dtype=torch.bool), torch.zeros(n, 2), torch.zeros(n),
+                       torch.zeros(n, dtype=torch.bool), torch.tensor([0, 0, 1, 1, 1, 2]),
+                       torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long))  # fmt: skip
+    assert micro_batches(batch, 4, whole_groups=True) == [[0, 1], [2, 3, 4, 5]]
+    assert micro_batches(batch, 2, whole_groups=True) == [[0, 1], [2, 3, 4], [5]]  # 3 > 2: alone
+    assert micro_batches(batch, 6, 16, whole_groups=True) == [[0, 1], [2, 3, 4, 5]]  # 6·4 > 16
