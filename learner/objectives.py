@@ -271,19 +271,24 @@ def vargrad_loss(
     normalizer: float | None = None,
     form: str = "sum_over_len",
 ) -> LossOutput:
-    """Trajectory balance without a learned log Z (VarGrad, as in TBA): per group,
-    log Ẑ = mean over its rows of −δ₀ with δ₀ the ``residual`` of ``form`` at log Z = 0
-    (β r − log π + log π_ref in the sum form), detached; δ = δ₀ + log Ẑ;
-    loss = Σ_i δ_i² / normalizer. Every row of a group must be in the batch (a group of
-    one gives δ = 0). No importance weights: the optimum does not depend on the sampler."""
+    """Trajectory balance without a learned log Z (VarGrad, as in TBA). Per group,
+    log Ẑ = −mean over its rows of δ₀, detached, with δ₀ = Σ_t log π − β r − Σ_t log π_ref
+    (the mean form: with per-token means); then δ = δ₀ + log Ẑ, divided by |y| in the
+    sum_over_len form; loss = Σ_i δ_i² / normalizer. Log Ẑ is estimated in the form whose
+    residual it cancels, so sum and sum_over_len keep sum's target π ∝ π_ref·exp(β r).
+    Every row of a group must be in the batch (a group of one gives δ = 0). No importance
+    weights: the optimum does not depend on the sampler."""
     zeros = torch.zeros_like(rewards)
-    delta0, _, _ = residual(zeros, logprobs, ref_logprobs, mask, rewards, beta, form)
+    base = "mean" if form == "mean" else "sum"
+    delta0, _, _ = residual(zeros, logprobs, ref_logprobs, mask, rewards, beta, base)
     _, inverse = torch.unique(group_index, return_inverse=True)
     n = int(inverse.max()) + 1 if inverse.numel() else 0
     d = delta0.detach()
     count = torch.zeros(n, dtype=d.dtype, device=d.device).index_add(0, inverse, torch.ones_like(d))
     log_z_hat = -torch.zeros(n, dtype=d.dtype, device=d.device).index_add(0, inverse, d) / count
     delta = delta0 + log_z_hat[inverse]
+    if form == "sum_over_len":
+        delta = delta / _as_bool(mask).sum(-1).clamp(min=1).to(delta.dtype)
     loss = _divide((delta**2).sum(), normalizer, logprobs.shape[0])
     with torch.no_grad():
         metrics = {

@@ -99,9 +99,8 @@ def resume_then_step(model_dir, algo_name, root, rank=0, world=1, port=0):
 def step_save_step(model_dir, algo_name, root, rank=0, world=1, port=0):
     """One step, a checkpoint under ``root`` (every rank writes its shards), one more step."""
     from flowrl_async.learner import checkpoint as ckpt
-    from flowrl_async.model import load_tokenizer
-
     from flowrl_async.learner.batch import probe_batch
+    from flowrl_async.model import load_tokenizer
 
     learner, head = make(model_dir, algo_name, rank, world, port)
     learner.step()
