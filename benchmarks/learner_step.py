@@ -25,7 +25,7 @@ from pathlib import Path
 from _common import median, one_thread, table, timed
 
 warnings.filterwarnings("ignore")
-ALGOS = ("flowrl", "grpo", "reinforce")
+ALGOS = ("flowrl", "grpo", "reinforce", "vargrad")
 
 
 def fixed_batch(model_dir, groups: int, n: int, max_tokens: int, seed: int = 0):

@@ -277,6 +277,14 @@ def validate(cfg: TrainConfig) -> None:
     if a.is_level == "token" and a.name != "reinforce":
         problems.append(f"algo.is_level=token weights tokens: only reinforce takes it (algo.name="
                         f"{a.name}: sequence or geometric; grpo's ratios are per token already)")  # fmt: skip
+    if a.name == "vargrad" and a.is_mode != "off":
+        problems.append("algo.name=vargrad applies no importance weights: set algo.is_mode=off "
+                        "(algo=vargrad does)")  # fmt: skip
+    if a.name == "vargrad" and lr.micro_batch < g.n:
+        problems.append(f"algo.name=vargrad trains whole groups per micro-batch: "
+                        f"learner.micro_batch={lr.micro_batch} < generator.n={g.n}")  # fmt: skip
+    if a.clip_ratio_c is not None and a.name != "grpo":
+        problems.append("algo.clip_ratio_c is GRPO's dual clip: only algo.name=grpo takes it")
     if a.clip_ratio_c is not None and a.clip_ratio_c <= 1:
         problems.append(f"algo.clip_ratio_c={a.clip_ratio_c}: the dual clip must be > 1 (or null)")
     if a.name == "grpo" and a.is_level != "sequence":

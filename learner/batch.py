@@ -114,8 +114,9 @@ def micro_batches(
 
 
 def _whole_group_batches(batch: TrainBatch, max_rows: int, max_tokens: int | None):
-    width = (batch.attention_mask[:, : batch.prompt_width].sum(1)
-             + batch.response_mask.sum(1).clamp(min=1)).tolist()  # fmt: skip
+    # a padded micro-batch holds rows × (longest prompt + longest response)
+    prompt = batch.attention_mask[:, : batch.prompt_width].sum(1).tolist()
+    response = batch.response_mask.sum(1).clamp(min=1).tolist()
     index = batch.group_index.tolist()
     groups: list[list[int]] = []
     for row, g in enumerate(index):
@@ -127,8 +128,9 @@ def _whole_group_batches(batch: TrainBatch, max_rows: int, max_tokens: int | Non
     for rows in groups:
         if out:
             merged = out[-1] + rows
+            widest = max(prompt[r] for r in merged) + max(response[r] for r in merged)
             fits = len(merged) <= max_rows and (
-                max_tokens is None or len(merged) * max(width[r] for r in merged) <= max_tokens
+                max_tokens is None or len(merged) * widest <= max_tokens
             )
             if fits:
                 out[-1] = merged

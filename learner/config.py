@@ -59,8 +59,8 @@ class AlgoConfig:
     """GRPO: dual clip (e.g. 3.0): a token with a negative advantage loses at most
     clip_ratio_c·|A|; null: off."""
     std_norm: bool = True
-    """GRPO and REINFORCE: divide the group-centred rewards by the group's std (false:
-    r − group mean only, Dr. GRPO)."""
+    """GRPO, REINFORCE and vargrad's group rewards: divide the group-centred rewards by the
+    group's std (false: r − group mean only, Dr. GRPO's advantage)."""
     kl_coef: float = 0.0
     """GRPO only: weight of the k3 KL penalty toward the reference policy."""
     truncated: str = "keep"

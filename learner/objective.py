@@ -124,7 +124,7 @@ class VarGrad:
 
     def shape_rewards(self, rewards, group_index, algo):
         if algo.reward_norm == "group":
-            return group_normalized_rewards(rewards, group_index)
+            return group_normalized_rewards(rewards, group_index, std=algo.std_norm)
         return rewards
 
     def loss(self, x: LossInputs, algo: AlgoConfig, normalizer: float) -> LossOutput:

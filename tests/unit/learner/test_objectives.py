@@ -422,3 +422,21 @@ def test_whole_group_micro_batches_never_split_a_group():
     assert micro_batches(batch, 4, whole_groups=True) == [[0, 1], [2, 3, 4, 5]]
     assert micro_batches(batch, 2, whole_groups=True) == [[0, 1], [2, 3, 4], [5]]  # 3 > 2: alone
     assert micro_batches(batch, 6, 16, whole_groups=True) == [[0, 1], [2, 3, 4, 5]]  # 6·4 > 16
+
+
+def test_whole_group_packing_counts_the_padding_of_mixed_prompts_and_responses():
+    # group 0: 10-token prompts, 1-token responses; group 1: 1-token prompts, 10-token
+    # responses. Together the padded micro-batch is 4 × (10 + 10) = 80 tokens, not 4 × 11
+    from flowrl_async.learner.batch import TrainBatch, micro_batches
+
+    attention = torch.zeros(4, 20, dtype=torch.long)
+    attention[:2, :11] = 1  # prompt 10 + response 1
+    attention[2:, 9:] = 1  # prompt 1 + response 10
+    response = torch.zeros(4, 10, dtype=torch.bool)
+    response[:2, :1], response[2:, :] = True, True
+    batch = TrainBatch(torch.ones(4, 20, dtype=torch.long), attention, 10, response,
+                       torch.zeros(4, 10), torch.zeros(4), torch.zeros(4, dtype=torch.bool),
+                       torch.tensor([0, 0, 1, 1]), torch.zeros(4, dtype=torch.long),
+                       torch.zeros(4, dtype=torch.long))  # fmt: skip
+    assert micro_batches(batch, 8, 44, whole_groups=True) == [[0, 1], [2, 3]]
+    assert micro_batches(batch, 8, 80, whole_groups=True) == [[0, 1, 2, 3]]

@@ -1,0 +1,36 @@
+"""Objective settings that would be silently ignored or contradict each other are refused at
+start-up, each with a message naming the fields."""
+
+import pytest
+
+from flowrl_async.config import TrainConfig, validate
+
+
+def refused(**changes) -> str:
+    cfg = TrainConfig()
+    for key, value in changes.items():
+        section, field = key.split("__")
+        setattr(getattr(cfg, section), field, value)
+    with pytest.raises(ValueError) as e:
+        validate(cfg)
+    return str(e.value)
+
+
+def test_settings_that_would_be_ignored_or_contradict_are_refused():
+    assert "set algo.is_mode=off" in refused(algo__name="vargrad")  # default clip: no IS
+    assert "learner.micro_batch=4 < generator.n=8" in refused(
+        algo__name="vargrad", algo__is_mode="off", learner__micro_batch=4
+    )
+    assert "only algo.name=grpo takes it" in refused(algo__clip_ratio_c=3.0)
+    assert "dual clip must be > 1" in refused(algo__name="grpo", algo__clip_ratio_c=0.5)
+    assert "leave algo.is_level=sequence" in refused(algo__name="grpo", algo__is_level="geometric")
+    assert "only reinforce takes it" in refused(algo__is_level="token")
+    assert "differs from generator.temperature" in refused(algo__temperature=0.7)
+    assert "generator.temperature=0" in refused(generator__temperature=0.0)
+
+
+def test_the_presets_are_valid():
+    for name, is_mode in (("vargrad", "off"), ("grpo", "clip"), ("flowrl", "clip")):
+        cfg = TrainConfig()
+        cfg.algo.name, cfg.algo.is_mode = name, is_mode
+        validate(cfg)
