@@ -46,8 +46,14 @@ def build_char_tokenizer(characters: str = CHARACTERS) -> PreTrainedTokenizerFas
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()
+    return as_transformers_tokenizer(tok, model_max_length=4096)
+
+
+def as_transformers_tokenizer(tok: Tokenizer, model_max_length: int) -> PreTrainedTokenizerFast:
+    """``tok`` (with SPECIAL_TOKENS) as the project's tokenizers are: <bos> prepended,
+    padding on the left."""
     tok.post_processor = processors.TemplateProcessing(
-        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", vocab["<bos>"])]
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", tok.token_to_id("<bos>"))]
     )
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
@@ -56,7 +62,7 @@ def build_char_tokenizer(characters: str = CHARACTERS) -> PreTrainedTokenizerFas
         pad_token="<pad>",
         unk_token="<unk>",
         padding_side="left",
-        model_max_length=4096,
+        model_max_length=model_max_length,
     )
 
 

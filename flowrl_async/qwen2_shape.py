@@ -15,10 +15,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from flowrl_async.model import SPECIAL_TOKENS, save_model
+from flowrl_async.model import SPECIAL_TOKENS, as_transformers_tokenizer, save_model
 
 QWEN2_0P5B = dict(
     hidden_size=896,
@@ -50,19 +50,7 @@ def build_bpe_tokenizer(texts: list[str], vocab_size: int = 512,
     tok.train_from_iterator(texts, trainer)
     if fill_to is not None:
         tok = _filled(tok, fill_to)
-    bos = tok.token_to_id("<bos>")
-    tok.post_processor = processors.TemplateProcessing(
-        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", bos)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<bos>",
-        eos_token="<eos>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        padding_side="left",
-        model_max_length=32_768,
-    )
+    return as_transformers_tokenizer(tok, model_max_length=32_768)
 
 
 def _filled(tok: Tokenizer, size: int) -> Tokenizer:

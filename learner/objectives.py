@@ -70,15 +70,21 @@ def group_normalized_rewards(
             f"rewards and group_ids must both be [B]; got {tuple(rewards.shape)} "
             f"and {tuple(group_ids.shape)}"
         )
-    _, inverse = torch.unique(group_ids, return_inverse=True)
-    n_groups = int(inverse.max()) + 1 if inverse.numel() else 0
-    zeros = torch.zeros(n_groups, dtype=rewards.dtype, device=rewards.device)
-    count = zeros.index_add(0, inverse, torch.ones_like(rewards))
-    mean = zeros.index_add(0, inverse, rewards) / count
+    inverse, count, mean = _group_means(rewards, group_ids)
+    zeros = torch.zeros_like(count)
     centered = rewards - mean[inverse]
     var = zeros.index_add(0, inverse, centered**2) / (count - 1).clamp(min=1)
     normalized = centered / (var.sqrt()[inverse] + eps) if std else centered
     return torch.where(count[inverse] > 1, normalized, torch.zeros_like(normalized))
+
+
+def _group_means(values: torch.Tensor, group_ids: torch.Tensor):
+    """-> (each row's group number [B], rows per group [G], mean of ``values`` per group [G])."""
+    _, inverse = torch.unique(group_ids, return_inverse=True)
+    n = int(inverse.max()) + 1 if inverse.numel() else 0
+    zeros = torch.zeros(n, dtype=values.dtype, device=values.device)
+    count = zeros.index_add(0, inverse, torch.ones_like(values))
+    return inverse, count, zeros.index_add(0, inverse, values) / count
 
 
 def _check_mode(mode: str) -> None:
@@ -281,11 +287,8 @@ def vargrad_loss(
     zeros = torch.zeros_like(rewards)
     base = "mean" if form == "mean" else "sum"
     delta0, _, _ = residual(zeros, logprobs, ref_logprobs, mask, rewards, beta, base)
-    _, inverse = torch.unique(group_index, return_inverse=True)
-    n = int(inverse.max()) + 1 if inverse.numel() else 0
-    d = delta0.detach()
-    count = torch.zeros(n, dtype=d.dtype, device=d.device).index_add(0, inverse, torch.ones_like(d))
-    log_z_hat = -torch.zeros(n, dtype=d.dtype, device=d.device).index_add(0, inverse, d) / count
+    inverse, count, mean = _group_means(delta0.detach(), group_index)
+    log_z_hat, n = -mean, count.numel()
     delta = delta0 + log_z_hat[inverse]
     if form == "sum_over_len":
         delta = delta / _as_bool(mask).sum(-1).clamp(min=1).to(delta.dtype)
