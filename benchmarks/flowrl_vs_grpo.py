@@ -8,6 +8,14 @@ the same model, warm-start, task, steps × batch (= trained groups) and seeds:
     flowrl_replay   off-policy trajectory balance: raw reward, β = 3, IS weight 1, batches of
                     fresh groups plus groups replayed uniformly from the buffer, no staleness bound
     flowrl_tb_fresh the ablation: the same objective on fresh groups only (FIFO, each once)
+    flowrl_replay_sol  flowrl_replay with the sum_over_len residual (target π_ref·exp(β r))
+    vargrad_replay  VarGrad (configs/algo/vargrad.yaml: log Z the group's mean residual, no
+                    head, sum_over_len, β = 3) with flowrl_replay's replay
+
+On this task every answer has one length L (2 digits + <eos>), so the mean form at β is the
+sum form at L·β: flowrl_replay targets π_ref·exp(3·3·r), the sum_over_len variants
+π_ref·exp(3·r) (a weaker tilt toward full reward); on the valid set (every answer full
+reward, one length) all targets are π_ref renormalised.
 
 Each final policy is evaluated with ``--samples`` completions per prompt at T = 1.0 and 0.6
 (as in the paper) on the training prompts (diversity of what the policy learned) and on
@@ -38,7 +46,8 @@ from flowrl_async.run.progress import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK = {"lengths": [2], "min_solutions": 5, "partial_credit": 0.5}
-VARIANTS = ("grpo", "flowrl", "flowrl_replay", "flowrl_tb_fresh")
+VARIANTS = ("grpo", "flowrl", "flowrl_replay", "flowrl_tb_fresh", "flowrl_replay_sol",
+            "vargrad_replay")
 TEMPERATURES = (1.0, 0.6)  # the paper evaluates at both
 COLUMNS = (
     "accuracy",
@@ -64,8 +73,10 @@ def config(variant: str, seed: int, steps: int, run_dir: Path, every: int) -> Tr
         cfg.algo = algo("grpo")
     elif variant == "flowrl":
         cfg.algo = algo("flowrl")
-    elif variant == "flowrl_replay":
-        cfg.algo = algo("flowrl_tb")
+    elif variant in ("flowrl_replay", "flowrl_replay_sol", "vargrad_replay"):
+        cfg.algo = algo("vargrad" if variant == "vargrad_replay" else "flowrl_tb")
+        if variant == "flowrl_replay_sol":
+            cfg.algo.residual = "sum_over_len"
         r = cfg.replay
         r.selector, r.fresh_fraction, r.max_times_sampled, r.max_staleness = "mixed", 0.5, 8, None
     elif variant == "flowrl_tb_fresh":  # the ablation: the same objective, no replay
