@@ -46,8 +46,14 @@ from flowrl_async.run.progress import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK = {"lengths": [2], "min_solutions": 5, "partial_credit": 0.5}
-VARIANTS = ("grpo", "flowrl", "flowrl_replay", "flowrl_tb_fresh", "flowrl_replay_sol",
-            "vargrad_replay")
+VARIANTS = (
+    "grpo",
+    "flowrl",
+    "flowrl_replay",
+    "flowrl_tb_fresh",
+    "flowrl_replay_sol",
+    "vargrad_replay",
+)
 TEMPERATURES = (1.0, 0.6)  # the paper evaluates at both
 COLUMNS = (
     "accuracy",

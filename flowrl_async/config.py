@@ -274,9 +274,14 @@ def validate(cfg: TrainConfig) -> None:
         problems.append(f"algo.name={a.name!r}: expected one of {OBJECTIVES}")
     if a.is_mode not in IS_MODES:
         problems.append(f"algo.is_mode={a.is_mode!r}: expected one of {IS_MODES}")
-    if a.is_level == "token" and a.name != "reinforce":
-        problems.append(f"algo.is_level=token weights tokens: only reinforce takes it (algo.name="
-                        f"{a.name}: sequence or geometric; grpo's ratios are per token already)")  # fmt: skip
+    if a.is_level == "token" and a.name not in ("flowrl", "flowrl_no_z", "reinforce"):
+        problems.append(f"algo.is_level=token weights tokens: flowrl, flowrl_no_z and reinforce "
+                        f"take it (algo.name={a.name}: vargrad has no weights, grpo's ratios "
+                        "are per token already)")  # fmt: skip
+    if a.loss_agg != "seq-mean-token-mean" and a.name != "grpo":
+        problems.append(f"algo.loss_agg={a.loss_agg} is GRPO's: only algo.name=grpo takes it")
+    if a.norm_len is not None and a.norm_len < 1:
+        problems.append(f"algo.norm_len={a.norm_len}: must be >= 1 (or null: generator.max_tokens)")
     if a.name == "vargrad" and a.is_mode != "off":
         problems.append("algo.name=vargrad applies no importance weights: set algo.is_mode=off "
                         "(algo=vargrad does)")  # fmt: skip

@@ -8,12 +8,14 @@ from dataclasses import dataclass
 
 OBJECTIVES = (
     "flowrl",
+    "flowrl_no_z",
     "grpo",
     "reinforce",
     "vargrad",
 )  # the registry's names (learner/objective.py)
 IS_MODES = ("clip", "truncate", "mask", "none", "off")
-IS_LEVELS = ("sequence", "geometric", "token")  # token: reinforce only
+IS_LEVELS = ("sequence", "geometric", "token")  # token: flowrl, flowrl_no_z and reinforce
+LOSS_AGGS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm")  # grpo
 REWARD_NORMS = ("group", "raw")
 TRUNCATED = ("keep", "drop", "zero_reward")
 RESIDUALS = ("mean", "sum", "sum_over_len")  # objectives.residual: each form's target there
@@ -24,9 +26,11 @@ class AlgoConfig:
     """Which objective the learner trains with, and its settings."""
 
     name: str = "flowrl"
-    """Objective: flowrl (trajectory balance), grpo, reinforce, or vargrad (trajectory
-    balance with log Z the group's mean residual, no head; flowrl_tb is a preset of flowrl:
-    configs/algo/flowrl_tb.yaml)."""
+    """Objective: flowrl (trajectory balance), flowrl_no_z (the FlowRL authors' ablation:
+    the same residual with log Z ≡ 0, no head; δ = 0 for every answer is then reachable only
+    if Σ_y π_ref·exp(β r) = 1, so it regresses toward the target's shape, not onto a
+    distribution), grpo, reinforce, or vargrad (trajectory balance with log Z the group's
+    mean residual, no head; flowrl_tb is a preset of flowrl: configs/algo/flowrl_tb.yaml)."""
     beta: float = 15.0
     """FlowRL's reward temperature β: the target tilts π_ref by exp(β·r) in the sum forms and
     by exp(|y|·β·r) in the mean form (``residual``; the README has each target)."""
@@ -43,7 +47,9 @@ class AlgoConfig:
     is_level: str = "sequence"
     """What one importance ratio covers: sequence (exp Σ_t of the token log-ratios: exact,
     but it saturates any clip on long responses), geometric (exp mean_t: GSPO-style, one
-    ratio per sequence on a per-token scale), token (reinforce only: one weight a token)."""
+    ratio per sequence on a per-token scale), token (flowrl, flowrl_no_z, reinforce: each
+    token's gradient scaled by its own ratio, limited by is_mode; with is_mode=clip the
+    FlowRL authors' CISPO-style variant, weights clipped to [1 − clip_low, 1 + clip_high])."""
     mask_low: float = 0.5
     """is_mode=mask (IcePop/MIS): ratios below this get weight 0."""
     mask_high: float = 2.0
@@ -61,6 +67,14 @@ class AlgoConfig:
     std_norm: bool = True
     """GRPO, REINFORCE and vargrad's group rewards: divide the group-centred rewards by the
     group's std (false: r − group mean only, Dr. GRPO's advantage)."""
+    loss_agg: str = "seq-mean-token-mean"
+    """GRPO: how token losses become the loss: seq-mean-token-mean (mean over each response's
+    tokens, then over responses: GRPO), token-mean (every token of the step weighs the same:
+    DAPO), seq-mean-token-sum-norm (each response's token sum divided by the constant
+    norm_len: Dr. GRPO, no length bias)."""
+    norm_len: int | None = None
+    """GRPO, loss_agg=seq-mean-token-sum-norm: the constant divisor; null: the run uses
+    generator.max_tokens."""
     kl_coef: float = 0.0
     """GRPO only: weight of the k3 KL penalty toward the reference policy."""
     truncated: str = "keep"
@@ -83,5 +97,7 @@ class AlgoConfig:
             raise ValueError(f"algo.truncated={self.truncated!r}: expected one of {TRUNCATED}")
         if self.residual not in RESIDUALS:
             raise ValueError(f"algo.residual={self.residual!r}: expected one of {RESIDUALS}")
+        if self.loss_agg not in LOSS_AGGS:
+            raise ValueError(f"algo.loss_agg={self.loss_agg!r}: expected one of {LOSS_AGGS}")
         if self.reward_norm not in REWARD_NORMS:
             raise ValueError(f"algo.reward_norm={self.reward_norm!r}: expected {REWARD_NORMS}")

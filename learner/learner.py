@@ -179,8 +179,12 @@ class Learner:
             else []
         )
         # FSDP averages gradients over the L ranks: dividing by N / L makes their mean the
-        # gradient of Σ_all / N, the 1-rank step's (N: the rows trained on)
-        normalizer = max(1, int(trained.sum())) / self.ranks.world
+        # gradient of Σ_all / N, the 1-rank step's (N: the rows trained on, or their
+        # response tokens for an objective that weighs every token the same)
+        rows = max(1, int(trained.sum())) / self.ranks.world
+        normalizer = rows
+        if self.objective.per_token(self.algo):
+            normalizer = max(1, int(batch.response_mask[trained].sum())) / self.ranks.world
         idle_row = self.idle_row(batch, local or share.nonzero().view(-1).tolist())
         self.optimizer.zero_grad(set_to_none=True)
         totals: Counter = Counter()
@@ -188,7 +192,7 @@ class Learner:
             pad = i >= len(micros)  # a zero-weight pass, only to join the collectives
             picked = [idle_row] if pad else [local[j] for j in micros[i]]
             metrics = self.accumulate(batch.select(picked), rewards[picked], normalizer,
-                                      weight=0.0 if pad else 1.0)  # fmt: skip
+                                      weight=0.0 if pad else 1.0, rows=rows)  # fmt: skip
             # every rank sums the same keys (a rank with only zero-weight passes adds zeros)
             totals.update({k: 0.0 if pad else v * len(picked) for k, v in metrics.items()})
         totals = self.ranks.sum(dict(totals))
@@ -287,9 +291,11 @@ class Learner:
         return self.objective.shape_rewards(raw, batch.group_index, self.algo)
 
     def accumulate(self, micro: TrainBatch, rewards: torch.Tensor, normalizer: float,
-                   weight: float = 1.0) -> dict:  # fmt: skip
+                   weight: float = 1.0, rows: float | None = None) -> dict:  # fmt: skip
         """Forward + backward of one micro-batch; the loss is divided by ``normalizer``
-        (and multiplied by ``weight``: 0 for a pass that only joins the collectives)."""
+        (and multiplied by ``weight``: 0 for a pass that only joins the collectives);
+        ``rows`` (default: ``normalizer``): the step's rows per rank, which scale the
+        reported loss so that its row-weighted mean is the step's loss."""
         obj = self.objective
         chunk = self.logprob_chunk
         with self._compute_dtype():
@@ -310,7 +316,7 @@ class Learner:
         (out.loss * weight if weight != 1.0 else out.loss).backward()
         with torch.no_grad():
             metrics = dict(out.metrics)
-            metrics["loss"] = float(out.loss) * normalizer / len(micro)
+            metrics["loss"] = float(out.loss) * (normalizer if rows is None else rows) / len(micro)
             metrics["entropy"] = float(masked_mean(pol.entropy, mask).mean())
             if ref is not None:
                 metrics["kl_ref"] = float(masked_mean(pol.logprobs - ref, mask).mean())

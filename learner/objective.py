@@ -6,7 +6,7 @@ objective is one entry here (plus its loss function) and its name in ``learner/c
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar, Protocol
 
 import torch
@@ -54,8 +54,17 @@ class Objective(Protocol):
 
     def loss(self, x: LossInputs, algo: AlgoConfig, normalizer: float) -> LossOutput: ...
 
+    def per_token(self, algo: AlgoConfig) -> bool:
+        """True: the learner divides the step's loss by its response tokens, not sequences."""
+        ...
 
-class FlowRL:
+
+class _PerSequence:
+    def per_token(self, algo: AlgoConfig) -> bool:
+        return False
+
+
+class FlowRL(_PerSequence):
     """Trajectory balance with a learned partition function (arXiv 2509.15207)."""
 
     name, uses_log_z, whole_groups = "flowrl", True, False
@@ -77,10 +86,23 @@ class FlowRL:
         )  # fmt: skip
 
 
+class FlowRLNoZ(FlowRL):
+    """FlowRL's residual with log Z ≡ 0 (the authors' ablation without the partition
+    function): no head; see AlgoConfig.name for what it converges to."""
+
+    name, uses_log_z, whole_groups = "flowrl_no_z", False, False
+
+    def loss(self, x: LossInputs, algo: AlgoConfig, normalizer: float) -> LossOutput:
+        return super().loss(replace(x, log_z=torch.zeros_like(x.rewards)), algo, normalizer)
+
+
 class GRPO:
     """Token-level clipped surrogate on group-normalised advantages (optional k3 KL)."""
 
     name, uses_log_z, whole_groups = "grpo", False, False
+
+    def per_token(self, algo: AlgoConfig) -> bool:
+        return algo.loss_agg == "token-mean"
 
     def needs_ref(self, algo: AlgoConfig) -> bool:
         return algo.kl_coef != 0
@@ -92,10 +114,11 @@ class GRPO:
         return grpo_loss(
             x.logprobs, x.behavior_logprobs, x.mask, x.rewards, algo.clip_low, algo.clip_high,
             x.ref_logprobs, algo.kl_coef, normalizer=normalizer, clip_ratio_c=algo.clip_ratio_c,
+            agg=algo.loss_agg, norm_len=algo.norm_len,
         )  # fmt: skip
 
 
-class Reinforce:
+class Reinforce(_PerSequence):
     """REINFORCE with a group-mean baseline and sequence IS weights."""
 
     name, uses_log_z, whole_groups = "reinforce", False, False
@@ -114,7 +137,7 @@ class Reinforce:
         )  # fmt: skip
 
 
-class VarGrad:
+class VarGrad(_PerSequence):
     """Trajectory balance with log Z estimated per group from the batch (no head, no IS)."""
 
     name, uses_log_z, whole_groups = "vargrad", False, True
@@ -132,4 +155,6 @@ class VarGrad:
                             algo.beta, normalizer=normalizer, form=algo.residual)  # fmt: skip
 
 
-OBJECTIVES: dict[str, Objective] = {o.name: o for o in (FlowRL(), GRPO(), Reinforce(), VarGrad())}
+OBJECTIVES: dict[str, Objective] = {
+    o.name: o for o in (FlowRL(), FlowRLNoZ(), GRPO(), Reinforce(), VarGrad())
+}

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from flowrl_async.learner.config import IS_MODES, RESIDUALS
+from flowrl_async.learner.config import IS_MODES, LOSS_AGGS, RESIDUALS
 
 # log importance ratios are clamped to ±MAX_LOG_RATIO before exp: weights stay within
 # [2e-9, 4.9e8] and finite in float32 (exp overflows past ~88), whatever the gap
@@ -164,6 +164,7 @@ def sequence_importance_weights(
 
 def residual(log_z: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
              mask: torch.Tensor, rewards: torch.Tensor, beta: float, form: str = "mean",
+             token_weights: torch.Tensor | None = None,
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """The trajectory-balance residual δ [B] of ``form`` (with |y| the response length):
 
@@ -176,14 +177,19 @@ def residual(log_z: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Te
         mean:               π(y) = π_ref(y)·exp(|y|·(β r(y) − c)), c fixed by normalisation
                             (the effective β grows with length; among equally rewarded
                             answers longer ones are favoured exponentially)
+
+    ``token_weights`` [B, T] (detached; token-level IS): the policy term keeps its value but
+    its gradient through token t is scaled by w_t, so ∂δ²/∂log π_t = 2δ·w_t·∂δ/∂log π_t
+    (CISPO-style: a weight scales a token's gradient, it never drops it unless it is 0).
     -> (δ, the policy term, the reference term) as the form uses them."""
     if form not in RESIDUALS:
         raise ValueError(f"unknown residual form {form!r}; expected one of {RESIDUALS}")
     ref = ref_logprobs.detach()
-    if form == "mean":
-        pol, ref_term = masked_mean(logprobs, mask), masked_mean(ref, mask)
-        return log_z + pol - beta * rewards.detach() - ref_term, pol, ref_term
-    pol, ref_term = masked_sum(logprobs, mask), masked_sum(ref, mask)
+    average = masked_mean if form == "mean" else masked_sum
+    pol, ref_term = average(logprobs, mask), average(ref, mask)
+    if token_weights is not None:  # value of pol, gradient Σ_t w_t ∂pol/∂log π_t
+        weighted = average(token_weights.detach() * logprobs, mask)
+        pol = pol.detach() + (weighted - weighted.detach())
     delta = log_z + pol - beta * rewards.detach() - ref_term
     if form == "sum_over_len":
         delta = delta / _as_bool(mask).sum(-1).clamp(min=1).to(delta.dtype)
@@ -243,18 +249,32 @@ def flowrl_loss(
     δ_i = ``residual`` of ``form`` (mean: log_z_i + mean_t(logprobs_i) − beta·rewards_i −
           mean_t(ref_logprobs_i), the paper's; sum; sum_over_len; see ``residual`` for
           each form's target)
-    loss = Σ_i w_i·δ_i² / normalizer   (normalizer defaults to B: the mean)
+    sequence / geometric ``level``: loss = Σ_i w_i·δ_i² / normalizer (normalizer defaults
+          to B: the mean), w_i the sequence weight limited by ``is_mode``;
+    token ``level`` (the FlowRL authors' later CISPO-style variant): loss = Σ_i δ_i² /
+          normalizer with each token's gradient scaled by its own limited ratio w_it
+          (``residual``'s token_weights): ∂loss/∂log π_it = 2·δ_i·w_it·∂δ_i/∂log π_it.
 
     logprobs, ref_logprobs, behavior_logprobs, mask: [B, T]; log_z, rewards: [B]. ``rewards``
     are used as given (normalise them first for the paper's setting).
     """
     _check_mode(is_mode)
-    delta, mean_logprob, mean_ref = residual(log_z, logprobs, ref_logprobs, mask, rewards,
-                                             beta, form)  # fmt: skip
-    log_raw = sequence_log_ratio(logprobs, behavior_logprobs, mask, level)
-    raw = log_raw.exp()
-    weights = _limit_weights(raw, is_mode, clip_low, clip_high, truncate_at, mask_low, mask_high)
-    loss = _divide((weights * delta**2).sum(), normalizer, logprobs.shape[0])
+    limits = (is_mode, clip_low, clip_high, truncate_at, mask_low, mask_high)
+    if level == "token":
+        m = _as_bool(mask)
+        log_raw = token_log_ratio(logprobs, behavior_logprobs, mask)
+        raw = log_raw.exp()
+        token_weights = _limit_weights(raw, *limits)
+        delta, _, _ = residual(log_z, logprobs, ref_logprobs, mask, rewards, beta, form,
+                               token_weights)  # fmt: skip
+        loss = _divide((delta**2).sum(), normalizer, logprobs.shape[0])
+        raw, weights, log_raw = raw[m], token_weights[m], log_raw[m]  # metrics: real tokens
+    else:
+        delta, _, _ = residual(log_z, logprobs, ref_logprobs, mask, rewards, beta, form)
+        log_raw = sequence_log_ratio(logprobs, behavior_logprobs, mask, level)
+        raw = log_raw.exp()
+        weights = _limit_weights(raw, *limits)
+        loss = _divide((weights * delta**2).sum(), normalizer, logprobs.shape[0])
     with torch.no_grad():
         metrics = {
             "delta_sq": float((delta**2).mean()),
@@ -314,13 +334,21 @@ def grpo_loss(
     kl_coef: float = 0.0,
     normalizer: float | None = None,
     clip_ratio_c: float | None = None,
+    agg: str = "seq-mean-token-mean",
+    norm_len: int | None = None,
 ) -> LossOutput:
     """GRPO: token-level clipped surrogate against the behaviour policy.
 
     ρ_t = exp(logprobs_t − behavior_logprobs_t)
-    ℓ_i = mean_t −min(ρ_t·A_i, clip(ρ_t, 1 − clip_low, 1 + clip_high)·A_i)
-          [+ kl_coef · mean_t k3(π_θ ‖ π_ref) when ref_logprobs are given]
-    loss = Σ_i ℓ_i / normalizer   (normalizer defaults to B)
+    ℓ_it = −min(ρ_t·A_i, clip(ρ_t, 1 − clip_low, 1 + clip_high)·A_i)
+           [+ kl_coef · k3(π_θ ‖ π_ref)_t when ref_logprobs are given]
+    ``agg`` (how token losses become the loss; |y_i| the response length):
+      seq-mean-token-mean      Σ_i mean_t ℓ_it / normalizer   (normalizer: sequences; GRPO)
+      token-mean               Σ_i Σ_t ℓ_it / normalizer      (normalizer: the step's response
+                               tokens, so every token weighs the same; DAPO)
+      seq-mean-token-sum-norm  Σ_i (Σ_t ℓ_it / norm_len) / normalizer (normalizer: sequences,
+                               norm_len a constant, e.g. the length limit; Dr. GRPO)
+    (normalizer defaults to B).
 
     ``clip_ratio_c`` (dual clip, > 1): for A < 0 the token's loss is at most c·|A|, i.e.
     ℓ_t = min(that surrogate, −c·A) where A < 0, bounding what one very off-policy token
@@ -338,13 +366,14 @@ def grpo_loss(
     if clip_ratio_c is not None:
         bounded = torch.minimum(token_loss, -clip_ratio_c * adv)
         token_loss = torch.where(adv < 0, bounded, token_loss)
-    per_seq = masked_mean(token_loss, mask)
-    kl = torch.zeros_like(per_seq)
+    kl = torch.zeros(logprobs.shape[0], dtype=logprobs.dtype, device=logprobs.device)
     if ref_logprobs is not None and kl_coef:
         # k3 estimator of KL(π_θ ‖ π_ref): e^(ref − θ) − (ref − θ) − 1 >= 0.
         diff = torch.where(mask, ref_logprobs.detach() - logprobs, logprobs.new_zeros(()))
-        kl = masked_mean(diff.exp() - diff - 1.0, mask)
-        per_seq = per_seq + kl_coef * kl
+        k3 = diff.exp() - diff - 1.0
+        kl = masked_mean(k3, mask)
+        token_loss = token_loss + kl_coef * k3
+    per_seq = aggregate(token_loss, mask, agg, norm_len)
     loss = _divide(per_seq.sum(), normalizer, logprobs.shape[0])
     with torch.no_grad():
         n_tokens = mask.sum().clamp(min=1)
@@ -356,6 +385,22 @@ def grpo_loss(
             "advantage_mean": float(advantages.mean()) if advantages.numel() else 0.0,
         }
     return LossOutput(loss=loss, metrics=metrics)
+
+
+def aggregate(token_loss: torch.Tensor, mask: torch.Tensor, agg: str,
+              norm_len: int | None = None) -> torch.Tensor:  # fmt: skip
+    """[B, T] token losses -> [B] per-sequence terms of ``agg`` (see ``grpo_loss``); the
+    caller divides their sum by sequences (token-mean: by response tokens)."""
+    if agg == "seq-mean-token-mean":
+        return masked_mean(token_loss, mask)
+    if agg == "token-mean":
+        return masked_sum(token_loss, mask)
+    if agg == "seq-mean-token-sum-norm":
+        if not norm_len or norm_len < 1:
+            raise ValueError("loss aggregation seq-mean-token-sum-norm needs norm_len >= 1 "
+                             "(algo.norm_len; the run sets it to generator.max_tokens)")  # fmt: skip
+        return masked_sum(token_loss, mask) / norm_len
+    raise ValueError(f"unknown loss aggregation {agg!r}; expected one of {LOSS_AGGS}")
 
 
 def reinforce_loss(

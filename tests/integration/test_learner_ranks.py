@@ -17,6 +17,8 @@ ALGOS = {
     "flowrl": AlgoConfig(beta=1.0, is_mode="clip"),
     "flowrl_tb": AlgoConfig(beta=3.0, reward_norm="raw", is_mode="off"),
     "grpo": AlgoConfig(name="grpo", kl_coef=0.05),
+    # the step's loss divided by its response tokens, not its rows
+    "grpo_token_mean": AlgoConfig(name="grpo", loss_agg="token-mean"),
     # groups 3 and 4 (rank 1's share) hit the length limit: rank 1 trains on nothing
     "flowrl_drop": AlgoConfig(beta=1.0, is_mode="clip", truncated="drop"),
     "vargrad": AlgoConfig(

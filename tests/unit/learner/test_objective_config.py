@@ -24,13 +24,38 @@ def test_settings_that_would_be_ignored_or_contradict_are_refused():
     assert "only algo.name=grpo takes it" in refused(algo__clip_ratio_c=3.0)
     assert "dual clip must be > 1" in refused(algo__name="grpo", algo__clip_ratio_c=0.5)
     assert "leave algo.is_level=sequence" in refused(algo__name="grpo", algo__is_level="geometric")
-    assert "only reinforce takes it" in refused(algo__is_level="token")
+    assert "vargrad has no weights" in refused(algo__name="vargrad", algo__is_mode="off",
+                                               algo__is_level="token")  # fmt: skip
+    assert "only algo.name=grpo takes it" in refused(algo__loss_agg="token-mean")
+    assert "algo.norm_len=0" in refused(algo__name="grpo", algo__norm_len=0)
     assert "differs from generator.temperature" in refused(algo__temperature=0.7)
     assert "generator.temperature=0" in refused(generator__temperature=0.0)
 
 
 def test_the_presets_are_valid():
-    for name, is_mode in (("vargrad", "off"), ("grpo", "clip"), ("flowrl", "clip")):
+    for name, is_mode in (("vargrad", "off"), ("grpo", "clip"), ("flowrl", "clip"),
+                          ("flowrl_no_z", "clip")):  # fmt: skip
         cfg = TrainConfig()
         cfg.algo.name, cfg.algo.is_mode = name, is_mode
+        validate(cfg)
+    cfg = TrainConfig()  # the FlowRL authors' CISPO-style variant, and DAPO's GRPO
+    cfg.algo.is_level, cfg.algo.clip_high = "token", 0.28
+    validate(cfg)
+    cfg = TrainConfig()
+    cfg.algo.name, cfg.algo.loss_agg, cfg.algo.clip_high = "grpo", "token-mean", 0.28
+    validate(cfg)
+
+
+def test_every_algo_preset_loads_and_validates():
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from flowrl_async.learner.config import AlgoConfig
+
+    presets = sorted((Path(__file__).parents[3] / "configs" / "algo").glob("*.yaml"))
+    assert {p.stem for p in presets} >= {"flowrl_cispo", "flowrl_no_z", "grpo_dapo", "vargrad"}
+    for path in presets:
+        cfg = TrainConfig()
+        cfg.algo = AlgoConfig(**OmegaConf.to_container(OmegaConf.load(path)))
         validate(cfg)

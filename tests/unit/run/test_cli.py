@@ -27,7 +27,9 @@ def test_train_help_opens_with_the_projects_header_and_shows_the_groups():
     assert out.returncode == 0
     assert out.stdout.startswith("flowrl-async train: asynchronous off-policy LLM RL")
     assert "powered by Hydra" not in out.stdout
-    assert "algo: flowrl, flowrl_tb, grpo, reinforce, vargrad" in out.stdout
+    assert (
+        "algo: flowrl, flowrl_cispo, flowrl_no_z, flowrl_tb, grpo, grpo_dapo, reinforce, vargrad"
+    ) in out.stdout
     assert "replay: default, mixed" in out.stdout
     assert run("eval", "--help").stdout.startswith("flowrl-async eval: ")
 
