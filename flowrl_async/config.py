@@ -72,7 +72,11 @@ class GeneratorSection:
     temperature: float = 1.0
     """Sampling temperature; the learner computes log-probs at the same temperature."""
     top_p: float = 1.0
-    """Nucleus sampling; keep 1.0 for RL (the learner does not truncate its log-probs)."""
+    """Nucleus sampling; keep 1.0 for RL (the learner does not truncate its log-probs).
+    top_k, min_p, min_tokens, penalties, logit bias, bad words and structured outputs are
+    deliberately not settings: vLLM's recorded log-probs include them and the learner's do
+    not (actors/vllm_generator.py refuses them; a checkpoint's generation_config.json is
+    ignored)."""
     max_tokens: int = 8
     """Longest response in tokens."""
     groups_per_batch: int = 4

@@ -70,6 +70,11 @@ def test_vllm_generator_matches_transformers_and_follows_loads(models):
     from flowrl_async.actors.vllm_generator import VLLMGenerator
 
     a, b = models
+    # a checkpoint's own sampling defaults (Qwen's ship top_k and a repetition penalty) must
+    # not reach the engine: its log-probs stay the plain softmax the learner computes
+    (a / "generation_config.json").write_text(
+        '{"top_k": 2, "min_p": 0.3, "repetition_penalty": 1.8, "max_new_tokens": 2}'
+    )
     gen = VLLMGenerator(str(a), max_model_len=64)
     check_against_transformers(gen, a, temperature=0.7, tol=1e-4)
     probe = PROMPTS[0]
@@ -100,3 +105,17 @@ def test_vllm_generator_reloads_a_tied_model_even_without_lm_head_weights(tmp_pa
     expected = teacher_forced(load_policy(c), probe[:1], probe[1:], 1.0).sum().item()
     check_probe(gen, probe, expected, 1e-4)
     check_against_transformers(gen, c, temperature=1.0, tol=1e-4)
+
+
+def test_sampling_settings_that_reshape_the_distribution_are_refused():
+    from vllm import SamplingParams
+
+    from flowrl_async.actors.vllm_generator import check_neutral, sampling_params
+
+    spec = SampleSpec(n=2, temperature=0.7, top_p=1.0, max_tokens=4, seed=1)
+    params = sampling_params(spec)  # what the actors send: neutral, passes
+    assert (params.n, params.temperature, params.max_tokens, params.logprobs) == (2, 0.7, 4, 0)
+    for change in ({"min_tokens": 2}, {"top_k": 5}, {"repetition_penalty": 1.1},
+                   {"presence_penalty": 0.5}, {"logit_bias": {3: 2.0}}, {"min_p": 0.1}):  # fmt: skip
+        with pytest.raises(ValueError, match=f"{next(iter(change))}.*learner does not"):
+            check_neutral(SamplingParams(temperature=0.7, **change))
