@@ -133,10 +133,11 @@ def tv_to_target(run_dir: Path, eval_path: Path) -> float:
         return json.loads(cache.read_text())["tv_to_target"]
     from flowrl_async.model import load_policy, load_tokenizer
     from flowrl_async.tasks.digits import DigitSumTask
-    from flowrl_async.tasks.scoring import distribution_metrics, reference_target
+    from flowrl_async.tasks.scoring import distribution_metrics
+    from flowrl_async.tasks.target import Reference, reference_target
 
     task, ref = DigitSumTask(**TASK), run_dir / "init_model"
-    reference = (load_policy(ref), load_tokenizer(ref))
+    reference = Reference(load_policy(ref), load_tokenizer(ref))  # sum form: π_ref on valid
     samples = [json.loads(line) for line in (eval_path / "samples.jsonl").open()]
     distances = []
     for pid in sorted({s["prompt_id"] for s in samples}):
@@ -144,7 +145,7 @@ def tv_to_target(run_dir: Path, eval_path: Path) -> float:
         valid = task.valid_set(prompt)
         answers = [s["completion"].strip() for s in samples
                    if s["prompt_id"] == pid and s["info"] == "ok"]  # fmt: skip
-        target = reference_target(*reference, prompt.text, valid)
+        target = reference_target(reference, task, prompt, valid)
         distances.append(distribution_metrics(answers, valid, target)["tv_to_target"])
     value = sum(distances) / len(distances)
     cache.write_text(json.dumps({"tv_to_target": value}))
@@ -206,10 +207,10 @@ def histogram(out: Path, results: dict, seed: int) -> dict:
         total = max(sum(got.values()), 1)
         empirical[variant] = [got[v] / total for v in valid]
     from flowrl_async.model import load_policy, load_tokenizer
-    from flowrl_async.tasks.scoring import reference_target
+    from flowrl_async.tasks.target import Reference, reference_target
 
     ref = some_run / "init_model"
-    target = reference_target(load_policy(ref), load_tokenizer(ref), prompt.text, valid)
+    target = reference_target(Reference(load_policy(ref), load_tokenizer(ref)), task, prompt, valid)
     return {"prompt": prompt.text, "seed": seed, "valid": list(valid), "target": target,
             "empirical": empirical}  # fmt: skip
 

@@ -267,7 +267,18 @@ class EvalConfig:
     """Sampling seed."""
     reference: str | None = None
     """The reference policy π_ref (e.g. RUN/init_model): on tasks with an enumerable valid
-    set, eval.json also gets tv_to_target, the TV distance to FlowRL's target there."""
+    set, eval.json also gets tv_to_target, the TV distance to the target of the objective
+    the run used (flowrl_async/tasks/target.py), and tv_to_tb_target, the distance to
+    π_ref·exp(β r)/Z (the two are equal except for the mean residual form)."""
+    residual: str | None = None
+    """The residual form whose target tv_to_target measures (sum, sum_over_len, mean);
+    null: the run's own (its run_config.json; flowrl and vargrad use theirs, other
+    objectives and a bare model directory: sum)."""
+    beta: float | None = None
+    """β of that target; null: the run's algo.beta (1.0 without a run)."""
+    reference_samples: int = 256
+    """Samples of π_ref per prompt for the mean form's normaliser (its mass outside the
+    valid set)."""
 
 
 def validate(cfg: TrainConfig) -> None:

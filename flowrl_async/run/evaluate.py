@@ -44,6 +44,30 @@ def resolve_model_dir(path: str | Path) -> Path:
     raise FileNotFoundError(f"no model found at {path} (a model, checkpoint or run directory)")
 
 
+def run_config(checkpoint: str | Path) -> dict | None:
+    """The saved config of the run a model, checkpoint or run directory belongs to."""
+    from flowrl_async.run.resume import SAVED
+
+    path = Path(checkpoint).resolve()
+    for directory in (path, *path.parents)[:4]:  # RUN, RUN/x, RUN/checkpoints/step-N/policy
+        if (directory / SAVED).exists():
+            return json.loads((directory / SAVED).read_text())
+    return None
+
+
+def target_of(run: dict | None, cfg) -> tuple[str, float, float]:
+    """(residual form, β, π_ref's temperature) of the target eval measures: the eval
+    config's where set, else the run's (flowrl and vargrad: their form; others: sum)."""
+    algo = (run or {}).get("algo", {})
+    own = algo.get("residual", "mean") if algo.get("name") in ("flowrl", "vargrad") else "sum"
+    form = cfg.residual or (own if run else "sum")
+    beta = cfg.beta if cfg.beta is not None else float(algo.get("beta", 1.0))
+    temperature = algo.get("temperature") or (run or {}).get("generator", {}).get(
+        "temperature", 1.0
+    )
+    return form, beta, float(temperature)
+
+
 def run_eval(cfg) -> dict:
     """The ``flowrl-async eval`` command."""
     from flowrl_async.actors.generator import build_generator
@@ -56,11 +80,15 @@ def run_eval(cfg) -> dict:
     generator = build_generator(cfg.engine, str(model_dir), cfg.seed, 256, "float32")
     out = Path(cfg.out_dir) if cfg.out_dir else model_dir.parent / f"eval-T{cfg.temperature}"
     reference = None
-    if cfg.reference:  # π_ref, for the distance to FlowRL's target
+    if cfg.reference:  # π_ref, for the distance to the run's objective's target
         from flowrl_async.model import load_policy
+        from flowrl_async.tasks.target import Reference
 
         ref_dir = resolve_model_dir(cfg.reference)
-        reference = (load_policy(ref_dir), load_tokenizer(ref_dir))
+        form, beta, temperature = target_of(run_config(cfg.checkpoint), cfg)
+        reference = Reference(load_policy(ref_dir), load_tokenizer(ref_dir), form, beta,
+                              temperature, cfg.reference_samples, cfg.max_tokens)  # fmt: skip
+        print(f"target: the {form} residual form's, beta {beta}, pi_ref at T={temperature}")
     result = evaluate(generator, load_tokenizer(model_dir), task, prompts, cfg.samples,
                       cfg.temperature, cfg.max_tokens, out, cfg.seed, reference)  # fmt: skip
     shown = {k: v for k, v in result.items() if k != "per_prompt"}

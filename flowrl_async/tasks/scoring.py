@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from dataclasses import replace
+
+from flowrl_async.tasks.target import reference_target
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -47,30 +50,8 @@ def distribution_metrics(
     return out
 
 
-def reference_target(model, tokenizer, prompt_text: str, valid: tuple[str, ...]) -> list[float]:
-    """FlowRL's target on the valid set: π ∝ π_ref·exp(β·r) restricted to answers that all
-    earn the full reward is π_ref(y | x) renormalised over them (y followed by <eos>). That
-    is every residual form's target when the valid answers have one length (the digits
-    task); otherwise the mean form's differs (learner/objectives.py: residual)."""
-    from flowrl_async.model import sequence_logprob
-
-    prompt_ids = tokenizer(prompt_text)["input_ids"]
-    base = sequence_logprob(model, prompt_ids)
-    logps = [
-        sequence_logprob(
-            model,
-            prompt_ids + tokenizer(y, add_special_tokens=False)["input_ids"]
-            + [tokenizer.eos_token_id],
-        ) - base
-        for y in valid
-    ]  # fmt: skip
-    top = max(logps)
-    weights = [math.exp(v - top) for v in logps]
-    return [w / sum(weights) for w in weights]
-
-
-def score_prompt(prompt, completions: list[str], verify, valid,
-                 target=None) -> tuple[dict, list[dict]]:  # fmt: skip
+def score_prompt(prompt, completions: list[str], verify, valid, target=None,
+                 tb_target=None) -> tuple[dict, list[dict]]:  # fmt: skip
     verdicts = [verify(prompt, text) for text in completions]
     correct = [v for v in verdicts if v.info == "ok"]
     n, c = len(verdicts), len(correct)
@@ -85,6 +66,9 @@ def score_prompt(prompt, completions: list[str], verify, valid,
     }
     if valid is not None:
         row.update(distribution_metrics(answers, valid, target))
+        if tb_target is not None:
+            tv = distribution_metrics(answers, valid, tb_target)["tv_to_target"]
+            row["tv_to_tb_target"] = tv
     samples = [
         {"prompt_id": prompt.prompt_id, "prompt": prompt.text, "completion": text,
          "reward": v.reward, "info": v.info}
@@ -95,8 +79,9 @@ def score_prompt(prompt, completions: list[str], verify, valid,
 
 def sample_and_score(generator, tokenizer, task, prompts, spec,
                      reference=None) -> tuple[dict, list, list]:  # fmt: skip
-    """Generate ``spec.n`` completions per prompt and score them; ``reference``: the
-    (model, tokenizer) of π_ref, for the TV distance to FlowRL's target on the valid set.
+    """Generate ``spec.n`` completions per prompt and score them; ``reference``
+    (``target.Reference``): π_ref and the objective, for the TV distance to its target on
+    the valid set (``tv_to_target``) and to π_ref·exp(β r)/Z there (``tv_to_tb_target``).
 
     -> (means over prompts of every per-prompt metric, per-prompt rows, sample lines)."""
     ids = [tokenizer(p.text)["input_ids"] for p in prompts]
@@ -104,10 +89,12 @@ def sample_and_score(generator, tokenizer, task, prompts, spec,
     for prompt, group in zip(prompts, generator.generate(ids, spec), strict=True):
         texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in group]
         valid = task.valid_set(prompt) if hasattr(task, "valid_set") else None
-        target = None
+        target = tb_target = None
         if valid is not None and reference is not None:
-            target = reference_target(*reference, prompt.text, valid)
-        row, sample_lines = score_prompt(prompt, texts, task.verify, valid, target)
+            target = reference_target(reference, task, prompt, valid)
+            tb_target = target if reference.form != "mean" else reference_target(
+                replace(reference, form="sum"), task, prompt, valid)  # fmt: skip
+        row, sample_lines = score_prompt(prompt, texts, task.verify, valid, target, tb_target)
         rows.append(row)
         lines.extend(sample_lines)
     keys = [k for k in rows[0] if k != "prompt_id"]

@@ -84,6 +84,11 @@ def test_resolve_model_dir(tmp_path):
 
 def test_eval_cli_writes_samples_and_metrics(tmp_path):
     model = build_tiny_model(tmp_path / "m")
+    # the run it belongs to trained the mean residual form: eval measures that target
+    (model / "run_config.json").write_text(
+        json.dumps({"algo": {"name": "flowrl", "residual": "mean", "beta": 2.0},
+                    "generator": {"temperature": 1.0}})
+    )  # fmt: skip
     out = tmp_path / "out"
     result = subprocess.run(
         [
@@ -112,6 +117,10 @@ def test_eval_cli_writes_samples_and_metrics(tmp_path):
     assert sum(r["info"] == "ok" for r in rows) / len(rows) == pytest.approx(metrics["accuracy"])
     assert 0.0 <= metrics["tv_to_target"] <= 1.0
     assert all("tv_to_target" in row for row in metrics["per_prompt"])
+    assert "target: the mean residual form's, beta 2.0" in result.stdout
+    # the digits task's valid answers share one length: the mean target is the TB target
+    for row in metrics["per_prompt"]:
+        assert row["tv_to_target"] == pytest.approx(row["tv_to_tb_target"], abs=1e-9)
 
 
 def test_tv_to_target_hand_worked():
@@ -129,22 +138,47 @@ def test_reference_target_is_pi_ref_renormalised_over_the_valid_set(tmp_path):
     import torch
 
     from flowrl_async.model import load_policy, load_tokenizer
-    from flowrl_async.tasks.scoring import reference_target
+    from flowrl_async.tasks.target import Reference, reference_target
 
     path = build_tiny_model(tmp_path / "m", seed=3)
     model, tok = load_policy(path), load_tokenizer(path)
-    valid = valid_answers(4, 2)  # 04 13 22 31 40
-    got = reference_target(model, tok, "sum 4 len 2:", valid)
+    task = DigitSumTask(lengths=(2,), min_solutions=5, partial_credit=0.5)
+    prompt = task.train_prompts[0]
+    valid = task.valid_set(prompt)
+    got = reference_target(Reference(model, tok), task, prompt, valid)
     # independently: π_ref(y + <eos> | x) by one teacher-forced pass per answer
-    prompt = tok("sum 4 len 2:")["input_ids"]
+    ids0 = tok(prompt.text)["input_ids"]
     probs = []
     for y in valid:
-        ids = prompt + tok(y, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        ids = ids0 + tok(y, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         with torch.no_grad():
             logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0], -1)
-        probs.append(
-            math.exp(sum(float(logp[t - 1, ids[t]]) for t in range(len(prompt), len(ids))))
-        )
+        probs.append(math.exp(sum(float(logp[t - 1, ids[t]]) for t in range(len(ids0), len(ids)))))
     expected = [p / sum(probs) for p in probs]
     assert sum(got) == pytest.approx(1.0, abs=1e-9)
     assert got == pytest.approx(expected, rel=1e-4)
+    # every valid answer has one length and one reward: the mean form's target (which draws
+    # π_ref for its normaliser) is the same distribution, whatever c comes out
+    mean = reference_target(Reference(model, tok, "mean", 3.0, samples=64), task, prompt, valid)
+    assert mean == pytest.approx(got, rel=1e-9)
+
+
+def test_mean_form_target_across_lengths_hand_worked():
+    from flowrl_async.tasks.target import target_probs
+
+    # valid answers A (π_ref 0.1, 2 tokens) and B (π_ref 0.1, 3 tokens), reward 1, β = 1;
+    # of 10 draws of π_ref, 8 were 1-token responses of reward 0 (mass 0.8 by estimate).
+    # mean form: u = e^(−c) solves 0.1·e²·u² + 0.1·e³·u³ + 0.8·u = 1, i.e.
+    # 2.0086·u³ + 0.7389·u² + 0.8·u − 1 = 0: f(0.550) = −0.0023, f(0.551) = +0.0011, so
+    # u ≈ 0.55067; then p_B / p_A = e^(3(1−c)) / e^(2(1−c)) = e·u ≈ 1.497
+    lp = math.log(0.1)
+    p_a, p_b = target_probs([lp, lp], [2, 3], [1.0, 1.0], "mean", 1.0, [(1, 0.0)] * 8, 10)
+    u = p_b / p_a / math.e
+    cubic = 0.1 * math.e**2 * u**2 + 0.1 * math.e**3 * u**3 + 0.8 * u - 1
+    assert abs(cubic) < 1e-9 and u == pytest.approx(0.55067, abs=1e-4)
+    assert p_a + p_b == pytest.approx(1.0, abs=1e-12)
+    # the sum forms: π_ref·exp(β r) restricted: 0.5 each, lengths do not matter
+    for form in ("sum", "sum_over_len"):
+        assert target_probs([lp, lp], [2, 3], [1.0, 1.0], form, 1.0) == pytest.approx([0.5, 0.5])
+    with pytest.raises(ValueError, match="needs samples"):
+        target_probs([lp], [2], [1.0], "mean", 1.0)
