@@ -153,18 +153,19 @@ class SegmentLog:
                         f.truncate(pos)
                         os.fsync(f.fileno())
 
-    def roll(self) -> None:
-        """Write the next record to a new segment."""
+    def roll(self, past: int = 0) -> None:
+        """Write the next record to a new segment, numbered above the last one and above
+        ``past``."""
         self.close()
         with self._lock:
-            self._open_segment(new=True)
+            self._open_segment(new=True, past=past)
 
-    def _open_segment(self, new: bool = False) -> None:
+    def _open_segment(self, new: bool = False, past: int = 0) -> None:
         segs = self.segments()
         if segs and not new and segs[-1].stat().st_size < self.segment_bytes:
             path = segs[-1]
         else:
-            index = self.index(segs[-1]) + 1 if segs else 1
+            index = max(self.index(segs[-1]) if segs else 0, past) + 1
             path = self.dir / f"seg-{index:08d}.log"
         self._file = open(path, "ab")  # noqa: SIM115 - held open for the log's lifetime
 

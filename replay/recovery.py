@@ -77,11 +77,13 @@ def recover(
                 out.state.apply(record)
         except Exception:  # a record that does not apply: skipped, counted
             out.report.corrupt_skipped += 1
-    if log.position() < max(start, _newest_covered(checkpoint_dir)):
+    covered = max(start, _newest_covered(checkpoint_dir))
+    if log.position() < covered:
         # the log ends before a checkpoint (lost after its fsync?): write new records to a
-        # fresh segment, so that they sort after it and never take the places of records it
-        # refers to (one that failed to restore stays a candidate for the next start)
-        log.roll()
+        # fresh segment numbered past the checkpoint's, so that they sort after it (the next
+        # recovery starts reading there) and never take the places of records it refers to
+        # (one that failed to restore stays a candidate for the next start)
+        log.roll(past=covered[0])
     return out
 
 
