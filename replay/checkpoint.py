@@ -27,6 +27,7 @@ from pathlib import Path
 
 import msgpack
 
+from flowrl_async.replay import log as _log
 from flowrl_async.replay.log import FRAME
 
 FORMAT = 2  # 2: groups held by reference to their ``ins`` record in the log
@@ -50,6 +51,14 @@ def _frame(obj: object) -> bytes:
     return FRAME.pack(len(payload), zlib.crc32(payload)) + payload
 
 
+def fsync(fd: int) -> None:
+    _log.fsync(fd)  # the log's I/O seam, so fault injection sees checkpoints too
+
+
+def fsync_dir(path: Path) -> None:
+    _log.fsync_dir(path)
+
+
 def write(path: Path, snapshot: dict, position: tuple[int, int], tag: str = "") -> dict:
     """Write atomically; -> the header."""
     header = {
@@ -59,19 +68,15 @@ def write(path: Path, snapshot: dict, position: tuple[int, int], tag: str = "") 
         "tag": check_tag(tag),
         "created": time.time(),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _log.make_dirs(path.parent)  # a new directory's name is durable once its parent is fsynced
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
         f.write(_frame(header))
         f.write(_frame(snapshot))
         f.flush()
-        os.fsync(f.fileno())
+        fsync(f.fileno())
     os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(path.parent)
     return header
 
 

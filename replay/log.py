@@ -4,11 +4,20 @@ Record frame: ``<u32 length><u32 crc32(payload)><payload>`` (little endian). Seg
 ``seg-%08d.log`` and rotate when they pass ``segment_bytes``.
 
 Invariants:
-- ``append`` returns only after the record is written and flushed to the OS; it is fsynced
-  before return with ``fsync="always"``, at most ``fsync_interval_ms`` later with
+- ``append`` returns only after the record is written to the OS (unbuffered: no byte of a
+  failed append lingers in a user-space buffer to reach the file with a later one); it is
+  fsynced before return with ``fsync="always"``, at most ``fsync_interval_ms`` later with
   ``fsync="interval"`` (by a background thread, so appends never wait for the disk), and
   left to the OS with ``fsync="never"``. ``append_many`` does the same for several records
-  with one write, flush and fsync (the same bytes on disk);
+  with one write and fsync (the same bytes on disk);
+- an append that raises left nothing in the log: a failed write or fsync (ENOSPC, EIO) is
+  undone by truncating every segment it touched back to where it started, and that
+  truncation is fsynced. When the undo fails, or a background or checkpoint fsync fails
+  (acknowledged records may then be gone from the page cache: Linux drops dirty pages on a
+  failed fsync), the log is ``failed``: every later append raises ``LogFailed``, so nothing
+  more is acknowledged, and the owner must restart and recover from the disk;
+- a new segment file is fsynced in its directory before its first record is acknowledged,
+  so with ``fsync="always"`` an acknowledged record survives power loss;
 - ``read_all`` yields every intact record in order (from a ``position()``, for recovery
   after a checkpoint); a torn tail (a partial last frame) is truncated away, and a record
   whose CRC does not match is skipped; both are counted. After damage (a bad CRC or a
@@ -32,6 +41,43 @@ from dataclasses import dataclass
 from pathlib import Path
 
 FRAME = struct.Struct("<II")
+
+
+class LogFailed(OSError):
+    """The log can no longer promise durability; restart and recover from the disk."""
+
+
+# the log's file I/O, one seam (fault-injection tests replace these)
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def fsync(fd: int) -> None:
+    os.fsync(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (a new file's name) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_dirs(path: Path) -> None:
+    """mkdir -p whose every new directory's name is durable (its parent fsynced)."""
+    missing = []
+    while not path.is_dir():
+        missing.append(path)
+        path = path.parent
+    for directory in reversed(missing):
+        directory.mkdir(exist_ok=True)
+        fsync_dir(directory.parent)
+
+
 FSYNC_POLICIES = ("always", "interval", "never")
 MAX_RECORD = 1 << 30
 
@@ -71,7 +117,7 @@ class SegmentLog:
         if fsync not in FSYNC_POLICIES:
             raise ValueError(f"unknown fsync policy {fsync!r}; expected one of {FSYNC_POLICIES}")
         self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.dir)
         self.segment_bytes, self.fsync = segment_bytes, fsync
         self.fsync_interval = fsync_interval_ms / 1000.0
         self._file = None
@@ -85,7 +131,9 @@ class SegmentLog:
         self._syncer: threading.Thread | None = None
         self._wake = threading.Event()
         self._closing = False
-        self.sync_errors = 0  # failed background fsyncs (retried after an interval)
+        self.sync_errors = 0  # failed fsyncs (each fails the log but an append's own)
+        self.write_errors = 0  # appends undone after a failed write or fsync
+        self.failed: BaseException | None = None  # set: no append is acknowledged again
 
     def segments(self) -> list[Path]:
         return sorted(self.dir.glob("seg-*.log"))
@@ -98,7 +146,7 @@ class SegmentLog:
         """(segment index, byte offset) just past the last record written: what a checkpoint
         covers. Records appended later sort after it; (0, 0) before the first record."""
         if self._file is not None:
-            return self.index(Path(self._file.name)), self._file.tell()
+            return self.index(Path(self._file.name)), self._size
         segs = self.segments()
         return (self.index(segs[-1]), segs[-1].stat().st_size) if segs else (0, 0)
 
@@ -167,7 +215,16 @@ class SegmentLog:
         else:
             index = max(self.index(segs[-1]) if segs else 0, past) + 1
             path = self.dir / f"seg-{index:08d}.log"
-        self._file = open(path, "ab")  # noqa: SIM115 - held open for the log's lifetime
+        created = not path.exists()
+        # unbuffered: a write goes to the OS at once or raises, nothing is kept back
+        self._file = open(path, "ab", buffering=0)  # noqa: SIM115 - held for the log's life
+        self._size = os.fstat(self._file.fileno()).st_size
+        if created:  # its name must be durable before a record in it is acknowledged
+            try:
+                fsync_dir(self.dir)
+            except OSError as e:
+                self._fail(e)
+                raise
 
     def append(self, payload: bytes) -> tuple[int, int]:
         """-> the record's position (segment index, offset of its frame)."""
@@ -190,18 +247,38 @@ class SegmentLog:
             frames.append((FRAME.pack(length, crc), parts, FRAME.size + length))
         if not frames:
             return []
+        if self.failed is not None:
+            raise LogFailed(f"the replay log failed earlier ({self.failed!r}): restart the "
+                            "service to recover from the disk")  # fmt: skip
         if self._file is None:
             self._open_segment()
-        position, chunk, positions = self._file.tell(), [], []
+        touched = [(Path(self._file.name), self._size)]  # where each segment it writes began
+        try:
+            positions = self._append_frames(frames, touched)
+        except OSError as e:
+            self._undo(touched, e)
+            raise
+        if self.fsync == "interval":
+            if self._syncer is None:
+                self._syncer = threading.Thread(
+                    target=self._sync_loop, name="replay-log-fsync", daemon=True
+                )
+                self._syncer.start()
+            self._wake.set()
+        return positions
+
+    def _append_frames(self, frames, touched) -> list[tuple[int, int]]:
+        position, chunk, positions = self._size, [], []
         segment = self.index(Path(self._file.name))
         for head, parts, size in frames:
             if position >= self.segment_bytes:  # rotate before this record, as append does
                 self._write(chunk)
-                with self._lock:
-                    self._sync()
+                with self._lock:  # with "always" the records before this append are
+                    self._sync(own=self.fsync == "always")  # fsynced: only its own are here
                     self._file.close()
                     self._open_segment()
-                position, chunk = self._file.tell(), []
+                touched.append((Path(self._file.name), self._size))
+                position, chunk = self._size, []
                 segment = self.index(Path(self._file.name))
             positions.append((segment, position))
             chunk.append(head)
@@ -210,15 +287,31 @@ class SegmentLog:
         self._write(chunk)
         if self.fsync == "always":
             with self._lock:
-                self._sync()
-        elif self.fsync == "interval":
-            if self._syncer is None:
-                self._syncer = threading.Thread(
-                    target=self._sync_loop, name="replay-log-fsync", daemon=True
-                )
-                self._syncer.start()
-            self._wake.set()
+                self._sync(own=True)
         return positions
+
+    def _undo(self, touched: list[tuple[Path, int]], error: OSError) -> None:
+        """Truncate every segment an append touched back to where it began, fsynced; if
+        that fails too, the log has failed."""
+        self.write_errors += 1
+        print(f"replay log: append failed ({error!r}); undoing it", file=sys.stderr)
+        with self._lock:
+            try:
+                if self._file is not None:
+                    self._file.close()
+                self._file = None
+                for path, size in touched:
+                    with open(path, "r+b", buffering=0) as f:
+                        f.truncate(size)
+                        fsync(f.fileno())
+            except OSError as e:
+                self._fail(e)
+
+    def _fail(self, error: BaseException) -> None:
+        if self.failed is None:
+            self.failed = error
+            print(f"replay log FAILED ({error!r}): nothing more is acknowledged; restart "
+                  "the service to recover from the disk", file=sys.stderr)  # fmt: skip
 
     def read_at(self, positions: Sequence[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
         """The payloads of the intact records at these positions (as ``append_many`` gave
@@ -248,8 +341,9 @@ class SegmentLog:
 
     def _write(self, parts: list[bytes]) -> None:
         if parts:
-            self._file.write(b"".join(parts))
-            self._file.flush()
+            data = b"".join(parts)
+            write_all(self._file.fileno(), data)
+            self._size += len(data)
             self._written += 1
 
     @property
@@ -262,11 +356,19 @@ class SegmentLog:
         with self._lock:
             self._sync(force=True)
 
-    def _sync(self, force: bool = False) -> None:
-        """fsync the open segment if anything is unsynced; call it holding ``_lock``."""
+    def _sync(self, force: bool = False, own: bool = False) -> None:
+        """fsync the open segment if anything is unsynced; call it holding ``_lock``. A
+        failure fails the log unless ``own`` (the append whose records these are undoes
+        itself: records before it were fsynced already)."""
         written = self._written
         if self._file is not None and (force or written != self._synced):
-            os.fsync(self._file.fileno())
+            try:
+                fsync(self._file.fileno())
+            except OSError as e:
+                self.sync_errors += 1
+                if not own:
+                    self._fail(e)
+                raise
         self._synced = max(self._synced, written)
         self._last_sync = time.monotonic()
 
@@ -284,11 +386,9 @@ class SegmentLog:
             try:
                 with self._lock:
                     self._sync()
-            except OSError:  # e.g. EIO: counted, reported, tried again an interval later
-                self.sync_errors += 1
-                self._last_sync = time.monotonic()
+            except OSError:  # e.g. EIO: acknowledged records may be lost; the log failed
                 traceback.print_exc(file=sys.stderr)
-                self._wake.set()
+                return
 
     def close(self) -> None:
         if self._syncer is not None:
@@ -298,6 +398,9 @@ class SegmentLog:
             self._syncer, self._closing = None, False
         with self._lock:
             if self._file is not None:
-                self._sync()
-                self._file.close()
-                self._file = None
+                try:
+                    if self.failed is None:
+                        self._sync()
+                finally:
+                    self._file.close()
+                    self._file = None

@@ -9,7 +9,8 @@ group from a client is fully validated once, on insert; the server keeps its val
 msgpack bytes and writes them to the log and into ``batch`` replies as they are (clients
 decode replies with ``wire.group_from_wire_trusted``).
 Recovery loads the newest intact checkpoint and applies only the records after the log
-position it covers. Every malformed request gets exactly one error reply and is counted
+position it covers. When the log fails (replay/log.py: a failed fsync, or a failed write it
+could not undo) the server stops serving: a restart recovers what the disk holds. Every malformed request gets exactly one error reply and is counted
 once; the server never dies on bad input (an unexpected exception is answered with an error
 too and counted in ``internal_errors``). Held inserts are answered in arrival order; a
 retry of a held insert (same group id, in an ``insert`` or ``insert_batch``) or sample (same
@@ -384,6 +385,8 @@ class ReplayServer:
             "rejected": self.rejected,
             "internal_errors": self.internal_errors,
             "log_sync_errors": self.log.sync_errors,
+            "log_write_errors": self.log.write_errors,
+            "log_failed": self.log.failed is not None,
             "insert_timeouts": self.insert_timeouts,
             "held_inserts": len(self.held.inserts),
             "held_samples": len(self.held.samples),
@@ -447,6 +450,8 @@ class ReplayServer:
                 except Exception:  # e.g. a full disk: count it, keep serving (retries are safe)
                     self.internal_errors += 1
                     traceback.print_exc(file=sys.stderr)
+                if self.log.failed is not None:  # nothing can be acknowledged any more:
+                    break  # stop, so that a restart recovers what the disk holds
         finally:
             self.log.close()
             sock.close(0)
@@ -560,6 +565,8 @@ def main(argv: list[str] | None = None) -> None:
     address = server.bind()
     print(f"replay server on {address}, recovered {server.recovery}", flush=True)
     server.serve()
+    if server.log.failed is not None:
+        sys.exit(f"replay server stopped: its log failed ({server.log.failed!r})")
 
 
 if __name__ == "__main__":

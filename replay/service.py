@@ -3,6 +3,8 @@ wraps as a Ray actor; the same class as ``python -m flowrl_async.replay.server``
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 import time
 
@@ -15,7 +17,8 @@ class ReplayService:
 
     def __init__(self, cfg: ServerConfig):
         self.server = ReplayServer(cfg)
-        self.thread = threading.Thread(target=self.server.serve, name="replay", daemon=True)
+        self.stopping = False
+        self.thread = threading.Thread(target=self._serve, name="replay", daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30
         while self.server.bound_address is None and time.monotonic() < deadline:
@@ -23,9 +26,17 @@ class ReplayService:
                 raise RuntimeError("replay server thread died while binding")
             time.sleep(0.01)
 
-    def pid(self) -> int:
-        import os
+    def _serve(self) -> None:
+        self.server.serve()
+        if not self.stopping and self.server.log.failed is not None and self.exit_on_failure:
+            # the log cannot promise durability: end the process, so that Ray restarts the
+            # service and it recovers from the disk (clients' retries reconnect)
+            print("replay service: log failed, exiting for a restart", file=sys.stderr, flush=True)
+            os._exit(70)
 
+    exit_on_failure = True  # tests running the service in their own process turn it off
+
+    def pid(self) -> int:
         return os.getpid()
 
     def address(self) -> str:
@@ -61,5 +72,6 @@ class ReplayService:
         )
 
     def stop(self) -> None:
+        self.stopping = True
         self.server.stop()
         self.thread.join(10)

@@ -45,3 +45,220 @@ def test_groups_acknowledged_after_a_roll_past_a_lost_tail_survive_the_next_rest
     again = server_at(directory, segment_bytes=200)
     assert set(again.buffer.entries) == {"a", "g"}
     again.log.close()
+
+
+# ---------------------------------------------------------------- failed writes and fsyncs
+
+FULL_DISK = r"""
+import resource, signal, sys
+sys.path.insert(0, "tests")
+from factories import make_group
+from flowrl_async.replay.server import ReplayServer, ServerConfig
+from flowrl_async.wire import group_to_wire
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+server = ReplayServer(ServerConfig(sys.argv[1], max_staleness=None, fsync="never"))
+insert = lambda gid: server.handle("insert", {"group": group_to_wire(make_group(gid))})
+insert("a")
+size = server.log.position()[1]
+_, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+resource.setrlimit(resource.RLIMIT_FSIZE, (size + 50, hard))  # b's record does not fit
+try:
+    insert("b")
+    sys.exit("b was acknowledged on a full disk")
+except OSError as e:
+    print("b refused:", e.errno)
+resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))  # space again
+insert("c")
+server.log.close()
+"""
+
+
+def test_an_append_that_failed_on_a_full_disk_never_reaches_the_log(tmp_path):
+    # a real failed write (the file size limit: EFBIG after 50 of b's bytes); before the
+    # fix the buffered writer kept b's other bytes and wrote them with c, so recovery found
+    # b, a group whose insert had failed, and served it
+    import subprocess
+    import sys
+
+    directory = tmp_path / "replay"
+    run = subprocess.run([sys.executable, "-c", FULL_DISK, str(directory)],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert f"b refused: {errno.EFBIG}" in run.stdout
+    again = server_at(directory)
+    assert set(again.buffer.entries) == {"a", "c"}
+    assert again.recovery.corrupt_skipped == 0 and again.recovery.torn_bytes_truncated == 0
+    again.log.close()
+
+
+def failing(real, errno_, calls: set):
+    """``real`` that raises OSError(errno_) on the calls numbered in ``calls`` (from 1)."""
+    count = [0]
+
+    def wrapped(*args):
+        count[0] += 1
+        if count[0] in calls:
+            raise OSError(errno_, f"injected {errno.errorcode[errno_]}")
+        return real(*args)
+
+    return wrapped
+
+
+def test_a_failed_fsync_of_its_own_append_is_undone_and_the_log_goes_on(tmp_path, monkeypatch):
+    from flowrl_async.replay import log as log_module
+
+    directory = tmp_path / "replay"
+    server = server_at(directory, fsync="always")
+    insert(server, "a")
+    monkeypatch.setattr(log_module, "fsync", failing(log_module.fsync, errno.EIO, {1}))
+    with pytest.raises(OSError, match="injected EIO"):
+        insert(server, "b")  # not acknowledged: its bytes are truncated away, fsynced
+    assert "b" not in server.buffer.entries and server.log.failed is None
+    insert(server, "c")
+    assert server.stats()["log_write_errors"] == 1
+    server.log.close()
+    again = server_at(directory)
+    assert set(again.buffer.entries) == {"a", "c"}
+    again.log.close()
+
+
+def test_a_failed_background_fsync_stops_acknowledging(tmp_path, monkeypatch):
+    # with fsync=interval, records already acknowledged may be gone from the page cache
+    # after a failed fsync: the log fails, no insert is acknowledged any more, and the
+    # serving loop stops so that a restart recovers from the disk
+    import threading
+    import time
+
+    from flowrl_async.replay import log as log_module
+    from flowrl_async.replay.log import LogFailed
+
+    directory = tmp_path / "replay"
+    server = server_at(directory, fsync="interval", fsync_interval_ms=1.0)
+    insert(server, "a0")  # the segment exists (its directory fsynced)
+    monkeypatch.setattr(log_module, "fsync", failing(log_module.fsync, errno.EIO, {1, 2, 3}))
+    insert(server, "a")  # acknowledged; its background fsync fails
+    deadline = time.monotonic() + 5
+    while server.log.failed is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.log.failed is not None and server.stats()["log_failed"]
+    with pytest.raises(LogFailed, match="restart the service"):
+        insert(server, "b")
+    serving = threading.Thread(target=server.serve, daemon=True)
+    serving.start()
+    serving.join(5)
+    assert not serving.is_alive()  # it stopped by itself
+    monkeypatch.undo()
+    again = server_at(directory)
+    assert set(again.buffer.entries) <= {"a0", "a"} and "b" not in again.buffer.entries
+    again.log.close()
+
+
+# ---------------------------------------------------------------- power loss
+
+
+class PowerLoss:
+    """Records what fsync made durable (each file's synced size, by inode; each directory's
+    entries when it was fsynced) through the log's I/O seam; ``crash`` leaves on disk only
+    that: files whose name no directory fsync covered are gone, the rest are cut to their
+    last fsynced size (0 if never fsynced)."""
+
+    def __init__(self, monkeypatch, root):
+        import os
+
+        from flowrl_async.replay import log as log_module
+
+        self.root, self.synced = root, {}
+        # what existed before is durable (the run's directory was made by someone else)
+        self.entries = {os.path.realpath(d): set(ds) | set(fs) for d, ds, fs in os.walk(root)}
+        real_fsync = log_module.fsync
+
+        def fsync(fd):
+            real_fsync(fd)
+            st = os.fstat(fd)
+            self.synced[st.st_ino] = st.st_size
+
+        def fsync_dir(path):
+            real_fsync_dir(path)
+            self.entries[str(os.path.realpath(path))] = set(os.listdir(path))
+
+        real_fsync_dir = log_module.fsync_dir
+        monkeypatch.setattr(log_module, "fsync", fsync)
+        monkeypatch.setattr(log_module, "fsync_dir", fsync_dir)
+
+    def crash(self):
+        import os
+        import shutil
+
+        for directory, dirs, files in os.walk(self.root, topdown=True):
+            durable = self.entries.get(os.path.realpath(directory))
+            for name in list(dirs):
+                if durable is None or name not in durable:
+                    shutil.rmtree(os.path.join(directory, name))
+                    dirs.remove(name)
+            for name in files:
+                path = os.path.join(directory, name)
+                if durable is None or name not in durable:
+                    os.unlink(path)
+                else:
+                    os.truncate(path, self.synced.get(os.stat(path).st_ino, 0))
+
+
+def test_with_fsync_always_every_acknowledged_group_survives_power_loss(tmp_path, monkeypatch):
+    # before the fix no directory but checkpoints/ was ever fsynced: after power loss the
+    # segment files (and the replay directory's name itself) could be gone
+    power = PowerLoss(monkeypatch, tmp_path)
+    directory = tmp_path / "run" / "replay"
+    server = server_at(directory, fsync="always", segment_bytes=600)
+    acknowledged = []
+    for i in range(6):
+        insert(server, f"a{i}")
+        acknowledged.append(f"a{i}")
+        if i == 2:
+            server.checkpoint()
+    server.log.close()
+    power.crash()
+    resumed = server_at(directory, fsync="always", segment_bytes=600)
+    assert set(resumed.buffer.entries) == set(acknowledged)
+    for i in range(4):  # more groups after the restart, into new segments, then again
+        insert(resumed, f"b{i}")
+        acknowledged.append(f"b{i}")
+    resumed.log.close()
+    power.crash()
+    again = server_at(directory, fsync="always", segment_bytes=600)
+    assert set(again.buffer.entries) == set(acknowledged)
+    assert len(again.log.segments()) > 2  # the groups spread over several segments
+    again.log.close()
+
+
+SERVICE_WITH_FAILING_DISK = r"""
+import errno, sys, time
+sys.path.insert(0, "tests")
+from factories import make_group
+from flowrl_async.replay import log
+from flowrl_async.replay.client import ReplayClient
+from flowrl_async.replay.server import ServerConfig
+from flowrl_async.replay.service import ReplayService
+
+service = ReplayService(ServerConfig(sys.argv[1], max_staleness=None, fsync="interval"))
+client = ReplayClient(service.address())
+client.insert(make_group("a"))  # its segment exists; from here every fsync fails
+
+def broken(fd):
+    raise OSError(errno.EIO, "injected")
+
+log.fsync = broken
+client.insert(make_group("b"))
+time.sleep(30)  # the service ends the process (status 70) well before this
+sys.exit("still alive")
+"""
+
+
+def test_the_service_process_exits_for_a_restart_when_its_log_fails(tmp_path):
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", SERVICE_WITH_FAILING_DISK, str(tmp_path / "r")],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 70, run.stderr[-3000:]
+    assert "log failed, exiting for a restart" in run.stderr
