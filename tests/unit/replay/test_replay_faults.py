@@ -6,7 +6,7 @@ import errno
 import pytest
 
 from flowrl_async.replay.server import ReplayServer, ServerConfig
-from flowrl_async.wire import WireError, group_to_wire
+from flowrl_async.wire import group_to_wire
 
 from factories import make_group
 
