@@ -295,6 +295,8 @@ def validate(cfg: TrainConfig) -> None:
                         "are per token already)")  # fmt: skip
     if a.loss_agg != "seq-mean-token-mean" and a.name != "grpo":
         problems.append(f"algo.loss_agg={a.loss_agg} is GRPO's: only algo.name=grpo takes it")
+    if a.norm_len is not None and a.loss_agg != "seq-mean-token-sum-norm":
+        problems.append("algo.norm_len is the divisor of loss_agg=seq-mean-token-sum-norm only")
     if a.norm_len is not None and a.norm_len < 1:
         problems.append(f"algo.norm_len={a.norm_len}: must be >= 1 (or null: generator.max_tokens)")
     if a.name == "vargrad" and a.is_mode != "off":
@@ -326,7 +328,7 @@ def validate(cfg: TrainConfig) -> None:
         problems.append(f"algo.temperature={a.temperature}: must be > 0 (or null)")
     if g.engine not in ENGINES:
         problems.append(f"generator.engine={g.engine!r}: expected one of {ENGINES}")
-    if g.n < 2 and (a.name != "flowrl" or a.reward_norm == "group"):
+    if g.n < 2 and (a.name not in ("flowrl", "flowrl_no_z") or a.reward_norm == "group"):
         problems.append("generator.n must be >= 2: group-normalised rewards need a group")
     if g.temperature <= 0:
         problems.append(f"generator.temperature={g.temperature}: must be > 0 (the learner's "

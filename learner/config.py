@@ -28,8 +28,8 @@ class AlgoConfig:
     name: str = "flowrl"
     """Objective: flowrl (trajectory balance), flowrl_no_z (the FlowRL authors' ablation:
     the same residual with log Z ≡ 0, no head; δ = 0 for every answer is then reachable only
-    if Σ_y π_ref·exp(β r) = 1, so it regresses toward the target's shape, not onto a
-    distribution), grpo, reinforce, or vargrad (trajectory balance with log Z the group's
+    if Σ_y π_ref·exp(β r) = 1 (sum forms; mean: Σ_y π_ref·exp(|y|·β r) = 1), so it regresses
+    toward the target's shape, not onto a distribution), grpo, reinforce, or vargrad (trajectory balance with log Z the group's
     mean residual, no head; flowrl_tb is a preset of flowrl: configs/algo/flowrl_tb.yaml)."""
     beta: float = 15.0
     """FlowRL's reward temperature β: the target tilts π_ref by exp(β·r) in the sum forms and

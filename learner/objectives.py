@@ -348,7 +348,7 @@ def grpo_loss(
                                tokens, so every token weighs the same; DAPO)
       seq-mean-token-sum-norm  Σ_i (Σ_t ℓ_it / norm_len) / normalizer (normalizer: sequences,
                                norm_len a constant, e.g. the length limit; Dr. GRPO)
-    (normalizer defaults to B).
+    (normalizer defaults to B; for token-mean to the batch's response tokens).
 
     ``clip_ratio_c`` (dual clip, > 1): for A < 0 the token's loss is at most c·|A|, i.e.
     ℓ_t = min(that surrogate, −c·A) where A < 0, bounding what one very off-policy token
@@ -374,6 +374,8 @@ def grpo_loss(
         kl = masked_mean(k3, mask)
         token_loss = token_loss + kl_coef * k3
     per_seq = aggregate(token_loss, mask, agg, norm_len)
+    if normalizer is None and agg == "token-mean":  # alone, the batch's own token count
+        normalizer = max(1, int(mask.sum()))
     loss = _divide(per_seq.sum(), normalizer, logprobs.shape[0])
     with torch.no_grad():
         n_tokens = mask.sum().clamp(min=1)

@@ -59,7 +59,8 @@ def target_of(run: dict | None, cfg) -> tuple[str, float, float]:
     """(residual form, β, π_ref's temperature) of the target eval measures: the eval
     config's where set, else the run's (flowrl and vargrad: their form; others: sum)."""
     algo = (run or {}).get("algo", {})
-    own = algo.get("residual", "mean") if algo.get("name") in ("flowrl", "vargrad") else "sum"
+    trains_tb = algo.get("name") in ("flowrl", "flowrl_no_z", "vargrad")
+    own = algo.get("residual", "mean") if trains_tb else "sum"
     form = cfg.residual or (own if run else "sum")
     beta = cfg.beta if cfg.beta is not None else float(algo.get("beta", 1.0))
     temperature = algo.get("temperature") or (run or {}).get("generator", {}).get(
@@ -85,10 +86,16 @@ def run_eval(cfg) -> dict:
         from flowrl_async.tasks.target import Reference
 
         ref_dir = resolve_model_dir(cfg.reference)
-        form, beta, temperature = target_of(run_config(cfg.checkpoint), cfg)
+        run = run_config(cfg.checkpoint)
+        form, beta, temperature = target_of(run, cfg)
+        # the run's response space: its length limit bounds π_ref's draws
+        limit = int((run or {}).get("generator", {}).get("max_tokens", cfg.max_tokens))
         reference = Reference(load_policy(ref_dir), load_tokenizer(ref_dir), form, beta,
-                              temperature, cfg.reference_samples, cfg.max_tokens)  # fmt: skip
+                              temperature, cfg.reference_samples, limit)  # fmt: skip
         print(f"target: the {form} residual form's, beta {beta}, pi_ref at T={temperature}")
+        if form == "mean" and (run or {}).get("algo", {}).get("reward_norm") == "group":
+            print("note: the run trained on group-normalised rewards; the mean form's target "
+                  "is computed with the raw rewards (an idealisation: tasks/target.py)")  # fmt: skip
     result = evaluate(generator, load_tokenizer(model_dir), task, prompts, cfg.samples,
                       cfg.temperature, cfg.max_tokens, out, cfg.seed, reference)  # fmt: skip
     shown = {k: v for k, v in result.items() if k != "per_prompt"}

@@ -62,8 +62,8 @@ def learner_args(cfg: TrainConfig, model_path: str, address: str, device: str,
     algo = cfg.algo
     if algo.temperature is None:  # the learner's log-probs at the actors' temperature
         algo = replace(algo, temperature=cfg.generator.temperature)
-    if algo.norm_len is None:  # Dr. GRPO's constant: the length limit
-        algo = replace(algo, norm_len=cfg.generator.max_tokens)
+    if algo.norm_len is None and algo.loss_agg == "seq-mean-token-sum-norm":  # Dr. GRPO's
+        algo = replace(algo, norm_len=cfg.generator.max_tokens)  # constant: the length limit
     return (model_path, algo, address), dict(
         batch_groups=lc.batch_groups, micro_batch=lc.micro_batch, lr=lc.lr,
         max_tokens_per_micro=lc.max_tokens_per_micro, logprob_chunk=lc.logprob_chunk,

@@ -32,7 +32,7 @@ class Reference:
     beta: float = 1.0
     temperature: float = 1.0  # the learner's log-prob temperature of the run
     samples: int = 256  # draws of π_ref per prompt for the mean form's normaliser
-    max_tokens: int = 8  # the run's length limit, for those draws
+    max_tokens: int = 8  # the run's length limit (its response space), for those draws
 
 
 def _logsumexp(values: list[float]) -> float:
@@ -49,6 +49,8 @@ def solve_log_z(terms: list[tuple[float, int, float]]) -> float:
     def excess(c: float) -> float:
         return _logsumexp([m + n * (br - c) for m, n, br in terms])
 
+    if not all(math.isfinite(m) for m, _, _ in terms):
+        raise ValueError("a mass of the normaliser is not finite")
     lo, hi = -1.0, 1.0
     while excess(lo) < 0:
         lo *= 2
@@ -110,7 +112,8 @@ def reference_target(reference: Reference, task, prompt, valid: tuple[str, ...])
                         reference.beta, others, drawn)  # fmt: skip
 
 
-def draw_others(reference: Reference, task, prompt, prompt_ids, answers: list[list[int]]):
+def draw_others(reference: Reference, task, prompt, prompt_ids, answers: list[list[int]],
+                generator=None):  # fmt: skip
     """(length, reward) of the samples of π_ref that are none of the valid ``answers``'
     token sequences (another spelling of a valid answer counts here, with its reward), and
     how many were drawn."""
@@ -118,7 +121,7 @@ def draw_others(reference: Reference, task, prompt, prompt_ids, answers: list[li
     from flowrl_async.actors.torch_generator import TorchGenerator
 
     tok = reference.tokenizer
-    gen = TorchGenerator(reference.model, tok.eos_token_id, tok.pad_token_id)
+    gen = generator or TorchGenerator(reference.model, tok.eos_token_id, tok.pad_token_id)
     spec = SampleSpec(reference.samples, reference.temperature, 1.0, reference.max_tokens, 0)
     (group,) = gen.generate([prompt_ids], spec)
     exact = {tuple(a) for a in answers}

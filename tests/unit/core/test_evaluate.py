@@ -5,6 +5,8 @@ import json
 import math
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -182,3 +184,51 @@ def test_mean_form_target_across_lengths_hand_worked():
         assert target_probs([lp, lp], [2, 3], [1.0, 1.0], form, 1.0) == pytest.approx([0.5, 0.5])
     with pytest.raises(ValueError, match="needs samples"):
         target_probs([lp], [2], [1.0], "mean", 1.0)
+
+
+def test_the_target_eval_measures_is_the_runs_objectives():
+    from types import SimpleNamespace
+
+    from flowrl_async.run.evaluate import target_of
+
+    unset = SimpleNamespace(residual=None, beta=None)
+    run = lambda name, **algo: {"algo": {"name": name, **algo}, "generator": {"temperature": 0.7}}  # noqa: E731
+    assert target_of(run("flowrl", residual="mean", beta=15.0), unset) == ("mean", 15.0, 0.7)
+    assert target_of(run("vargrad", residual="sum_over_len", beta=3.0), unset)[:2] == (
+        "sum_over_len", 3.0)  # fmt: skip
+    assert target_of(run("flowrl_no_z", residual="mean"), unset)[0] == "mean"
+    assert target_of(run("grpo"), unset)[0] == "sum"  # no target of its own: TB's
+    assert target_of(run("flowrl", residual="mean", temperature=0.5), unset)[2] == 0.5
+    assert target_of(None, unset) == ("sum", 1.0, 1.0)  # a bare model directory
+    override = SimpleNamespace(residual="sum", beta=2.0)
+    assert target_of(run("flowrl", residual="mean", beta=15.0), override) == ("sum", 2.0, 0.7)
+
+
+def test_the_mean_forms_draws_count_only_responses_outside_the_exact_valid_set():
+    import numpy as np
+
+    from flowrl_async.actors.generator import Completion
+    from flowrl_async.model import load_tokenizer
+    from flowrl_async.tasks.target import Reference, draw_others
+
+    path = build_tiny_model(Path(tempfile.mkdtemp()) / "m", seed=3)
+    tok = load_tokenizer(path)
+    task = DigitSumTask(lengths=(2,), min_solutions=5, partial_credit=0.5)
+    prompt = task.train_prompts[0]
+    valid = task.valid_set(prompt)
+    enc = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    exact = [enc(y) + [tok.eos_token_id] for y in valid]
+    wrong = enc("99") + [tok.eos_token_id]  # well formed, wrong: its partial credit
+    cut = enc(valid[0])  # a valid answer without its <eos> (length limit): another response
+
+    class Fixed:
+        def generate(self, prompts, spec):
+            ids = [exact[0], exact[1], wrong, cut, exact[0]]
+            return [[Completion(np.array(i, np.int32), np.zeros(len(i), np.float32), "stop")
+                     for i in ids]]  # fmt: skip
+
+    others, drawn = draw_others(Reference(None, tok, "mean"), task, prompt, [], exact, Fixed())
+    assert drawn == 5
+    credit = task.verify(prompt, "99").reward
+    assert 0 < credit < 1
+    assert sorted(others) == sorted([(len(wrong), credit), (len(cut), 1.0)])

@@ -28,6 +28,9 @@ def test_settings_that_would_be_ignored_or_contradict_are_refused():
                                                algo__is_level="token")  # fmt: skip
     assert "only algo.name=grpo takes it" in refused(algo__loss_agg="token-mean")
     assert "algo.norm_len=0" in refused(algo__name="grpo", algo__norm_len=0)
+    assert "divisor of loss_agg=seq-mean-token-sum-norm only" in refused(
+        algo__name="grpo", algo__norm_len=100
+    )
     assert "differs from generator.temperature" in refused(algo__temperature=0.7)
     assert "generator.temperature=0" in refused(generator__temperature=0.0)
 

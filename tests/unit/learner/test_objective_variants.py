@@ -49,11 +49,17 @@ W0 = [1.0, 1.2, 0.8]
          [2.5 / 9, 0.5]),
     ],
 )  # fmt: skip
-def test_token_level_weights_scale_each_tokens_gradient(form, loss, grad0, grad1, grad_log_z):
-    logprobs = torch.tensor(LOGPROBS, requires_grad=True)
+@pytest.mark.parametrize("garbage", [G, float("nan"), float("inf"), -float("inf")])
+def test_token_level_weights_scale_each_tokens_gradient(form, loss, grad0, grad1, grad_log_z,
+                                                        garbage):  # fmt: skip
+    def pad(t):  # the same tensor with ``garbage`` wherever the mask is False
+        return torch.where(MASK, torch.as_tensor(t), torch.tensor(garbage))
+
+    logprobs = pad(LOGPROBS).requires_grad_(True)
     log_z = torch.tensor([0.5, 0.0], requires_grad=True)
-    out = flowrl_loss(logprobs, REF, BEHAVIOR, MASK, log_z, torch.tensor([1.0, 0.0]), beta=1.0,
-                      is_mode="clip", clip_low=0.2, clip_high=0.2, form=form, level="token")  # fmt: skip
+    out = flowrl_loss(logprobs, pad(REF), pad(BEHAVIOR), MASK, log_z, torch.tensor([1.0, 0.0]),
+                      beta=1.0, is_mode="clip", clip_low=0.2, clip_high=0.2, form=form,
+                      level="token")  # fmt: skip
     close(out.loss.detach(), loss)
     g_pi, g_z = torch.autograd.grad(out.loss, (logprobs, log_z))
     close(g_pi, [[*grad0, 0.0], [grad1, 0.0, 0.0, 0.0]])  # padding: exactly 0
@@ -165,3 +171,26 @@ def test_token_mean_and_sequence_mean_differ_on_the_same_batch(model_dir):
     tok, _ = grads_after_one_step(model_dir, 6, "token-mean")
     seq, _ = grads_after_one_step(model_dir, 6, "seq-mean-token-mean")
     assert not all(torch.allclose(a, b, atol=1e-7) for a, b in zip(tok, seq, strict=True))
+
+
+def test_token_mean_divides_the_step_by_its_response_tokens(model_dir):
+    # the step's reported loss is grpo's token-mean over the whole batch (15 response
+    # tokens), computed here in one pass, while the learner trains row by row
+    from flowrl_async.learner.batch import collate
+
+    torch.manual_seed(0)
+    policy, ref = load_policy(model_dir), load_policy(model_dir)
+    learner = Learner(policy, ref, torch.nn.Linear(1, 1),
+                      AlgoConfig(name="grpo", loss_agg="token-mean"), lambda b, v: groups(),
+                      pad_token_id=0, batch_groups=2, micro_batch=1)  # fmt: skip
+    gs, infos = groups()
+    batch = collate(gs, [i.staleness for i in infos], 0)
+    assert int(batch.response_mask.sum()) == 15
+    with torch.no_grad():
+        lp = learner.policy_fwd(batch, 1.0, False, None).logprobs
+    adv = learner.shape_rewards(batch)
+    args = (lp, batch.behavior_logprobs, batch.response_mask, adv)
+    expected = float(grpo_loss(*args, normalizer=15, agg="token-mean").loss)
+    by_rows = float(grpo_loss(*args, normalizer=6, agg="token-mean").loss)
+    assert abs(expected - by_rows) > 1e-3  # the two normalisers are told apart
+    assert learner.step()["loss"] == pytest.approx(expected, abs=1e-6)
