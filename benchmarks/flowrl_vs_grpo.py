@@ -9,6 +9,7 @@ the same model, warm-start, task, steps × batch (= trained groups) and seeds:
                     fresh groups plus groups replayed uniformly from the buffer, no staleness bound
     flowrl_tb_fresh the ablation: the same objective on fresh groups only (FIFO, each once)
     flowrl_replay_sol  flowrl_replay with the sum_over_len residual (target π_ref·exp(β r))
+    flowrl_replay_sol_b9  the same at β = 9: flowrl_replay's target here (see below)
     vargrad_replay  VarGrad (configs/algo/vargrad.yaml: log Z the group's mean residual, no
                     head, sum_over_len, β = 3) with flowrl_replay's replay
 
@@ -52,6 +53,7 @@ VARIANTS = (
     "flowrl_replay",
     "flowrl_tb_fresh",
     "flowrl_replay_sol",
+    "flowrl_replay_sol_b9",
     "vargrad_replay",
 )
 TEMPERATURES = (1.0, 0.6)  # the paper evaluates at both
@@ -79,10 +81,13 @@ def config(variant: str, seed: int, steps: int, run_dir: Path, every: int) -> Tr
         cfg.algo = algo("grpo")
     elif variant == "flowrl":
         cfg.algo = algo("flowrl")
-    elif variant in ("flowrl_replay", "flowrl_replay_sol", "vargrad_replay"):
+    elif variant in ("flowrl_replay", "flowrl_replay_sol", "flowrl_replay_sol_b9",
+                     "vargrad_replay"):  # fmt: skip
         cfg.algo = algo("vargrad" if variant == "vargrad_replay" else "flowrl_tb")
-        if variant == "flowrl_replay_sol":
+        if variant.startswith("flowrl_replay_sol"):
             cfg.algo.residual = "sum_over_len"
+        if variant == "flowrl_replay_sol_b9":  # flowrl_replay's target on this task
+            cfg.algo.beta = 9.0
         r = cfg.replay
         r.selector, r.fresh_fraction, r.max_times_sampled, r.max_staleness = "mixed", 0.5, 8, None
     elif variant == "flowrl_tb_fresh":  # the ablation: the same objective, no replay
