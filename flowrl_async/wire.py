@@ -46,6 +46,7 @@ class WireLimits:
     max_responses: int = 1024
     max_tokens: int = 131_072  # per array (prompt or response)
     max_groups: int = 4096  # per message
+    vocab_size: int | None = None  # token ids must be below it (None: only >= 0)
 
 
 _DTYPE_OF = {name: np.dtype(t) for name, t in DTYPES.items()}
@@ -203,9 +204,11 @@ def _check_fast(obj: Any, limits: WireLimits) -> GroupInfo | None:
         return None
     if type(obj.get("task")) is not str or type(actor) is not int or type(cursor) is not int:
         return None
-    if _size_1d(obj.get("prompt"), None, limits) is None:
+    prompt = obj.get("prompt")
+    if _size_1d(prompt, "int32", limits) is None:
         return None
     logprobs, rewards, firsts, max_tokens = [], [], [], limits.max_tokens
+    tokens = [prompt["b"]]
     for r in responses:
         if type(r) is not dict:
             return None
@@ -247,6 +250,7 @@ def _check_fast(obj: Any, limits: WireLimits) -> GroupInfo | None:
         if len(tok_raw) != 4 * n or len(lp_raw) != 4 * n:
             return None
         logprobs.append(lp_raw)
+        tokens.append(tok_raw)
         rewards.append(reward)
         firsts.append(first)
     lp = np.frombuffer(b"".join(logprobs), dtype=np.float32)
@@ -254,7 +258,18 @@ def _check_fast(obj: Any, limits: WireLimits) -> GroupInfo | None:
     # above -inf
     if lp.size and not (_MAX(lp) <= 0 and _MIN(lp) > -math.inf):
         return None
+    ids = np.frombuffer(b"".join(tokens), dtype=np.int32)
+    if ids.size and not _ids_in_vocab(ids, limits.vocab_size):
+        return None
     return GroupInfo(gid, actor, cursor, min(firsts), max(rewards) - min(rewards))
+
+
+def _ids_in_vocab(ids: np.ndarray, vocab_size: int | None) -> bool:
+    """Every id >= 0 and below ``vocab_size`` (a negative or out-of-vocabulary id crashes the
+    learner's embedding lookup: a device-side assert on CUDA)."""
+    if _MIN(ids) < 0:
+        return False
+    return vocab_size is None or int(_MAX(ids)) < vocab_size
 
 
 def _group_from_wire_checked(obj: Any, limits: WireLimits) -> Group:
@@ -303,9 +318,17 @@ def _group_from_wire_checked(obj: Any, limits: WireLimits) -> Group:
         created_at=float(created),
         finished_at=float(finished),
     )
+    if group.prompt_token_ids.dtype != np.int32:
+        raise WireError(f"{what}: prompt token ids must be int32")
     for r in group.responses:
         if r.token_ids.dtype != np.int32 or r.behavior_logprobs.dtype != np.float32:
             raise WireError(f"{what}: token ids must be int32 and log-probs float32")
+    for name, ids in (("prompt", group.prompt_token_ids),
+                      *((f"response {i}", r.token_ids) for i, r in enumerate(group.responses))):  # fmt: skip
+        if ids.size and not _ids_in_vocab(ids, limits.vocab_size):
+            bound = "vocab_size" if limits.vocab_size is None else limits.vocab_size
+            raise WireError(f"{what} {name}: token ids must be in [0, {bound}), got "
+                            f"[{int(ids.min())}, {int(ids.max())}]")  # fmt: skip
     try:
         group.validate()
     except RecordError as e:

@@ -85,6 +85,7 @@ class ReplayBuffer:
         self.seen: set[str] = set()
         self.counters = Counters()
         self.version = 0  # the learner's, as last reported
+        self.newest_version = 0  # the highest min_version of any group accepted
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -96,6 +97,7 @@ class ReplayBuffer:
             return False
         self.seen.add(entry.group_id)
         self.counters.inserted += 1
+        self.newest_version = max(self.newest_version, entry.min_version)
         if self.max_staleness is not None and self.staleness(entry) > self.max_staleness:
             self.counters.evicted_stale += 1  # stale on arrival: accepted, never held
             return True

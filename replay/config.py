@@ -84,6 +84,15 @@ class ServerConfig(ReplaySettings):
     counts in these."""
     seed: int = 0
     """Seed of the selectors' sampling."""
+    vocab_size: int | None = None
+    """Token ids of inserted groups must be below it (the run sets it from the model; a
+    poison id would crash the learner on every resume); null: only >= 0 is checked."""
+    max_version_jump: int = 1000
+    """The most a version message may raise the version above the newer of the current
+    version and the newest group's: a bogus version (2**63) would evict everything and
+    refuse every actor for good."""
+    max_admit: int = 1024
+    """The most prompt positions one admission request may ask for."""
 
     def rate_limiter(self) -> RateLimiter | None:
         spi = self.samples_per_insert

@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import msgpack
@@ -72,6 +72,8 @@ class ReplayServer:
     """The replay service: one process owning the buffer, serving over zmq."""
 
     def __init__(self, cfg: ServerConfig, limits: WireLimits = WireLimits()):
+        if cfg.vocab_size is not None:
+            limits = replace(limits, vocab_size=cfg.vocab_size)
         self.cfg, self.limits = cfg, limits
         self.curve = None  # keys are checked before anything else starts
         if cfg.curve_secret_key is not None:
@@ -199,6 +201,8 @@ class ReplayServer:
 
     def _admit(self, msg: dict, identity: bytes) -> tuple[str, dict]:
         actor, k = _int(msg, "actor"), _int(msg, "k")
+        if not 0 <= k <= self.cfg.max_admit:
+            raise WireError(f"admit: k={_short(repr(k), 40)} must be in [0, {self.cfg.max_admit}]")
         if "version" in msg:
             self._advance_version(_int(msg, "version"))
         weights = _int(msg, "weights") if "weights" in msg else None
@@ -338,6 +342,13 @@ class ReplayServer:
             self._send(batch.identity, "acks", batch.rid, results=batch.results)
 
     def _advance_version(self, version: int) -> None:
+        top = max(self.buffer.version, self.buffer.newest_version) + self.cfg.max_version_jump
+        if not 0 <= version <= top:
+            raise WireError(
+                f"version {_short(repr(version), 40)} refused: a version may rise at most "
+                f"{self.cfg.max_version_jump} above the current one ({self.buffer.version}) or "
+                f"the newest group's ({self.buffer.newest_version})"
+            )
         if version > self.buffer.version:
             self._record({"k": "ver", "v": version})
 

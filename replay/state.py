@@ -73,6 +73,15 @@ class ReplayState:
         # how a snapshot holds each group: ``_ref``)
         self.answers: OrderedDict[str, tuple[list[bytes], list[list], list]] = OrderedDict()
 
+        self.dropped_on_restore = 0  # held groups a restored snapshot had that fail checks
+
+    def _valid(self, payload: bytes) -> bool:
+        try:
+            check_group(msgpack.unpackb(payload, raw=False), self.limits)
+        except Exception:
+            return False
+        return True
+
     @property
     def in_flight(self) -> int:
         return sum(len(p) for p in self.outstanding.values())
@@ -154,6 +163,7 @@ class ReplayState:
             "seen": sorted(b.seen),
             "counters": counters,
             "version": b.version,
+            "newest": b.newest_version,
             "cursor": self.cursor,
             "outstanding": [[a, sorted(p)] for a, p in sorted(self.outstanding.items())],
             "redo": list(self.redo),
@@ -176,12 +186,18 @@ class ReplayState:
             if isinstance(ref, list) and ref[2:] != [gid]:
                 raise ValueError(f"entry {gid!r} refers to {ref!r}")
             payload, where = groups(ref)
+            if not self._valid(payload):  # e.g. a poison group from before ids were checked
+                self.dropped_on_restore += 1
+                continue
             b.entries[gid] = Entry(
                 gid, min_version, payload, priority, inserted_at, times_sampled, where
             )
         b.seen = set(snap["seen"])
         b.counters = Counters(**snap["counters"], duplicates=b.counters.duplicates)
         b.version = snap["version"]
+        # a snapshot from before it was kept: the newest group it still holds
+        b.newest_version = snap.get("newest", max((e.min_version for e in b.entries.values()),
+                                                  default=0))  # fmt: skip
         self.cursor = snap["cursor"]
         self.outstanding = {a: set(p) for a, p in snap["outstanding"]}
         self.redo = list(snap["redo"])

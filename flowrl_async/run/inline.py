@@ -31,7 +31,7 @@ class InlineRun:
         from flowrl_async.replay.service import ReplayService
 
         address = f"tcp://127.0.0.1:{free_port()}"
-        self.replay = ReplayService(replay_config(cfg, run_dir, address))
+        self.replay = ReplayService(replay_config(cfg, run_dir, address, model_path))
         address = self.replay.address()
         args, kwargs = learner_args(cfg, model_path, address, "cpu", probe_text)
         self.learner = LearnerWorker(*args, **kwargs)

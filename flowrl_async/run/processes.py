@@ -30,8 +30,18 @@ def threads_env(threads: int) -> dict[str, str]:
     return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
 
-def replay_config(cfg: TrainConfig, run_dir, address: str):
-    """The replay service's settings for this run (any process wiring uses the same)."""
+def model_vocab_size(model_path: str) -> int | None:
+    """The model's embedding rows (config.json's vocab_size): token ids must be below it."""
+    import json
+    from pathlib import Path
+
+    config = Path(model_path) / "config.json"
+    return json.loads(config.read_text()).get("vocab_size") if config.exists() else None
+
+
+def replay_config(cfg: TrainConfig, run_dir, address: str, model_path: str | None = None):
+    """The replay service's settings for this run (any process wiring uses the same);
+    ``model_path``: the policy, whose vocabulary bounds the token ids the service accepts."""
     from flowrl_async.replay.config import ServerConfig, settings_of
 
     settings = settings_of(cfg.replay)
@@ -40,7 +50,8 @@ def replay_config(cfg: TrainConfig, run_dir, address: str):
     lc = cfg.learner
     return ServerConfig(
         directory=str(run_dir / "replay"), address=address, seed=cfg.seed,
-        groups_per_version=lc.batch_groups * lc.publish_every, **settings,
+        groups_per_version=lc.batch_groups * lc.publish_every,
+        vocab_size=model_vocab_size(model_path) if model_path else None, **settings,
     )  # fmt: skip
 
 
@@ -114,7 +125,7 @@ class Processes:
                 max_task_retries=-1,
                 **placement.replay,
             )
-            .remote(replay_config(cfg, run_dir, f"tcp://{host}:{free_port(host)}"))
+            .remote(replay_config(cfg, run_dir, f"tcp://{host}:{free_port(host)}", model_path))
         )
         self.handles.append(self.replay)
         address = ray.get(self.replay.address.remote())

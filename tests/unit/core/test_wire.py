@@ -176,9 +176,12 @@ def test_trusted_decode_gives_the_same_group_as_the_validating_decode(group):
         assert type(made) is Response and list(vars(made)) == list(vars(built))
         with pytest.raises(dataclasses.FrozenInstanceError):
             made.reward = 0.0
-    # a prompt of another known dtype, and a map the fast check leaves to the full one
+    # a prompt of another dtype is refused (the learner embeds int32 ids), and a map the
+    # fast check leaves to the full one
     obj["prompt"] = pack_array(np.arange(4, dtype=np.int64))
-    assert_same_group(group_from_wire_trusted(obj), group_from_wire(obj))
+    with pytest.raises(WireError, match="prompt token ids must be int32"):
+        group_from_wire(obj)
+    obj["prompt"] = pack_array(np.arange(4, dtype=np.int32))
     obj["responses"][0]["tok"] = pack_array(group.responses[0].token_ids.reshape(1, -1)[0])
     obj["responses"][0]["tok"]["b"] = memoryview(obj["responses"][0]["tok"]["b"])
     assert_same_group(group_from_wire_trusted(obj), group_from_wire(obj))

@@ -6,7 +6,7 @@ import errno
 import pytest
 
 from flowrl_async.replay.server import ReplayServer, ServerConfig
-from flowrl_async.wire import group_to_wire
+from flowrl_async.wire import WireError, group_to_wire
 
 from factories import make_group
 
@@ -54,7 +54,7 @@ import resource, signal, sys
 sys.path.insert(0, "tests")
 from factories import make_group
 from flowrl_async.replay.server import ReplayServer, ServerConfig
-from flowrl_async.wire import group_to_wire
+from flowrl_async.wire import WireError, group_to_wire
 
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
 server = ReplayServer(ServerConfig(sys.argv[1], max_staleness=None, fsync="never"))
@@ -136,6 +136,9 @@ def test_a_failed_background_fsync_stops_acknowledging(tmp_path, monkeypatch):
     directory = tmp_path / "replay"
     server = server_at(directory, fsync="interval", fsync_interval_ms=1.0)
     insert(server, "a0")  # the segment exists (its directory fsynced)
+    deadline = time.monotonic() + 5
+    while server.log.dirty and time.monotonic() < deadline:  # a0's own fsync is done
+        time.sleep(0.005)
     monkeypatch.setattr(log_module, "fsync", failing(log_module.fsync, errno.EIO, {1, 2, 3}))
     insert(server, "a")  # acknowledged; its background fsync fails
     deadline = time.monotonic() + 5
@@ -241,14 +244,17 @@ from flowrl_async.replay.server import ServerConfig
 from flowrl_async.replay.service import ReplayService
 
 service = ReplayService(ServerConfig(sys.argv[1], max_staleness=None, fsync="interval"))
-client = ReplayClient(service.address())
+client = ReplayClient(service.address(), max_retries=1)
 client.insert(make_group("a"))  # its segment exists; from here every fsync fails
 
 def broken(fd):
     raise OSError(errno.EIO, "injected")
 
 log.fsync = broken
-client.insert(make_group("b"))
+try:  # acknowledged, or refused if a's background fsync already failed
+    client.insert(make_group("b"))
+except Exception as e:
+    print("b:", e)
 time.sleep(30)  # the service ends the process (status 70) well before this
 sys.exit("still alive")
 """
@@ -262,3 +268,101 @@ def test_the_service_process_exits_for_a_restart_when_its_log_fails(tmp_path):
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert run.returncode == 70, run.stderr[-3000:]
     assert "log failed, exiting for a restart" in run.stderr
+
+
+# ---------------------------------------------------------------- messages that lie
+
+
+def test_a_bogus_version_is_refused_and_changes_nothing(tmp_path):
+    # before: version 2**63 evicted every group and refused every actor, persisted
+    server = server_at(tmp_path / "r", max_staleness=1)
+    insert(server, "a")
+    for bogus in (2**63, -1, 1001):  # 1001: more than max_version_jump above 0
+        with pytest.raises(WireError, match="refused"):
+            server.handle("version", {"version": bogus})
+    assert server.buffer.version == 0 and set(server.buffer.entries) == {"a"}
+    assert server.handle("version", {"version": 1000}) == ("version", {"version": 1000})
+    server.log.close()
+    assert server_at(tmp_path / "r", max_staleness=1).buffer.version == 1000
+
+
+def test_the_version_may_follow_the_newest_stored_group(tmp_path):
+    # offline training: preloaded groups are 5000 versions old; the learner continues after
+    server = server_at(tmp_path / "r")
+    insert(server, "old", version=5000)
+    assert server.handle("version", {"version": 5001})[1]["version"] == 5001
+    server.log.close()
+
+
+def test_an_oversized_admission_is_refused(tmp_path):
+    server = server_at(tmp_path / "r", max_staleness=1, max_admit=16)
+    with pytest.raises(WireError, match=r"k=100000000 must be in \[0, 16\]"):
+        server.handle("admit", {"actor": 1, "k": 10**8})
+    assert server.state.in_flight == 0
+    assert server.handle("admit", {"actor": 1, "k": 2})[1]["n"] == 2
+    server.log.close()
+
+
+def poison(kind: str) -> dict:
+    import numpy as np
+
+    from flowrl_async.wire import pack_array
+
+    wire = group_to_wire(make_group(kind))
+    if kind == "int64_prompt":
+        wire["prompt"] = pack_array(np.array([1, 20, 21], dtype=np.int64))
+    elif kind == "negative_id":
+        wire["responses"][0]["tok"] = pack_array(np.array([10, -3, 12], dtype=np.int32))
+    elif kind == "beyond_vocab":
+        wire["responses"][1]["tok"] = pack_array(np.array([10, 11, 100], dtype=np.int32))
+    return wire
+
+
+@pytest.mark.parametrize(
+    "kind, reason",
+    [
+        ("int64_prompt", "prompt token ids must be int32"),
+        ("negative_id", r"response 0: token ids must be in \[0, 100\), got \[-3, 12\]"),
+        ("beyond_vocab", r"response 1: token ids must be in \[0, 100\), got \[10, 100\]"),
+    ],
+)
+def test_poison_groups_are_refused_on_insert(tmp_path, kind, reason):
+    # before: they passed and crashed the learner's embedding lookup, on every resume too
+    server = server_at(tmp_path / "r", vocab_size=100)
+    with pytest.raises(WireError, match=reason):
+        server.handle("insert", {"group": poison(kind)})
+    assert len(server.buffer) == 0
+    server.log.close()
+
+
+def test_poison_groups_already_stored_are_dropped_on_recovery(tmp_path):
+    # logged (and checkpointed) by a service that did not know the vocabulary: a restart
+    # that knows it drops them, from the checkpoint and from the log after it
+    from flowrl_async.wire import check_group
+
+    directory = tmp_path / "r"
+    server = server_at(directory)
+    insert(server, "fine")
+    server.handle("insert", {"group": poison("beyond_vocab") | {"id": "in_checkpoint"}})
+    server.checkpoint()
+    server.handle("insert", {"group": poison("beyond_vocab") | {"id": "after_it"}})
+    server.log.close()
+    assert check_group(poison("beyond_vocab"))  # without a vocabulary it is a valid group
+    again = server_at(directory, vocab_size=100)
+    assert set(again.buffer.entries) == {"fine"}
+    assert again.state.dropped_on_restore == 1 and again.recovery.corrupt_skipped == 1
+    again.log.close()
+
+
+def test_the_run_tells_its_service_the_models_vocabulary(tmp_path):
+    import json
+
+    from flowrl_async.config import TrainConfig
+    from flowrl_async.model import build_tiny_model
+    from flowrl_async.run.processes import replay_config
+
+    model = build_tiny_model(tmp_path / "m")
+    vocab = json.loads((model / "config.json").read_text())["vocab_size"]
+    cfg = replay_config(TrainConfig(), tmp_path, "tcp://127.0.0.1:0", str(model))
+    assert cfg.vocab_size == vocab
+    assert ReplayServer(cfg).limits.vocab_size == vocab
