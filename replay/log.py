@@ -134,6 +134,7 @@ class SegmentLog:
         self.sync_errors = 0  # failed fsyncs (each fails the log but an append's own)
         self.write_errors = 0  # appends undone after a failed write or fsync
         self.failed: BaseException | None = None  # set: no append is acknowledged again
+        self._lock_file = None  # the writer's lock on the directory (``lock``)
 
     def segments(self) -> list[Path]:
         return sorted(self.dir.glob("seg-*.log"))
@@ -201,10 +202,31 @@ class SegmentLog:
                         f.truncate(pos)
                         os.fsync(f.fileno())
 
+    def lock(self) -> None:
+        """Take the directory for this log's writer alone (an exclusive lock on its ``LOCK``
+        file, held until ``close``): two servers on one log (a restart during a partition)
+        would interleave records. Read-only readers do not lock."""
+        import fcntl
+
+        handle = open(self.dir / "LOCK", "a+")  # noqa: SIM115 - held until close
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise RuntimeError(f"the replay log {self.dir} is in use by {holder}: one server "
+                               "per directory") from None  # fmt: skip
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}\n")
+        handle.flush()
+        self._lock_file = handle
+
     def roll(self, past: int = 0) -> None:
         """Write the next record to a new segment, numbered above the last one and above
         ``past``."""
-        self.close()
+        self._close_file()
         with self._lock:
             self._open_segment(new=True, past=past)
 
@@ -391,6 +413,14 @@ class SegmentLog:
                 return
 
     def close(self) -> None:
+        try:
+            self._close_file()
+        finally:
+            if self._lock_file is not None:  # closing it releases the lock
+                self._lock_file.close()
+                self._lock_file = None
+
+    def _close_file(self) -> None:
         if self._syncer is not None:
             self._closing = True
             self._wake.set()

@@ -56,6 +56,7 @@ def recover(
             out.report.corrupt_skipped += 1
             continue
         if isinstance(record, dict) and record.get("k") == "rwd":
+            named = out.state.rewinds | {str(record.get("c"))}
             try:
                 out.state = rewound(
                     log,
@@ -68,6 +69,7 @@ def recover(
             except Exception as e:  # its checkpoint is gone: the state stays as it was
                 out.rewind_errors += 1
                 print(f"replay recovery: cannot redo rewind {record!r}: {e}", file=sys.stderr)
+            out.state.rewinds = named
             continue
         try:
             if isinstance(record, dict) and record.get("k") == "ins":

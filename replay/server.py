@@ -81,6 +81,7 @@ class ReplayServer:
         elif cfg.curve_authorized_keys is not None:
             raise ValueError("curve_authorized_keys needs curve_secret_key (the server's keys)")
         self.log = SegmentLog(cfg.directory, cfg.segment_bytes, cfg.fsync, cfg.fsync_interval_ms)
+        self.log.lock()  # one server per directory, before recovery touches anything
         self.checkpoint_dir = Path(cfg.directory) / "checkpoints"
         self.rejected = 0  # malformed requests (each answered with one error)
         self.internal_errors = 0  # unexpected exceptions while handling a request
@@ -171,6 +172,7 @@ class ReplayServer:
         except ValueError as e:  # e.g. a group record it refers to is damaged
             raise WireError(f"rewind: cannot restore checkpoint {name}: {e}") from None
         self.log.append(msgpack.packb({"k": "rwd", "c": name, "s": covered[0], "o": covered[1]}))
+        state.rewinds = self.state.rewinds | {name}  # kept by prune: recovery may redo it
         self.state = state
         return {"checkpoint": name, "version": self.buffer.version, "size": len(self.buffer)}
 
@@ -238,7 +240,8 @@ class ReplayServer:
         names = msg.get("keep")
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise WireError("prune needs 'keep': a list of checkpoint file names")
-        gone = [p.name for p in ckpt.prune(self.checkpoint_dir, {Path(n).name for n in names})]
+        keep = {Path(n).name for n in names} | self.state.rewinds  # rwd records need theirs
+        gone = [p.name for p in ckpt.prune(self.checkpoint_dir, keep)]
         cap = max_array_len(self.limits)  # the reply names at most this many
         more = {"more": len(gone) - cap} if len(gone) > cap else {}  # deleted, unnamed
         return "pruned", {"deleted": gone[:cap], **more}

@@ -74,6 +74,9 @@ class ReplayState:
         self.answers: OrderedDict[str, tuple[list[bytes], list[list], list]] = OrderedDict()
 
         self.dropped_on_restore = 0  # held groups a restored snapshot had that fail checks
+        # checkpoints that logged rwd records name: a full-log recovery needs them (prune
+        # keeps them)
+        self.rewinds: set[str] = set()
 
     def _valid(self, payload: bytes) -> bool:
         try:
@@ -171,6 +174,7 @@ class ReplayState:
             if self.limiter is None
             else [self.limiter.inserts, self.limiter.samples],
             "answers": [[req, refs, info] for req, (_, info, refs) in self.answers.items()],
+            "rewinds": sorted(self.rewinds),
         }
 
     def restore(self, snap: dict, read_log=None) -> None:
@@ -199,6 +203,7 @@ class ReplayState:
         b.newest_version = snap.get("newest", max((e.min_version for e in b.entries.values()),
                                                   default=0))  # fmt: skip
         self.cursor = snap["cursor"]
+        self.rewinds = set(snap.get("rewinds", []))
         self.outstanding = {a: set(p) for a, p in snap["outstanding"]}
         self.redo = list(snap["redo"])
         if self.limiter is not None:

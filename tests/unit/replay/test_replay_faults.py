@@ -366,3 +366,13 @@ def test_the_run_tells_its_service_the_models_vocabulary(tmp_path):
     cfg = replay_config(TrainConfig(), tmp_path, "tcp://127.0.0.1:0", str(model))
     assert cfg.vocab_size == vocab
     assert ReplayServer(cfg).limits.vocab_size == vocab
+
+
+def test_two_servers_never_share_a_log_directory(tmp_path):
+    import os
+
+    first = server_at(tmp_path / "r")
+    with pytest.raises(RuntimeError, match=f"in use by pid {os.getpid()}: one server"):
+        server_at(tmp_path / "r")
+    first.log.close()  # released: a restart takes it
+    server_at(tmp_path / "r").log.close()

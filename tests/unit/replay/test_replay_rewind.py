@@ -235,3 +235,24 @@ def test_a_rewind_whose_checkpoint_is_gone_is_reported_by_recovery(tmp_path):
     assert (stats["recovery_rewind_errors"], stats["recovery_corrupt_skipped"]) == (1, 0)
     assert list(server.buffer.entries) == ["g2", "g3"]
     assert stats["inserted"] == stats["size"] + stats["evicted_used"] == 4
+
+
+def test_prune_keeps_a_checkpoint_that_a_rewind_record_names(tmp_path):
+    # before: prune deleted it, and a recovery from the whole log (every later checkpoint
+    # damaged) could no longer redo the rewind: the samples since came back as used
+    script = Script(tmp_path / "replay")
+    script.run("ins", "g0..g3")
+    script.run("ckpt", "a")
+    assert script.run("smp", 2, 0) == ["g0", "g1"]
+    script.run("rwd", "a")
+    script.run("ckpt", "b")
+    script.run("ckpt", "c")
+    script.server.handle("prune", {"keep": []})
+    left = {p.name for p in (tmp_path / "replay" / "checkpoints").iterdir()}
+    assert left == {Path(script.checkpoints[t]).name for t in ("a", "c")}  # a: the rwd's
+    rewound = script.server.state.snapshot()
+    assert script.restart().state.snapshot() == rewound  # from c: still names a
+    (tmp_path / "replay" / "checkpoints" / Path(script.checkpoints["c"]).name).unlink()
+    server = script.restart()  # from a, then the whole log after it: the rwd is redone
+    assert server.stats()["recovery_rewind_errors"] == 0
+    assert list(server.buffer.entries) == ["g0", "g1", "g2", "g3"]
