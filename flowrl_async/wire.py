@@ -63,18 +63,32 @@ def pack_array(a: np.ndarray) -> dict:
     return {"dt": name, "sh": list(a.shape), "b": a.tobytes()}
 
 
+MAX_DIMS = 8
+
+
+def _clip(text: str, limit: int = 80) -> str:
+    """A value quoted in an error, cut short (errors must not echo a peer's megabytes)."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def unpack_array(obj: Any, what: str, limits: WireLimits) -> np.ndarray:
     if not isinstance(obj, dict) or set(obj) != {"dt", "sh", "b"}:
         raise WireError(f"{what}: expected an array map with keys dt, sh, b")
     dtype = DTYPES.get(obj["dt"]) if isinstance(obj["dt"], str) else None
     if dtype is None:
-        raise WireError(f"{what}: unknown dtype {obj['dt']!r}")
+        raise WireError(f"{what}: unknown dtype {_clip(repr(obj['dt']))}")
     shape = obj["sh"]
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise WireError(f"{what}: bad shape {shape!r}")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_DIMS
+        or not all(type(d) is int and d >= 0 for d in shape)
+    ):
+        raise WireError(f"{what}: bad shape {_clip(repr(shape))}")
     size = math.prod(shape)
     if size > limits.max_tokens:
         raise WireError(f"{what}: {size} elements exceed the limit of {limits.max_tokens}")
+    if max(shape, default=0) > limits.max_tokens:  # [0, 2**64 − 1]: no elements, no shape
+        raise WireError(f"{what}: bad shape {_clip(repr(shape))}")
     raw = obj["b"]
     if not isinstance(raw, bytes | bytearray | memoryview):
         raise WireError(f"{what}: array bytes must be binary")
@@ -128,7 +142,7 @@ def _numbers(value: Any, n: int, what: str) -> list:
     if not isinstance(value, list) or len(value) != n:
         raise WireError(f"{what}: expected a list of {n} numbers")
     if not all(isinstance(x, int | float) and not isinstance(x, bool) for x in value):
-        raise WireError(f"{what}: expected numbers, got {value!r}")
+        raise WireError(f"{what}: expected numbers, got {_clip(repr(value))}")
     return value
 
 
@@ -277,7 +291,7 @@ def _group_from_wire_checked(obj: Any, limits: WireLimits) -> Group:
     verdict and message for anything ``_check_fast`` does not accept."""
     if not isinstance(obj, dict):
         raise WireError("group: expected a map")
-    what = f"group {obj.get('id')!r}"
+    what = f"group {_clip(repr(obj.get('id')))}"
     raw_responses = _get(obj, "responses", list, what)
     if len(raw_responses) > limits.max_responses:
         raise WireError(f"{what}: {len(raw_responses)} responses exceed {limits.max_responses}")
@@ -429,7 +443,31 @@ def max_array_len(limits: WireLimits) -> int:
     return max(limits.max_groups, limits.max_responses, 64)
 
 
+# at most one list or map per this many bytes of a message (plus a small allowance): an
+# empty container is one byte of msgpack and ~60 of Python, so 4 MiB of nested empty lists
+# took 289 MB and 2.5 s to decode; real messages have 14+ bytes per container (a group of
+# empty responses) and ~300 (responses of 256 tokens)
+BYTES_PER_CONTAINER = 8
+CONTAINER_ALLOWANCE = 1024
+
+
+class _Budget:
+    """Counts the containers msgpack builds and stops the decode past the budget."""
+
+    __slots__ = ("left",)
+
+    def __init__(self, n: int):
+        self.left = n
+
+    def __call__(self, obj):
+        self.left -= 1
+        if self.left < 0:
+            raise WireError("message holds too many lists and maps for its size")
+        return obj
+
+
 def _unpack(data: bytes, limits: WireLimits) -> Any:
+    budget = _Budget(CONTAINER_ALLOWANCE + len(data) // BYTES_PER_CONTAINER)
     return msgpack.unpackb(
         data,
         raw=False,
@@ -439,6 +477,8 @@ def _unpack(data: bytes, limits: WireLimits) -> Any:
         max_array_len=max_array_len(limits),
         max_map_len=MAX_MAP_LEN,
         max_ext_len=0,
+        list_hook=budget,
+        object_hook=budget,
     )
 
 
@@ -453,7 +493,7 @@ def decode(data: bytes, limits: WireLimits = WireLimits()) -> tuple[str, dict]:
     if not isinstance(obj, dict):
         raise WireError("message must be a map")
     if type(obj.get("v")) is not int or obj["v"] != SCHEMA_VERSION:  # True == 1 in Python
-        raise WireError(f"schema version {obj.get('v')!r} is not {SCHEMA_VERSION}")
+        raise WireError(f"schema version {_clip(repr(obj.get('v')))} is not {SCHEMA_VERSION}")
     msg_type = obj.get("t")
     if not isinstance(msg_type, str):
         raise WireError("message has no type")

@@ -86,6 +86,8 @@ class ReplayBuffer:
         self.counters = Counters()
         self.version = 0  # the learner's, as last reported
         self.newest_version = 0  # the highest min_version of any group accepted
+        self.capacity_bytes: int | None = None  # most payload bytes held (None: no bound)
+        self.held_bytes = 0  # payload bytes of the held groups
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -101,11 +103,23 @@ class ReplayBuffer:
         if self.max_staleness is not None and self.staleness(entry) > self.max_staleness:
             self.counters.evicted_stale += 1  # stale on arrival: accepted, never held
             return True
-        while len(self.entries) >= self.capacity:
-            self.entries.popitem(last=False)
+        size, cap = len(entry.payload), self.capacity_bytes
+        while self.entries and (
+            len(self.entries) >= self.capacity or (cap is not None and self.held_bytes + size > cap)
+        ):
+            _, old = self.entries.popitem(last=False)
+            self.held_bytes -= len(old.payload)
             self.counters.evicted_capacity += 1
         self.entries[entry.group_id] = entry
+        self.held_bytes += size
         return True
+
+    def remove(self, key: str) -> None:
+        self.held_bytes -= len(self.entries.pop(key).payload)
+
+    def recount_bytes(self) -> None:
+        """After the entries were replaced wholesale (a restore)."""
+        self.held_bytes = sum(len(e.payload) for e in self.entries.values())
 
     def staleness(self, entry: Entry, version: int | None = None) -> int:
         return (self.version if version is None else version) - entry.min_version
@@ -118,7 +132,7 @@ class ReplayBuffer:
         self.version = version
         stale = [k for k, e in self.entries.items() if self.staleness(e) > self.max_staleness]
         for k in stale:
-            del self.entries[k]
+            self.remove(k)
         self.counters.evicted_stale += len(stale)
         return len(stale)
 
@@ -165,7 +179,7 @@ class ReplayBuffer:
             e.times_sampled += 1
             n += 1
             if e.times_sampled >= self.max_times_sampled:
-                del self.entries[k]
+                self.remove(k)
                 self.counters.evicted_used += 1
         self.counters.sampled_groups += n
         return n

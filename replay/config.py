@@ -26,6 +26,9 @@ class ReplaySettings:
 
     capacity: int = 10_000
     """Most groups held; the oldest are evicted beyond it."""
+    capacity_bytes: int | None = None
+    """Most bytes of groups held (their wire size); the oldest are evicted beyond it (null:
+    only ``capacity`` bounds the buffer)."""
     max_staleness: int | None = 1
     """Groups more than this many versions behind the learner are never trained (null: no
     bound; -1 on the command line)."""

@@ -64,6 +64,7 @@ from flowrl_async.wire import (
     unpack_group,
 )
 
+REPLY_HEADROOM = 1 << 20  # bytes a batch reply needs beside its groups' (envelope, info)
 FREEZE_EVERY = 4096  # inserts between two freezes (flowrl_async/heap.py)
 ZERO_COPY_BYTES = 1 << 16  # replies from this size on are handed to zmq without a copy
 
@@ -103,6 +104,7 @@ class ReplayServer:
         buffer = ReplayBuffer(
             c.capacity, c.max_staleness, c.selector, c.max_times_sampled, c.seed, c.fresh_fraction
         )
+        buffer.capacity_bytes = c.capacity_bytes
         return ReplayState(buffer, c.rate_limiter(), self.limits)
 
     @property
@@ -383,6 +385,12 @@ class ReplayServer:
         ids = self.buffer.select(batch_size)
         if ids is None:
             return None
+        size = sum(len(self.buffer.entries[i].payload) for i in ids)
+        if size > self.limits.max_message_bytes - REPLY_HEADROOM:  # refused before logged
+            raise WireError(
+                f"a batch of these {batch_size} groups is {size} bytes, more than a reply "
+                f"may hold ({self.limits.max_message_bytes}): sample fewer groups a request"
+            )
         # the record keeps the answer (state.answers), for retries, after a restart too
         self._record({"k": "smp", "ids": ids, "v": self.buffer.version, "req": req})
         self.metrics.sampled([staleness for _, staleness, _ in self.state.answers[req][1]])
@@ -402,6 +410,9 @@ class ReplayServer:
             "log_write_errors": self.log.write_errors,
             "log_failed": self.log.failed is not None,
             "insert_timeouts": self.insert_timeouts,
+            "held_bytes": self.buffer.held_bytes,
+            "log_bytes": sum(p.stat().st_size for p in self.log.segments()),
+            "seen_ids": len(self.buffer.seen),
             "held_inserts": len(self.held.inserts),
             "held_samples": len(self.held.samples),
             "in_flight": self.state.in_flight,
@@ -428,6 +439,10 @@ class ReplayServer:
             self._auth = self.curve.start_authenticator(ctx)
         self._sock = ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        # zmq drops a peer whose frame is more than twice the limit, before buffering it
+        # (the decoder's limit alone let a 1 GiB frame be received whole first); one up to
+        # twice the limit is still received and answered with an error
+        self._sock.setsockopt(zmq.MAXMSGSIZE, 2 * self.limits.max_message_bytes)
         if self.curve is not None:
             self.curve.apply(self._sock)
         if self.cfg.address.endswith(":0"):
@@ -529,7 +544,12 @@ class ReplayServer:
             still = []
             for held in self.held.samples:
                 m = held.msg
-                reply = self._try_sample(m["batch_size"], m["version"], m["req"])
+                try:
+                    reply = self._try_sample(m["batch_size"], m["version"], m["req"])
+                except WireError as e:  # e.g. the batch would not fit a reply: answered
+                    self._reject("bad_sample")
+                    self._send(held.identity, "error", m.get("rid"), reason=_short(str(e)))
+                    continue
                 if reply is None:
                     still.append(held)
                     continue

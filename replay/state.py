@@ -196,6 +196,7 @@ class ReplayState:
             b.entries[gid] = Entry(
                 gid, min_version, payload, priority, inserted_at, times_sampled, where
             )
+        b.recount_bytes()
         b.seen = set(snap["seen"])
         b.counters = Counters(**snap["counters"], duplicates=b.counters.duplicates)
         b.version = snap["version"]

@@ -376,3 +376,96 @@ def test_two_servers_never_share_a_log_directory(tmp_path):
         server_at(tmp_path / "r")
     first.log.close()  # released: a restart takes it
     server_at(tmp_path / "r").log.close()
+
+
+# ---------------------------------------------------------------- sizes, end to end
+
+
+def test_a_message_of_nested_empty_lists_is_refused_before_it_fills_memory():
+    from flowrl_async.wire import decode
+
+    # an array of 4,096 arrays of 1,023 empty arrays: 4 MiB, ~4.2 M Python lists (the
+    # review measured 289 MB and 2.5 s for such a message)
+    inner = b"\xdc\x03\xff" + b"\x90" * 1023
+    bomb = b"\x83" + b"\xa1v\x01\xa1t\xa5stats\xa1x" + b"\xdd" + (4096).to_bytes(4, "big")
+    bomb += inner * 4096
+    assert len(bomb) > 4 * 2**20
+    with pytest.raises(WireError, match="too many lists and maps"):
+        decode(bomb)
+
+
+def test_array_shapes_and_echoed_values_are_bounded():
+    import numpy as np
+
+    from flowrl_async.wire import WireLimits, pack_array, unpack_array
+
+    a = pack_array(np.zeros(0, np.int32))
+    for shape in ([0, 2**64 - 1], [0] * 9):  # no elements, yet no numpy shape either
+        with pytest.raises(WireError, match="bad shape"):
+            unpack_array({**a, "sh": shape}, "tok", WireLimits())
+    with pytest.raises(WireError) as e:
+        unpack_array({**a, "dt": "x" * 100_000}, "tok", WireLimits())
+    assert len(str(e.value)) < 200  # the peer's 100 kB are not echoed
+
+
+def test_a_batch_too_big_for_a_reply_is_refused_before_it_is_logged(tmp_path):
+    # before: logged as sampled, then refused by the client's decoder, on every retry
+    from flowrl_async.replay.server import REPLY_HEADROOM
+    from flowrl_async.wire import WireLimits
+
+    limits = WireLimits(max_message_bytes=REPLY_HEADROOM + 400_000)
+    server = ReplayServer(ServerConfig(str(tmp_path / "r"), max_staleness=None), limits)
+    for gid in ("a", "b"):  # ~262 kB each: one fits a reply, two do not
+        insert(server, gid, n=8, tokens=4096)
+    at = server.log.position()
+    with pytest.raises(WireError, match="more than a reply may hold"):
+        server.handle("sample", {"batch_size": 2, "version": 0, "req": "r1"})
+    assert server.log.position() == at and server.stats()["sampled_groups"] == 0
+    assert server.handle("sample", {"batch_size": 1, "version": 0, "req": "r2"})[0] == "batch"
+    server.log.close()
+
+
+def test_capacity_in_bytes_evicts_the_oldest_groups(tmp_path):
+    server = server_at(tmp_path / "r")
+    insert(server, "p")  # ids of one length: every group below has this size
+    size = server.buffer.held_bytes
+    server.log.close()
+    server = server_at(tmp_path / "s", capacity_bytes=int(2.5 * size))
+    for gid in ("a", "b", "c"):
+        insert(server, gid)
+    assert list(server.buffer.entries) == ["b", "c"]
+    stats = server.stats()
+    assert (stats["held_bytes"], stats["evicted_capacity"]) == (2 * size, 1)
+    server.log.close()
+    again = server_at(tmp_path / "s", capacity_bytes=int(2.5 * size))
+    assert again.stats()["held_bytes"] == 2 * size
+    again.log.close()
+
+
+def test_zmq_drops_a_frame_larger_than_the_limit_without_decoding_it(tmp_path):
+    import threading
+    import time
+
+    import zmq
+
+    from flowrl_async.replay.client import ReplayClient
+    from flowrl_async.wire import WireLimits
+
+    server = ReplayServer(ServerConfig(str(tmp_path / "r"), "tcp://127.0.0.1:0"),
+                          WireLimits(max_message_bytes=1 << 20))  # fmt: skip
+    thread = threading.Thread(target=server.serve, daemon=True)
+    thread.start()
+    while server.bound_address is None:
+        time.sleep(0.01)
+    peer = zmq.Context.instance().socket(zmq.DEALER)
+    peer.setsockopt(zmq.LINGER, 0)
+    peer.connect(server.bound_address)
+    peer.send(b"\x00" * (4 << 20))  # 4 MiB: over twice the 1 MiB limit
+    honest = ReplayClient(server.bound_address, request_timeout_s=2.0, max_retries=3)
+    try:
+        assert honest.stats()["rejected"] == 0  # dropped by zmq: never decoded, never counted
+    finally:
+        honest.close()
+        peer.close(0)
+        server.stop()
+        thread.join(5)
