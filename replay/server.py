@@ -87,6 +87,7 @@ class ReplayServer:
         self.rejected = 0  # malformed requests (each answered with one error)
         self.internal_errors = 0  # unexpected exceptions while handling a request
         self.insert_timeouts = 0  # inserts held by the rate limiter past their timeout
+        self.starved = False  # the last sample the limiter allowed found too few groups
         recovered = recover(self.log, self.checkpoint_dir, self._new_state)
         self.state, self.recovery = recovered.state, recovered.report
         self.recovered_checkpoint = recovered.checkpoint
@@ -316,11 +317,17 @@ class ReplayServer:
         return None if batch.pending else ("acks", {"results": results})
 
     def _must_hold(self) -> bool:
-        """Inserts wait behind held ones (arrival order) and while the limiter says so."""
+        """Inserts wait behind held ones (arrival order) and while the limiter says so,
+        unless sampling is starved (``_may_insert``)."""
         limiter = self.state.limiter
-        return limiter is not None and (
-            bool(self.held.inserts) or not limiter.can_insert(len(self.buffer))
-        )
+        return limiter is not None and (bool(self.held.inserts) or not self._may_insert())
+
+    def _may_insert(self) -> bool:
+        """The limiter allows an insert, or a sample the limiter allows found too few
+        groups the selector may pick (mixed: fresh ones): holding inserts then would hold
+        both sides forever, so inserts go until a sample is served."""
+        limiter = self.state.limiter
+        return limiter is None or self.starved or limiter.can_insert(len(self.buffer))
 
     def _hold_insert(self, info: GroupInfo, obj: dict, raw: bytes, timeout_ms: int, waiter) -> None:
         old = self.held.take_insert_waiter(info.group_id, waiter)
@@ -383,6 +390,7 @@ class ReplayServer:
         if limiter is not None and not limiter.can_sample(batch_size, len(self.buffer)):
             return None
         ids = self.buffer.select(batch_size)
+        self.starved = ids is None  # the limiter allowed it: only the groups are missing
         if ids is None:
             return None
         size = sum(len(self.buffer.entries[i].payload) for i in ids)
@@ -533,7 +541,7 @@ class ReplayServer:
         while progress:
             progress = False
             limiter = self.state.limiter
-            while self.held.inserts and limiter.can_insert(len(self.buffer)):
+            while self.held.inserts and self._may_insert():
                 gid, held = self.held.inserts.popitem(last=False)
                 if gid in self.buffer.seen:  # cannot happen: a retry replaces the held one
                     self._resolve(held, DUPLICATE)
@@ -557,6 +565,8 @@ class ReplayServer:
                 self.metrics.waited("sample", time.monotonic() - held.since)
                 progress = limiter is not None
             self.held.samples = still
+            if self.starved and self.held.inserts:  # starved samples let inserts go: again
+                progress = True
         now = time.monotonic()
         for held in self.held.expired_inserts(now):
             self.insert_timeouts += 1

@@ -115,7 +115,9 @@ class ReplayState:
             )
             if self.buffer.insert(entry):
                 self.outstanding.get(info.actor_id, set()).discard(info.cursor)
-                if self.limiter is not None:
+                # the limiter counts only groups the buffer keeps: one stale on arrival
+                # would raise its diff with nothing to sample (inserts and samples held)
+                if self.limiter is not None and info.group_id in self.buffer.entries:
                     self.limiter.record_insert()
         elif kind == "adm":
             positions = record["p"]

@@ -469,3 +469,52 @@ def test_zmq_drops_a_frame_larger_than_the_limit_without_decoding_it(tmp_path):
         peer.close(0)
         server.stop()
         thread.join(5)
+
+
+# ---------------------------------------------------------------- rate limiter liveness
+
+
+@pytest.mark.parametrize(
+    "selector, settings",
+    [
+        ("fifo", {}),
+        ("uniform", {"max_times_sampled": 2}),
+        ("prioritized", {"max_times_sampled": 2}),
+        ("mixed", {"max_times_sampled": 2, "fresh_fraction": 0.5}),
+        ("mixed", {"max_times_sampled": 3, "fresh_fraction": 1.0}),
+    ],
+)
+def test_inserts_and_samples_are_never_both_held(tmp_path, selector, settings):
+    # random inserts at random versions (some stale on arrival), version rises and samples;
+    # after the server has answered what it can, inserts and samples must never both wait
+    # (nothing else would come: actors wait for their acks, the learner for its batch).
+    # Before the fix: the mixed selector, or stale arrivals counted by the limiter, left both
+    # held
+    import random
+
+    for seed in range(12):
+        rng = random.Random(seed)
+        server = ReplayServer(ServerConfig(
+            str(tmp_path / f"{selector}-{seed}-{settings.get('fresh_fraction')}"),
+            selector=selector, max_staleness=2, samples_per_insert=1.0, min_size_to_sample=4,
+            error_buffer=4.0, capacity=12, **settings,
+        ))  # fmt: skip
+        server._send = lambda *a, **k: None  # replies go nowhere here
+        version, n = 0, 0
+        for step in range(150):
+            op = rng.random()
+            if op < 0.6:
+                n += 1
+                group = make_group(f"g{n}", version=max(0, version - rng.randint(0, 4)))
+                server.handle("insert", {"group": group_to_wire(group), "timeout_ms": 10**6,
+                                         "rid": n}, b"actor")  # fmt: skip
+            elif op < 0.75:
+                version += 1
+                server.handle("version", {"version": version})
+            else:
+                server.handle("sample", {"batch_size": rng.randint(1, 4), "version": version,
+                                         "req": f"s{step}", "timeout_ms": 10**6}, b"learner")  # fmt: skip
+            server._serve_held()
+            both = bool(server.held.inserts) and bool(server.held.samples)
+            assert not both, f"seed {seed} step {step}: inserts and samples both held"
+        server.log.close()
