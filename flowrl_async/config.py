@@ -358,6 +358,14 @@ def validate(cfg: TrainConfig) -> None:
             "replay.min_size_to_sample must be >= learner.batch_groups when the rate limiter "
             "is on (samples_per_insert set); otherwise a batch can never be served"
         )
+    if cfg.cluster.address and r.curve_secret_key is None and not r.insecure:
+        problems.append(
+            "cluster mode serves the replay service on the node's IP: give it CURVE keys "
+            "(replay.curve_secret_key, python -m flowrl_async.replay.curve DIR NAME) or set "
+            "replay.insecure=true (any peer reaching it could insert or drain groups)"
+        )
+    if r.capacity_bytes is not None and r.capacity_bytes < 1:
+        problems.append("replay.capacity_bytes must be >= 1 (or null)")
     if r.metrics_every < 0:
         problems.append("replay.metrics_every must be >= 0 (0: only in summary.json)")
     if r.capacity < lr.batch_groups:

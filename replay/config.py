@@ -65,6 +65,10 @@ class ReplaySettings:
     curve_secret_key: str | None = None
     """ZeroMQ CURVE encryption of the replay socket: the server's secret certificate file
     (make one with ``python -m flowrl_async.replay.curve DIR NAME``); null: plain TCP."""
+    insecure: bool = False
+    """Allow a plain-TCP (no CURVE) service on an address other than loopback: any peer
+    that reaches it could insert made-up rewards, drain batches, rewind or prune. Refused
+    unless set."""
     curve_authorized_keys: str | None = None
     """A directory of client public certificates: only those clients may connect (null:
     anyone who knows the server's public key)."""

@@ -441,6 +441,14 @@ class ReplayServer:
 
     # ---------------------------------------------------------------- socket loop
     def bind(self) -> str:
+        host = self.cfg.address.removeprefix("tcp://").rsplit(":", 1)[0]
+        if self.curve is None and not self.cfg.insecure and not _loopback(host):
+            raise ValueError(
+                f"the replay service would listen on {self.cfg.address} without encryption or "
+                "authentication: any peer reaching it could insert made-up groups or drain, "
+                "rewind and prune the buffer. Give it CURVE keys (replay.curve_secret_key; "
+                "python -m flowrl_async.replay.curve DIR NAME) or set replay.insecure=true"
+            )
         ctx = zmq.Context.instance()
         if self.curve is not None:  # a context of its own: it holds this server's ZAP handler
             ctx = self._ctx = zmq.Context()
@@ -579,6 +587,17 @@ class ReplayServer:
 
     def stop(self) -> None:
         self._stop.set()
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host in ("localhost", "ipc", "inproc") or not host:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a name: resolvable to anything
+        return False
 
 
 def _int(msg: dict, key: str, default: int | None = None) -> int:

@@ -30,6 +30,7 @@ def test_main_job_joins_a_two_node_cluster(tmp_path, two_node_cluster):
     cfg = small_config(tmp_path, steps=6, max_staleness=1)
     cfg.generator.engine = "torch"
     cfg.cluster.address = two_node_cluster.address
+    cfg.replay.insecure = True  # plain TCP on the node's IP, knowingly (CURVE: test_replay_curve)
     seen = {}
 
     def inspect(step, procs):

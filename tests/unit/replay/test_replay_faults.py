@@ -518,3 +518,26 @@ def test_inserts_and_samples_are_never_both_held(tmp_path, selector, settings):
             both = bool(server.held.inserts) and bool(server.held.samples)
             assert not both, f"seed {seed} step {step}: inserts and samples both held"
         server.log.close()
+
+
+def test_a_plain_tcp_service_on_a_routable_address_is_refused_unless_insecure(tmp_path):
+    # before: cluster mode bound the node's IP with CURVE off and no warning
+    from flowrl_async.config import TrainConfig, validate
+    from flowrl_async.net import node_ip
+
+    host = node_ip()
+    assert host != "127.0.0.1"
+    server = ReplayServer(ServerConfig(str(tmp_path / "a"), f"tcp://{host}:0"))
+    with pytest.raises(ValueError, match="without encryption or authentication"):
+        server.bind()
+    server.log.close()
+    server = ReplayServer(ServerConfig(str(tmp_path / "b"), f"tcp://{host}:0", insecure=True))
+    assert server.bind().startswith(f"tcp://{host}:")
+    server._sock.close(0)
+    server.log.close()
+    cfg = TrainConfig()
+    cfg.cluster.address = "ray://head:10001"
+    with pytest.raises(ValueError, match="replay.insecure=true"):
+        validate(cfg)
+    cfg.replay.insecure = True
+    validate(cfg)
