@@ -6,9 +6,10 @@ key; keep it private). Make a pair with ``python -m flowrl_async.replay.curve DI
 
 - Server: its secret certificate (``--curve-secret-key``). Traffic is encrypted and clients
   know they talk to the right server. Optionally ``--curve-authorized-keys DIR``: only
-  clients whose public certificate is in DIR may connect (the directory is read again when
-  an unknown key knocks, so new clients need no restart). Without it, any client that knows
-  the server's public key may connect: encryption, not access control.
+  clients whose public certificate is in DIR may connect (the directory is read again
+  whenever it changed: a new client needs no restart, a deleted key is refused from the
+  next handshake on, a file that does not parse is skipped). Without it, any client that
+  knows the server's public key may connect: encryption, not access control.
 - Client: the server's public certificate (``curve_server_key``), and its own secret
   certificate (``curve_client_key``) where the server checks clients; without one it uses a
   fresh key pair.
@@ -20,6 +21,7 @@ unanswered (``ReplayError`` after its retries) and the server sees nothing.
 from __future__ import annotations
 
 import argparse
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,21 +93,51 @@ class ServerCurve:
 
 
 class _AuthorizedKeys:
+    """The ZAP callback: the public keys of the directory's ``*.key`` files, read again
+    whenever the directory changed (a key added is let in, a key deleted is refused from the
+    next handshake on; connections already made stay). A file that does not parse (e.g.
+    half written) is skipped and reported, never raised: an exception here would kill
+    pyzmq's authenticator thread, after which every handshake hangs."""
+
     def __init__(self, directory: Path, own: bytes):
         self.directory, self.own = directory, own
         self.lock = threading.Lock()
         self.keys: set[bytes] = set()
+        self.seen: tuple = ()
+        self.bad_files = 0  # key files skipped because they did not parse
         self._load()
 
+    def _state(self) -> tuple:
+        return tuple(sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size)
+                            for p in self.directory.glob("*.key")))  # fmt: skip
+
     def _load(self) -> None:
-        self.keys = {k for k in zmq.auth.load_certificates(self.directory)}
+        keys = set()
+        state = self._state()
+        for name, _, _ in state:
+            if name.startswith("."):  # a key being installed (install_public_key)
+                continue
+            try:
+                public, _ = zmq.auth.load_certificate(self.directory / name)
+            except Exception as e:
+                self.bad_files += 1
+                print(f"replay CURVE: skipping key file {name}: {e}", file=sys.stderr)
+                continue
+            if public:
+                keys.add(public)
+        self.keys, self.seen = keys, state
 
     def callback(self, domain: str, key: bytes) -> bool:
-        with self.lock:
-            if key == self.own or key in self.keys:
-                return True
-            self._load()  # a client added since: no restart needed
-            return key in self.keys
+        try:
+            with self.lock:
+                if key == self.own:
+                    return True
+                if self._state() != self.seen:  # added, changed or deleted since
+                    self._load()
+                return key in self.keys
+        except Exception as e:  # never into the authenticator thread
+            print(f"replay CURVE: refusing a handshake: {e}", file=sys.stderr)
+            return False
 
 
 @dataclass(frozen=True)
@@ -136,10 +168,19 @@ class ClientCurve:
 
 
 def make_keys(directory: str | Path, name: str) -> tuple[Path, Path]:
-    """Write NAME.key and NAME.key_secret in ``directory``; -> (public file, secret file)."""
-    Path(directory).mkdir(parents=True, exist_ok=True)
-    public, secret = zmq.auth.create_certificates(str(directory), name)
-    return Path(public), Path(secret)
+    """Write NAME.key and NAME.key_secret in ``directory``, each atomically (written
+    beside it under a hidden name, then renamed: a server reading the directory never sees
+    half a file); -> (public file, secret file)."""
+    import os
+    import tempfile
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory, prefix=".keys-") as tmp:
+        public, secret = zmq.auth.create_certificates(tmp, name)
+        for made in (secret, public):  # the public one last: it is what servers look for
+            os.replace(made, directory / Path(made).name)
+    return directory / f"{name}.key", directory / f"{name}.key_secret"
 
 
 def main(argv: list[str] | None = None) -> None:

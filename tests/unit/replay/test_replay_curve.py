@@ -99,6 +99,28 @@ def test_with_authorized_keys_only_those_clients_get_in(tmp_path, keys):
         running.stop()
 
 
+def test_a_half_written_key_file_is_skipped_and_a_deleted_key_is_refused(tmp_path, keys):
+    # before: the bad file raised inside pyzmq's authenticator thread, which died, and every
+    # handshake after hung; a deleted key stayed authorised
+    public, secret = keys["server"]
+    running = Running(
+        tmp_path / "r", curve_secret_key=str(secret), curve_authorized_keys=str(keys["authorized"])
+    )
+    try:
+        (keys["authorized"] / "half.key").write_bytes(b"\xff\xfe metad")  # a torn copy
+        late_public, late_secret = make_keys(keys["authorized"], "late")
+        late = running.client(curve_server_key=public, curve_client_key=late_secret)
+        assert late.insert(make_group("a")) is True  # the bad file skipped, the handler alive
+        late.close()
+        late_public.unlink()  # revoked: from the next handshake on
+        assert refused(running.client(curve_server_key=public, curve_client_key=late_secret))
+        actor = running.client(curve_server_key=public, curve_client_key=keys["actor"][1])
+        assert actor.insert(make_group("b")) is True
+        actor.close()
+    finally:
+        running.stop()
+
+
 def test_the_service_wrapper_checkpoints_through_its_own_keys(tmp_path, keys):
     _, secret = keys["server"]
     cfg = ServerConfig(
