@@ -51,6 +51,10 @@ class ReplaySettings:
     """With fsync=interval: the longest an acknowledged record waits for its fsync."""
     segment_bytes: int = 64 * 1024 * 1024
     """Size at which the log rolls to a new segment file."""
+    checkpoint_every_mb: float | None = 256.0
+    """The service checkpoints itself after this much log since its last checkpoint (its
+    own or the learner's), so a restart replays at most about this much log; it keeps its
+    two newest such checkpoints. null: only the learner's checkpoints."""
     samples_per_insert: float | None = None
     """Rate limiter (Reverb's SampleToInsertRatio): target sampled groups per inserted group;
     null disables it (admission control alone paces the actors)."""
@@ -100,6 +104,9 @@ class ServerConfig(ReplaySettings):
     refuse every actor for good."""
     max_admit: int = 1024
     """The most prompt positions one admission request may ask for."""
+    max_held: int = 4096
+    """The most inserts (and, apart, samples) held waiting at once; beyond it an insert is
+    refused (the actor retries) and a sample answered empty (the learner asks again)."""
 
     def rate_limiter(self) -> RateLimiter | None:
         spi = self.samples_per_insert

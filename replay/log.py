@@ -133,6 +133,7 @@ class SegmentLog:
         self._closing = False
         self.sync_errors = 0  # failed fsyncs (each fails the log but an append's own)
         self.write_errors = 0  # appends undone after a failed write or fsync
+        self.appended_bytes = 0  # bytes appended since this log was opened
         self.failed: BaseException | None = None  # set: no append is acknowledged again
         self._lock_file = None  # the writer's lock on the directory (``lock``)
 
@@ -367,6 +368,17 @@ class SegmentLog:
             write_all(self._file.fileno(), data)
             self._size += len(data)
             self._written += 1
+            self.appended_bytes += len(data)
+
+    def bytes_after(self, position: tuple[int, int]) -> int:
+        """Bytes of the log at or after ``position`` (what a recovery from there reads)."""
+        total = 0
+        for path in self.segments():
+            index = self.index(path)
+            if index >= position[0]:
+                size = path.stat().st_size
+                total += max(0, size - position[1]) if index == position[0] else size
+        return total
 
     @property
     def dirty(self) -> bool:

@@ -28,6 +28,7 @@ class Recovered:
     report: RecoveryReport = field(default_factory=RecoveryReport)
     checkpoint: str = ""  # the checkpoint file it started from ("" for none)
     rewind_errors: int = 0  # rwd records that could not be redone (checkpoint gone)
+    start: tuple[int, int] = (0, 0)  # the log position reading began at
 
 
 def recover(
@@ -79,6 +80,7 @@ def recover(
                 out.state.apply(record)
         except Exception:  # a record that does not apply: skipped, counted
             out.report.corrupt_skipped += 1
+    out.start = start
     covered = max(start, _newest_covered(checkpoint_dir))
     if log.position() < covered:
         # the log ends before a checkpoint (lost after its fsync?): write new records to a

@@ -92,6 +92,9 @@ class ReplayServer:
         self.state, self.recovery = recovered.state, recovered.report
         self.recovered_checkpoint = recovered.checkpoint
         self.rewind_errors = recovered.rewind_errors  # rwd records it could not redo
+        # log bytes a restart would replay beyond the newest checkpoint (bounded by
+        # checkpoint_every_mb): counted from the recovery's own starting point
+        self._unckpt_base = self.log.appended_bytes - self.log.bytes_after(recovered.start)
         self._stop = threading.Event()
         self.held = HeldRequests()
         self._sock = None
@@ -143,7 +146,25 @@ class ReplayServer:
             else self.checkpoint_dir / ckpt.default_name(position, ckpt.check_tag(tag))
         )
         header = ckpt.write(path, self.state.snapshot(), position, tag)
+        if path.parent == self.checkpoint_dir:  # recovery can start here from now on
+            self._unckpt_base = self.log.appended_bytes
         return {**header, "path": str(path)}
+
+    AUTO_TAG, AUTO_KEPT = "auto", 2
+
+    def maybe_checkpoint(self) -> dict | None:
+        """The service's own checkpoint once ``checkpoint_every_mb`` of log was written since
+        the last one; older ones of its own beyond ``AUTO_KEPT`` are deleted (never the
+        learner's, nor one a rwd record names)."""
+        every = self.cfg.checkpoint_every_mb
+        if every is None or self.log.appended_bytes - self._unckpt_base < every * 2**20:
+            return None
+        info = self.checkpoint(tag=self.AUTO_TAG)
+        own = [p for p in ckpt.candidates(self.checkpoint_dir)
+               if p.name.endswith(f"-{self.AUTO_TAG}.ckpt") and p.name not in self.state.rewinds]  # fmt: skip
+        for old in own[self.AUTO_KEPT :]:  # candidates: newest first
+            old.unlink(missing_ok=True)
+        return info
 
     def rewind(self, checkpoint: str) -> dict:
         """The learner resumed from the state it had when replay checkpoint ``checkpoint``
@@ -332,6 +353,9 @@ class ReplayServer:
     def _hold_insert(self, info: GroupInfo, obj: dict, raw: bytes, timeout_ms: int, waiter) -> None:
         old = self.held.take_insert_waiter(info.group_id, waiter)
         if old is None:
+            if len(self.held.inserts) >= self.cfg.max_held:  # bounded memory and scan time
+                raise WireError(f"{len(self.held.inserts)} inserts already wait for the rate "
+                                "limiter: try again later")  # fmt: skip
             self.held.hold_insert(info, obj, raw, timeout_ms, waiter)
         elif isinstance(old[0], BatchReply):  # so that the rest of its batch is answered
             self._answer_slot(old[0], old[1], TIMEOUT, SUPERSEDED)
@@ -381,6 +405,8 @@ class ReplayServer:
             return self._batch_reply(req)
         reply = self._try_sample(batch_size, version, req)
         if reply is None:
+            if len(self.held.samples) >= self.cfg.max_held:  # bounded: answered empty now
+                return "empty", {}
             self.held.hold_sample(Held(identity, msg, time.monotonic() + timeout_ms / 1000.0))
         return reply
 
@@ -497,6 +523,11 @@ class ReplayServer:
                     traceback.print_exc(file=sys.stderr)
                 if self.log.failed is not None:  # nothing can be acknowledged any more:
                     break  # stop, so that a restart recovers what the disk holds
+                try:
+                    self.maybe_checkpoint()
+                except Exception:  # e.g. a full disk: counted; the log still holds it all
+                    self.internal_errors += 1
+                    traceback.print_exc(file=sys.stderr)
         finally:
             self.log.close()
             sock.close(0)
