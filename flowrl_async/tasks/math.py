@@ -4,7 +4,10 @@ Rows come from JSONL or Parquet (see ``datafiles``): a problem field (``problem`
 ``question`` by default) and a gold field (``answer`` or ``solution``); a gold text that holds a
 ``\\boxed{...}`` (a worked solution) is reduced to its last boxed answer. The final answer of a
 completion is its last ``\\boxed{...}`` (braces balanced; an unclosed last box counts as no
-box), else its last ``Answer: ...`` line; math-verify then decides whether it equals the gold
+box), else its last ``Answer: ...`` line; a completion that boxes two different answers
+(``\\boxed{3} ... \\boxed{4}``) is wrong ("several answers"), and a box holding several
+(``3 \\text{ or } 4``, ``3, 4``) is compared as one expression, which equals no single gold
+answer; math-verify then decides whether it equals the gold
 answer (``\\frac{1}{2}`` = ``0.5`` = ``1/2``, ``x=3`` = ``3``, ``5\\text{ cm}`` = ``5``).
 
 Invariants: ``verify`` never raises: no answer, an unparsable answer, a timeout or a checker
@@ -57,16 +60,32 @@ _ANSWER_LINE = re.compile(
 
 def last_boxed(text: str) -> str | None:
     """The content of the last ``\\boxed{...}``; None if absent or its braces never close."""
-    starts = list(_BOX.finditer(text))
-    if not starts:
-        return None
-    depth, i = 1, starts[-1].end()
-    while i < len(text):
-        depth += {"{": 1, "}": -1}.get(text[i], 0)
-        if depth == 0:
-            return text[starts[-1].end() : i].strip()
-        i += 1
-    return None
+    boxes = all_boxed(text)
+    return boxes[-1] if boxes else None
+
+
+def all_boxed(text: str) -> list[str | None]:
+    """The content of every ``\\boxed{...}`` in order (None for one whose braces never
+    close)."""
+    out = []
+    for start in _BOX.finditer(text):
+        depth, i, content = 1, start.end(), None
+        while i < len(text):
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            if depth == 0:
+                content = text[start.end() : i].strip()
+                break
+            i += 1
+        out.append(content)
+    return out
+
+
+def several_answers(text: str) -> bool:
+    """The rule against hedging: a completion that boxes more than one distinct answer
+    (contents compared with whitespace removed) has no single final answer and is wrong,
+    whichever box holds the gold one; boxing the same answer twice is fine."""
+    boxes = {re.sub(r"\s+", "", b) for b in all_boxed(text) if b is not None}
+    return len(boxes) > 1
 
 
 def extract_answer(text: str) -> str | None:
@@ -270,6 +289,8 @@ class MathTask:
 
     def verify(self, prompt: Prompt, completion: str) -> Verdict:
         try:
+            if several_answers(completion):
+                return Verdict(self.wrong_reward, "several answers")
             answer = extract_answer(completion)
             if answer is None:
                 return Verdict(self.wrong_reward, "no answer")

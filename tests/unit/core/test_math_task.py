@@ -71,6 +71,15 @@ def test_rows_and_gold(task):
         ("\\boxed{\\frac{1}{2}", 0.0, "no answer"),  # never closed
         ("\\boxed{\\frac{1}}", 0.0, "parse error: '\\\\frac{1}'"),
         ("\\boxed{}{", 0.0, "no answer"),
+        # hedging: several candidates never earn the reward, whichever holds the gold one
+        ("\\boxed{2} no wait \\boxed{\\frac{1}{2}}", 0.0, "several answers"),
+        ("\\boxed{\\frac{1}{2}} or \\boxed{3}", 0.0, "several answers"),
+        ("\\boxed{\\frac{1}{2} \\text{ or } 3}", 0.0, "wrong"),
+        ("\\boxed{\\frac{1}{2}, 3}", 0.0, "wrong"),
+        ("\\boxed{\\{\\frac{1}{2}, 3\\}}", 0.0, "wrong"),
+        ("Answer: 1/2 or 3", 0.0, "wrong"),
+        # the same answer boxed twice (spaces aside) is one answer
+        ("\\boxed{\\frac{1}{2}}, so \\boxed{ \\frac{1}{2} }", 1.0, "ok"),
     ],
 )
 def test_verify_half(task, completion, reward, info):
