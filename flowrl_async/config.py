@@ -364,6 +364,13 @@ def validate(cfg: TrainConfig) -> None:
             "(replay.curve_secret_key, python -m flowrl_async.replay.curve DIR NAME) or set "
             "replay.insecure=true (any peer reaching it could insert or drain groups)"
         )
+    if (cfg.cluster.address and r.curve_secret_key is not None and r.curve_authorized_keys is None
+            and not r.insecure):  # fmt: skip
+        problems.append(
+            "cluster mode with CURVE but no replay.curve_authorized_keys is encryption only: "
+            "anyone with the server's public key may insert, rewind or prune; give the "
+            "clients' keys directory or set replay.insecure=true"
+        )
     if r.capacity_bytes is not None and r.capacity_bytes < 1:
         problems.append("replay.capacity_bytes must be >= 1 (or null)")
     if r.metrics_every < 0:

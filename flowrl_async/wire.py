@@ -281,6 +281,7 @@ def _check_fast(obj: Any, limits: WireLimits) -> GroupInfo | None:
 def _ids_in_vocab(ids: np.ndarray, vocab_size: int | None) -> bool:
     """Every id >= 0 and below ``vocab_size`` (a negative or out-of-vocabulary id crashes the
     learner's embedding lookup: a device-side assert on CUDA)."""
+    ids = ids.ravel()
     if _MIN(ids) < 0:
         return False
     return vocab_size is None or int(_MAX(ids)) < vocab_size
@@ -339,6 +340,8 @@ def _group_from_wire_checked(obj: Any, limits: WireLimits) -> Group:
             raise WireError(f"{what}: token ids must be int32 and log-probs float32")
     for name, ids in (("prompt", group.prompt_token_ids),
                       *((f"response {i}", r.token_ids) for i, r in enumerate(group.responses))):  # fmt: skip
+        if ids.ndim != 1:
+            raise WireError(f"{what} {name}: token ids must be 1-D")
         if ids.size and not _ids_in_vocab(ids, limits.vocab_size):
             bound = "vocab_size" if limits.vocab_size is None else limits.vocab_size
             raise WireError(f"{what} {name}: token ids must be in [0, {bound}), got "
@@ -449,6 +452,7 @@ def max_array_len(limits: WireLimits) -> int:
 # empty responses) and ~300 (responses of 256 tokens)
 BYTES_PER_CONTAINER = 8
 CONTAINER_ALLOWANCE = 1024
+UNCOUNTED_BYTES = 1 << 18  # below this the worst case is small: no per-container hook cost
 
 
 class _Budget:
@@ -467,6 +471,17 @@ class _Budget:
 
 
 def _unpack(data: bytes, limits: WireLimits) -> Any:
+    if len(data) <= UNCOUNTED_BYTES:  # at most ~256 K containers: ~15 MB, not counted
+        return msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            max_bin_len=limits.max_message_bytes,
+            max_str_len=MAX_STR_LEN,
+            max_array_len=max_array_len(limits),
+            max_map_len=MAX_MAP_LEN,
+            max_ext_len=0,
+        )
     budget = _Budget(CONTAINER_ALLOWANCE + len(data) // BYTES_PER_CONTAINER)
     return msgpack.unpackb(
         data,

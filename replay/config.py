@@ -134,11 +134,20 @@ def field_docs(cls) -> dict[str, str]:
     return docs
 
 
+def _boolean(text: str) -> bool:
+    words = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+    if text.lower() not in words:
+        raise ValueError(f"expected true or false, got {text!r}")
+    return words[text.lower()]
+
+
 def _parser_type(annotation: str):
     """str / int / float (and ``X | None``: the same, "none" or "null" for None)."""
     hint = eval(annotation, {}, {})  # the annotations here are builtins only  # noqa: S307
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     base = args[0] if isinstance(hint, types.UnionType) else hint
+    if base is bool:  # bool("false") is True: parse the words
+        base = _boolean
     if not isinstance(hint, types.UnionType):
         return base
 

@@ -108,13 +108,19 @@ class _AuthorizedKeys:
         self._load()
 
     def _state(self) -> tuple:
-        return tuple(sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size)
-                            for p in self.directory.glob("*.key")))  # fmt: skip
+        out = []
+        for p in self.directory.glob("*.key"):
+            try:  # a file replaced in place changes its inode or ctime, whatever its size
+                st = p.stat()
+            except FileNotFoundError:  # deleted between the listing and here
+                continue
+            out.append((p.name, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size))
+        return tuple(sorted(out))
 
     def _load(self) -> None:
         keys = set()
         state = self._state()
-        for name, _, _ in state:
+        for name, *_ in state:
             if name.startswith("."):  # a key being installed (install_public_key)
                 continue
             try:

@@ -64,6 +64,7 @@ from flowrl_async.wire import (
     unpack_group,
 )
 
+MAX_VERSION = 1 << 53  # no weight version of a real run comes near it
 REPLY_HEADROOM = 1 << 20  # bytes a batch reply needs beside its groups' (envelope, info)
 FREEZE_EVERY = 4096  # inserts between two freezes (flowrl_async/heap.py)
 ZERO_COPY_BYTES = 1 << 16  # replies from this size on are handed to zmq without a copy
@@ -159,7 +160,11 @@ class ReplayServer:
         every = self.cfg.checkpoint_every_mb
         if every is None or self.log.appended_bytes - self._unckpt_base < every * 2**20:
             return None
-        info = self.checkpoint(tag=self.AUTO_TAG)
+        try:
+            info = self.checkpoint(tag=self.AUTO_TAG)
+        except Exception:
+            self._unckpt_base = self.log.appended_bytes  # try again a period later
+            raise
         own = [p for p in ckpt.candidates(self.checkpoint_dir)
                if p.name.endswith(f"-{self.AUTO_TAG}.ckpt") and p.name not in self.state.rewinds]  # fmt: skip
         for old in own[self.AUTO_KEPT :]:  # candidates: newest first
@@ -287,6 +292,7 @@ class ReplayServer:
             self.buffer.counters.duplicates += 1
             return "ack", {"group_id": info.group_id, "duplicate": True}
         raw = msgpack.packb(obj, use_bin_type=True)  # the validated map, encoded once
+        self._check_insert(info, len(raw))
         if self._must_hold():
             self._hold_insert(info, obj, raw, timeout_ms, (identity, msg.get("rid")))
             return None
@@ -314,6 +320,7 @@ class ReplayServer:
         for i, raw in enumerate(items):
             try:
                 obj, info = unpack_group(raw, self.limits)  # full validation, once
+                self._check_insert(info, len(raw))
             except WireError as e:
                 self._reject("bad_group")
                 results[i] = [REJECTED, _short(str(e), MAX_GROUP_REASON)]
@@ -336,6 +343,29 @@ class ReplayServer:
         if accepted:
             self._inserts(accepted)  # one append (and flush, fsync policy) for the message
         return None if batch.pending else ("acks", {"results": results})
+
+    def _check_insert(self, info: GroupInfo, size: int) -> None:
+        """What a validated group must also meet here: a version no further ahead than a
+        version message may move (a fresh service takes its first group's as it comes:
+        a preload of a stored run), and a size a batch reply can carry."""
+        fresh = self.buffer.counters.inserted == 0 and self.buffer.version == 0
+        top = MAX_VERSION if fresh else min(MAX_VERSION, self._version_ceiling())
+        if info.min_version > top:
+            raise WireError(f"group versions from {info.min_version} refused: more than "
+                            f"{self.cfg.max_version_jump} ahead of the service's")  # fmt: skip
+        if size > self._reply_room():
+            raise WireError(f"a group of {size} bytes could never be sampled (a reply holds "
+                            f"{self._reply_room()})")  # fmt: skip
+
+    def _reply_room(self) -> int:
+        """Bytes of groups a batch reply may carry: the message limit less room for the
+        envelope and per-group info."""
+        return self.limits.max_message_bytes - min(
+            REPLY_HEADROOM, self.limits.max_message_bytes // 8
+        )
+
+    def _version_ceiling(self) -> int:
+        return max(self.buffer.version, self.buffer.newest_version) + self.cfg.max_version_jump
 
     def _must_hold(self) -> bool:
         """Inserts wait behind held ones (arrival order) and while the limiter says so,
@@ -378,7 +408,7 @@ class ReplayServer:
             self._send(batch.identity, "acks", batch.rid, results=batch.results)
 
     def _advance_version(self, version: int) -> None:
-        top = max(self.buffer.version, self.buffer.newest_version) + self.cfg.max_version_jump
+        top = min(MAX_VERSION, self._version_ceiling())
         if not 0 <= version <= top:
             raise WireError(
                 f"version {_short(repr(version), 40)} refused: a version may rise at most "
@@ -403,9 +433,12 @@ class ReplayServer:
                 raise WireError(str(e)) from None
         if req in self.state.answers:  # a retry: the same answer again, never a second batch
             return self._batch_reply(req)
+        starved = self.starved
         reply = self._try_sample(batch_size, version, req)
         if reply is None:
-            if len(self.held.samples) >= self.cfg.max_held:  # bounded: answered empty now
+            self.starved = starved  # only held samples decide it (_serve_held_samples)
+            retry = any(h.msg.get("req") == req for h in self.held.samples)
+            if not retry and len(self.held.samples) >= self.cfg.max_held:  # bounded
                 return "empty", {}
             self.held.hold_sample(Held(identity, msg, time.monotonic() + timeout_ms / 1000.0))
         return reply
@@ -420,7 +453,7 @@ class ReplayServer:
         if ids is None:
             return None
         size = sum(len(self.buffer.entries[i].payload) for i in ids)
-        if size > self.limits.max_message_bytes - REPLY_HEADROOM:  # refused before logged
+        if size > self._reply_room():  # refused before logged
             raise WireError(
                 f"a batch of these {batch_size} groups is {size} bytes, more than a reply "
                 f"may hold ({self.limits.max_message_bytes}): sample fewer groups a request"
@@ -467,6 +500,13 @@ class ReplayServer:
 
     # ---------------------------------------------------------------- socket loop
     def bind(self) -> str:
+        try:
+            return self._bind()
+        except BaseException:  # a server that cannot serve lets go of its directory
+            self.log.close()
+            raise
+
+    def _bind(self) -> str:
         host = self.cfg.address.removeprefix("tcp://").rsplit(":", 1)[0]
         if self.curve is None and not self.cfg.insecure and not _loopback(host):
             raise ValueError(
@@ -573,14 +613,16 @@ class ReplayServer:
 
     def _serve_held(self) -> None:
         """Answer what can go now (inserts first, in order; samples free inserts, so repeat),
-        then time out the rest."""
+        then time out the rest. While a held sample the limiter allows finds too few groups
+        for its selector (``starved``), held inserts go one at a time past the limiter, each
+        followed by another try of the samples, so only what they need gets in."""
         if not self.held:
             return
         progress = True
         while progress:
             progress = False
-            limiter = self.state.limiter
             while self.held.inserts and self._may_insert():
+                bypass = not self.state.limiter.can_insert(len(self.buffer))
                 gid, held = self.held.inserts.popitem(last=False)
                 if gid in self.buffer.seen:  # cannot happen: a retry replaces the held one
                     self._resolve(held, DUPLICATE)
@@ -588,24 +630,9 @@ class ReplayServer:
                 self._inserts([(held.info, held.obj, held.raw)])
                 self._resolve(held, ACCEPTED)
                 self.metrics.waited("insert", time.monotonic() - held.since)
-            still = []
-            for held in self.held.samples:
-                m = held.msg
-                try:
-                    reply = self._try_sample(m["batch_size"], m["version"], m["req"])
-                except WireError as e:  # e.g. the batch would not fit a reply: answered
-                    self._reject("bad_sample")
-                    self._send(held.identity, "error", m.get("rid"), reason=_short(str(e)))
-                    continue
-                if reply is None:
-                    still.append(held)
-                    continue
-                self._send(held.identity, reply[0], m.get("rid"), **reply[1])
-                self.metrics.waited("sample", time.monotonic() - held.since)
-                progress = limiter is not None
-            self.held.samples = still
-            if self.starved and self.held.inserts:  # starved samples let inserts go: again
-                progress = True
+                if bypass:  # let the starved samples try with it first
+                    break
+            progress = self._serve_held_samples() or (self.starved and bool(self.held.inserts))
         now = time.monotonic()
         for held in self.held.expired_inserts(now):
             self.insert_timeouts += 1
@@ -615,6 +642,30 @@ class ReplayServer:
         for held in self.held.expired_samples(now):
             self._send(held.identity, "empty", held.msg.get("rid"))
             self.metrics.waited("sample", now - held.since)
+        self.starved = self.starved and bool(self.held.samples)  # nobody waits: no bypass
+
+    def _serve_held_samples(self) -> bool:
+        """Try every held sample once; each answered one leaves the list at once (an
+        exception part way must not answer it twice). -> whether any was answered."""
+        served, starved = False, False
+        for held in list(self.held.samples):
+            m = held.msg
+            try:
+                reply = self._try_sample(m["batch_size"], m["version"], m["req"])
+            except WireError as e:  # e.g. the batch would not fit a reply: answered
+                self.held.samples.remove(held)
+                self._reject("bad_sample")
+                self._send(held.identity, "error", m.get("rid"), reason=_short(str(e)))
+                continue
+            if reply is None:
+                starved = starved or self.starved
+                continue
+            self.held.samples.remove(held)
+            self._send(held.identity, reply[0], m.get("rid"), **reply[1])
+            self.metrics.waited("sample", time.monotonic() - held.since)
+            served = self.state.limiter is not None
+        self.starved = starved  # some held sample the limiter allows lacks groups
+        return served
 
     def stop(self) -> None:
         self._stop.set()

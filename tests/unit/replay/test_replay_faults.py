@@ -410,10 +410,9 @@ def test_array_shapes_and_echoed_values_are_bounded():
 
 def test_a_batch_too_big_for_a_reply_is_refused_before_it_is_logged(tmp_path):
     # before: logged as sampled, then refused by the client's decoder, on every retry
-    from flowrl_async.replay.server import REPLY_HEADROOM
     from flowrl_async.wire import WireLimits
 
-    limits = WireLimits(max_message_bytes=REPLY_HEADROOM + 400_000)
+    limits = WireLimits(max_message_bytes=400_000)  # replies carry 350 kB of groups
     server = ReplayServer(ServerConfig(str(tmp_path / "r"), max_staleness=None), limits)
     for gid in ("a", "b"):  # ~262 kB each: one fits a reply, two do not
         insert(server, gid, n=8, tokens=4096)
@@ -460,7 +459,16 @@ def test_zmq_drops_a_frame_larger_than_the_limit_without_decoding_it(tmp_path):
     peer = zmq.Context.instance().socket(zmq.DEALER)
     peer.setsockopt(zmq.LINGER, 0)
     peer.connect(server.bound_address)
+    from flowrl_async.wire import decode, encode
+
     peer.send(b"\x00" * (4 << 20))  # 4 MiB: over twice the 1 MiB limit
+    peer.send(encode("stats", rid=1))  # then an honest request on the same connection
+    replies, deadline = [], time.monotonic() + 2.0
+    while time.monotonic() < deadline and not any(m.get("rid") == 1 for _, m in replies):
+        if peer.poll(100):
+            replies.append(decode(peer.recv()))
+    # without the limit the 4 MiB were received whole, decoded and answered "exceeds"
+    assert not any(kind == "error" for kind, _ in replies), replies
     honest = ReplayClient(server.bound_address, request_timeout_s=2.0, max_retries=3)
     try:
         assert honest.stats()["rejected"] == 0  # dropped by zmq: never decoded, never counted
@@ -579,4 +587,65 @@ def test_held_requests_are_bounded(tmp_path):
     assert server.handle("sample", {"batch_size": 1, "version": 0, "req": "s3",
                                     "timeout_ms": 10**6}, b"l") == ("empty", {})  # fmt: skip
     assert len(server.held.samples) == 3
+    server.log.close()
+
+
+def test_a_group_no_reply_could_carry_and_an_absurd_group_version_are_refused(tmp_path):
+    from flowrl_async.wire import WireLimits
+
+    server = ReplayServer(ServerConfig(str(tmp_path / "r"), max_staleness=None),
+                          WireLimits(max_message_bytes=400_000))  # fmt: skip
+    with pytest.raises(WireError, match="could never be sampled"):
+        insert(server, "big", n=16, tokens=4096)  # 524 kB: fits a message, never a reply
+    insert(server, "a")  # the first group of a fresh service sets the scale
+    with pytest.raises(WireError, match="more than 1000 ahead"):
+        insert(server, "bogus", version=2**62)  # it would make version 2**62 acceptable
+    assert server.buffer.newest_version == 0
+    server.log.close()
+
+
+def test_a_2d_token_array_is_rejected_not_an_internal_error():
+    import numpy as np
+
+    from flowrl_async.wire import group_from_wire, pack_array
+
+    wire = group_to_wire(make_group("g"))
+    wire["prompt"] = pack_array(np.array([[1, 2], [3, 4]], dtype=np.int32))
+    with pytest.raises(WireError, match="1-D"):
+        group_from_wire(wire)
+
+
+def test_bool_flags_of_the_server_cli_parse_words():
+    from flowrl_async.replay.config import parse_args
+
+    assert parse_args(["--directory", "d", "--insecure", "false"], "x").insecure is False
+    assert parse_args(["--directory", "d", "--insecure", "true"], "x").insecure is True
+    with pytest.raises(SystemExit):
+        parse_args(["--directory", "d", "--insecure", "maybe"], "x")
+
+
+def test_an_expired_starved_sample_stops_letting_inserts_past_the_limiter(tmp_path):
+    # found by review: the bypass stayed on after the starved sample timed out, and 500
+    # inserts went past the limiter
+    import time
+
+    server = server_at(tmp_path / "r", selector="mixed", max_times_sampled=3, fresh_fraction=1.0,
+                       samples_per_insert=1.0, min_size_to_sample=2, error_buffer=2.0)  # fmt: skip
+    server._send = lambda *a, **k: None
+    insert(server, "a")
+    insert(server, "b")
+    assert server.handle("sample", {"batch_size": 2, "version": 0, "req": "s1"})[0] == "batch"
+    # nothing fresh left: this sample waits (20 ms) for groups, not for the limiter
+    assert server.handle("sample", {"batch_size": 2, "version": 0, "req": "s2",
+                                    "timeout_ms": 20}, b"l") is None  # fmt: skip
+    server._serve_held()
+    time.sleep(0.05)
+    server._serve_held()  # it expires: nobody is starved any more
+    assert not server.held.samples and not server.starved
+    for i in range(50):
+        server.handle("insert", {"group": group_to_wire(make_group(f"n{i}")),
+                                 "timeout_ms": 10**6}, b"a")  # fmt: skip
+        server._serve_held()
+    limiter = server.state.limiter
+    assert limiter.diff <= limiter.max_diff and len(server.held.inserts) > 40
     server.log.close()
