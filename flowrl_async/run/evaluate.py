@@ -44,6 +44,16 @@ def resolve_model_dir(path: str | Path) -> Path:
     raise FileNotFoundError(f"no model found at {path} (a model, checkpoint or run directory)")
 
 
+def reference_draws(model, tokenizer, n: int, temperature: float, max_tokens: int):
+    """prompt ids -> ``n`` completions of π_ref (the torch sampler), for the mean form."""
+    from flowrl_async.actors.generator import SampleSpec
+    from flowrl_async.actors.torch_generator import TorchGenerator
+
+    gen = TorchGenerator(model, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    spec = SampleSpec(n, temperature, 1.0, max_tokens, 0)
+    return lambda prompt_ids: gen.generate([prompt_ids], spec)[0]
+
+
 def run_config(checkpoint: str | Path) -> dict | None:
     """The saved config of the run a model, checkpoint or run directory belongs to."""
     from flowrl_async.run.resume import SAVED
@@ -90,8 +100,9 @@ def run_eval(cfg) -> dict:
         form, beta, temperature = target_of(run, cfg)
         # the run's response space: its length limit bounds π_ref's draws
         limit = int((run or {}).get("generator", {}).get("max_tokens", cfg.max_tokens))
-        reference = Reference(load_policy(ref_dir), load_tokenizer(ref_dir), form, beta,
-                              temperature, cfg.reference_samples, limit)  # fmt: skip
+        ref_model, ref_tok = load_policy(ref_dir), load_tokenizer(ref_dir)
+        draw = reference_draws(ref_model, ref_tok, cfg.reference_samples, temperature, limit)
+        reference = Reference(ref_model, ref_tok, form, beta, temperature, draw)
         print(f"target: the {form} residual form's, beta {beta}, pi_ref at T={temperature}")
         if form == "mean" and (run or {}).get("algo", {}).get("reward_norm") == "group":
             print("note: the run trained on group-normalised rewards; the mean form's target "

@@ -31,8 +31,9 @@ class Reference:
     form: str = "sum"  # the residual form (vargrad: its form; other objectives: sum)
     beta: float = 1.0
     temperature: float = 1.0  # the learner's log-prob temperature of the run
-    samples: int = 256  # draws of π_ref per prompt for the mean form's normaliser
-    max_tokens: int = 8  # the run's length limit (its response space), for those draws
+    # the mean form's draws of π_ref: prompt ids -> completions (each with ``token_ids``),
+    # e.g. its samples at the run's temperature and length limit (run/evaluate.py)
+    draw: object = None
 
 
 def _logsumexp(values: list[float]) -> float:
@@ -112,18 +113,14 @@ def reference_target(reference: Reference, task, prompt, valid: tuple[str, ...])
                         reference.beta, others, drawn)  # fmt: skip
 
 
-def draw_others(reference: Reference, task, prompt, prompt_ids, answers: list[list[int]],
-                generator=None):  # fmt: skip
-    """(length, reward) of the samples of π_ref that are none of the valid ``answers``'
-    token sequences (another spelling of a valid answer counts here, with its reward), and
-    how many were drawn."""
-    from flowrl_async.actors.generator import SampleSpec
-    from flowrl_async.actors.torch_generator import TorchGenerator
-
+def draw_others(reference: Reference, task, prompt, prompt_ids, answers: list[list[int]]):
+    """(length, reward) of the draws of π_ref that are none of the valid ``answers``' token
+    sequences (another spelling of a valid answer counts here, with its reward), and how
+    many were drawn."""
+    if reference.draw is None:
+        raise ValueError("the mean form's target needs draws of π_ref (Reference.draw)")
     tok = reference.tokenizer
-    gen = generator or TorchGenerator(reference.model, tok.eos_token_id, tok.pad_token_id)
-    spec = SampleSpec(reference.samples, reference.temperature, 1.0, reference.max_tokens, 0)
-    (group,) = gen.generate([prompt_ids], spec)
+    group = reference.draw(prompt_ids)
     exact = {tuple(a) for a in answers}
     others = [
         (

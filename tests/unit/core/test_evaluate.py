@@ -161,7 +161,10 @@ def test_reference_target_is_pi_ref_renormalised_over_the_valid_set(tmp_path):
     assert got == pytest.approx(expected, rel=1e-4)
     # every valid answer has one length and one reward: the mean form's target (which draws
     # π_ref for its normaliser) is the same distribution, whatever c comes out
-    mean = reference_target(Reference(model, tok, "mean", 3.0, samples=64), task, prompt, valid)
+    from flowrl_async.run.evaluate import reference_draws
+
+    draw = reference_draws(model, tok, 64, 1.0, 8)
+    mean = reference_target(Reference(model, tok, "mean", 3.0, draw=draw), task, prompt, valid)
     assert mean == pytest.approx(got, rel=1e-9)
 
 
@@ -221,13 +224,12 @@ def test_the_mean_forms_draws_count_only_responses_outside_the_exact_valid_set()
     wrong = enc("99") + [tok.eos_token_id]  # well formed, wrong: its partial credit
     cut = enc(valid[0])  # a valid answer without its <eos> (length limit): another response
 
-    class Fixed:
-        def generate(self, prompts, spec):
-            ids = [exact[0], exact[1], wrong, cut, exact[0]]
-            return [[Completion(np.array(i, np.int32), np.zeros(len(i), np.float32), "stop")
-                     for i in ids]]  # fmt: skip
+    def fixed(prompt_ids):
+        ids = [exact[0], exact[1], wrong, cut, exact[0]]
+        return [Completion(np.array(i, np.int32), np.zeros(len(i), np.float32), "stop")
+                for i in ids]  # fmt: skip
 
-    others, drawn = draw_others(Reference(None, tok, "mean"), task, prompt, [], exact, Fixed())
+    others, drawn = draw_others(Reference(None, tok, "mean", draw=fixed), task, prompt, [], exact)
     assert drawn == 5
     credit = task.verify(prompt, "99").reward
     assert 0 < credit < 1
