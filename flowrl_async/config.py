@@ -371,6 +371,8 @@ def validate(cfg: TrainConfig) -> None:
             "anyone with the server's public key may insert, rewind or prune; give the "
             "clients' keys directory or set replay.insecure=true"
         )
+    if r.retain not in ("all", "needed"):
+        problems.append(f"replay.retain={r.retain!r}: expected all or needed")
     if r.capacity_bytes is not None and r.capacity_bytes < 1:
         problems.append("replay.capacity_bytes must be >= 1 (or null)")
     if r.metrics_every < 0:

@@ -59,14 +59,17 @@ def fsync_dir(path: Path) -> None:
     _log.fsync_dir(path)
 
 
-def write(path: Path, snapshot: dict, position: tuple[int, int], tag: str = "") -> dict:
-    """Write atomically; -> the header."""
+def write(path: Path, snapshot: dict, position: tuple[int, int], tag: str = "",
+          needs: int | None = None) -> dict:  # fmt: skip
+    """Write atomically; -> the header. ``needs``: the lowest log segment the snapshot
+    refers to (retention keeps the log from the lowest ``needs`` of the kept checkpoints)."""
     header = {
         "format": FORMAT,
         "segment": position[0],
         "offset": position[1],
         "tag": check_tag(tag),
         "created": time.time(),
+        "needs": position[0] if needs is None else min(needs, position[0]),
     }
     _log.make_dirs(path.parent)  # a new directory's name is durable once its parent is fsynced
     tmp = path.with_name(f".{path.name}.tmp")

@@ -18,6 +18,7 @@ from flowrl_async.replay.rate_limiter import RateLimiter
 ADMISSIONS = ("learner", "weights")
 SELECTORS = ("fifo", "uniform", "prioritized", "mixed")
 FSYNC = ("always", "interval", "never")
+RETAIN = ("all", "needed")
 
 
 @dataclass(kw_only=True)
@@ -51,6 +52,11 @@ class ReplaySettings:
     """With fsync=interval: the longest an acknowledged record waits for its fsync."""
     segment_bytes: int = 64 * 1024 * 1024
     """Size at which the log rolls to a new segment file."""
+    retain: str = "all"
+    """Log retention: all (every segment stays: ``flowrl-async replay RUN`` and
+    ``replay.preload`` read the whole history) or needed (after each checkpoint, segments
+    below what the live state and every kept checkpoint still read are deleted, so disk use
+    follows what is held; recovery then needs an intact checkpoint)."""
     checkpoint_every_mb: float | None = 256.0
     """The service checkpoints itself after this much log since its last checkpoint (its
     own or the learner's), so a restart replays at most about this much log; it keeps its
@@ -80,6 +86,8 @@ class ReplaySettings:
     def __post_init__(self):
         if self.admission not in ADMISSIONS:
             raise ValueError(f"admission={self.admission!r}: expected one of {ADMISSIONS}")
+        if self.retain not in RETAIN:
+            raise ValueError(f"retain={self.retain!r}: expected one of {RETAIN}")
 
 
 @dataclass
@@ -158,7 +166,7 @@ def _parser_type(annotation: str):
     return parse
 
 
-CHOICES = {"admission": ADMISSIONS, "selector": SELECTORS, "fsync": FSYNC}
+CHOICES = {"admission": ADMISSIONS, "selector": SELECTORS, "fsync": FSYNC, "retain": RETAIN}
 
 
 def parse_args(argv: list[str] | None, description: str) -> ServerConfig:

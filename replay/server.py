@@ -89,6 +89,7 @@ class ReplayServer:
         self.internal_errors = 0  # unexpected exceptions while handling a request
         self.insert_timeouts = 0  # inserts held by the rate limiter past their timeout
         self.starved = False  # the last sample the limiter allowed found too few groups
+        self.retired_segments = 0  # log segments deleted by retention (retain="needed")
         recovered = recover(self.log, self.checkpoint_dir, self._new_state)
         self.state, self.recovery = recovered.state, recovered.report
         self.recovered_checkpoint = recovered.checkpoint
@@ -146,10 +147,30 @@ class ReplayServer:
             if path is not None
             else self.checkpoint_dir / ckpt.default_name(position, ckpt.check_tag(tag))
         )
-        header = ckpt.write(path, self.state.snapshot(), position, tag)
+        header = ckpt.write(path, self.state.snapshot(), position, tag,
+                            self.state.lowest_segment())  # fmt: skip
         if path.parent == self.checkpoint_dir:  # recovery can start here from now on
             self._unckpt_base = self.log.appended_bytes
+            if self.cfg.retain == "needed":
+                self.retire_segments()
         return {**header, "path": str(path)}
+
+    def retire_segments(self) -> list[str]:
+        """Delete the log segments below every one the live state or a kept checkpoint
+        still reads (a checkpoint without that figure keeps everything); never the one
+        being written. -> the deleted file names."""
+        needed = [self.log.position()[0]]
+        if (low := self.state.lowest_segment()) is not None:
+            needed.append(low)
+        for path in ckpt.candidates(self.checkpoint_dir):
+            header = ckpt.read_header(path)
+            needed.append(0 if header is None else int(header.get("needs", 0)))
+        floor = min(needed)
+        gone = [p for p in self.log.segments() if self.log.index(p) < floor]
+        for path in gone:
+            path.unlink(missing_ok=True)
+        self.retired_segments += len(gone)
+        return [p.name for p in gone]
 
     AUTO_TAG, AUTO_KEPT = "auto", 2
 
@@ -271,6 +292,8 @@ class ReplayServer:
             raise WireError("prune needs 'keep': a list of checkpoint file names")
         keep = {Path(n).name for n in names} | self.state.rewinds  # rwd records need theirs
         gone = [p.name for p in ckpt.prune(self.checkpoint_dir, keep)]
+        if self.cfg.retain == "needed":  # fewer checkpoints may need less of the log
+            self.retire_segments()
         cap = max_array_len(self.limits)  # the reply names at most this many
         more = {"more": len(gone) - cap} if len(gone) > cap else {}  # deleted, unnamed
         return "pruned", {"deleted": gone[:cap], **more}
@@ -480,6 +503,7 @@ class ReplayServer:
             "held_bytes": self.buffer.held_bytes,
             "log_bytes": sum(p.stat().st_size for p in self.log.segments()),
             "seen_ids": len(self.buffer.seen),
+            "retired_segments": self.retired_segments,
             "held_inserts": len(self.held.inserts),
             "held_samples": len(self.held.samples),
             "in_flight": self.state.in_flight,

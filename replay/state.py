@@ -155,6 +155,13 @@ class ReplayState:
         while len(self.answers) > ANSWERS_KEPT:
             self.answers.popitem(last=False)
 
+    def lowest_segment(self) -> int | None:
+        """The lowest log segment a held group or a kept sample answer is read from (its
+        ``ins`` record); None when none is."""
+        found = [e.where[0] for e in self.buffer.entries.values() if e.where is not None]
+        found += [r[0] for _, _, refs in self.answers.values() for r in refs if isinstance(r, list)]
+        return min(found) if found else None
+
     # ---------------------------------------------------------------- snapshot
     def snapshot(self) -> dict:
         b = self.buffer

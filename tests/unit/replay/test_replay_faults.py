@@ -649,3 +649,47 @@ def test_an_expired_starved_sample_stops_letting_inserts_past_the_limiter(tmp_pa
     limiter = server.state.limiter
     assert limiter.diff <= limiter.max_diff and len(server.held.inserts) > 40
     server.log.close()
+
+
+# ---------------------------------------------------------------- retention
+
+
+def test_retention_deletes_only_segments_nothing_still_reads(tmp_path):
+    # before: the log was never deleted; disk use grew with everything ever inserted
+    directory = tmp_path / "r"
+    settings = dict(segment_bytes=600, selector="fifo", retain="needed")
+    server = server_at(directory, **settings)
+    insert(server, "keep")  # held throughout: its segment must stay
+    for i in range(12):
+        insert(server, f"g{i:02d}")
+    kinds = server.handle("sample", {"batch_size": 13, "version": 0, "req": "all"})
+    assert kinds[0] == "batch" and len(server.buffer) == 0  # every group used up
+    insert(server, "keep2")
+    for i in range(12, 20):
+        insert(server, f"g{i:02d}")
+    before = len(server.log.segments())
+    server.checkpoint()
+    # the sample answer (kept for retries) still reads segment 1, so nothing goes yet
+    assert server.retired_segments == 0
+    for i in range(8):  # eight more answers push "all" out of the kept ones
+        server.handle("sample", {"batch_size": 1, "version": 0, "req": f"s{i}"})
+    server.checkpoint()
+    assert server.retired_segments == 0  # the first checkpoint still reads segment 1
+    server.handle("prune", {"keep": []})  # the learner lets it go: the newest stays
+    assert server.retired_segments > 0 and len(server.log.segments()) < before
+    live = server.state.snapshot()
+    server.log.close()
+    again = server_at(directory, **settings)
+    assert again.state.snapshot() == live  # from the checkpoint and what is left of the log
+    again.log.close()
+
+
+def test_retain_all_keeps_every_segment(tmp_path):
+    server = server_at(tmp_path / "r", segment_bytes=600, selector="fifo")
+    for i in range(10):
+        insert(server, f"g{i}")
+    server.handle("sample", {"batch_size": 10, "version": 0, "req": "all"})
+    n = len(server.log.segments())
+    server.checkpoint()
+    assert len(server.log.segments()) == n and server.retired_segments == 0
+    server.log.close()
