@@ -470,8 +470,8 @@ class _Budget:
         return obj
 
 
-def _unpack(data: bytes, limits: WireLimits) -> Any:
-    if len(data) <= UNCOUNTED_BYTES:  # at most ~256 K containers: ~15 MB, not counted
+def _unpack(data: bytes, limits: WireLimits, count: bool = True) -> Any:
+    if not count or len(data) <= UNCOUNTED_BYTES:  # at most ~256 K containers: ~15 MB, not counted
         return msgpack.unpackb(
             data,
             raw=False,
@@ -497,12 +497,15 @@ def _unpack(data: bytes, limits: WireLimits) -> Any:
     )
 
 
-def decode(data: bytes, limits: WireLimits = WireLimits()) -> tuple[str, dict]:
-    """-> (type, fields). Raises WireError for anything malformed, and nothing else."""
+def decode(data: bytes, limits: WireLimits = WireLimits(),
+           count_containers: bool = True) -> tuple[str, dict]:  # fmt: skip
+    """-> (type, fields). Raises WireError for anything malformed, and nothing else.
+    ``count_containers=False``: no container budget (a client decoding its server's
+    replies: the server is the one it chose and, with CURVE, authenticated)."""
     if len(data) > limits.max_message_bytes:
         raise WireError(f"message of {len(data)} bytes exceeds {limits.max_message_bytes}")
     try:
-        obj = _unpack(data, limits)
+        obj = _unpack(data, limits, count_containers)
     except Exception as e:  # msgpack raises many types for bad input; report them as one
         raise WireError(f"not a valid msgpack message: {type(e).__name__}: {e}") from None
     if not isinstance(obj, dict):

@@ -115,7 +115,7 @@ class ReplayClient:
                 if not self._sock.poll(int(left * 1000) + 1):
                     break
                 with gc_paused():  # a sampled batch makes ~20k objects and no cycles
-                    kind, msg = decode(self._sock.recv(copy=False).buffer, self.limits)
+                    kind, msg = decode(self._sock.recv(copy=False).buffer, self.limits, False)
                     if msg.get("rid") != rid:
                         continue  # a late answer to an earlier request
                     if kind == "error":
@@ -208,7 +208,7 @@ class ReplayClient:
                 in_flight = 0
                 self._connect()
                 continue
-            kind, msg = decode(self._sock.recv(), self.limits)
+            kind, msg = decode(self._sock.recv(), self.limits, False)
             indices = sent.pop(msg.get("rid"), None)
             if indices is None:
                 continue  # a late answer to an earlier try
