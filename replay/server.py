@@ -512,6 +512,7 @@ class ReplayServer:
             "recovered_records": self.recovery.records,
             "recovery_corrupt_skipped": self.recovery.corrupt_skipped,
             "recovery_torn_bytes": self.recovery.torn_bytes_truncated,
+            "recovery_lost_records": self.recovery.lost_records,
             "recovered_checkpoint": self.recovered_checkpoint,
             "recovery_rewind_errors": self.rewind_errors,
         }

@@ -6,7 +6,7 @@ import msgpack
 import pytest
 
 from flowrl_async.replay.client import ReplayClient
-from flowrl_async.replay.log import FRAME
+from flowrl_async.replay.log import FRAME, HEAD, SegmentLog
 
 from factories import make_group
 from helpers import ServerProcess
@@ -17,14 +17,10 @@ N = 150  # groups in the stream
 KILL_AFTER = 40  # acknowledged groups before the SIGKILL
 
 
-def frames(data: bytes) -> list[tuple[int, bytes]]:
-    """(offset of the payload, payload) of each frame in an intact segment."""
-    out, pos = [], 0
-    while pos < len(data):
-        length, _ = FRAME.unpack_from(data, pos)
-        out.append((pos + FRAME.size, data[pos + FRAME.size : pos + FRAME.size + length]))
-        pos += FRAME.size + length
-    return out
+def frames(directory) -> list[tuple[int, bytes]]:
+    """(offset of the payload, payload) of each frame of the log's one segment."""
+    log = SegmentLog(directory)
+    return [(pos + HEAD.size, payload) for (_, pos), payload in log.read_from(truncate=False)]
 
 
 def all_ids(client, n) -> list[str]:
@@ -79,14 +75,14 @@ def test_sigkill_mid_stream_then_damaged_log(tmp_path, window):
     data = bytearray(segment.read_bytes())
     inserts = [
         (offset, payload)
-        for offset, payload in frames(bytes(data))
+        for offset, payload in frames(directory)
         if msgpack.unpackb(payload)["k"] == "ins"
     ]
     assert len(inserts) == N
     offset, payload = inserts[N // 2]
     victim = msgpack.unpackb(payload)["g"]["id"]
     data[offset + len(payload) // 2] ^= 0xFF
-    torn = FRAME.pack(1000, 0) + b"x" * 10  # claims 1000 bytes, has 10: 8 + 10 = 18 bytes
+    torn = FRAME.pack(1000, 0) + b"x" * 10  # 18 bytes of no frame (no marker): a torn tail
     segment.write_bytes(bytes(data) + torn)
 
     server = ServerProcess(directory, address)

@@ -3,6 +3,7 @@ that lie: each test here failed before its fix."""
 
 import errno
 
+import numpy as np
 import pytest
 
 from flowrl_async.replay.server import ReplayServer, ServerConfig
@@ -746,3 +747,87 @@ def test_a_failed_append_of_any_record_kind_leaves_live_and_recovered_states_equ
         assert again.state.snapshot() == live, f"{fault} fault at append {k}"
         again.log.close()
     assert injected >= 8  # the faults hit every record kind of the script
+
+
+# ---------------------------------------------------------------- forged frames
+
+
+def forged_tokens():
+    """int32 token ids (all >= 0, so they pass validation) whose bytes are a complete
+    frame of the old format holding a ``ver`` record to version 999."""
+    import itertools
+    import struct
+    import zlib
+
+    import msgpack
+
+    # a pad entry (a key of 1-7 letters, a small int) shifts the bytes, a nonce varies the
+    # CRC, until no byte >= 0x80 sits in the top byte of an int32
+    for pad, nonce, order in itertools.product(range(1, 8), range(128), range(6)):
+        items = list(itertools.permutations([("k", "ver"), ("v", 999), ("n", nonce)]))[order]
+        payload = msgpack.packb(dict([("p" * pad, 1), *items]))
+        frame = struct.pack("<II", len(payload), zlib.crc32(payload)) + payload
+        frame += b"\x00" * (-len(frame) % 4)
+        ids = np.frombuffer(frame, dtype=np.int32)
+        if ids.min() >= 0:
+            return np.concatenate([np.arange(5, 9, dtype=np.int32), ids])
+    raise AssertionError("no nonce found")
+
+
+def group_with_tokens(gid, tokens):
+    import dataclasses
+
+    g = make_group(gid)
+    responses = tuple(dataclasses.replace(r, token_ids=tokens, behavior_logprobs=np.full(
+        len(tokens), -1.0, np.float32)) for r in g.responses)  # fmt: skip
+    return dataclasses.replace(g, responses=responses)
+
+
+def test_a_frame_inside_a_groups_bytes_is_never_read_as_a_record(tmp_path):
+    # a group whose token bytes hold a complete frame of the old format (a forged `ver`
+    # record); its own frame's length field is damaged, so recovery resyncs through it.
+    # Old framing: the resync took the first offset whose frame passed its CRC, i.e. the
+    # forged record, and the version jumped to 999. Now the resync needs the segment's
+    # marker and a MAC under its key, neither of which a client ever sees
+    directory = tmp_path / "r"
+    server = server_at(directory, max_staleness=1)
+    insert(server, "first")
+    server.handle("insert", {"group": group_to_wire(group_with_tokens("evil", forged_tokens()))})
+    insert(server, "after")
+    segment, offset = server.buffer.entries["evil"].where
+    server.log.close()
+    path = directory / f"seg-{segment:08d}.log"
+    data = bytearray(path.read_bytes())
+    data[offset + 9] ^= 0x40  # evil's length field
+    path.write_bytes(bytes(data))
+    again = server_at(directory, max_staleness=1)
+    assert again.buffer.version == 0  # no forged record applied
+    assert set(again.buffer.entries) == {"first", "after"}
+    assert (again.recovery.corrupt_skipped, again.recovery.lost_records) == (1, 1)
+    again.log.close()
+
+
+def test_segments_of_the_old_format_are_still_read_and_never_appended_to(tmp_path):
+    import struct
+    import zlib
+
+    import msgpack
+
+    from flowrl_async.wire import pack_group
+
+    directory = tmp_path / "r"
+    directory.mkdir()
+    raw = pack_group(make_group("old"))
+    record = b"".join((b"\x83", msgpack.packb("k"), msgpack.packb("ins"), msgpack.packb("g"),
+                       raw, msgpack.packb("at"), msgpack.packb(1.5)))  # fmt: skip
+    (directory / "seg-00000001.log").write_bytes(
+        struct.pack("<II", len(record), zlib.crc32(record)) + record
+    )
+    server = server_at(directory)
+    assert set(server.buffer.entries) == {"old"}
+    insert(server, "new")
+    assert server.buffer.entries["new"].where[0] == 2  # a new segment of this format
+    server.log.close()
+    again = server_at(directory)
+    assert set(again.buffer.entries) == {"old", "new"}
+    again.log.close()
