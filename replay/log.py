@@ -49,7 +49,9 @@ from pathlib import Path
 
 FRAME = struct.Struct("<II")  # the legacy frame (and the checkpoint files' framing)
 MAGIC = b"FRLSEG2\n"
-HEADER = 32  # magic, 16-byte key, 8-byte marker
+_COPY = struct.Struct("<8s16s8sI4x")  # magic, key, marker, CRC32 of the three: 40 bytes
+HEADER = 2 * _COPY.size  # the header twice: one damaged copy loses nothing
+FORMAT_FILE = "FORMAT"  # the index of the first segment of this format, durable first
 HEAD = struct.Struct("<8sIQ8s")  # marker, length, seq, mac
 _LENSEQ = struct.Struct("<IQ")
 _CRC = struct.Struct("<Q")
@@ -65,10 +67,18 @@ def _mac(key: bytes, length: int, seq: int, parts) -> bytes:
     return _CRC.pack(crc)
 
 
+def _header(key: bytes, marker: bytes) -> bytes:
+    copy = _COPY.pack(MAGIC, key, marker, zlib.crc32(MAGIC + key + marker))
+    return copy + copy
+
+
 def _segment_meta(head: bytes) -> tuple[bytes, bytes] | None:
-    """(key, marker) of a segment that starts with ``head`` in this format; None: legacy."""
-    if len(head) >= HEADER and head[:8] == MAGIC:
-        return head[8:24], head[24:32]
+    """(key, marker) from the first intact copy of a segment header; None if neither is."""
+    for at in (0, _COPY.size):
+        if len(head) >= at + _COPY.size:
+            magic, key, marker, crc = _COPY.unpack_from(head, at)
+            if magic == MAGIC and zlib.crc32(MAGIC + key + marker) == crc:
+                return key, marker
     return None
 
 
@@ -131,6 +141,7 @@ class RecoveryReport:
     corrupt_skipped: int = 0
     torn_bytes_truncated: int = 0
     lost_records: int = 0  # records missing between intact ones (by their seq)
+    damaged_segments: int = 0  # segments of this format with no intact header (skipped)
 
 
 def _frame_at(data: bytes, pos: int) -> bytes | None:
@@ -184,6 +195,34 @@ class SegmentLog:
     def segments(self) -> list[Path]:
         return sorted(self.dir.glob("seg-*.log"))
 
+    def first_new_format(self) -> int | None:
+        """The index of the first segment of this format: below it segments are legacy and
+        read as such; from it on, one without an intact header is damaged, never read as
+        legacy (that framing would take client bytes for records)."""
+        path = self.dir / FORMAT_FILE
+        if path.exists():
+            try:
+                return int(path.read_text().strip())
+            except ValueError:
+                return 1  # unreadable: trust no segment as legacy
+        for seg in self.segments():  # written before the file existed: the first intact one
+            with open(seg, "rb") as f:
+                if _segment_meta(f.read(HEADER)) is not None:
+                    return self.index(seg)
+        return None
+
+    def _mark_new_format(self, index: int) -> None:
+        """Record, durably, that segments from ``index`` on are of this format."""
+        if self.first_new_format() is not None:
+            return
+        tmp = self.dir / f".{FORMAT_FILE}.tmp"
+        with open(tmp, "w") as f:
+            f.write(f"{index}\n")
+            f.flush()
+            fsync(f.fileno())
+        os.replace(tmp, self.dir / FORMAT_FILE)
+        fsync_dir(self.dir)
+
     @staticmethod
     def index(path: Path) -> int:
         return int(path.stem.split("-")[1])
@@ -218,15 +257,23 @@ class SegmentLog:
         stopping before the first record at or after ``end`` (nothing is truncated then)."""
         report = report if report is not None else RecoveryReport()
         segs = [p for p in self.segments() if self.index(p) >= start[0]]
-        last_seq = None
+        boundary = self.first_new_format()
+        previous = None  # the last seq read, for counting records missing between
         for i, path in enumerate(segs):
             index = self.index(path)
             if end is not None and (index, 0) >= end:
                 return
             data = path.read_bytes()
             meta = _segment_meta(data)
+            new_format = meta is not None or (boundary is not None and index >= boundary)
+            if new_format and meta is None:  # both header copies damaged: not legacy
+                report.damaged_segments += 1
+                print(f"replay log: {path.name} has no intact header: skipped, kept",
+                      file=sys.stderr)  # fmt: skip
+                continue
             first = HEADER if meta is not None else 0
             pos = max(start[1], first) if index == start[0] else first
+            last_seq = None  # seqs rise within a segment; each segment has its own key
             while pos < len(data):
                 if end is not None and (index, pos) >= end:
                     return
@@ -234,9 +281,9 @@ class SegmentLog:
                     found = _frame2_at(data, pos, *meta)
                     if found is not None and (last_seq is None or found[0] > last_seq):
                         seq, payload = found
-                        if last_seq is not None:
-                            report.lost_records += seq - last_seq - 1
-                        last_seq = seq
+                        if previous is not None and seq > previous + 1:
+                            report.lost_records += seq - previous - 1
+                        last_seq = previous = seq
                         report.records += 1
                         yield (index, pos), payload
                         pos += HEAD.size + len(payload)
@@ -266,11 +313,15 @@ class SegmentLog:
     def _last_seq(self) -> int:
         """The seq of the newest record of this format (0 if none): new records go on
         from it."""
+        boundary = self.first_new_format()
         for path in reversed(self.segments()):
+            if boundary is None or self.index(path) < boundary:
+                break  # legacy segments are older than every new one: no seq in them
+            with open(path, "rb") as f:
+                if _segment_meta(f.read(HEADER)) is None:
+                    continue  # a damaged one
             data = path.read_bytes()
             meta = _segment_meta(data)
-            if meta is None:
-                continue
             pos, last = HEADER, None
             while pos is not None and pos < len(data):
                 found = _frame2_at(data, pos, *meta)
@@ -337,24 +388,26 @@ class SegmentLog:
             path = self.dir / f"seg-{index:08d}.log"
         if self._seq is None:
             self._seq = self._last_seq()
-        created = not path.exists()
-        # unbuffered: a write goes to the OS at once or raises, nothing is kept back
-        self._file = open(path, "ab", buffering=0)  # noqa: SIM115 - held for the log's life
-        self._size = os.fstat(self._file.fileno()).st_size
-        if meta is None:
-            meta = (os.urandom(16), os.urandom(8))
+        created = meta is None
+        if created:
+            self._mark_new_format(self.index(path))
+        # unbuffered: a write goes to the OS at once or raises, nothing is kept back; the
+        # file, its size and its key become the log's together, once its header is written
+        handle = open(path, "ab", buffering=0)  # noqa: SIM115 - held for the log's life
+        try:
+            if created:
+                meta = (os.urandom(16), os.urandom(8))
+                write_all(handle.fileno(), _header(*meta))
+            size = os.fstat(handle.fileno()).st_size
+        except BaseException:  # nothing of it is acknowledged: take the file back
+            handle.close()
             try:
-                write_all(self._file.fileno(), MAGIC + meta[0] + meta[1])
-            except OSError:  # nothing of it is acknowledged: take the file back, then fail
-                self._file.close()
-                self._file = None
-                try:
-                    path.unlink() if created else os.truncate(path, self._size)
-                except OSError as e:
-                    self._fail(e)
-                raise
-            self._size += HEADER
-        self._meta = meta
+                if created:
+                    path.unlink(missing_ok=True)
+            except OSError as e:
+                self._fail(e)
+            raise
+        self._file, self._size, self._meta = handle, size, meta
         if created:  # its name must be durable before a record in it is acknowledged
             try:
                 fsync_dir(self.dir)
@@ -548,7 +601,8 @@ class SegmentLog:
             try:
                 with self._lock:
                     self._sync()
-            except OSError:  # e.g. EIO: acknowledged records may be lost; the log failed
+            except Exception as e:  # e.g. EIO: acknowledged records may be lost: failed
+                self._fail(e)
                 traceback.print_exc(file=sys.stderr)
                 return
 

@@ -6,7 +6,7 @@ import msgpack
 import pytest
 
 from flowrl_async.replay.client import ReplayClient
-from flowrl_async.replay.log import FRAME, HEAD, SegmentLog
+from flowrl_async.replay.log import HEAD, SegmentLog
 
 from factories import make_group
 from helpers import ServerProcess
@@ -82,13 +82,14 @@ def test_sigkill_mid_stream_then_damaged_log(tmp_path, window):
     offset, payload = inserts[N // 2]
     victim = msgpack.unpackb(payload)["g"]["id"]
     data[offset + len(payload) // 2] ^= 0xFF
-    torn = FRAME.pack(1000, 0) + b"x" * 10  # 18 bytes of no frame (no marker): a torn tail
+    marker = bytes(data[24:32])  # the segment's own (its header's first copy)
+    torn = HEAD.pack(marker, 1000, 10**6, bytes(8)) + b"x" * 10  # claims 1000, has 10: 38
     segment.write_bytes(bytes(data) + torn)
 
     server = ServerProcess(directory, address)
     try:
         stats = server.stats
-        assert (stats["recovery_corrupt_skipped"], stats["recovery_torn_bytes"]) == (1, 18)
+        assert (stats["recovery_corrupt_skipped"], stats["recovery_torn_bytes"]) == (1, 38)
         assert segment.stat().st_size == len(data)  # the torn tail was cut off
         # N inserts + 1 sample record were written; the damaged insert is gone
         assert stats["recovered_records"] == N + 1 - 1

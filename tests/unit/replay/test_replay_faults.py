@@ -831,3 +831,38 @@ def test_segments_of_the_old_format_are_still_read_and_never_appended_to(tmp_pat
     again = server_at(directory)
     assert set(again.buffer.entries) == {"old", "new"}
     again.log.close()
+
+
+@pytest.mark.parametrize("damage", ["magic bit", "key bit", "first 4 KiB"])
+def test_a_damaged_segment_header_never_lets_client_bytes_in(tmp_path, damage):
+    # found by review: a segment whose header no longer verified was read as the old
+    # format, which took the forged frame in evil's token ids (version 999), and its tail
+    # was truncated away. The header is now written twice with a CRC each, a boundary file
+    # says which segments are of this format, and one without an intact header is skipped
+    # and kept, never read as the old format
+    directory = tmp_path / "r"
+    server = server_at(directory, max_staleness=1)
+    for i in range(12):
+        insert(server, f"g{i}")
+    server.handle("insert", {"group": group_to_wire(group_with_tokens("evil", forged_tokens()))})
+    insert(server, "after")
+    server.log.close()
+    (path,) = sorted(directory.glob("seg-*.log"))
+    data = bytearray(path.read_bytes())
+    if damage == "magic bit":
+        data[3] ^= 0x01
+    elif damage == "key bit":
+        data[12] ^= 0x10
+    else:
+        data[:4096] = bytes(4096)
+    path.write_bytes(bytes(data))
+    again = server_at(directory, max_staleness=1)
+    assert again.buffer.version == 0  # no forged record, whatever the damage
+    if damage == "first 4 KiB":  # both header copies gone: the segment is set aside
+        assert again.recovery.damaged_segments == 1 and len(again.buffer) == 0
+        assert path.read_bytes() == bytes(data)  # kept as it is, nothing truncated
+        insert(again, "new")
+        assert again.buffer.entries["new"].where[0] == 2  # never appended to
+    else:  # the other copy holds: every record is read
+        assert set(again.buffer.entries) == {*(f"g{i}" for i in range(12)), "evil", "after"}
+    again.log.close()

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from flowrl_async.replay.log import SegmentLog
+from flowrl_async.replay.log import HEAD, SegmentLog
 
 
 def contents(directory) -> dict[str, bytes]:
@@ -74,15 +74,15 @@ def test_appends_return_the_positions_reads_give_and_read_at_fetches_those_frame
     positions += log.append_many([(r[:2], r[2:]) for r in records[12:]])
     assert positions == [pos for pos, _ in log.read_from(truncate=False)]  # while writing
     log.close()
-    # the 32-byte segment header, then 28-byte frame heads: + 5, + 12 bytes
-    assert positions[:3] == [(1, 32), (1, 65), (1, 105)]
+    # the 80-byte segment header (two copies), then 28-byte frame heads: + 5, + 12 bytes
+    assert positions[:3] == [(1, 80), (1, 113), (1, 153)]
     assert len({seg for seg, _ in positions}) > 3
     assert log.read_at(positions[::-1]) == dict(zip(positions, records, strict=True))
     # damage: a flipped payload byte, a missing segment, an offset inside a frame: left out
     seg, off = positions[5]
     path = tmp_path / f"seg-{seg:08d}.log"
     data = bytearray(path.read_bytes())
-    data[off + 8] ^= 0xFF
+    data[off + HEAD.size + 1] ^= 0xFF  # a payload byte: only the check can tell
     path.write_bytes(bytes(data))
     asked = [positions[4], positions[5], (99, 0), (positions[6][0], positions[6][1] + 3)]
     assert log.read_at(asked) == {positions[4]: records[4]}

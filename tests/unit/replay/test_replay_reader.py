@@ -50,7 +50,7 @@ def test_a_corrupt_record_is_skipped_and_the_log_left_alone(tmp_path):
     stored_run(directory)
     segment = sorted(directory.glob("seg-*.log"))[0]
     data = bytearray(segment.read_bytes())
-    data[70] ^= 0xFF  # inside the first record's payload: its MAC no longer matches
+    data[120] ^= 0xFF  # inside the first record's payload: its check no longer matches
     segment.write_bytes(bytes(data))
     assert [g.group_id for g, _, _ in stored_groups(directory)] == ["b", "c"]
     assert segment.read_bytes() == bytes(data)  # the reader never writes
