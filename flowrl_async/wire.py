@@ -471,18 +471,9 @@ class _Budget:
 
 
 def _unpack(data: bytes, limits: WireLimits, count: bool = True) -> Any:
-    if not count or len(data) <= UNCOUNTED_BYTES:  # at most ~256 K containers: ~15 MB, not counted
-        return msgpack.unpackb(
-            data,
-            raw=False,
-            strict_map_key=True,
-            max_bin_len=limits.max_message_bytes,
-            max_str_len=MAX_STR_LEN,
-            max_array_len=max_array_len(limits),
-            max_map_len=MAX_MAP_LEN,
-            max_ext_len=0,
-        )
-    budget = _Budget(CONTAINER_ALLOWANCE + len(data) // BYTES_PER_CONTAINER)
+    budget = None  # at most ~256 K containers below UNCOUNTED_BYTES: ~15 MB, not counted
+    if count and len(data) > UNCOUNTED_BYTES:
+        budget = _Budget(CONTAINER_ALLOWANCE + len(data) // BYTES_PER_CONTAINER)
     return msgpack.unpackb(
         data,
         raw=False,

@@ -141,6 +141,17 @@ def _limit_weights(
     return raw
 
 
+def _weights(logprobs, behavior_logprobs, mask, level: str, limits: tuple):
+    """(log raw ratios, raw ratios, weights limited by ``limits``: _limit_weights's
+    arguments) per token (``level`` token, [B, T]) or per sequence ([B]), detached."""
+    if level == "token":
+        log_raw = token_log_ratio(logprobs, behavior_logprobs, mask)
+    else:
+        log_raw = sequence_log_ratio(logprobs, behavior_logprobs, mask, level)
+    raw = log_raw.exp()
+    return log_raw, raw, _limit_weights(raw, *limits)
+
+
 def sequence_importance_weights(
     logprobs: torch.Tensor,
     behavior_logprobs: torch.Tensor,
@@ -260,20 +271,15 @@ def flowrl_loss(
     """
     _check_mode(is_mode)
     limits = (is_mode, clip_low, clip_high, truncate_at, mask_low, mask_high)
+    log_raw, raw, weights = _weights(logprobs, behavior_logprobs, mask, level, limits)
     if level == "token":
-        m = _as_bool(mask)
-        log_raw = token_log_ratio(logprobs, behavior_logprobs, mask)
-        raw = log_raw.exp()
-        token_weights = _limit_weights(raw, *limits)
         delta, _, _ = residual(log_z, logprobs, ref_logprobs, mask, rewards, beta, form,
-                               token_weights)  # fmt: skip
+                               weights)  # fmt: skip
         loss = _divide((delta**2).sum(), normalizer, logprobs.shape[0])
-        raw, weights, log_raw = raw[m], token_weights[m], log_raw[m]  # metrics: real tokens
+        m = _as_bool(mask)
+        raw, weights, log_raw = raw[m], weights[m], log_raw[m]  # metrics: real tokens
     else:
         delta, _, _ = residual(log_z, logprobs, ref_logprobs, mask, rewards, beta, form)
-        log_raw = sequence_log_ratio(logprobs, behavior_logprobs, mask, level)
-        raw = log_raw.exp()
-        weights = _limit_weights(raw, *limits)
         loss = _divide((weights * delta**2).sum(), normalizer, logprobs.shape[0])
     with torch.no_grad():
         metrics = {
@@ -428,17 +434,12 @@ def reinforce_loss(
     _check_mode(is_mode)
     limits = (is_mode, clip_low, clip_high, truncate_at, mask_low, mask_high)
     adv = advantages.detach()
+    log_raw, raw, weights = _weights(logprobs, behavior_logprobs, mask, level, limits)
     if level == "token":
-        log_raw = token_log_ratio(logprobs, behavior_logprobs, mask)
-        m = _as_bool(mask)
-        raw = log_raw.exp()
-        weights = _limit_weights(raw, *limits)
         per_seq = -adv * masked_sum(weights * logprobs, mask)
+        m = _as_bool(mask)
         raw, weights, log_raw = raw[m], weights[m], log_raw[m]  # the metrics: real tokens
     else:
-        log_raw = sequence_log_ratio(logprobs, behavior_logprobs, mask, level)
-        raw = log_raw.exp()
-        weights = _limit_weights(raw, *limits)
         per_seq = -weights * adv * masked_sum(logprobs, mask)
     loss = _divide(per_seq.sum(), normalizer, logprobs.shape[0])
     metrics = importance_metrics(raw, weights, is_mode, log_raw)

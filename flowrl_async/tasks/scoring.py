@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import replace
 
-from flowrl_async.tasks.target import reference_target
+from flowrl_async.tasks.target import reference_targets
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -91,9 +90,7 @@ def sample_and_score(generator, tokenizer, task, prompts, spec,
         valid = task.valid_set(prompt) if hasattr(task, "valid_set") else None
         target = tb_target = None
         if valid is not None and reference is not None:
-            target = reference_target(reference, task, prompt, valid)
-            tb_target = target if reference.form != "mean" else reference_target(
-                replace(reference, form="sum"), task, prompt, valid)  # fmt: skip
+            target, tb_target = reference_targets(reference, task, prompt, valid)
         row, sample_lines = score_prompt(prompt, texts, task.verify, valid, target, tb_target)
         rows.append(row)
         lines.extend(sample_lines)

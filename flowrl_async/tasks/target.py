@@ -99,7 +99,13 @@ def answer_logprob(model, prompt_ids: list[int], answer_ids: list[int],
 
 def reference_target(reference: Reference, task, prompt, valid: tuple[str, ...]) -> list[float]:
     """The target of ``reference.form`` over ``valid`` for ``prompt`` (answers followed by
-    <eos>; the mean form draws ``reference.samples`` responses of π_ref)."""
+    <eos>; the mean form draws responses of π_ref)."""
+    return reference_targets(reference, task, prompt, valid)[0]
+
+
+def reference_targets(reference: Reference, task, prompt, valid: tuple[str, ...]):
+    """(the target of ``reference.form``, π_ref·exp(β r)/Z) over ``valid``, from one pass
+    of log-probs per answer."""
     tok = reference.tokenizer
     prompt_ids = tok(prompt.text)["input_ids"]
     answers = [tok(y, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for y in valid]
@@ -109,8 +115,11 @@ def reference_target(reference: Reference, task, prompt, valid: tuple[str, ...])
     others, drawn = [], 0
     if reference.form == "mean":
         others, drawn = draw_others(reference, task, prompt, prompt_ids, answers)
-    return target_probs(logps, [len(a) for a in answers], rewards, reference.form,
-                        reference.beta, others, drawn)  # fmt: skip
+    lengths = [len(a) for a in answers]
+    own = target_probs(logps, lengths, rewards, reference.form, reference.beta, others, drawn)
+    if reference.form != "mean":  # the sum forms' target is π_ref·exp(β r)/Z itself
+        return own, own
+    return own, target_probs(logps, lengths, rewards, "sum", reference.beta)
 
 
 def draw_others(reference: Reference, task, prompt, prompt_ids, answers: list[list[int]]):
