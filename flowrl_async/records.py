@@ -13,7 +13,10 @@ group; vectorised over the group's responses):
 
 from __future__ import annotations
 
+import itertools
 import math
+import os
+import threading
 import uuid
 from dataclasses import dataclass, field
 
@@ -131,5 +134,26 @@ class Group:
         return lp.size == 0 or bool(lp.max() <= 0 and lp.min() > -np.inf)
 
 
+class GroupIds:
+    """Group ids ``<producer>-<seq>``: a producer drawn at random once (32 hex digits) and a
+    seq counting its groups from 0. The replay service deduplicates such ids by a watermark
+    per producer (replay/dedup.py), in memory bounded by producers, not groups; ids must
+    therefore be made in the order the groups are inserted, give or take ``MAX_GAPS``."""
+
+    def __init__(self):
+        self.producer = uuid.uuid4().hex
+        self._seq = itertools.count()
+        self._lock = threading.Lock()
+
+    def next(self) -> str:
+        with self._lock:
+            return f"{self.producer}-{next(self._seq)}"
+
+
+_IDS = GroupIds()
+os.register_at_fork(after_in_child=lambda: globals().update(_IDS=GroupIds()))
+
+
 def new_group_id() -> str:
-    return uuid.uuid4().hex
+    """The next id of this process's producer (a forked child draws a producer of its own)."""
+    return _IDS.next()

@@ -25,6 +25,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from flowrl_async.replay.config import SELECTORS
+from flowrl_async.replay.dedup import Dedup
 
 
 @dataclass
@@ -82,7 +83,7 @@ class ReplayBuffer:
         self.selector, self.max_times_sampled = selector, max_times_sampled
         self.rng = random.Random(seed)
         self.entries: OrderedDict[str, Entry] = OrderedDict()
-        self.seen: set[str] = set()
+        self.seen = Dedup()  # the accepted group ids, in bounded memory
         self.counters = Counters()
         self.version = 0  # the learner's, as last reported
         self.newest_version = 0  # the highest min_version of any group accepted
@@ -94,7 +95,7 @@ class ReplayBuffer:
 
     def insert(self, entry: Entry) -> bool:
         """Add a group; False (and nothing changes) when its id was seen before."""
-        if entry.group_id in self.seen:
+        if entry.group_id in self.seen:  # seen, or too old to tell (never acknowledged)
             self.counters.duplicates += 1
             return False
         self.seen.add(entry.group_id)

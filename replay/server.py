@@ -42,6 +42,7 @@ from flowrl_async.replay import checkpoint as ckpt
 from flowrl_async.replay.buffer import ReplayBuffer
 from flowrl_async.replay.config import ServerConfig, parse_args
 from flowrl_async.replay.curve import ServerCurve
+from flowrl_async.replay.dedup import EXPIRED, NEW, SEEN
 from flowrl_async.replay.held import SUPERSEDED, BatchReply, Held, HeldInsert, HeldRequests
 from flowrl_async.replay.log import SegmentLog
 from flowrl_async.replay.metrics import ServiceMetrics
@@ -90,6 +91,7 @@ class ReplayServer:
         self.insert_timeouts = 0  # inserts held by the rate limiter past their timeout
         self.starved = False  # the last sample the limiter allowed found too few groups
         self.retired_segments = 0  # log segments deleted by retention (retain="needed")
+        self.dedup_expired = 0  # inserts refused: too old to tell from a retry (dedup.py)
         recovered = recover(self.log, self.checkpoint_dir, self._new_state)
         self.state, self.recovery = recovered.state, recovered.report
         self.recovered_checkpoint = recovered.checkpoint
@@ -311,7 +313,7 @@ class ReplayServer:
         obj = msg.get("group")
         info = check_group(obj, self.limits)
         timeout_ms = _int(msg, "timeout_ms", self.cfg.insert_timeout_ms)
-        if info.group_id in self.buffer.seen:
+        if self._seen(info.group_id):
             self.buffer.counters.duplicates += 1
             return "ack", {"group_id": info.group_id, "duplicate": True}
         raw = msgpack.packb(obj, use_bin_type=True)  # the validated map, encoded once
@@ -349,7 +351,13 @@ class ReplayServer:
                 results[i] = [REJECTED, _short(str(e), MAX_GROUP_REASON)]
                 continue
             gid = info.group_id
-            if gid in self.buffer.seen or gid in ids:
+            try:
+                seen = self._seen(gid) or gid in ids
+            except WireError as e:
+                self._reject("bad_group")
+                results[i] = [REJECTED, _short(str(e), MAX_GROUP_REASON)]
+                continue
+            if seen:
                 self.buffer.counters.duplicates += 1
                 results[i] = [DUPLICATE, ""]
                 continue
@@ -366,6 +374,17 @@ class ReplayServer:
         if accepted:
             self._inserts(accepted)  # one append (and flush, fsync policy) for the message
         return None if batch.pending else ("acks", {"results": results})
+
+    def _seen(self, group_id: str) -> bool:
+        """Whether the group was accepted before; WireError when that can no longer be
+        told (its producer's seq is below the watermark's window: replay/dedup.py)."""
+        status = self.buffer.seen.status(group_id)
+        if status == EXPIRED:
+            self.dedup_expired += 1
+            raise WireError(f"group {_short(group_id, 60)}: too old to tell from a retry "
+                            f"(more than {self.buffer.seen.max_gaps} groups of its producer "
+                            "since): refused")  # fmt: skip
+        return status == SEEN
 
     def _check_insert(self, info: GroupInfo, size: int) -> None:
         """What a validated group must also meet here: a version no further ahead than a
@@ -502,7 +521,10 @@ class ReplayServer:
             "insert_timeouts": self.insert_timeouts,
             "held_bytes": self.buffer.held_bytes,
             "log_bytes": sum(p.stat().st_size for p in self.log.segments()),
-            "seen_ids": len(self.buffer.seen),
+            "dedup_entries": len(self.buffer.seen),
+            "dedup_producers": len(self.buffer.seen.producers),
+            "dedup_legacy_ids": len(self.buffer.seen.legacy),
+            "dedup_expired": self.dedup_expired,
             "retired_segments": self.retired_segments,
             "held_inserts": len(self.held.inserts),
             "held_samples": len(self.held.samples),
@@ -649,8 +671,10 @@ class ReplayServer:
             while self.held.inserts and self._may_insert():
                 bypass = not self.state.limiter.can_insert(len(self.buffer))
                 gid, held = self.held.inserts.popitem(last=False)
-                if gid in self.buffer.seen:  # cannot happen: a retry replaces the held one
-                    self._resolve(held, DUPLICATE)
+                status = self.buffer.seen.status(gid)  # new when held; may have expired since
+                if status != NEW:
+                    self._resolve(held, DUPLICATE if status == SEEN else REJECTED,
+                                  "" if status == SEEN else "too old to tell from a retry")  # fmt: skip
                     continue
                 self._inserts([(held.info, held.obj, held.raw)])
                 self._resolve(held, ACCEPTED)

@@ -39,6 +39,7 @@ from dataclasses import asdict
 import msgpack
 
 from flowrl_async.replay.buffer import Counters, Entry, ReplayBuffer
+from flowrl_async.replay.dedup import Dedup
 from flowrl_async.replay.rate_limiter import RateLimiter
 from flowrl_async.wire import GroupInfo, WireLimits, check_group
 
@@ -172,7 +173,7 @@ class ReplayState:
                 + [e.inserted_at, e.times_sampled]
                 for e in b.entries.values()
             ],
-            "seen": sorted(b.seen),
+            "dedup": b.seen.snapshot(),
             "counters": counters,
             "version": b.version,
             "newest": b.newest_version,
@@ -206,7 +207,7 @@ class ReplayState:
                 gid, min_version, payload, priority, inserted_at, times_sampled, where
             )
         b.recount_bytes()
-        b.seen = set(snap["seen"])
+        b.seen = Dedup.restore(snap.get("dedup"), snap.get("seen"))  # "seen": every id (older)
         b.counters = Counters(**snap["counters"], duplicates=b.counters.duplicates)
         b.version = snap["version"]
         # a snapshot from before it was kept: the newest group it still holds

@@ -91,7 +91,8 @@ def test_restart_from_checkpoint_equals_a_server_that_never_restarted(tmp_path):
     after_resume = resumed.stop()
     assert after_resume["entries"][:2] == never_restarted["entries"]
     # minus the one new insert, the resumed state is the never-restarted one
-    expected = {**never_restarted, "seen": sorted([*never_restarted["seen"], "f"])}
+    legacy = sorted([*never_restarted["dedup"]["legacy"], "f"])
+    expected = {**never_restarted, "dedup": {**never_restarted["dedup"], "legacy": legacy}}
     expected["counters"] = {**expected["counters"], "inserted": 6}
     expected["limiter"] = [6, 3]
     assert {**after_resume, "entries": after_resume["entries"][:2]} == expected
@@ -146,7 +147,7 @@ def test_a_log_shorter_than_its_checkpoint_continues_in_a_new_segment(tmp_path):
     again = Running(directory)
     assert again.client.stats()["recovered_records"] == 1
     assert again.stop() == after
-    assert after["seen"] == sorted([*at_checkpoint["seen"], "g"])
+    assert after["dedup"]["legacy"] == sorted([*at_checkpoint["dedup"]["legacy"], "g"])
 
 
 def test_checkpoint_to_an_explicit_path_is_a_copy_recovery_ignores(tmp_path):
