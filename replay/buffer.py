@@ -26,6 +26,10 @@ from dataclasses import dataclass, field
 
 from flowrl_async.replay.config import SELECTORS
 from flowrl_async.replay.dedup import Dedup
+from flowrl_async.replay.index import KeyList, SumTree, VersionBuckets
+
+WEIGHT_EXPONENT = 512.0  # prioritized weights stay below 2^512 (then are rebased)
+TINY = 1e-300  # and above this: a weight never rounds to nothing
 
 
 @dataclass
@@ -89,6 +93,44 @@ class ReplayBuffer:
         self.newest_version = 0  # the highest min_version of any group accepted
         self.capacity_bytes: int | None = None  # most payload bytes held (None: no bound)
         self.held_bytes = 0  # payload bytes of the held groups
+        # priority x 2^(-staleness / half life) when set (freshness-aware prioritised)
+        self.priority_half_life: float | None = None
+        self._reindex()
+
+    def _reindex(self) -> None:
+        """The selector's indexes (replay/index.py), rebuilt from ``entries``."""
+        self.by_version = VersionBuckets()  # stale eviction without a scan
+        self.all_keys = KeyList()  # uniform
+        self.tree = SumTree()  # prioritized
+        self.weight_base = self.newest_version  # prioritized with a half life: 2^((v-base)/h)
+        self.fresh: OrderedDict[str, None] = OrderedDict()  # mixed: never sampled, in order
+        self.used = KeyList()  # mixed: sampled at least once
+        for e in self.entries.values():
+            self._index(e)
+
+    def _index(self, e: Entry) -> None:
+        if self.max_staleness is not None:
+            self.by_version.add(e.group_id, e.min_version)
+        if self.selector == "uniform":
+            self.all_keys.add(e.group_id)
+        elif self.selector == "prioritized":
+            self.tree.set(e.group_id, self._weight(e))
+        elif self.selector == "mixed":
+            (self.used.add(e.group_id) if e.times_sampled else self.fresh.setdefault(e.group_id))
+
+    def _weight(self, e: Entry) -> float:
+        w = max(e.priority, 1e-6)
+        h = self.priority_half_life
+        if h is None:
+            return w
+        if (e.min_version - self.weight_base) / h > WEIGHT_EXPONENT:  # keep 2^x finite
+            self.weight_base = e.min_version
+            for other in self.entries.values():  # O(n), once per WEIGHT_EXPONENT half lives
+                if other.group_id in self.tree.slot:
+                    self.tree.set(other.group_id, self._weight(other))
+        # a common factor 2^(-version/h) leaves the picks' odds alone: weights need no
+        # update when the version rises
+        return max(w * 2.0 ** ((e.min_version - self.weight_base) / h), TINY)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -108,19 +150,26 @@ class ReplayBuffer:
         while self.entries and (
             len(self.entries) >= self.capacity or (cap is not None and self.held_bytes + size > cap)
         ):
-            _, old = self.entries.popitem(last=False)
-            self.held_bytes -= len(old.payload)
+            self.remove(next(iter(self.entries)))  # the oldest
             self.counters.evicted_capacity += 1
         self.entries[entry.group_id] = entry
         self.held_bytes += size
+        self._index(entry)
         return True
 
     def remove(self, key: str) -> None:
-        self.held_bytes -= len(self.entries.pop(key).payload)
+        e = self.entries.pop(key)
+        self.held_bytes -= len(e.payload)
+        self.by_version.discard(key, e.min_version)
+        self.all_keys.discard(key)
+        self.tree.discard(key)
+        self.fresh.pop(key, None)
+        self.used.discard(key)
 
-    def recount_bytes(self) -> None:
-        """After the entries were replaced wholesale (a restore)."""
+    def restored(self) -> None:
+        """After the entries were replaced wholesale (a restore): bytes and indexes."""
         self.held_bytes = sum(len(e.payload) for e in self.entries.values())
+        self._reindex()
 
     def staleness(self, entry: Entry, version: int | None = None) -> int:
         return (self.version if version is None else version) - entry.min_version
@@ -131,7 +180,8 @@ class ReplayBuffer:
             self.version = max(self.version, version)
             return 0  # nothing held is stale at self.version (stale arrivals leave at once)
         self.version = version
-        stale = [k for k, e in self.entries.items() if self.staleness(e) > self.max_staleness]
+        stale = [k for k in self.by_version.pop_below(version - self.max_staleness)
+                 if k in self.entries]  # fmt: skip
         for k in stale:
             self.remove(k)
         self.counters.evicted_stale += len(stale)
@@ -156,19 +206,17 @@ class ReplayBuffer:
             return [next(keys) for _ in range(batch_size)]
         if self.selector == "mixed":
             return self._mixed(batch_size)
-        keys = list(self.entries)
         if self.selector == "uniform":
-            return self.rng.sample(keys, batch_size)
-        return self._prioritized(keys, batch_size)
+            return self.all_keys.sample(self.rng, batch_size)
+        return self.tree.sample(self.rng, batch_size)  # prioritized: k distinct, by weight
 
     def _mixed(self, batch_size: int) -> list[str] | None:
-        fresh = [k for k, e in self.entries.items() if e.times_sampled == 0]
-        seen = [k for k, e in self.entries.items() if e.times_sampled > 0]
-        n_replay = min(batch_size - round(self.fresh_fraction * batch_size), len(seen))
+        n_replay = min(batch_size - round(self.fresh_fraction * batch_size), len(self.used))
         n_fresh = batch_size - n_replay
-        if len(fresh) < n_fresh:
+        if len(self.fresh) < n_fresh:
             return None  # fresh data paces the learner
-        return fresh[:n_fresh] + self.rng.sample(seen, n_replay)
+        fresh = iter(self.fresh)
+        return [next(fresh) for _ in range(n_fresh)] + self.used.sample(self.rng, n_replay)
 
     def mark_sampled(self, ids: list[str]) -> int:
         """Count one sample of each id still held; used-up groups leave. -> groups counted."""
@@ -179,19 +227,14 @@ class ReplayBuffer:
                 continue
             e.times_sampled += 1
             n += 1
+            if e.times_sampled == 1 and self.selector == "mixed":
+                self.fresh.pop(k, None)
+                self.used.add(k)
             if e.times_sampled >= self.max_times_sampled:
                 self.remove(k)
                 self.counters.evicted_used += 1
         self.counters.sampled_groups += n
         return n
-
-    def _prioritized(self, keys: list[str], k: int) -> list[str]:
-        # weighted sampling without replacement (Efraimidis–Spirakis keys u^(1/w))
-        def key(name: str) -> float:
-            w = max(self.entries[name].priority, 1e-6)
-            return self.rng.random() ** (1.0 / w)
-
-        return sorted(keys, key=key, reverse=True)[:k]
 
     def admission_capacity(self, version: int, groups_per_version: int, in_flight: int) -> int:
         """AReaL-style: (max_staleness + version + 1)·groups_per_version − (accepted + in flight),

@@ -36,6 +36,9 @@ class ReplaySettings:
     selector: str = "fifo"
     """fifo (each group once, streaming), uniform, prioritized (by reward spread), or mixed
     (fresh groups plus groups replayed from those already trained on)."""
+    priority_half_life: float | None = None
+    """selector=prioritized: weight each group's reward spread by 2^(−staleness / this),
+    staleness in versions (freshness-aware priority); null: the spread alone."""
     max_times_sampled: int = 1
     """A group leaves the buffer after this many samples."""
     admission: str = "weights"
@@ -88,6 +91,8 @@ class ReplaySettings:
             raise ValueError(f"admission={self.admission!r}: expected one of {ADMISSIONS}")
         if self.retain not in RETAIN:
             raise ValueError(f"retain={self.retain!r}: expected one of {RETAIN}")
+        if self.priority_half_life is not None and not self.priority_half_life > 0:
+            raise ValueError(f"priority_half_life must be > 0, got {self.priority_half_life}")
 
 
 @dataclass

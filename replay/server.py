@@ -113,6 +113,7 @@ class ReplayServer:
             c.capacity, c.max_staleness, c.selector, c.max_times_sampled, c.seed, c.fresh_fraction
         )
         buffer.capacity_bytes = c.capacity_bytes
+        buffer.priority_half_life = c.priority_half_life
         return ReplayState(buffer, c.rate_limiter(), self.limits)
 
     @property

@@ -206,13 +206,13 @@ class ReplayState:
             b.entries[gid] = Entry(
                 gid, min_version, payload, priority, inserted_at, times_sampled, where
             )
-        b.recount_bytes()
         b.seen = Dedup.restore(snap.get("dedup"), snap.get("seen"))  # "seen": every id (older)
         b.counters = Counters(**snap["counters"], duplicates=b.counters.duplicates)
         b.version = snap["version"]
         # a snapshot from before it was kept: the newest group it still holds
         b.newest_version = snap.get("newest", max((e.min_version for e in b.entries.values()),
                                                   default=0))  # fmt: skip
+        b.restored()
         self.cursor = snap["cursor"]
         self.rewinds = set(snap.get("rewinds", []))
         self.outstanding = {a: set(p) for a, p in snap["outstanding"]}
