@@ -102,7 +102,12 @@ class ReplaySection(ReplaySettings):
     """The server's public certificate file the clients use (null: read it from
     curve_secret_key, which works when every process sees that file)."""
     curve_client_key: str | None = None
-    """The clients' own secret certificate file, needed with curve_authorized_keys."""
+    """The clients' own secret certificate file, needed with curve_authorized_keys (the
+    actors', when the learner has its own)."""
+    curve_learner_key: str | None = None
+    """The learner's own secret certificate file, its public half in
+    ``curve_authorized_keys/learner/``: only that key may sample, move the version,
+    checkpoint, prune or rewind (replay/curve.py); null: the learner uses curve_client_key."""
     metrics_every: int = 10
     """Learner steps between two snapshots of the service's figures in metrics.jsonl
     (replay_*: size, inserts/s, sampled groups/s, evictions by cause, rejections by reason,
@@ -371,6 +376,13 @@ def validate(cfg: TrainConfig) -> None:
             "anyone with the server's public key may insert, rewind or prune; give the "
             "clients' keys directory or set replay.insecure=true"
         )
+    if (cfg.cluster.address and r.curve_authorized_keys is not None and r.curve_learner_key is None
+            and not r.insecure):  # fmt: skip
+        problems.append(
+            "cluster mode needs the learner's own key (replay.curve_learner_key, its public "
+            "half in curve_authorized_keys/learner/): otherwise every actor's key may sample, "
+            "rewind and prune; or set replay.insecure=true"
+        )
     if r.retain not in ("all", "needed"):
         problems.append(f"replay.retain={r.retain!r}: expected all or needed")
     if r.capacity_bytes is not None and r.capacity_bytes < 1:
@@ -427,9 +439,12 @@ def validate(cfg: TrainConfig) -> None:
         problems.append("cluster.actor_gpus must be >= 0")
     if cfg.cluster.num_actors < 0 or (cfg.cluster.num_actors == 0 and r.preload is None):
         problems.append("cluster.num_actors must be >= 1 (0 only with replay.preload: offline)")
-    if r.curve_secret_key is None and (r.curve_authorized_keys or r.curve_client_key):
+    if r.curve_secret_key is None and (
+        r.curve_authorized_keys or r.curve_client_key or r.curve_learner_key
+    ):
         problems.append(
-            "replay.curve_authorized_keys / curve_client_key need replay.curve_secret_key"
+            "replay.curve_authorized_keys / curve_client_key / curve_learner_key need "
+            "replay.curve_secret_key"
         )
     if r.curve_authorized_keys is not None and r.curve_client_key is None:
         problems.append(

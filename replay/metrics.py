@@ -3,7 +3,8 @@ counters, which recovery restores, are in ``Counters``).
 
 - rejected requests by reason: ``frames`` (not one message frame), ``undecodable`` (not a
   valid message: size, msgpack, schema version, type), ``bad_<type>`` (a known request
-  with bad fields), ``unknown_type``, ``bad_group`` (one group of an ``insert_batch``);
+  with bad fields), ``unknown_type``, ``bad_group`` (one group of an ``insert_batch``),
+  ``forbidden`` (a request its key's role may not make: replay/curve.py);
 - the staleness of every group handed to the learner, as a histogram with a fixed set of
   buckets (``STALENESS_BUCKETS``: 0…15 one each, then powers of two up to ``1024+``;
   ``ahead``: groups made by weights numbered after the learner's, which only a rewind leaves
@@ -22,7 +23,7 @@ from flowrl_async.replay.protocol import REQUESTS
 RATE_WINDOW_S = 10.0
 # Every map of the stats reply has a bounded, data-independent key set, so the reply always
 # fits the decoder's limits (wire.MAX_MAP_LEN) however long a run lasts.
-REASONS = ("frames", "undecodable", "unknown_type", "bad_group", "other")
+REASONS = ("frames", "undecodable", "unknown_type", "bad_group", "forbidden", "other")
 REASONS += tuple(f"bad_{t}" for t in REQUESTS)
 EXACT_UP_TO = 16  # staleness 0..15 get a bucket each; then [16, 32), [32, 64), ... 1024+
 STALENESS_BUCKETS = tuple(str(s) for s in range(EXACT_UP_TO))

@@ -41,7 +41,7 @@ from flowrl_async.heap import Refreezer, freeze_survivors
 from flowrl_async.replay import checkpoint as ckpt
 from flowrl_async.replay.buffer import ReplayBuffer
 from flowrl_async.replay.config import ServerConfig, parse_args
-from flowrl_async.replay.curve import ServerCurve
+from flowrl_async.replay.curve import ANY, RECHECK_S, ServerCurve, allowed
 from flowrl_async.replay.dedup import EXPIRED, NEW, SEEN
 from flowrl_async.replay.held import SUPERSEDED, BatchReply, Held, HeldInsert, HeldRequests
 from flowrl_async.replay.log import SegmentLog
@@ -103,6 +103,7 @@ class ReplayServer:
         self.held = HeldRequests()
         self._sock = None
         self._ctx = self._auth = None  # with CURVE: this server's context and ZAP handler
+        self._keys = None  # with authorized keys: each request's role (replay/curve.py)
         self.bound_address: str | None = None
         self._refreezer = Refreezer(FREEZE_EVERY)  # held groups out of full collections
         self.metrics = ServiceMetrics()
@@ -566,7 +567,7 @@ class ReplayServer:
         ctx = zmq.Context.instance()
         if self.curve is not None:  # a context of its own: it holds this server's ZAP handler
             ctx = self._ctx = zmq.Context()
-            self._auth = self.curve.start_authenticator(ctx)
+            self._auth, self._keys = self.curve.start_authenticator(ctx)
         self._sock = ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
         # zmq drops a peer whose frame is more than twice the limit, before buffering it
@@ -600,10 +601,13 @@ class ReplayServer:
                 if dict(poller.poll(wait_ms)).get(sock):
                     while True:
                         try:
-                            frames = sock.recv_multipart(zmq.NOBLOCK)
+                            frames = sock.recv_multipart(zmq.NOBLOCK, copy=self._keys is None)
                         except zmq.Again:
                             break
-                        self._on_frames(frames)
+                        if self._keys is None:
+                            self._on_frames(frames)
+                        else:  # the sender's role, from its key (the ZAP User-Id)
+                            self._on_frames([f.bytes for f in frames], self._role(frames))
                 try:
                     self._serve_held()
                 except Exception:  # e.g. a full disk: count it, keep serving (retries are safe)
@@ -624,7 +628,7 @@ class ReplayServer:
                 self._auth.stop()
             if self._ctx is not None:
                 self._ctx.term()
-            self._auth = self._ctx = None
+            self._auth = self._ctx = self._keys = None
 
     def _send(self, identity: bytes, kind: str, rid, **fields) -> None:
         data = encode(kind, rid=_safe_rid(rid), **fields)
@@ -635,7 +639,14 @@ class ReplayServer:
         self.rejected += 1
         self.metrics.rejected(reason)
 
-    def _on_frames(self, frames: list[bytes]) -> None:
+    def _role(self, frames) -> str | None:
+        try:
+            user = frames[-1].get("User-Id")
+        except Exception:  # no User-Id: not a CURVE peer
+            return None
+        return self._keys.role(user.encode(), RECHECK_S)
+
+    def _on_frames(self, frames: list[bytes], role: str | None = ANY) -> None:
         if len(frames) < 2:  # a ROUTER always prepends the identity; nobody to answer
             self._reject("frames")
             return
@@ -647,6 +658,10 @@ class ReplayServer:
             msg_type, msg = decode(frames[1], self.limits)
             rid = msg.get("rid")
             stage = f"bad_{msg_type}" if msg_type in REQUESTS else "unknown_type"
+            if not allowed(role, msg_type, msg):
+                stage = "forbidden"
+                raise WireError(f"{msg_type!r} is not allowed for this client's key "
+                                f"({role or 'no longer authorized'})")  # fmt: skip
             reply = self.handle(msg_type, msg, identity)
             if reply is not None:  # None: held, answered later
                 self._send(identity, reply[0], rid, **reply[1])

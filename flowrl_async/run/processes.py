@@ -55,15 +55,14 @@ def replay_config(cfg: TrainConfig, run_dir, address: str, model_path: str | Non
     )  # fmt: skip
 
 
-def replay_keys(cfg: TrainConfig) -> dict:
-    """ReplayClient's CURVE keyword arguments (empty without encryption)."""
+def replay_keys(cfg: TrainConfig, learner: bool = False) -> dict:
+    """ReplayClient's CURVE keyword arguments (empty without encryption); ``learner``: the
+    learner's, with its own key when it has one (replay/curve.py: roles)."""
     rc = cfg.replay
     if rc.curve_secret_key is None:
         return {}
-    return {
-        "curve_server_key": rc.curve_public_key or rc.curve_secret_key,
-        "curve_client_key": rc.curve_client_key,
-    }
+    own = rc.curve_learner_key if learner and rc.curve_learner_key else rc.curve_client_key
+    return {"curve_server_key": rc.curve_public_key or rc.curve_secret_key, "curve_client_key": own}
 
 
 def learner_args(cfg: TrainConfig, model_path: str, address: str, device: str,
@@ -84,7 +83,7 @@ def learner_args(cfg: TrainConfig, model_path: str, address: str, device: str,
         publish_every=lc.publish_every, probe_text=probe_text, seed=cfg.seed,
         threads=lc.threads, device=device, sample_timeout_s=lc.sample_timeout_s,
         dtype=cfg.model.dtype,
-        replay_keys=replay_keys(cfg),
+        replay_keys=replay_keys(cfg, learner=True),
     )  # fmt: skip
 
 

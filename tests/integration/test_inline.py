@@ -38,11 +38,13 @@ def test_an_encrypted_replay_socket_with_authorized_clients(tmp_path):
 
     server_public, server_secret = make_keys(tmp_path / "server", "replay")
     client_public, client_secret = make_keys(tmp_path / "clients", "workers")
+    _, learner_secret = make_keys(tmp_path / "clients" / "learner", "learner")  # roles on
     cfg = small_config(tmp_path, steps=3, max_staleness=1)
     cfg.generator.engine = "torch"
     r = cfg.replay
     r.curve_secret_key, r.curve_public_key = str(server_secret), str(server_public)
     r.curve_authorized_keys, r.curve_client_key = str(tmp_path / "clients"), str(client_secret)
+    r.curve_learner_key = str(learner_secret)  # only this key may sample and publish
     refused = []
 
     def plain_client_gets_nothing(step, run):

@@ -176,3 +176,82 @@ def test_cli_flags_turn_curve_on(tmp_path, keys):
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
+
+
+@pytest.fixture
+def roles(tmp_path, keys):
+    """An authorized-keys directory with roles: the actor's key in it, the learner's in
+    its learner/ subdirectory."""
+    learner = make_keys(keys["authorized"] / "learner", "learner")
+    return {**keys, "learner": learner}
+
+
+def forbidden(call) -> str:
+    with pytest.raises(ReplayError, match="not allowed for this client's key") as e:
+        call()
+    return str(e.value)
+
+
+def test_only_the_learners_key_may_move_the_version_sample_or_rewind(tmp_path, roles):
+    # before: any authorized key could do everything
+    public, secret = roles["server"]
+    running = Running(
+        tmp_path / "r", curve_secret_key=str(secret), curve_authorized_keys=str(roles["authorized"])
+    )
+    try:
+        actor = running.client(curve_server_key=public, curve_client_key=roles["actor"][1])
+        learner = running.client(curve_server_key=public, curve_client_key=roles["learner"][1])
+        assert actor.insert(make_group("a")) is True
+        assert actor.insert_many([make_group("b"), make_group("c")]) == [True, True]
+        assert actor.admit(1, 2) == [0, 1]
+        actor.release(1)
+        assert actor.stats()["size"] == 3
+        assert "(actor)" in forbidden(lambda: actor.set_version(7))
+        forbidden(lambda: actor.admit(1, 1, version=7))  # the version rides on an admit
+        forbidden(lambda: actor.sample(1, 0))
+        forbidden(lambda: actor.checkpoint())
+        forbidden(lambda: actor.prune([]))
+        forbidden(lambda: actor.rewind("ckpt-00000001-0000000000.ckpt"))
+        stats = learner.stats()
+        assert stats["version"] == 0 and stats["sampled_groups"] == 0
+        assert stats["rejected_by"]["forbidden"] == 6
+        assert learner.set_version(1) == 1
+        assert len(learner.sample(2, 1)) == 2
+        assert learner.checkpoint()["path"].endswith(".ckpt")
+        actor.close()
+        learner.close()
+    finally:
+        running.stop()
+
+
+def test_a_deleted_key_loses_its_open_connection_too(tmp_path, roles, monkeypatch):
+    monkeypatch.setattr("flowrl_async.replay.server.RECHECK_S", 0.0)
+    public, secret = roles["server"]
+    running = Running(
+        tmp_path / "r", curve_secret_key=str(secret), curve_authorized_keys=str(roles["authorized"])
+    )
+    try:
+        learner = running.client(curve_server_key=public, curve_client_key=roles["learner"][1])
+        assert learner.set_version(1) == 1  # connected
+        roles["learner"][0].unlink()
+        assert "no longer authorized" in forbidden(lambda: learner.set_version(2))
+        learner.close()
+    finally:
+        running.stop()
+
+
+def test_cluster_mode_needs_the_learner_to_have_a_key_of_its_own(tmp_path, roles):
+    from flowrl_async.config import TrainConfig, validate
+    from flowrl_async.run.processes import replay_keys
+
+    cfg = TrainConfig()
+    cfg.cluster.address = "ray://head:10001"
+    r = cfg.replay
+    r.curve_secret_key, r.curve_authorized_keys = str(roles["server"][1]), str(roles["authorized"])
+    r.curve_client_key = str(roles["actor"][1])
+    with pytest.raises(ValueError, match="replay.curve_learner_key"):
+        validate(cfg)
+    r.curve_learner_key = str(roles["learner"][1])
+    validate(cfg)
+    assert replay_keys(cfg)["curve_client_key"] == str(roles["actor"][1])
+    assert replay_keys(cfg, learner=True)["curve_client_key"] == str(roles["learner"][1])
