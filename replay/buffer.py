@@ -32,7 +32,7 @@ WEIGHT_EXPONENT = 512.0  # prioritized weights stay below 2^512 (then are rebase
 TINY = 1e-300  # and above this: a weight never rounds to nothing
 
 
-@dataclass
+@dataclass(slots=True)
 class Entry:
     """One held group and what the buffer knows about it."""
 
