@@ -60,7 +60,10 @@ class HeldRequests:
     """Inserts and samples the server answers later (rate limiter, too few groups)."""
 
     inserts: OrderedDict[str, HeldInsert] = field(default_factory=OrderedDict)  # by group id
-    samples: list[Held] = field(default_factory=list)
+    samples: dict[str, Held] = field(default_factory=dict)  # by ``req``, in arrival order
+    # no deadline comes before these: a serving loop with nothing due scans nothing
+    insert_due: float = float("inf")
+    sample_due: float = float("inf")
 
     def __bool__(self) -> bool:
         return bool(self.inserts or self.samples)
@@ -77,19 +80,28 @@ class HeldRequests:
     def hold_insert(self, info: GroupInfo, obj: dict, raw: bytes, timeout_ms: int, waiter) -> None:
         deadline = time.monotonic() + timeout_ms / 1000.0
         self.inserts[info.group_id] = HeldInsert(info, obj, raw, deadline, timeout_ms, waiter)
+        self.insert_due = min(self.insert_due, deadline)
 
     def hold_sample(self, held: Held) -> None:
         req = held.msg.get("req")  # a retry of a held sample replaces it (new socket identity)
-        self.samples = [h for h in self.samples if h.msg.get("req") != req]
-        self.samples.append(held)
+        self.samples.pop(req, None)
+        self.samples[req] = held
+        self.sample_due = min(self.sample_due, held.deadline)
 
     def expired_inserts(self, now: float) -> list[HeldInsert]:
         """Held inserts past their deadline, removed."""
+        if now < self.insert_due:
+            return []
         gone = [gid for gid, held in self.inserts.items() if held.deadline <= now]
-        return [self.inserts.pop(gid) for gid in gone]
+        out = [self.inserts.pop(gid) for gid in gone]
+        self.insert_due = min((h.deadline for h in self.inserts.values()), default=float("inf"))
+        return out
 
     def expired_samples(self, now: float) -> list[Held]:
         """Held samples past their deadline, removed."""
-        expired = [h for h in self.samples if h.deadline <= now]
-        self.samples = [h for h in self.samples if h.deadline > now]
-        return expired
+        if now < self.sample_due:
+            return []
+        gone = [req for req, held in self.samples.items() if held.deadline <= now]
+        out = [self.samples.pop(req) for req in gone]
+        self.sample_due = min((h.deadline for h in self.samples.values()), default=float("inf"))
+        return out

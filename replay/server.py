@@ -101,6 +101,8 @@ class ReplayServer:
         self._unckpt_base = self.log.appended_bytes - self.log.bytes_after(recovered.start)
         self._stop = threading.Event()
         self.held = HeldRequests()
+        # state changes applied, and their count when the held samples were last tried
+        self._changes, self._tried_at = 0, -1
         self._sock = None
         self._ctx = self._auth = None  # with CURVE: this server's context and ZAP handler
         self._keys = None  # with authorized keys: each request's role (replay/curve.py)
@@ -123,9 +125,11 @@ class ReplayServer:
 
     # ---------------------------------------------------------------- state and recovery
     def _record(self, record: dict) -> None:
-        """Log, then apply: the only way the state changes while serving (with ``_inserts``)."""
+        """Log, then apply: the only way the state changes while serving (with ``_inserts``
+        and ``rewind``)."""
         self.log.append(msgpack.packb(record, use_bin_type=True))
         self.state.apply(record)
+        self._changes += 1
 
     def _inserts(self, accepted: list[tuple[GroupInfo, dict, bytes]]) -> None:
         """Log ``ins`` records for validated new groups (info, map, bytes) with one append,
@@ -134,6 +138,7 @@ class ReplayServer:
         positions = self.log.append_many([insert_record(raw, at) for _, _, raw in accepted])
         for (info, obj, raw), where in zip(accepted, positions, strict=True):
             self.state.apply({"k": "ins", "g": obj, "at": at}, info, raw, where)
+        self._changes += 1
         self._refreezer.add(len(accepted))
         self.metrics.inserted(len(accepted))
 
@@ -228,6 +233,7 @@ class ReplayServer:
         self.log.append(msgpack.packb({"k": "rwd", "c": name, "s": covered[0], "o": covered[1]}))
         state.rewinds = self.state.rewinds | {name}  # kept by prune: recovery may redo it
         self.state = state
+        self._changes += 1
         return {"checkpoint": name, "version": self.buffer.version, "size": len(self.buffer)}
 
     def _admission_version(self, weights: int | None) -> int:
@@ -481,10 +487,11 @@ class ReplayServer:
         reply = self._try_sample(batch_size, version, req)
         if reply is None:
             self.starved = starved  # only held samples decide it (_serve_held_samples)
-            retry = any(h.msg.get("req") == req for h in self.held.samples)
+            retry = req in self.held.samples
             if not retry and len(self.held.samples) >= self.cfg.max_held:  # bounded
                 return "empty", {}
             self.held.hold_sample(Held(identity, msg, time.monotonic() + timeout_ms / 1000.0))
+            self._tried_at = -1  # a new one: try the held samples at the next turn
         return reply
 
     def _try_sample(self, batch_size: int, version: int, req: str) -> tuple[str, dict] | None:
@@ -710,22 +717,26 @@ class ReplayServer:
         self.starved = self.starved and bool(self.held.samples)  # nobody waits: no bypass
 
     def _serve_held_samples(self) -> bool:
-        """Try every held sample once; each answered one leaves the list at once (an
-        exception part way must not answer it twice). -> whether any was answered."""
+        """Try every held sample once, unless none came and the state did not change since
+        the last try (nothing could be answered now); each answered one leaves the list at
+        once (an exception part way must not answer it twice). -> whether any was answered."""
+        if self._tried_at == self._changes:
+            return False
+        self._tried_at = self._changes
         served, starved = False, False
-        for held in list(self.held.samples):
+        for held in list(self.held.samples.values()):
             m = held.msg
             try:
                 reply = self._try_sample(m["batch_size"], m["version"], m["req"])
             except WireError as e:  # e.g. the batch would not fit a reply: answered
-                self.held.samples.remove(held)
+                del self.held.samples[m["req"]]
                 self._reject("bad_sample")
                 self._send(held.identity, "error", m.get("rid"), reason=_short(str(e)))
                 continue
             if reply is None:
                 starved = starved or self.starved
                 continue
-            self.held.samples.remove(held)
+            del self.held.samples[m["req"]]
             self._send(held.identity, reply[0], m.get("rid"), **reply[1])
             self.metrics.waited("sample", time.monotonic() - held.since)
             served = self.state.limiter is not None

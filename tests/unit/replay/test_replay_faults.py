@@ -591,6 +591,29 @@ def test_held_requests_are_bounded(tmp_path):
     server.log.close()
 
 
+def test_held_samples_are_tried_again_only_when_something_changed(tmp_path, monkeypatch):
+    # before: every held sample was tried on every turn of the serving loop (every 10 ms)
+    server = server_at(tmp_path / "r", max_held=100)
+    for i in range(100):
+        assert server.handle("sample", {"batch_size": 2, "version": 0, "req": f"s{i}",
+                                        "timeout_ms": 10**6}, b"l") is None  # fmt: skip
+    tries = []
+    real = server._try_sample
+    monkeypatch.setattr(server, "_try_sample", lambda *a: tries.append(a[2]) or real(*a))
+    for _ in range(10):  # ten turns, nothing new: one pass over the 100
+        server._serve_held()
+    assert len(tries) == 100
+    insert(server, "a")  # one group: still too few, so each is tried once more
+    server._serve_held()
+    server._serve_held()
+    assert len(tries) == 200 and len(server.held.samples) == 100
+    server._send = lambda *a, **k: None  # no socket here
+    insert(server, "b")  # s0 gets both (fifo: used once), the other 99 wait on
+    server._serve_held()
+    assert "s0" not in server.held.samples and len(server.held.samples) == 99
+    server.log.close()
+
+
 def test_a_group_no_reply_could_carry_and_an_absurd_group_version_are_refused(tmp_path):
     from flowrl_async.wire import WireLimits
 
