@@ -120,6 +120,7 @@ def test_the_replay_service_killed_mid_run_recovers_from_its_log(tmp_path):
     from flowrl_async.run.launch import train
 
     cfg = small_config(tmp_path, steps=20, max_staleness=1)
+    cfg.generator.engine = "torch"  # the replay service is the subject (vLLM: above)
     summary = train(cfg, on_step=sigkill_at(4, lambda procs: procs.replay))
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     assert [r["step"] for r in rows] == list(range(1, 21))
@@ -143,6 +144,7 @@ def test_off_policy_trajectory_balance_mixes_fresh_and_replayed_groups(tmp_path)
     cfg = small_config(tmp_path, steps=12, max_staleness=None)
     cfg.algo = AlgoConfig(name="flowrl", beta=3.0, reward_norm="raw", is_mode="off")
     cfg.replay.selector, cfg.replay.max_times_sampled, cfg.replay.fresh_fraction = "mixed", 3, 0.5
+    cfg.generator.engine = "torch"  # the selector is the subject
     summary = train(cfg)
     assert summary["replay"]["sampled_groups"] == 12 * 4
     times = Counter()
@@ -186,6 +188,7 @@ def test_a_run_whose_actor_dies_after_the_last_step_still_leaves_its_results(tmp
     from flowrl_async.run.launch import train
 
     cfg = small_config(tmp_path, steps=3, max_staleness=1)
+    cfg.generator.engine = "torch"  # the run's ending is the subject
     summary = train(cfg, on_step=sigkill_at(3, lambda procs: procs.actors[0]))
     run = tmp_path / "run"
     assert (run / "final_policy" / "model.safetensors").exists()
