@@ -3,9 +3,13 @@
 Problem file: JSONL (or Parquet), one problem per row, ``{"prompt": str, "tests": [...]}``
 (field names configurable). ``tests`` is either
 
-- assert-style: a list of Python statements, e.g. ``["assert add(1, 2) == 3"]``; the solution
-  runs as module ``solution`` (its ``if __name__ == "__main__":`` block does not run), then
-  every statement runs in its namespace; a test passes when it raises nothing; or
+- assert-style (``flowrl_async/tasks/checks.py`` has every form): ``"assert add(1, 2) ==
+  3"``, ``"assert f(x) is True"``, ``"assert ok(x)"``, ``{"call": "r()", "expected": "1.5",
+  "abs_tol": 1e-9}``; the solution runs as module ``solution`` (its ``if __name__ ==
+  "__main__":`` block does not run), then each test's call is evaluated in its namespace and
+  its value, plain types only, comes back and is compared here, outside the sandbox (the
+  expected values never enter it). ``{"exec": "statements"}`` runs statements in the
+  candidate's interpreter instead (the one form a candidate can game); or
 - stdin/stdout: a list of ``{"input": str, "output": str}``; the solution runs as
   ``__main__`` once per case with that stdin and passes when its stdout equals ``output``
   (trailing whitespace of each line and trailing blank lines ignored). The expected outputs
@@ -21,8 +25,9 @@ Verdicts: ``info`` is "ok" (every test passed), "failed k/n" (k of n tests faile
 and ``wrong_reward`` otherwise, or with ``all_or_nothing=False`` the fraction of tests passed
 scaled between the two.
 
-Sandbox: ``verify`` never raises and the program cannot harm the caller. Each run gets a fresh
-temporary directory, ``python -I -B``, an empty environment, stdin on /dev/null, stdout and
+Sandbox: ``verify`` never raises and the program cannot harm the caller. Each run gets
+``python -I -B -S`` of this Python's own installation (no virtual environment, no site
+packages: the standard library), an empty environment, stdin on /dev/null, stdout and
 stderr discarded (results come back on a separate channel, capped in size), and these limits
 in the process that runs the code: RLIMIT_CPU, RLIMIT_AS (memory), RLIMIT_NPROC (processes),
 RLIMIT_FSIZE, RLIMIT_NOFILE, no core files; a wall-clock deadline kills the whole process
@@ -30,27 +35,36 @@ group. On top of that, ``isolation`` picks how much the kernel isolates (``"auto
 first of "root" and "user" that works, probed once per process, and never falls back to
 "none": that must be asked for by name):
 
-- ``"root"`` (caller is root, ``unshare`` and ``setpriv`` present): new network, PID and mount
-  namespaces; every mount read-only, a size-capped tmpfs as the working directory; the code
-  runs under a fresh random uid (so RLIMIT_NPROC counts only its processes) with no
-  capabilities, except CAP_DAC_READ_SEARCH when the interpreter is not readable by other users
-  (e.g. under /root): then the code can read, but not write, files it otherwise could not.
-- ``"user"`` (any user with unprivileged user namespaces): the same namespaces inside a user
-  namespace; the code keeps the caller's uid but no capabilities, and RLIMIT_NPROC counts per
-  namespace.
-- ``"none"``: limits and the process group only: no network isolation, files writable by the
-  caller are writable by the code, processes that call setsid survive the deadline, and for
-  root RLIMIT_NPROC is not enforced (a fork bomb is unbounded until the deadline). Only for
-  trusted code or machines without namespaces.
+- ``"root"`` (caller is root, ``unshare`` present) and ``"user"`` (any user with
+  unprivileged user namespaces; the code keeps the caller's uid, mapped to 0 in the
+  namespace): new network, PID and mount namespaces (``user``: inside a user namespace).
+  What the candidate sees is a private root, a read-only tmpfs holding only: this Python's
+  installation and the system library directories (``/lib``, ``/lib64``, ``/usr/lib``,
+  ``/usr/lib64``), read-only bind mounts; ``/dev/null``, ``zero``, ``random``, ``urandom``; a
+  ``/proc`` of its own PID namespace (``root``: with ``hidepid=2``, so only its own
+  processes); a size-capped tmpfs at ``/tmp``, its working directory and the only place it
+  can write. The host's root is detached (``pivot_root``, then a lazy unmount): no
+  repository, runs, replay logs, home directories or ``/etc``. It runs with empty effective,
+  permitted, inheritable, ambient and bounding capability sets, ``no_new_privs``, and locked
+  securebits (no capabilities for uid 0 at exec, none kept across setuid), whatever user
+  started the actor; ``root``: under a fresh random uid too (so RLIMIT_NPROC counts only
+  its processes). The supervisor is not dumpable (``/proc/1`` and ptrace closed to it).
+  No seccomp filter (no well-kept library for one is on the machine). ``user`` started by
+  root: RLIMIT_NPROC does not bind uid 0, so a fork bomb runs to the deadline (the PID
+  namespace then ends it), and a non-root caller's own processes count against the limit.
+- ``"none"``: limits and the process group only: no network isolation, the host's files
+  readable and those writable by the caller writable by the code, processes that call
+  setsid survive the deadline, and for root RLIMIT_NPROC is not enforced. Only for trusted
+  code or machines without namespaces.
 
 Why this holds: the code runs in a child of a small supervisor that is PID 1 of the new PID
 namespace; when the supervisor ends (normally or killed with the group on the deadline) the
 kernel kills every process left in the namespace, including ones that called setsid. The
 code cannot signal the caller (it cannot see it) nor the supervisor (PID 1 ignores signals
-from inside). The nonce on result lines only keeps stray output from being read as results:
-assert-style tests run in the same interpreter as the code, so a program written to game them
-(e.g. returning an object whose ``__eq__`` is always true) can; use stdin/stdout tests where
-that matters.
+from inside). Grading cannot be influenced from inside: the code can rewrite anything in its
+own interpreter, forge result lines (a second report of a test fails it) or return any plain
+value, but the comparison runs here against expected values it never saw; a value that is
+not exactly a plain type (e.g. an ``int`` subclass whose ``__eq__`` is always true) fails.
 """
 
 from __future__ import annotations
@@ -71,8 +85,9 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from flowrl_async.tasks.checks import decode_value, parse_check, passes
 from flowrl_async.tasks.datafiles import Verdict, load_split, pick, text_field
-from flowrl_async.tasks.sandbox import SUPERVISOR, WORKER, Run, interpreter_public, kill_group, stop
+from flowrl_async.tasks.sandbox import SUPERVISOR, WORKER, Run, kill_group, runtime, stop
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +101,7 @@ class Prompt:
 
     prompt_id: int
     text: str
-    tests: tuple  # assert statements (str), or (input, output) pairs
+    tests: tuple  # checks.Check per assert-style test, or (input, output) pairs
     kind: str  # "asserts" or "io"
 
 
@@ -155,14 +170,15 @@ class CodeTask:
         tests = pick(row, tests_field, where)
         if not isinstance(tests, list) or not tests:
             raise ValueError(f"{where}: tests must be a non-empty list, got {tests!r:.80}")
-        if all(isinstance(t, str) for t in tests):
-            return Prompt(i, text, tuple(tests), "asserts")
-        if all(isinstance(t, dict) and isinstance(t.get("input"), str)
-               and isinstance(t.get("output"), str) for t in tests):  # fmt: skip
-            return Prompt(i, text, tuple((t["input"], t["output"]) for t in tests), "io")
+        if all(isinstance(t, dict) and set(t) == {"input", "output"} for t in tests):
+            if all(isinstance(t["input"], str) and isinstance(t["output"], str) for t in tests):
+                return Prompt(i, text, tuple((t["input"], t["output"]) for t in tests), "io")
+        elif all(isinstance(t, str | dict) and not (isinstance(t, dict) and "input" in t)
+                 for t in tests):  # fmt: skip
+            return Prompt(i, text, tuple(parse_check(t, where) for t in tests), "asserts")
         raise ValueError(
-            f"{where}: tests must be all assert strings or all "
-            '{"input": str, "output": str} objects'
+            f"{where}: tests must be all assert-style (strings, or call/exec objects: "
+            'flowrl_async/tasks/checks.py) or all {"input": str, "output": str} objects'
         )
 
     # ---- verification ----
@@ -181,14 +197,10 @@ class CodeTask:
         n = len(prompt.tests)
         results = {}
         for words in run.lines:
-            if words[0] == "test" and len(words) >= 3 and words[1].isdigit():
+            if words[0] == "test" and len(words) >= 3 and words[1].isdigit() and int(words[1]) < n:
                 i = int(words[1])
-                if prompt.kind == "asserts":
-                    results[i] = words[2] == "pass"
-                elif words[2] == "out" and len(words) == 4 and i < n:
-                    results[i] = _same_output(words[3], prompt.tests[i][1])
-                else:
-                    results[i] = False
+                # one report per test: a second one (forged lines) fails it
+                results[i] = i not in results and self._passed(prompt, i, words[2:])
         passed = sum(results.get(i, False) for i in range(n))
         kinds = {words[0] for words in run.lines}
         exit_codes = [words[1] for words in run.lines if words[0] == "exit" and len(words) > 1]
@@ -212,31 +224,41 @@ class CodeTask:
             reward = self.wrong_reward + (self.correct_reward - self.wrong_reward) * passed / n
         return Verdict(reward, info, answer if info == "ok" else None)
 
+    @staticmethod
+    def _passed(prompt: Prompt, i: int, words: list[str]) -> bool:
+        """One test's report against its expected result, here, outside the sandbox."""
+        if prompt.kind == "io":
+            return (
+                words[0] == "out" and len(words) == 2 and _same_output(words[1], prompt.tests[i][1])
+            )
+        check = prompt.tests[i]
+        if check.mode == "exec":
+            return words == ["pass"]
+        if words[0] != "value" or len(words) != 2:
+            return False
+        try:
+            return passes(check, decode_value(words[1]))
+        except (ValueError, TypeError, RecursionError):  # not a plain value; unhashable keys
+            return False
+
     # ---- the sandbox ----
 
     def _commands(self, mode: str) -> tuple[list[str], list[str], int | None]:
         """(prefix for the supervisor, worker command, worker uid)."""
-        python = [sys.executable, "-I", "-B"]
-        worker = [*python, "-c", WORKER]
         if mode == "none":
-            return [], worker, None
-        unshare, setpriv = shutil.which("unshare"), shutil.which("setpriv")
-        if not unshare or not setpriv:
-            raise OSError("isolation needs the unshare and setpriv programs (util-linux)")
+            return [], [sys.executable, "-I", "-B", "-c", WORKER], None
+        unshare = shutil.which("unshare")
+        if not unshare:
+            raise OSError("isolation needs the unshare program (util-linux)")
         spaces = ["--net", "--pid", "--mount", "--fork", "--kill-child", "--mount-proc"]
-        drop = ["--no-new-privs"]
+        worker = [runtime()[0], "-I", "-B", "-S", "-c", WORKER]  # stdlib only, from the runtime
         if mode == "user":
-            drop += ["--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all"]
-            return [unshare, "--user", "--map-root-user", *spaces], [setpriv, *drop, *worker], None
-        uid = _UID_BASE + secrets.randbelow(_UID_SPAN)
-        caps = "-all" if interpreter_public() else "-all,+dac_read_search"
-        drop += [f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
-        drop += [f"--inh-caps={caps}", f"--ambient-caps={caps}", f"--bounding-set={caps}"]
-        return [unshare, *spaces], [setpriv, *drop, *worker], uid
+            return [unshare, "--user", "--map-root-user", *spaces], worker, None
+        return [unshare, *spaces], worker, _UID_BASE + secrets.randbelow(_UID_SPAN)
 
     def _run(self, code: str, prompt: Prompt, mode: str, timeout_s: float | None = None) -> Run:
         prefix, worker, uid = self._commands(mode)
-        tests = [t if prompt.kind == "asserts" else t[0] for t in prompt.tests]
+        tests = [[t.mode, t.source] if prompt.kind == "asserts" else t[0] for t in prompt.tests]
         nonce = secrets.token_hex(8)
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         cpu = max(1, math.ceil(timeout_s))
@@ -254,9 +276,10 @@ class CodeTask:
         base_env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
         root = tempfile.mkdtemp(prefix="flowrl-code-")
         try:
+            home = root if mode == "none" else "/tmp"
             job = {"nonce": nonce, "mount": mode != "none", "uid": uid, "disk_mb": self.disk_mb,
-                   "worker": worker, "work": work,
-                   "env": {**base_env, "HOME": root, "TMPDIR": root}}  # fmt: skip
+                   "worker": worker, "work": work, "binds": runtime()[1],
+                   "env": {**base_env, "HOME": home, "TMPDIR": home}}  # fmt: skip
             with open(os.path.join(root, "job.json"), "w") as f:
                 json.dump(job, f)
             with tempfile.TemporaryFile() as channel:
@@ -294,7 +317,7 @@ class CodeTask:
             if self._probe(mode):
                 return mode
         raise RuntimeError(
-            f"code sandbox: isolation {isolation!r} does not work here (needs unshare and setpriv "
+            f"code sandbox: isolation {isolation!r} does not work here (needs unshare "
             "from util-linux, and namespaces the kernel allows); isolation: none runs the code "
             "with resource limits only (unsafe for untrusted code)"
         )
@@ -303,7 +326,7 @@ class CodeTask:
         key = f"{mode}:{sys.executable}"
         with _probe_lock:
             if key not in _probed:
-                probe = Prompt(-1, "", ("assert f() == 1",), "asserts")
+                probe = Prompt(-1, "", (parse_check("assert f() == 1", "probe"),), "asserts")
                 try:
                     run = self._run("def f():\n    return 1\n", probe, mode, timeout_s=30.0)
                     verdict = self._judge(probe, run, "")

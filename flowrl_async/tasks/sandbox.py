@@ -7,46 +7,99 @@ from __future__ import annotations
 
 import os
 import signal
-import stat
 import subprocess
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 # The supervisor: PID 1 of the new namespaces (or a plain child with isolation "none"). It
-# reads the job, makes every mount read-only, mounts a tmpfs as the working directory, starts
-# the worker, feeds it the job on stdin and reports the worker's exit status.
+# reads the job, builds the candidate's private root (a read-only tmpfs holding only the
+# Python runtime and the system libraries, read-only; /dev/null, zero, random, urandom; a
+# /proc of this PID namespace; a size-capped tmpfs at /tmp), pivots into it and detaches the
+# host's file system, makes itself non-dumpable, starts the worker with every capability
+# dropped (below), feeds it the job on stdin and reports the worker's exit status.
 SUPERVISOR = r"""
 import ctypes, json, os, re, subprocess, sys
+import _posixsubprocess, selectors, signal, errno  # imported before the host files go
 d = sys.argv[1]
 with open(os.path.join(d, "job.json"), "rb") as f:
     job = json.load(f)
 os.unlink(os.path.join(d, "job.json"))
 def say(*words):
     os.write(1, (" ".join([job["nonce"], *map(str, words)]) + "\n").encode())
+libc = ctypes.CDLL(None, use_errno=True)
+def check(ret, what):
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), what)
+libc.prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
+check(libc.prctl(4, 0, 0, 0, 0), "PR_SET_DUMPABLE")  # /proc/1 and ptrace: the kernel's only
 if job["mount"]:
-    libc = ctypes.CDLL(None, use_errno=True)
     libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
-    def mount(source, target, fstype, flags, data):
-        if libc.mount(source, target.encode(), fstype, flags, data) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), target)
+    def mount(source, target, fstype, flags, data=None):
+        check(libc.mount(source, target.encode(), fstype, flags, data), target)
+    RDONLY, NOSUID, NODEV, NOEXEC, REMOUNT, BIND, REC = 1, 2, 4, 8, 32, 4096, 16384
     keep = {"nosuid": 2, "nodev": 4, "noexec": 8, "noatime": 1024, "nodiratime": 2048,
             "relatime": 1 << 21, "strictatime": 1 << 24}
     with open("/proc/self/mountinfo") as f:
-        mounts = [line.split() for line in f]
-    for fields in mounts:
-        target = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
-        flags = 1 | 32 | 4096 | sum(keep.get(o, 0) for o in fields[5].split(","))
-        try:  # MS_RDONLY | MS_REMOUNT | MS_BIND, keeping the flags a user namespace locks
-            mount(None, target, None, flags, None)
-        except OSError:
-            if target == "/":
-                raise
+        mounts = [(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), l.split()[4]),
+                   sum(keep.get(o, 0) for o in l.split()[5].split(","))) for l in f]
+    def locked(path):  # the flags of the mount holding path (a user namespace locks them)
+        best = max((m for m in mounts if path == m[0] or path.startswith(m[0].rstrip("/") + "/")),
+                   key=lambda m: len(m[0]))
+        return best[1]
+    new = os.path.join(d, "root")
+    os.mkdir(new)
+    mount(b"tmpfs", new, b"tmpfs", NOSUID | NODEV, b"size=16m,mode=0755")
+    def inside(path):
+        return os.path.join(new, path.lstrip("/"))
+    for path, kind in job["binds"]:  # the runtime, read-only
+        target = inside(path)
+        if kind.startswith("link:"):
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.symlink(kind[5:], target)
+            continue
+        if kind == "dir":
+            os.makedirs(target, exist_ok=True)
+        else:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            open(target, "w").close()
+        mount(path.encode(), target, None, BIND | REC)
+        mount(None, target, None, BIND | REMOUNT | RDONLY | NOSUID | NODEV | locked(path))
+    os.makedirs(inside("/dev"))
+    for name in ("null", "zero", "random", "urandom"):  # devices: bound, kept writable
+        open(inside("/dev/" + name), "w").close()
+        mount(("/dev/" + name).encode(), inside("/dev/" + name), None, BIND)
+    os.mkdir(inside("/proc"))
+    mount(b"proc", inside("/proc"), b"proc", NOSUID | NODEV | NOEXEC, b"hidepid=2")
+    os.mkdir(inside("/tmp"))
     owner = "" if job["uid"] is None else ",uid=%d,gid=%d" % (job["uid"], job["uid"])
-    mount(b"tmpfs", d, b"tmpfs", 2 | 4, b"size=%dm,mode=0700%s" % (job["disk_mb"], owner.encode()))
-os.chdir(d)
-worker = subprocess.Popen(job["worker"], stdin=subprocess.PIPE, env=job["env"])
+    mount(b"tmpfs", inside("/tmp"), b"tmpfs", NOSUID | NODEV,
+          b"size=%dm,mode=0700%s" % (job["disk_mb"], owner.encode()))
+    os.mkdir(inside("/.old"))
+    mount(None, new, None, BIND | REMOUNT | RDONLY | NOSUID | NODEV)  # the new / itself
+    os.chdir(new)
+    number = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}
+    check(libc.syscall(number[os.uname().machine], b".", b".old"), "pivot_root")
+    os.chroot(".")
+    check(libc.umount2(b"/.old", 2), "umount /.old")  # MNT_DETACH: the host is gone
+os.chdir("/tmp" if job["mount"] else d)
+CAPS = int(open("/proc/sys/kernel/cap_last_cap").read()) if job["mount"] else 0
+def drop():  # in the worker, before exec: nothing it could use comes back
+    check(libc.prctl(38, 1, 0, 0, 0), "PR_SET_NO_NEW_PRIVS")
+    if not job["mount"]:
+        return
+    for cap in range(CAPS + 1):
+        check(libc.prctl(24, cap, 0, 0, 0), "PR_CAPBSET_DROP")  # the bounding set
+    check(libc.prctl(47, 4, 0, 0, 0), "PR_CAP_AMBIENT_CLEAR_ALL")
+    # securebits: no caps for uid 0 at exec, none kept across setuid, no ambient raise; locked
+    check(libc.prctl(28, 0x01 | 0x02 | 0x20 | 0x40 | 0x80, 0, 0, 0), "PR_SET_SECUREBITS")
+    if job["uid"] is not None:
+        os.setgroups([])
+        os.setresgid(job["uid"], job["uid"], job["uid"])
+        os.setresuid(job["uid"], job["uid"], job["uid"])
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # capset v3, this process: all sets empty
+    check(libc.capset(header, (ctypes.c_uint32 * 6)()), "capset")
+worker = subprocess.Popen(job["worker"], stdin=subprocess.PIPE, env=job["env"], preexec_fn=drop)
 try:
     worker.stdin.write(json.dumps(job["work"]).encode())
     worker.stdin.close()
@@ -86,7 +139,28 @@ except BaseException as e:
     say("crash", type(e).__name__)
     os._exit(0)
 if job["kind"] == "asserts":
+    # plain values only, by exact type, with references taken before the code runs; the
+    # code can still rewrite anything in this process, but a value it forges must equal
+    # an expected value it never sees (the comparison is in the caller)
+    T, B64, DUMPS, LEN = type, base64.b64encode, json.dumps, len
+    PLAIN = {bool: "b", int: "i", float: "f", str: "s", type(None): "n", list: "l",
+             tuple: "t", dict: "d", set: "S", frozenset: "F"}
+    def plain(v, depth=0):
+        tag = PLAIN.get(T(v))
+        if tag is None or depth > 64:
+            raise TypeError("not a plain value")
+        if tag == "i":
+            return [tag, int.__repr__(v)]
+        if tag == "f":
+            return [tag, float.hex(v)]
+        if tag in "ltSF":
+            return [tag, [plain(x, depth + 1) for x in v]]
+        if tag == "d":
+            return [tag, [[plain(k, depth + 1), plain(x, depth + 1)] for k, x in dict.items(v)]]
+        return [tag, v] if tag != "n" else [tag]
     scope = {"__name__": "solution", "__builtins__": __builtins__}
+    tests = [(mode, compile(src, "test_%d" % i, "eval" if mode == "value" else "exec"))
+             for i, (mode, src) in enumerate(job["tests"])]
     try:
         exec(code, scope)
     except MemoryError:
@@ -94,14 +168,18 @@ if job["kind"] == "asserts":
     except BaseException as e:
         say("crash", type(e).__name__)
         os._exit(0)
-    for i, test in enumerate(job["tests"]):
+    for i, (mode, test) in enumerate(tests):
         try:
-            exec(compile(test, "test_%d" % i, "exec"), scope)
-            say("test", i, "pass")
+            if mode == "value":
+                encoded = B64(DUMPS(plain(eval(test, scope))).encode()).decode()
+                say("test", i, "value", encoded)
+            else:
+                exec(test, scope)
+                say("test", i, "pass")
         except MemoryError:
             memory()
         except BaseException as e:
-            say("test", i, "fail", type(e).__name__)
+            say("test", i, "fail", T(e).__name__)
 else:
     cap = job["output_limit"]
     class Capped(io.BytesIO):
@@ -145,18 +223,29 @@ class Run:
     raw: str  # the channel's text, for sandbox errors
 
 
-def interpreter_public() -> bool:
-    """Can a stranger run this interpreter: every directory on the way searchable by others?"""
-    paths = {Path(sys.executable).resolve(), Path(sys.prefix), Path(sys.base_prefix)}
-    for path in paths:
-        for d in [path, *path.parents]:
-            try:
-                mode = d.stat().st_mode
-            except OSError:
-                return False
-            if stat.S_ISDIR(mode) and not mode & stat.S_IXOTH:
-                return False
-    return True
+SYSTEM_LIBS = ("/lib", "/lib64", "/usr/lib", "/usr/lib64")
+
+
+def runtime() -> tuple[str, list[list[str]]]:
+    """(the interpreter, the paths the candidate's root holds, read-only): this Python's
+    installation (``sys.base_prefix``: its binary, standard library and shared library; not
+    a virtual environment's packages) and the system library directories, each as
+    ``[path, "dir" | "file" | "link:<target>"]`` (a symlink is made again as one)."""
+    python = os.path.realpath(sys.executable)
+    prefix = os.path.realpath(sys.base_prefix)
+    if not python.startswith(prefix + os.sep):  # a virtual environment's own copy
+        python = os.path.join(prefix, "bin", f"python{sys.version_info[0]}.{sys.version_info[1]}")
+    binds: list[list[str]] = []
+    for path in SYSTEM_LIBS:
+        if os.path.islink(path):
+            binds.append([path, "link:" + os.readlink(path)])
+        elif os.path.isdir(path):
+            binds.append([path, "dir"])
+    if prefix in ("/usr", "/"):  # a system Python: its binary (its library is under /usr/lib)
+        binds.append([python, "file"])
+    elif not any(prefix == p or prefix.startswith(p + "/") for p, kind in binds if kind == "dir"):
+        binds.append([prefix, "dir"])
+    return python, binds
 
 
 def stop(proc: subprocess.Popen) -> None:

@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from flowrl_async.tasks import PromptSource, load_task
-from flowrl_async.tasks.code import CodeTask, extract_code
+from flowrl_async.tasks.checks import Check, parse_check
+from flowrl_async.tasks.code import CodeTask, Prompt, extract_code
 
 from factories import write_jsonl
 
@@ -32,6 +33,10 @@ def problems(tmp_path):
                                                  {"input": "5 5\n", "output": "10"}]},
         ],
     )  # fmt: skip
+
+
+def asserts(*tests: str) -> Prompt:
+    return Prompt(0, "", tuple(parse_check(t, "test") for t in tests), "asserts")
 
 
 def make(problems, **kwargs) -> CodeTask:
@@ -59,7 +64,8 @@ def test_extract_code():
 def test_rows(problems):
     t = CodeTask(str(problems), held_out_fraction=0.0, isolation="none")
     a, io = t.train_prompts
-    assert (a.kind, a.tests) == ("asserts", ("assert add(1, 2) == 3", "assert add(2, 2) == 4"))
+    assert a.kind == "asserts"
+    assert a.tests == (Check("value", "add(1, 2)", "eq", 3), Check("value", "add(2, 2)", "eq", 4))
     assert (io.kind, io.tests) == ("io", (("1 2\n", "3\n"), ("5 5\n", "10")))
     assert a.text.startswith("Write add(a, b).\n\n") and "```python" in a.text
     assert [p.prompt_id for p in t.train_prompts] == [0, 1]
@@ -71,7 +77,7 @@ def test_rows(problems):
         ('{"prompt": "x", "tests": []}', r"p\.jsonl:2: tests must be a non-empty list"),
         ('{"prompt": "x", "tests": "assert 1"}', r"p\.jsonl:2: tests must be a non-empty list"),
         ('{"prompt": "x", "tests": ["assert 1", {"input": "", "output": ""}]}',
-         r"p\.jsonl:2: tests must be all assert strings"),
+         r"p\.jsonl:2: tests must be all assert-style"),
         ('{"prompt": "x", "tests": [{"input": "1"}]}', r"p\.jsonl:2: tests must be all"),
         ('{"tests": ["assert 1"]}', r"p\.jsonl:2: missing field 'prompt'"),
         ('{"prompt": "x"', r"p\.jsonl:2: not valid JSON"),
@@ -253,9 +259,8 @@ def test_no_network(task):
             "    except OSError:\n"
             "        return False\n"
         )
-        prompt = task.train_prompts[0]
         tests = (f"assert reach('127.0.0.1', {port})", "assert reach('1.1.1.1', 53)")
-        v = task.verify(type(prompt)(0, "", tests, "asserts"), code)
+        v = task.verify(asserts(*tests), code)
         assert (v.reward, v.info) == (0.0, "failed 2/2")
         with pytest.raises(BlockingIOError):
             server.accept()  # nothing came in
@@ -289,7 +294,7 @@ def test_cannot_write_outside_its_directory(task, tmp_path):
         f"assert attempt(lambda: open({str(ROOT / 'sandbox-was-here')!r}, 'w'))",
         "assert local() == 'fine'",  # its own directory is writable
     )
-    v = task.verify(type(task.train_prompts[0])(0, "", tests, "asserts"), code)
+    v = task.verify(asserts(*tests), code)
     assert (v.reward, v.info) == (0.0, "failed 4/5")
     assert victim.read_text() == "intact"
     assert sorted(p.name for p in shared.iterdir()) == ["victim.txt"]
