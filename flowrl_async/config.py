@@ -383,6 +383,13 @@ def validate(cfg: TrainConfig) -> None:
             "half in curve_authorized_keys/learner/): otherwise every actor's key may sample, "
             "rewind and prune; or set replay.insecure=true"
         )
+    if (cfg.cluster.address and r.curve_authorized_keys is not None and r.curve_public_key is None
+            and not r.insecure):  # fmt: skip
+        problems.append(
+            "cluster mode needs replay.curve_public_key (the server's public certificate): "
+            "without it every client reads the server's secret certificate, and with it could "
+            "connect as the service itself, which may make every request"
+        )
     if r.retain not in ("all", "needed"):
         problems.append(f"replay.retain={r.retain!r}: expected all or needed")
     if r.capacity_bytes is not None and r.capacity_bytes < 1:

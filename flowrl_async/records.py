@@ -138,7 +138,7 @@ class GroupIds:
     """Group ids ``<producer>-<seq>``: a producer drawn at random once (32 hex digits) and a
     seq counting its groups from 0. The replay service deduplicates such ids by a watermark
     per producer (replay/dedup.py), in memory bounded by producers, not groups; ids must
-    therefore be made in the order the groups are inserted, give or take ``MAX_GAPS``."""
+    therefore be made in the order the groups are inserted, give or take the window of ``replay/dedup.py``."""
 
     def __init__(self):
         self.producer = uuid.uuid4().hex

@@ -2,14 +2,15 @@
 
 A group id ``<producer>-<seq>`` (``records.GroupIds``: the producer is 32 lowercase hex
 digits drawn once per rollout process, the seq counts its groups from 0) is remembered by its
-producer's watermark: the highest seq accepted and the seqs below it not accepted yet (the
-gaps: groups built but rejected, dropped at a stop, or still on their way), at most
-``max_gaps`` of them. When more gaps open, the lowest are forgotten: a group that comes
-after its seq was forgotten is refused (``EXPIRED``, an error reply, never an
-acknowledgement), since the service can no longer tell a new group from a retry. It was
-never acknowledged, or it is held already: either way nothing acknowledged is lost and
-nothing is held twice. Memory: one entry per producer plus its open gaps, whatever the
-number of groups.
+producer's window: the highest seq accepted (``high``) and, of the ``window`` seqs below it,
+which were not accepted yet (the gaps: groups built but rejected, dropped at a stop, or still
+on their way), as ranges. A seq below the window (``floor = high - window``) can no longer
+be told from a retry: such a group is refused (``EXPIRED``, an error reply, never an
+acknowledgement). It was never acknowledged, or it was and is kept: either way nothing
+acknowledged is lost and nothing is held twice. An actor pushes its groups in order, with at
+most a few dozen in flight, so its retries fall well inside the window. Memory: per
+producer its window and gap ranges (at most ``window / 2`` of them, one for any jump ahead),
+whatever the number of groups.
 
 Any other id (hand-made groups, older clients) is remembered as is, in ``legacy``: one
 entry per group, counted in the service's stats (``dedup_legacy_ids``).
@@ -17,58 +18,83 @@ entry per group, counted in the service's stats (``dedup_legacy_ids``).
 
 from __future__ import annotations
 
+import bisect
 import re
 
 NEW, SEEN, EXPIRED = "new", "seen", "expired"
-MAX_GAPS = 1024
+WINDOW = 1024
 _ID = re.compile(r"([0-9a-f]{32})-(0|[1-9][0-9]{0,17})")  # seq < 10^18: a plain int
 
 
-class Dedup:
-    """The accepted group ids: a watermark per producer, and the legacy ids as they are."""
+def split_id(group_id: str) -> tuple[str, int] | None:
+    """(producer, seq) of a producer id; None for any other id."""
+    m = _ID.fullmatch(group_id)
+    return None if m is None else (m[1], int(m[2]))
 
-    def __init__(self, max_gaps: int = MAX_GAPS):
-        self.max_gaps = max_gaps
-        # producer -> [high, floor, gaps]: the highest seq accepted; below ``floor`` nothing
-        # is known any more; the seqs in [floor, high) not accepted yet
-        self.producers: dict[str, list] = {}
+
+class Window:
+    """One producer's accepted seqs: all up to ``high`` except the ``gaps`` (sorted,
+    disjoint ``[lo, hi)`` ranges inside ``[floor, high)``); below ``floor``: unknown."""
+
+    __slots__ = ("high", "floor", "gaps")
+
+    def __init__(self, high: int = -1, floor: int = 0, gaps: list | None = None):
+        self.high, self.floor, self.gaps = high, floor, gaps if gaps is not None else []
+
+    def status(self, seq: int, floor: int | None = None) -> str:
+        if seq < max(self.floor, floor or 0):
+            return EXPIRED
+        if seq > self.high:
+            return NEW
+        i = bisect.bisect_right(self.gaps, [seq, float("inf")]) - 1  # the range starting <= seq
+        return NEW if i >= 0 and seq < self.gaps[i][1] else SEEN
+
+    def add(self, seq: int, window: int) -> None:
+        if seq > self.high:
+            if seq > self.high + 1:
+                self.gaps.append([self.high + 1, seq])
+            self.high = seq
+            self.floor = max(self.floor, seq - window)
+            while self.gaps and self.gaps[0][1] <= self.floor:  # wholly forgotten
+                self.gaps.pop(0)
+            if self.gaps and self.gaps[0][0] < self.floor:
+                self.gaps[0][0] = self.floor
+            return
+        i = bisect.bisect_right(self.gaps, [seq, float("inf")]) - 1
+        lo, hi = self.gaps[i]  # status was NEW: seq lies in this range
+        self.gaps[i : i + 1] = [r for r in ([lo, seq], [seq + 1, hi]) if r[0] < r[1]]
+
+
+class Dedup:
+    """The accepted group ids: a window per producer, and the legacy ids as they are."""
+
+    def __init__(self, window: int = WINDOW):
+        self.window = window
+        self.producers: dict[str, Window] = {}
         self.legacy: set[str] = set()
 
-    def status(self, group_id: str) -> str:
-        m = _ID.fullmatch(group_id)
-        if m is None:
+    def status(self, group_id: str, pending: dict | None = None) -> str:
+        """NEW, SEEN or EXPIRED. ``pending``: producer -> the highest seq accepted earlier
+        in the same message, not applied yet (its window moves once they are)."""
+        split = split_id(group_id)
+        if split is None:
             return SEEN if group_id in self.legacy else NEW
-        known = self.producers.get(m[1])
+        producer, seq = split
+        known = self.producers.get(producer)
+        ahead = (pending or {}).get(producer)
+        floor = None if ahead is None else ahead - self.window
         if known is None:
-            return NEW
-        seq, (high, floor, gaps) = int(m[2]), known
-        if seq > high or seq in gaps:
-            return NEW
-        return EXPIRED if seq < floor else SEEN
+            return EXPIRED if floor is not None and seq < floor else NEW
+        return known.status(seq, floor)
 
     def add(self, group_id: str) -> None:
         """Remember an accepted id (one whose status was NEW)."""
-        m = _ID.fullmatch(group_id)
-        if m is None:
+        split = split_id(group_id)
+        if split is None:
             self.legacy.add(group_id)
             return
-        producer, seq = m[1], int(m[2])
-        known = self.producers.setdefault(producer, [-1, 0, set()])
-        high, floor, gaps = known
-        moved = False
-        if seq > high:
-            if seq - self.max_gaps > floor:  # gaps beyond the bound: forgotten
-                floor, moved = seq - self.max_gaps, True
-            gaps.update(range(max(high + 1, floor), seq))
-            high = seq
-        gaps.discard(seq)
-        if moved or len(gaps) > self.max_gaps:
-            ordered = sorted(g for g in gaps if g >= floor)
-            cut = max(0, len(ordered) - self.max_gaps)  # the lowest beyond the bound
-            if cut:
-                floor = ordered[cut - 1] + 1
-            gaps = set(ordered[cut:])
-        known[:] = high, floor, gaps
+        producer, seq = split
+        self.producers.setdefault(producer, Window()).add(seq, self.window)
 
     def __eq__(self, other) -> bool:
         return isinstance(other, Dedup) and self.snapshot() == other.snapshot()
@@ -77,13 +103,16 @@ class Dedup:
         return self.status(group_id) != NEW
 
     def __len__(self) -> int:
-        """Entries held: producers, their gaps and legacy ids (the memory bound)."""
-        gaps = sum(len(g) for _, _, g in self.producers.values())
+        """Entries held: producers, their gap ranges and legacy ids (the memory bound)."""
+        gaps = sum(len(w.gaps) for w in self.producers.values())
         return len(self.producers) + gaps + len(self.legacy)
 
     def snapshot(self) -> dict:
         return {
-            "producers": [[p, h, f, sorted(g)] for p, (h, f, g) in sorted(self.producers.items())],
+            "producers": [
+                [p, w.high, w.floor, [list(r) for r in w.gaps]]
+                for p, w in sorted(self.producers.items())
+            ],  # fmt: skip
             "legacy": sorted(self.legacy),
         }
 
@@ -92,7 +121,9 @@ class Dedup:
         """From ``snapshot()``, or from a checkpoint that kept every id (``seen``), in order."""
         out = cls()
         if snap is not None:
-            out.producers = {p: [h, f, set(g)] for p, h, f, g in snap["producers"]}
+            out.producers = {
+                p: Window(h, f, [list(r) for r in g]) for p, h, f, g in snap["producers"]
+            }
             out.legacy = set(snap["legacy"])
         for gid in seen or ():
             out.add(gid)

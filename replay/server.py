@@ -42,7 +42,7 @@ from flowrl_async.replay import checkpoint as ckpt
 from flowrl_async.replay.buffer import ReplayBuffer
 from flowrl_async.replay.config import ServerConfig, parse_args
 from flowrl_async.replay.curve import ANY, RECHECK_S, ServerCurve, allowed
-from flowrl_async.replay.dedup import EXPIRED, NEW, SEEN
+from flowrl_async.replay.dedup import EXPIRED, NEW, SEEN, split_id
 from flowrl_async.replay.held import SUPERSEDED, BatchReply, Held, HeldInsert, HeldRequests
 from flowrl_async.replay.log import SegmentLog
 from flowrl_async.replay.metrics import ServiceMetrics
@@ -350,6 +350,7 @@ class ReplayServer:
         self, items: list, timeout_ms: int, batch: BatchReply
     ) -> tuple[str, dict] | None:
         results, accepted, ids = batch.results, [], set()
+        pending: dict[str, int] = {}  # producer -> its highest seq accepted in this message
         for i, raw in enumerate(items):
             try:
                 obj, info = unpack_group(raw, self.limits)  # full validation, once
@@ -360,7 +361,7 @@ class ReplayServer:
                 continue
             gid = info.group_id
             try:
-                seen = self._seen(gid) or gid in ids
+                seen = self._seen(gid, pending) or gid in ids
             except WireError as e:
                 self._reject("bad_group")
                 results[i] = [REJECTED, _short(str(e), MAX_GROUP_REASON)]
@@ -370,6 +371,8 @@ class ReplayServer:
                 results[i] = [DUPLICATE, ""]
                 continue
             ids.add(gid)
+            if (split := split_id(gid)) is not None:
+                pending[split[0]] = max(pending.get(split[0], -1), split[1])
             if self._must_hold():
                 self._hold_insert(info, obj, raw, timeout_ms, (batch, i))
                 batch.pending += 1
@@ -383,14 +386,15 @@ class ReplayServer:
             self._inserts(accepted)  # one append (and flush, fsync policy) for the message
         return None if batch.pending else ("acks", {"results": results})
 
-    def _seen(self, group_id: str) -> bool:
+    def _seen(self, group_id: str, pending: dict | None = None) -> bool:
         """Whether the group was accepted before; WireError when that can no longer be
-        told (its producer's seq is below the watermark's window: replay/dedup.py)."""
-        status = self.buffer.seen.status(group_id)
+        told (its producer's seq is below its window: replay/dedup.py). ``pending``: what
+        the same message accepted before it (Dedup.status)."""
+        status = self.buffer.seen.status(group_id, pending)
         if status == EXPIRED:
             self.dedup_expired += 1
             raise WireError(f"group {_short(group_id, 60)}: too old to tell from a retry "
-                            f"(more than {self.buffer.seen.max_gaps} groups of its producer "
+                            f"(more than {self.buffer.seen.window} groups of its producer "
                             "since): refused")  # fmt: skip
         return status == SEEN
 
@@ -447,6 +451,8 @@ class ReplayServer:
             self._answer_slot(target, slot, status, reason)
         elif status == TIMEOUT:
             self._send(target, "error", slot, reason=reason, code="insert_timeout")
+        elif status == REJECTED:
+            self._send(target, "error", slot, reason=reason)
         else:
             gid = held.info.group_id
             self._send(target, "ack", slot, group_id=gid, duplicate=status == DUPLICATE)
@@ -482,10 +488,13 @@ class ReplayServer:
             except ValueError as e:
                 raise WireError(str(e)) from None
         if req in self.state.answers:  # a retry: the same answer again, never a second batch
+            self.held.samples.pop(req, None)
             return self._batch_reply(req)
         starved = self.starved
         reply = self._try_sample(batch_size, version, req)
-        if reply is None:
+        if reply is not None:
+            self.held.samples.pop(req, None)  # a retry answered now: its held twin goes
+        else:
             self.starved = starved  # only held samples decide it (_serve_held_samples)
             retry = req in self.held.samples
             if not retry and len(self.held.samples) >= self.cfg.max_held:  # bounded
@@ -647,11 +656,14 @@ class ReplayServer:
         self.metrics.rejected(reason)
 
     def _role(self, frames) -> str | None:
+        """The sender's role; None (refused) without a User-Id or when the key directory
+        cannot be read."""
         try:
-            user = frames[-1].get("User-Id")
-        except Exception:  # no User-Id: not a CURVE peer
+            return self._keys.role(frames[-1].get("User-Id").encode(), RECHECK_S)
+        except Exception:
+            self.internal_errors += 1
+            traceback.print_exc(file=sys.stderr)
             return None
-        return self._keys.role(user.encode(), RECHECK_S)
 
     def _on_frames(self, frames: list[bytes], role: str | None = ANY) -> None:
         if len(frames) < 2:  # a ROUTER always prepends the identity; nobody to answer
@@ -696,6 +708,9 @@ class ReplayServer:
                 gid, held = self.held.inserts.popitem(last=False)
                 status = self.buffer.seen.status(gid)  # new when held; may have expired since
                 if status != NEW:
+                    if status == EXPIRED:
+                        self.dedup_expired += 1
+                        self._reject("bad_group")
                     self._resolve(held, DUPLICATE if status == SEEN else REJECTED,
                                   "" if status == SEEN else "too old to tell from a retry")  # fmt: skip
                     continue
@@ -723,6 +738,13 @@ class ReplayServer:
         if self._tried_at == self._changes:
             return False
         self._tried_at = self._changes
+        try:
+            return self._try_held_samples()
+        except BaseException:
+            self._tried_at = -1  # not all were tried: every one again at the next turn
+            raise
+
+    def _try_held_samples(self) -> bool:
         served, starved = False, False
         for held in list(self.held.samples.values()):
             m = held.msg

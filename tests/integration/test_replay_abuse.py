@@ -24,7 +24,10 @@ pytestmark = [
 ]
 
 RSS_BUDGET_MB = 250  # the server's peak resident memory, all of the attack included (100 MB seen)
-P99_BUDGET_MS = 100.0  # an honest client's round trips while it goes on
+# an honest client's round trips while it goes on: a bound that catches stalls (a 1 GiB
+# frame buffered, a flood scanned per request: seconds), not a speed figure; the p99
+# measured is printed (17.6 ms on a quiet machine, 161 ms with the suite's neighbours)
+P99_BUDGET_MS = 500.0
 
 # The attacker runs in its own process (no GIL shared with the honest clients). It holds
 # the actor's key and, for the flood of held samples, the learner's (a compromised

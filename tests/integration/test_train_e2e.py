@@ -99,6 +99,7 @@ def test_an_actor_killed_mid_run_is_restarted_and_rejoins(tmp_path):
     from flowrl_async.run.launch import train
 
     cfg = small_config(tmp_path, steps=40, max_staleness=0)
+    cfg.generator.engine = "torch"  # the restart is the subject (vLLM actors: the short run)
     summary = train(cfg, on_step=sigkill_at(3, lambda procs: procs.actors[0]))
     assert summary["actor_restarts"] == 1
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]

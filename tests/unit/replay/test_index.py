@@ -110,8 +110,16 @@ def test_freshness_aware_priority_halves_per_half_life_of_staleness():
     buf.insert(entry("spread", 4, priority=3.0))
     w = {k: buf.tree.weight(k) for k in ("old", "new", "spread")}
     assert w["new"] / w["old"] == 4.0 and w["spread"] / w["new"] == 3.0
-    buf.evict_stale(100)  # a version rise changes no odds: a common factor
+    buf.evict_stale(100)  # no staleness bound: nothing leaves
     assert {k: buf.tree.weight(k) for k in w} == w
+    bounded = ReplayBuffer(capacity=100, max_staleness=10, selector="prioritized")
+    bounded.priority_half_life = 2.0
+    for k, v in (("old", 0), ("new", 4)):
+        bounded.insert(entry(k, v))
+    before = {k: bounded.tree.weight(k) for k in ("old", "new")}
+    bounded.evict_stale(8)  # a version rise: both staler by 8, the odds unchanged
+    assert {k: bounded.tree.weight(k) for k in ("old", "new")} == before
+    assert bounded.tree.weight("new") / bounded.tree.weight("old") == 4.0
 
 
 def test_freshness_weights_stay_finite_over_a_long_run():
@@ -145,10 +153,15 @@ def test_indexes_match_the_held_groups_after_every_change(selector):
             version += 1
             buf.evict_stale(version)
         held = set(buf.entries)
+        by_version = {k for b in buf.by_version.buckets.values() for k in b}
+        assert by_version == held and all(
+            k in buf.by_version.buckets[buf.entries[k].min_version] for k in held
+        )
         if selector == "uniform":
             assert set(buf.all_keys.keys) == held
         elif selector == "prioritized":
             assert set(buf.tree.slot) == held
+            assert all(buf.tree.weight(k) == buf._weight(buf.entries[k]) for k in held)
         else:
             assert set(buf.fresh) | set(buf.used.keys) == held
             assert all(buf.entries[k].times_sampled == 0 for k in buf.fresh)

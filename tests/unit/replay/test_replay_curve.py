@@ -252,6 +252,9 @@ def test_cluster_mode_needs_the_learner_to_have_a_key_of_its_own(tmp_path, roles
     with pytest.raises(ValueError, match="replay.curve_learner_key"):
         validate(cfg)
     r.curve_learner_key = str(roles["learner"][1])
+    with pytest.raises(ValueError, match="replay.curve_public_key"):  # else clients read
+        validate(cfg)  # the server's secret certificate
+    r.curve_public_key = str(roles["server"][0])
     validate(cfg)
     assert replay_keys(cfg)["curve_client_key"] == str(roles["actor"][1])
     assert replay_keys(cfg, learner=True)["curve_client_key"] == str(roles["learner"][1])

@@ -614,6 +614,46 @@ def test_held_samples_are_tried_again_only_when_something_changed(tmp_path, monk
     server.log.close()
 
 
+def test_a_held_sample_answered_through_its_retry_is_never_served_again(tmp_path):
+    # before: the held twin stayed and was served a second time (a second smp record: those
+    # groups were used up and sent to a client that no longer waited)
+    server = server_at(tmp_path / "r")
+    server._send = lambda *a, **k: None
+    msg = {"batch_size": 1, "version": 0, "req": "s0", "timeout_ms": 10**6}
+    assert server.handle("sample", msg, b"old") is None  # held
+    insert(server, "a")
+    insert(server, "b")
+    assert server.handle("sample", msg, b"new")[0] == "batch"  # the retry, answered at once
+    server._serve_held()
+    assert not server.held.samples and server.stats()["sampled_groups"] == 1
+    assert list(server.buffer.entries) == ["b"]
+    server.log.close()
+
+
+def test_held_samples_are_all_tried_again_after_a_turn_that_failed(tmp_path, monkeypatch):
+    server = server_at(tmp_path / "r")
+    server._send = lambda *a, **k: None
+    for req in ("s0", "s1"):
+        server.handle("sample", {"batch_size": 1, "version": 0, "req": req, "timeout_ms": 10**6},
+                      b"l")  # fmt: skip
+    insert(server, "a")
+    insert(server, "b")
+    real, calls = server._try_sample, []
+
+    def flaky(*a):
+        calls.append(a[2])
+        if len(calls) == 1:
+            raise OSError("a transient failure")
+        return real(*a)
+
+    monkeypatch.setattr(server, "_try_sample", flaky)
+    with pytest.raises(OSError):
+        server._serve_held()
+    server._serve_held()  # before: skipped (nothing changed since the failed turn)
+    assert not server.held.samples and server.stats()["sampled_groups"] == 2
+    server.log.close()
+
+
 def test_a_group_no_reply_could_carry_and_an_absurd_group_version_are_refused(tmp_path):
     from flowrl_async.wire import WireLimits
 
