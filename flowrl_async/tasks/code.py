@@ -35,23 +35,27 @@ group. On top of that, ``isolation`` picks how much the kernel isolates (``"auto
 first of "root" and "user" that works, probed once per process, and never falls back to
 "none": that must be asked for by name):
 
-- ``"root"`` (caller is root, ``unshare`` present) and ``"user"`` (any user with
-  unprivileged user namespaces; the code keeps the caller's uid, mapped to 0 in the
-  namespace): new network, PID and mount namespaces (``user``: inside a user namespace).
-  What the candidate sees is a private root, a read-only tmpfs holding only: this Python's
-  installation and the system library directories (``/lib``, ``/lib64``, ``/usr/lib``,
-  ``/usr/lib64``), read-only bind mounts; ``/dev/null``, ``zero``, ``random``, ``urandom``; a
-  ``/proc`` of its own PID namespace (``root``: with ``hidepid=2``, so only its own
-  processes); a size-capped tmpfs at ``/tmp``, its working directory and the only place it
+- ``"root"`` (caller is root, ``unshare`` present) and ``"user"`` (a non-root caller with
+  unprivileged user namespaces; refused for root, where it would run the code as the host's
+  uid 0): new network, PID, mount, UTS and IPC namespaces (``user``: inside a user
+  namespace, the caller's uid mapped to 0). What the candidate sees is a private root, a
+  read-only tmpfs holding only: this Python's installation and the system library
+  directories (``/lib``, ``/lib64``, ``/usr/lib``, ``/usr/lib64``), read-only bind mounts
+  (their submounts too); ``/dev/null``, ``zero``, ``random``, ``urandom``; a read-only
+  ``/proc`` with ``hidepid=2,subset=pid`` (its own processes, no ``/proc/sys``); a
+  size-capped tmpfs at ``/tmp`` (``noexec``), its working directory and the only place it
   can write. The host's root is detached (``pivot_root``, then a lazy unmount): no
-  repository, runs, replay logs, home directories or ``/etc``. It runs with empty effective,
-  permitted, inheritable, ambient and bounding capability sets, ``no_new_privs``, and locked
-  securebits (no capabilities for uid 0 at exec, none kept across setuid), whatever user
-  started the actor; ``root``: under a fresh random uid too (so RLIMIT_NPROC counts only
-  its processes). The supervisor is not dumpable (``/proc/1`` and ptrace closed to it).
-  No seccomp filter (no well-kept library for one is on the machine). ``user`` started by
-  root: RLIMIT_NPROC does not bind uid 0, so a fork bomb runs to the deadline (the PID
-  namespace then ends it), and a non-root caller's own processes count against the limit.
+  repository, runs, replay logs, home directories or ``/etc``. It runs with empty
+  effective, permitted, inheritable, ambient and bounding capability sets,
+  ``no_new_privs``, and locked securebits (no capabilities for uid 0 at exec, none kept
+  across setuid), whatever user started the actor; ``root``: under a fresh random uid too
+  (so RLIMIT_NPROC counts only its processes). The supervisor is not dumpable (``/proc/1``
+  and ptrace closed to it) and leaves every signal at its default (PID 1 then drops
+  signals sent from inside). Not done: a seccomp filter (no well-kept library for one is on
+  the machine: the kernel's system calls are all reachable, inside those namespaces; the
+  code may make user namespaces of its own), a cgroup (memory is bounded per process,
+  times the process limit); with ``user``, a non-root caller's own processes count
+  against RLIMIT_NPROC.
 - ``"none"``: limits and the process group only: no network isolation, the host's files
   readable and those writable by the caller writable by the code, processes that call
   setsid survive the deadline, and for root RLIMIT_NPROC is not enforced. Only for trusted
@@ -197,7 +201,8 @@ class CodeTask:
         n = len(prompt.tests)
         results = {}
         for words in run.lines:
-            if words[0] == "test" and len(words) >= 3 and words[1].isdigit() and int(words[1]) < n:
+            if (words[0] == "test" and len(words) >= 3 and words[1].isascii()
+                    and words[1].isdigit() and int(words[1]) < n):  # fmt: skip
                 i = int(words[1])
                 # one report per test: a second one (forged lines) fails it
                 results[i] = i not in results and self._passed(prompt, i, words[2:])
@@ -250,7 +255,8 @@ class CodeTask:
         unshare = shutil.which("unshare")
         if not unshare:
             raise OSError("isolation needs the unshare program (util-linux)")
-        spaces = ["--net", "--pid", "--mount", "--fork", "--kill-child", "--mount-proc"]
+        spaces = ["--net", "--pid", "--mount", "--uts", "--ipc", "--fork", "--kill-child",
+                  "--mount-proc"]  # fmt: skip
         worker = [runtime()[0], "-I", "-B", "-S", "-c", WORKER]  # stdlib only, from the runtime
         if mode == "user":
             return [unshare, "--user", "--map-root-user", *spaces], worker, None
@@ -312,7 +318,14 @@ class CodeTask:
         modes = {"auto": ["root", "user"], "root": ["root"], "user": ["user"], "none": ["none"]}
         if isolation not in modes:
             raise ValueError(f"isolation must be one of {sorted(modes)}, got {isolation!r}")
-        candidates = [m for m in modes[isolation] if m != "root" or os.geteuid() == 0]
+        if isolation == "user" and os.geteuid() == 0:
+            raise ValueError(
+                "isolation 'user' started by root would run the code as the host's uid 0 "
+                "(namespaced, without capabilities, but still uid 0): use 'root' (what auto "
+                "picks for root), which runs it under a fresh unprivileged uid"
+            )
+        root = os.geteuid() == 0
+        candidates = [m for m in modes[isolation] if (m == "root") == root or m == "none"]
         for mode in candidates:
             if self._probe(mode):
                 return mode
@@ -340,8 +353,11 @@ class CodeTask:
 
 
 def _same_output(encoded: str, expected: str) -> bool:
-    got = "" if encoded == "-" else base64.b64decode(encoded).decode("utf-8", errors="replace")
-    return _norm(got) == _norm(expected)
+    try:
+        got = "" if encoded == "-" else base64.b64decode(encoded, validate=True)
+    except ValueError:  # not what the worker writes: a forged line
+        return False
+    return _norm(got if isinstance(got, str) else got.decode("utf-8", "replace")) == _norm(expected)
 
 
 def _norm(text: str) -> list[str]:

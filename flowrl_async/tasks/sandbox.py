@@ -33,6 +33,10 @@ def check(ret, what):
         raise OSError(err, os.strerror(err), what)
 libc.prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
 check(libc.prctl(4, 0, 0, 0, 0), "PR_SET_DUMPABLE")  # /proc/1 and ptrace: the kernel's only
+for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+    signal.signal(sig, signal.SIG_DFL)  # PID 1: signals from inside with no handler are dropped
+CAPS = int(open("/proc/sys/kernel/cap_last_cap").read()) if job["mount"] else 0  # read now:
+# the candidate's /proc has no /proc/sys
 if job["mount"]:
     libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
     def mount(source, target, fstype, flags, data=None):
@@ -69,11 +73,21 @@ if job["mount"]:
     for name in ("null", "zero", "random", "urandom"):  # devices: bound, kept writable
         open(inside("/dev/" + name), "w").close()
         mount(("/dev/" + name).encode(), inside("/dev/" + name), None, BIND)
+    with open("/proc/self/mountinfo") as f:  # submounts of the binds: read-only too
+        below = [re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), l.split()[4])
+                 for l in f]
+    for target in below:
+        if target.startswith(new + "/") and not target.startswith(inside("/dev") + "/"):
+            mount(None, target, None, BIND | REMOUNT | RDONLY | NOSUID | NODEV | locked(target))
     os.mkdir(inside("/proc"))
-    mount(b"proc", inside("/proc"), b"proc", NOSUID | NODEV | NOEXEC, b"hidepid=2")
+    try:  # its own processes only, and none of /proc/sys and the rest (kernel 5.8 on)
+        mount(b"proc", inside("/proc"), b"proc", RDONLY | NOSUID | NODEV | NOEXEC,
+              b"hidepid=2,subset=pid")
+    except OSError:
+        mount(b"proc", inside("/proc"), b"proc", RDONLY | NOSUID | NODEV | NOEXEC, b"hidepid=2")
     os.mkdir(inside("/tmp"))
     owner = "" if job["uid"] is None else ",uid=%d,gid=%d" % (job["uid"], job["uid"])
-    mount(b"tmpfs", inside("/tmp"), b"tmpfs", NOSUID | NODEV,
+    mount(b"tmpfs", inside("/tmp"), b"tmpfs", NOSUID | NODEV | NOEXEC,
           b"size=%dm,mode=0700%s" % (job["disk_mb"], owner.encode()))
     os.mkdir(inside("/.old"))
     mount(None, new, None, BIND | REMOUNT | RDONLY | NOSUID | NODEV)  # the new / itself
@@ -83,7 +97,6 @@ if job["mount"]:
     os.chroot(".")
     check(libc.umount2(b"/.old", 2), "umount /.old")  # MNT_DETACH: the host is gone
 os.chdir("/tmp" if job["mount"] else d)
-CAPS = int(open("/proc/sys/kernel/cap_last_cap").read()) if job["mount"] else 0
 def drop():  # in the worker, before exec: nothing it could use comes back
     check(libc.prctl(38, 1, 0, 0, 0), "PR_SET_NO_NEW_PRIVS")
     if not job["mount"]:
@@ -142,22 +155,35 @@ if job["kind"] == "asserts":
     # plain values only, by exact type, with references taken before the code runs; the
     # code can still rewrite anything in this process, but a value it forges must equal
     # an expected value it never sees (the comparison is in the caller)
-    T, B64, DUMPS, LEN = type, base64.b64encode, json.dumps, len
-    PLAIN = {bool: "b", int: "i", float: "f", str: "s", type(None): "n", list: "l",
-             tuple: "t", dict: "d", set: "S", frozenset: "F"}
+    # a value is sent as its plain content, read through the base types' own methods (a
+    # subclass's overrides never run: a Counter goes as a dict, a namedtuple as a tuple, an
+    # int subclass with an always-true __eq__ as its number), with references taken before
+    # the code runs; anything else fails. The code can still rewrite anything here, but a
+    # value it forges must equal an expected value it never sees (compared in the caller)
+    T, B64, DUMPS, MRO = type, base64.b64encode, json.dumps, type.__dict__["__mro__"].__get__
+    BASES = ((bool, "b"), (int, "i"), (float, "f"), (str, "s"), (type(None), "n"),
+             (list, "l"), (tuple, "t"), (dict, "d"), (frozenset, "F"), (set, "S"))
+    LIST_ITER, TUPLE_ITER, SET_ITER, FSET_ITER = list.__iter__, tuple.__iter__, set.__iter__, frozenset.__iter__
+    ITEMS, HEX, FHEX, STR = dict.items, int.__format__, float.hex, str.__getitem__
     def plain(v, depth=0):
-        tag = PLAIN.get(T(v))
+        mro = MRO(T(v))
+        tag = next((t for base, t in BASES if base in mro), None)
         if tag is None or depth > 64:
             raise TypeError("not a plain value")
+        if tag == "b":
+            return [tag, v is True or int.__index__(v) != 0]
         if tag == "i":
-            return [tag, int.__repr__(v)]
+            return [tag, HEX(v, "x")]
         if tag == "f":
-            return [tag, float.hex(v)]
-        if tag in "ltSF":
-            return [tag, [plain(x, depth + 1) for x in v]]
+            return [tag, FHEX(v)]
+        if tag == "s":
+            return [tag, STR(v, slice(None))]
+        if tag == "n":
+            return [tag]
         if tag == "d":
-            return [tag, [[plain(k, depth + 1), plain(x, depth + 1)] for k, x in dict.items(v)]]
-        return [tag, v] if tag != "n" else [tag]
+            return [tag, [[plain(k, depth + 1), plain(x, depth + 1)] for k, x in ITEMS(v)]]
+        items = {"l": LIST_ITER, "t": TUPLE_ITER, "S": SET_ITER, "F": FSET_ITER}[tag](v)
+        return [tag, [plain(x, depth + 1) for x in items]]
     scope = {"__name__": "solution", "__builtins__": __builtins__}
     tests = [(mode, compile(src, "test_%d" % i, "eval" if mode == "value" else "exec"))
              for i, (mode, src) in enumerate(job["tests"])]

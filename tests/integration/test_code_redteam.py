@@ -20,16 +20,21 @@ from factories import write_jsonl
 ADD_TESTS = ("assert add(1, 2) == 3", "assert add(2, 2) == 4")
 
 
-@pytest.fixture(scope="module", params=["root", "user"])
-def task(request, tmp_path_factory):
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    """The isolation ``auto`` picks: "root" for root (as here and in CI), else "user"."""
     path = write_jsonl(tmp_path_factory.mktemp("p") / "p.jsonl",
                        [{"prompt": "x", "tests": list(ADD_TESTS)}])  # fmt: skip
-    if request.param == "root" and os.geteuid() != 0:
-        pytest.skip("root isolation needs root")
-    try:
-        return CodeTask(str(path), held_out_fraction=0.0, timeout_s=3.0, isolation=request.param)
-    except RuntimeError as e:  # user namespaces off on this kernel
-        pytest.skip(str(e))
+    return CodeTask(str(path), held_out_fraction=0.0, timeout_s=3.0)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a root caller's rule")
+def test_user_isolation_is_refused_for_root(tmp_path):
+    # before: it ran the code as the host's uid 0 (namespaced, no capabilities), and the
+    # review wrote /proc/sys/kernel/core_pattern from inside
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "x", "tests": list(ADD_TESTS)}])
+    with pytest.raises(ValueError, match="host's uid 0"):
+        CodeTask(str(path), isolation="user")
 
 
 def asserts(*tests) -> Prompt:
@@ -66,6 +71,12 @@ def if_possible(attempt: str) -> str:
          ({"call": "root2()", "expected": "1.41421356", "abs_tol": 1e-8},)),
         ("def big():\n    return 10**30\n", ("assert big() == 10**30",)),
         ("def add(a, b):\n    return a + b\n", ({"exec": "x = add(1, 2)\nassert x == 3"},)),
+        ("import collections\ndef freq(xs):\n    return collections.Counter(xs)\n",
+         ("assert freq([1, 1, 2]) == {1: 2, 2: 1}",)),  # a dict subclass: its content
+        ("def big():\n    return 3**10000\n", ("assert big() == 3**10000",)),
+        ("def pair():\n    return {4, 5}\n", ("assert set(pair()) == set((4, 5))",)),
+        ("import math\ndef area(r):\n    return math.pi * r * r\n",
+         ("assert math.isclose(area(2), 12.566, rel_tol=1e-3)",)),
     ],
 )  # fmt: skip
 def test_honest_solutions_pass(task, code, tests):
@@ -118,6 +129,15 @@ def test_grading_hacks_score_nothing(task, name):
 
 
 @pytest.mark.integration
+def test_a_patched_isclose_scores_nothing(task):
+    # before the review's mend: "assert math.isclose(...)" was judged inside, where the
+    # candidate's patched isclose said yes; now the value goes out and is compared here
+    code = "import math\nmath.isclose = lambda *a, **k: True\ndef area(r):\n    return 0\n"
+    prompt = asserts("assert math.isclose(area(2), 12.566, rel_tol=1e-3)")
+    assert reward(task, code, prompt) == 0.0
+
+
+@pytest.mark.integration
 def test_the_expected_values_are_nowhere_the_candidate_can_look(task):
     # before: the assert tests (expected values included) were in the candidate's memory
     token = "secret-" + secrets.token_hex(8)
@@ -165,6 +185,11 @@ def test_the_expected_values_are_nowhere_the_candidate_can_look(task):
         "os.chroot('/tmp')",
         "os.mkdir('/tmp/m') or __import__('ctypes').CDLL(None).mount(b'none', b'/tmp/m', b'tmpfs', 0, None) == 0 or 1/0",
         "open('/usr/lib/pwned', 'w')",
+        "open('/proc/sys/kernel/hostname', 'w')",  # before (user mode as root): writable
+        "open('/proc/sys/kernel/core_pattern').read()",  # no /proc/sys at all
+        # a program of its own in /tmp (mounted noexec): a copy of its interpreter
+        "__import__('shutil').copy(__import__('sys').executable, '/tmp/py') and"
+        " __import__('subprocess').run(['/tmp/py', '-c', 'pass'], check=True)",
         "socket.create_connection(('127.0.0.1', PORT), timeout=1)",
     ],
 )  # fmt: skip
@@ -230,9 +255,5 @@ def test_the_candidate_sees_only_the_runtime_and_its_own_processes(task):
     ],
 )
 def test_bombs_score_nothing(task, bomb, info):
-    if info == "crash" and task.isolation == "user" and os.geteuid() == 0:
-        # the caller's root is the namespace's: RLIMIT_NPROC does not bind uid 0, so the
-        # bomb runs to the deadline, then the PID namespace takes every process with it
-        info = "timeout"
     v = task.verify(asserts(*ADD_TESTS), bomb)
     assert (v.reward, v.info) == (0.0, info)

@@ -26,6 +26,15 @@ from flowrl_async.tasks.sandbox import WORKER
         ({"call": "r()", "expected": "(1.5, 2)", "abs_tol": 0.01},
          Check("value", "r()", "eq", (1.5, 2), 0.01)),
         ({"exec": "x = f()\nassert x > 2"}, Check("exec", "x = f()\nassert x > 2")),
+        ("assert f() is not None", Check("value", "f()", "isnot", None)),
+        ("assert f() in (1, 2)", Check("value", "f()", "in", (1, 2))),
+        ("assert set(f(3)) == set((4, 5))", Check("value", "set(f(3))", "eq", {4, 5})),
+        ("assert f() == set()", Check("value", "f()", "eq", set())),
+        ("assert f() == float('inf')", Check("value", "f()", "eq", float("inf"))),
+        ("assert math.isclose(area(2), 12.566, rel_tol=1e-3)",
+         Check("value", "area(2)", "eq", 12.566, None, 1e-3)),
+        ("assert abs(f(x) - 0.5) < 1e-6", Check("value", "f(x)", "eq", 0.5, 1e-6)),
+        ("assert not isclose(f(), 1.0)", Check("value", "f()", "ne", 1.0, None, 1e-9)),
     ],
 )  # fmt: skip
 def test_the_forms_a_problem_file_may_use(test, check):
@@ -36,7 +45,8 @@ def test_the_forms_a_problem_file_may_use(test, check):
     "test, message",
     [
         ("x = f(); assert x == 2", "not one assert statement"),
-        ("assert abs(f() - 1) < 1e-9", "compare a call with a constant.*call.*exec"),
+        ("assert abs(f() - g()) < 1e-9", "compare a call with a constant.*call.*exec"),
+        ("assert len([y for y in f() if y == 2]) == 1", "compare a call with a constant"),
         ("assert f() == 'a' * 10**9", "compare a call with a constant"),  # too long
         ("assert f() == g()", "compare a call with a constant"),
         ("assert f() == 2 ** 100000", "compare a call with a constant"),  # too large
@@ -47,6 +57,16 @@ def test_the_forms_a_problem_file_may_use(test, check):
         ({"call": "f()", "expected": "1", "abs_tol": -1}, "abs_tol and rel_tol"),
         ({"exec": "def"}, "exec test does not parse"),
         (7, "a test is an assert string or an object"),
+        # the verdict would be computed inside, against constants carried in (the review
+        # scored 1.0 on each with a patched isclose or an always-equal object)
+        ("assert f(1) == 2 and f(2) == 3", "compare a call with a constant"),
+        ("assert (f(1) == 2) == True", "compare a call with a constant"),
+        ("assert check(f(1), 2) and True", "compare a call with a constant"),
+        ("assert all(f(x) == x for x in (1, 2))", "compare a call with a constant"),
+        ("assert math.isclose(f(1), g(2))", "compare a call with a constant"),
+        ("assert " + " * ".join(["9**10000"] * 8) + " == f()", "compare a call with a constant"),
+        ("assert f() == " + " + ".join(["'" + "a" * 1000 + "'"] * 200), "compare a call"),
+        ("assert f() == " + "(" * 5000 + "1" + ")" * 5000, "nested too deeply|does not parse"),
     ],
 )  # fmt: skip
 def test_other_tests_are_refused_naming_the_form_to_use(test, message):
@@ -69,7 +89,8 @@ def encode_in_worker(value):
 )  # fmt: skip
 def test_plain_values_round_trip_exactly(value):
     got = decode_value(encode_in_worker(value))
-    assert got == value and type(got) is type(value)
+    kind = "Unhashed" if isinstance(value, set | frozenset | dict) else type(value).__name__
+    assert got == value and type(got).__name__ == kind
 
 
 class Sneaky(int):
@@ -77,11 +98,39 @@ class Sneaky(int):
         return True
 
 
-@pytest.mark.parametrize("value", [Sneaky(1), object(), [1, Sneaky(2)], {"a": object()},
-                                   b"bytes", 1j])  # fmt: skip
+@pytest.mark.parametrize("value", [object(), [1, object()], {"a": object()}, b"bytes", 1j])
 def test_anything_but_plain_values_fails_in_the_worker(value):
     with pytest.raises(TypeError, match="not a plain value"):
         encode_in_worker(value)
+
+
+def test_a_subclass_goes_as_its_base_types_content_never_through_its_overrides():
+    import collections
+
+    class Lying(list):
+        def __iter__(self):
+            return iter([3])
+
+    Pair = collections.namedtuple("Pair", "a b")
+    assert decode_value(encode_in_worker(Sneaky(1))) == 1  # its __eq__ never ran
+    assert decode_value(encode_in_worker(Lying([1, 2]))) == [1, 2]
+    assert decode_value(encode_in_worker(Pair(1, 2))) == (1, 2)
+    assert decode_value(encode_in_worker(collections.Counter("aab"))) == {"a": 2, "b": 1}
+    assert decode_value(encode_in_worker(3**20000)) == 3**20000  # past int's digit limit
+
+
+def test_a_reported_set_is_compared_without_hashing_its_elements():
+    # before: 20k elements of one hash value took 2.2 s to decode (a quadratic set build;
+    # the test builds its own set of 5k to send, hashing them once here)
+    big = encode_in_worker(set(range(0, 5_000 * (2**61 - 1), 2**61 - 1)))
+    value = decode_value(big)
+    assert type(value).__name__ == "Unhashed" and len(value) == 5_000
+    assert value != {1, 2}  # sizes differ: no element is compared
+    assert decode_value(encode_in_worker({1, (2, 3)})) == {(2, 3), 1}
+    assert decode_value(encode_in_worker({"a": {1}})) == {"a": {1}}
+    assert decode_value(encode_in_worker({"a": 1})) != {"a": 2}
+    with pytest.raises(ValueError, match="not a plain value"):
+        decode_value(encode_in_worker(list(range(200_000))))  # past the node budget
 
 
 def test_a_forged_report_decodes_to_plain_values_or_fails():
@@ -121,6 +170,11 @@ def test_a_deep_or_cyclic_value_fails():
         (Check("value", "f()", "eq", 1.0, 1e-6), 1.0000001, True),
         (Check("value", "f()", "eq", (1.0, 2), 1e-6), (1.0000001, 2), True),
         (Check("value", "f()", "eq", 1.0, 1e-9), 1.0000001, False),
+        (Check("value", "f()", "isnot", None), 0, True),
+        (Check("value", "f()", "in", (1, 2)), 2, True),
+        (Check("value", "f()", "notin", (1, 2)), 3, True),
+        (Check("value", "f()", "in", "abc"), "bc", True),  # a substring
+        (Check("value", "f()", "in", "abc"), 1, False),
     ],
 )  # fmt: skip
 def test_values_are_judged_as_the_test_says(check, value, ok):
