@@ -64,3 +64,21 @@ def test_an_encrypted_replay_socket_with_authorized_clients(tmp_path):
     assert [row["step"] for row in out["history"]] == [1, 2, 3]
     assert out["replay"]["sampled_groups"] == 3 * 4
     assert accounted_for(out["replay"])
+
+
+@pytest.mark.integration
+def test_the_variable_length_task_runs_from_the_config(tmp_path):
+    # task=sums (configs/task/sums.yaml): answers of 1 to 2s - 1 characters, reward 0/1
+    import yaml
+
+    from flowrl_async.run.inline import run_inline
+
+    cfg = small_config(tmp_path, steps=3, max_staleness=1)
+    shipped = yaml.safe_load(open("configs/task/sums.yaml"))
+    cfg.task.target, cfg.task.kwargs = shipped["target"], {"totals": [2, 3, 4, 5, 6]}
+    cfg.generator.engine = "torch"
+    out = run_inline(cfg)
+    rows = out["history"]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(0.0 <= r["reward_mean"] <= 1.0 for r in rows)  # 0/1 rewards only
+    assert out["replay"]["sampled_groups"] == 3 * 4
