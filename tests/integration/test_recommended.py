@@ -54,15 +54,18 @@ def test_off_policy_tb_with_replay_trains_past_staleness_64(tmp_path):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("setting", [["algo=grpo"], ["mode=sync"]], ids=["grpo", "sync"])
-def test_readme_settings_run_end_to_end(tmp_path, setting):
+@pytest.mark.parametrize(
+    "setting, batch",  # sync: a batch is what both actors make in one round (2 × 4 groups)
+    [(["algo=grpo"], 4), (["mode=sync"], 8)], ids=["grpo", "sync"],
+)  # fmt: skip
+def test_readme_settings_run_end_to_end(tmp_path, setting, batch):
     rows, summary = train(
-        tmp_path / "run", *setting, "learner.steps=6", "learner.batch_groups=4",
+        tmp_path / "run", *setting, "learner.steps=6", f"learner.batch_groups={batch}",
         "replay.metrics_every=3",
     )  # fmt: skip
     assert [r["step"] for r in rows] == list(range(1, 7))
     assert [r["step"] for r in replay_rows(rows)] == [3, 6]
-    assert summary["replay"]["sampled_groups"] == 6 * 4
+    assert summary["replay"]["sampled_groups"] == 6 * batch
     assert all("unavailable" not in a for a in summary["actors"])
 
 
