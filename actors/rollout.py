@@ -122,7 +122,10 @@ class RolloutLoop:
                     raise
                 self.stats.insert_retries += 1
 
-    def build_group(self, position, prompt, prompt_ids, completions, started) -> Group:
+    def build_group(self, position, prompt, prompt_ids, completions, started,
+                    first_version: int | None = None) -> Group:  # fmt: skip
+        """``first_version``: the weights its first tokens came from (streaming: the version
+        when it was submitted); its last tokens came from the current ones."""
         t0 = time.perf_counter()
         responses = []
         for c in completions:
@@ -134,7 +137,7 @@ class RolloutLoop:
                     behavior_logprobs=c.logprobs,
                     reward=float(verdict.reward),
                     finish_reason=c.finish_reason,
-                    first_version=self.version,
+                    first_version=self.version if first_version is None else first_version,
                     last_version=self.version,
                     info=verdict.info,
                 )

@@ -35,6 +35,7 @@ class TorchGenerator:
         self.model = model.eval()
         self.eos, self.pad = eos_token_id, pad_token_id
         self.rng = torch.Generator().manual_seed(seed)
+        self.active: dict = {}  # streaming: key -> _Group in flight
 
     @torch.no_grad()
     def generate(
@@ -68,20 +69,50 @@ class TorchGenerator:
                 past_key_values=out.past_key_values,
                 use_cache=True,
             )
-        tok_mat = torch.stack(tokens, 1).numpy()
-        lp_mat = torch.stack(logps, 1).numpy()
-        completions = []
-        for i in range(len(rows)):
-            eos_at = np.flatnonzero(tok_mat[i] == self.eos)
-            end = int(eos_at[0]) + 1 if len(eos_at) else tok_mat.shape[1]
-            completions.append(
-                Completion(
-                    tok_mat[i, :end].astype(np.int32),
-                    lp_mat[i, :end].astype(np.float32),
-                    "stop" if len(eos_at) else "length",
-                )
-            )
+        completions = _completions(torch.stack(tokens, 1), torch.stack(logps, 1), self.eos)
         return [completions[i * spec.n : (i + 1) * spec.n] for i in range(len(prompts))]
+
+    # ---- streaming: groups in flight, one token per step (actors/streaming.py) ----
+
+    def submit(self, key, prompt: Sequence[int], spec: SampleSpec) -> None:
+        """Start one group: ``spec.n`` responses to ``prompt``, advanced by ``step``."""
+        rng = torch.Generator().manual_seed(spec.seed) if spec.seed is not None else self.rng
+        ids = torch.tensor([list(prompt)] * spec.n)
+        with torch.no_grad():
+            out = self.model(input_ids=ids, use_cache=True)
+        self.active[key] = _Group(spec, rng, out.logits[:, -1], out.past_key_values, ids.shape[1])
+
+    def in_flight(self) -> int:
+        return len(self.active)
+
+    def abort_all(self) -> None:
+        self.active.clear()
+
+    @torch.no_grad()
+    def step(self) -> list[tuple[object, list[Completion]]]:
+        """One token for every response in flight (with the weights loaded now; earlier
+        tokens' keys and values stay as they were computed); -> the groups that finished."""
+        finished = []
+        for key, g in list(self.active.items()):
+            spec = g.spec
+            lp = nucleus_logprobs(torch.log_softmax(g.logits.float() / spec.temperature, -1),
+                                  spec.top_p)  # fmt: skip
+            tok = torch.multinomial(lp.exp(), 1, generator=g.rng).squeeze(-1)
+            tok = torch.where(g.done, torch.full_like(tok, self.eos), tok)
+            g.tokens.append(tok)
+            g.logps.append(lp.gather(-1, tok[:, None]).squeeze(-1))
+            g.done |= tok == self.eos
+            if bool(g.done.all()) or len(g.tokens) == spec.max_tokens:
+                finished.append(
+                    (key, _completions(torch.stack(g.tokens, 1), torch.stack(g.logps, 1), self.eos))
+                )
+                del self.active[key]
+                continue
+            g.length += 1
+            out = self.model(input_ids=tok[:, None], past_key_values=g.cache, use_cache=True,
+                             position_ids=torch.full((len(tok), 1), g.length - 1))  # fmt: skip
+            g.logits, g.cache = out.logits[:, -1], out.past_key_values
+        return finished
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         state = dict(named_tensors)
@@ -101,3 +132,25 @@ class TorchGenerator:
         ids = torch.tensor([list(token_ids)])
         logits = self.model(input_ids=ids).logits[0, :-1].float()
         return float(torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None]).sum())
+
+
+class _Group:
+    """One group in flight: its rows' next-token logits, KV cache and tokens so far."""
+
+    def __init__(self, spec: SampleSpec, rng, logits, cache, length: int):
+        self.spec, self.rng, self.logits, self.cache, self.length = spec, rng, logits, cache, length
+        self.tokens: list[torch.Tensor] = []
+        self.logps: list[torch.Tensor] = []
+        self.done = torch.zeros(len(logits), dtype=torch.bool)
+
+
+def _completions(tokens: torch.Tensor, logps: torch.Tensor, eos: int) -> list[Completion]:
+    """Each row of sampled tokens [rows, T] cut after its first eos."""
+    tok_mat, lp_mat = tokens.numpy(), logps.numpy()
+    out = []
+    for i in range(len(tok_mat)):
+        eos_at = np.flatnonzero(tok_mat[i] == eos)
+        end = int(eos_at[0]) + 1 if len(eos_at) else tok_mat.shape[1]
+        out.append(Completion(tok_mat[i, :end].astype(np.int32), lp_mat[i, :end].astype(np.float32),
+                              "stop" if len(eos_at) else "length"))  # fmt: skip
+    return out

@@ -13,6 +13,7 @@ import torch
 
 from flowrl_async.actors.generator import SampleSpec, build_generator
 from flowrl_async.actors.rollout import RolloutLoop
+from flowrl_async.actors.streaming import StreamingLoop
 from flowrl_async.heap import freeze_survivors
 from flowrl_async.model import load_tokenizer
 from flowrl_async.replay.client import ReplayClient
@@ -42,8 +43,10 @@ class RolloutWorker:
         engine_process: bool = False,
         tensor_parallel_size: int = 1,
         replay_keys: dict | None = None,
+        max_in_flight: int | None = None,
     ):
-        """``replay_keys``: ReplayClient's CURVE keyword arguments (encrypted replay socket)."""
+        """``replay_keys``: ReplayClient's CURVE keyword arguments (encrypted replay socket);
+        ``max_in_flight``: stream (actors/streaming.py) with this many prompts in flight."""
         torch.set_num_threads(threads)
         self.actor_id = actor_id
         self.replay = ReplayClient(replay_address, **(replay_keys or {}))
@@ -58,7 +61,10 @@ class RolloutWorker:
             engine_process,
             tensor_parallel_size,
         )
-        self.loop = RolloutLoop(
+        loop, extra = RolloutLoop, {}
+        if max_in_flight is not None:
+            loop, extra = StreamingLoop, {"max_in_flight": max_in_flight}
+        self.loop = loop(
             actor_id,
             self.generator,
             PromptSource(task, seed=data_seed),
@@ -68,6 +74,7 @@ class RolloutWorker:
             groups_per_batch,
             probe_tolerance=probe_tolerance,
             dtype=dtype,
+            **extra,
         )
         freeze_survivors()  # the engine and modules: out of the collector's way
 
@@ -119,4 +126,6 @@ class RolloutWorker:
         out = asdict(self.loop.stats)
         out["rewards"] = dict(self.loop.stats.rewards)
         out["version"] = self.loop.version
+        if isinstance(self.loop, StreamingLoop):  # its busy share: time inside engine steps
+            out.update(engine_steps=self.loop.engine_steps, engine_s=self.loop.engine_s)
         return out

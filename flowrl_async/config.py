@@ -83,6 +83,13 @@ class GeneratorSection:
     """Prompts an actor generates for at once (it asks admission for this many)."""
     probe_tolerance: float = 1e-3
     """Largest accepted gap between actor and learner probe log-probs after a load."""
+    streaming: bool = False
+    """Keep up to ``max_in_flight`` prompts in the engine, push each group as soon as its n
+    responses finish, and load new weights between engine steps, the running sequences
+    going on under them (actors/streaming.py); false: batch by batch. torch engine only so
+    far (vLLM's engine loop: not yet)."""
+    max_in_flight: int = 8
+    """streaming: prompts in the engine at once."""
     engine_process: bool = False
     """vLLM only: run the engine in a process of its own (vLLM's default on GPU) and receive
     weights inside it through a worker extension and collective_rpc; false runs the engine
@@ -390,6 +397,11 @@ def validate(cfg: TrainConfig) -> None:
             "without it every client reads the server's secret certificate, and with it could "
             "connect as the service itself, which may make every request"
         )
+    if cfg.generator.streaming and cfg.generator.engine != "torch":
+        problems.append("generator.streaming=true needs generator.engine=torch (vLLM's "
+                        "streaming loop is not built yet)")  # fmt: skip
+    if cfg.generator.streaming and cfg.generator.max_in_flight < 1:
+        problems.append("generator.max_in_flight must be >= 1")
     if r.retain not in ("all", "needed"):
         problems.append(f"replay.retain={r.retain!r}: expected all or needed")
     if r.capacity_bytes is not None and r.capacity_bytes < 1:

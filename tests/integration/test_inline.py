@@ -82,3 +82,19 @@ def test_the_variable_length_task_runs_from_the_config(tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(0.0 <= r["reward_mean"] <= 1.0 for r in rows)  # 0/1 rewards only
     assert out["replay"]["sampled_groups"] == 3 * 4
+
+
+@pytest.mark.integration
+def test_streaming_actors_train_and_keep_every_group(tmp_path):
+    # generator.streaming: prompts stay in flight, groups go as they finish, weights load
+    # between engine steps (responses may span versions: first_version <= last_version)
+    from flowrl_async.run.inline import run_inline
+
+    cfg = small_config(tmp_path, steps=4, max_staleness=2)
+    cfg.generator.engine, cfg.generator.streaming, cfg.generator.max_in_flight = "torch", True, 3
+    out = run_inline(cfg)
+    rows = out["history"]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert out["replay"]["sampled_groups"] == 4 * 4
+    assert accounted_for(out["replay"])
+    assert all(a["weight_loads"] >= 1 and a["engine_steps"] > 0 for a in out["actors"])
