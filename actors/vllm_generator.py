@@ -11,6 +11,7 @@ explicitly (the learner's bucket always includes it) and are checked by the prob
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterable, Sequence
 
@@ -112,6 +113,9 @@ class VLLMGenerator:
         from flowrl_async.actors.vllm_extension import EXTENSION
 
         self.engine_process = engine_process
+        self.streams: dict[str, object] = {}  # streaming request id -> the caller's key
+        self._ready: list = []  # streaming groups that finished inside another call
+        self._rids = itertools.count()
         self.llm = LLM(
             worker_extension_cls=EXTENSION,
             model=model_path,
@@ -134,23 +138,56 @@ class VLLMGenerator:
         self, prompts: Sequence[Sequence[int]], spec: SampleSpec
     ) -> list[list[Completion]]:
         params = sampling_params(spec)
-        outputs = self.llm.generate(
-            [{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False
-        )
-        result = []
-        for out in outputs:
-            group = []
-            for c in out.outputs:
-                ids = np.asarray(c.token_ids, dtype=np.int32)
-                lps = np.array(
-                    [step[t].logprob for step, t in zip(c.logprobs, c.token_ids, strict=True)],
-                    dtype=np.float32,
-                )
-                group.append(
-                    Completion(ids, lps, "stop" if c.finish_reason == "stop" else "length")
-                )
-            result.append(group)
-        return result
+        outputs = self._run([{"prompt_token_ids": list(p)} for p in prompts], params)
+        return [_completions(out) for out in outputs]
+
+    def _run(self, prompts: list, params) -> list:
+        """Outputs of ``prompts``, in order. With streaming requests in the engine, through
+        the engine itself (``LLM.generate`` would run them to the end and swallow their
+        outputs): theirs that finish meanwhile wait for the next ``step``."""
+        if not self.streams:
+            return self.llm.generate(prompts, params, use_tqdm=False)
+        engine, ids = self.llm.llm_engine, [f"own-{next(self._rids)}" for _ in prompts]
+        for rid, prompt in zip(ids, prompts, strict=True):
+            engine.add_request(rid, prompt, params)
+        got: dict = {}
+        while len(got) < len(ids):
+            for out in engine.step():
+                if out.finished and out.request_id in self.streams:
+                    self._ready.append((self.streams.pop(out.request_id), _completions(out)))
+                elif out.finished:
+                    got[out.request_id] = out
+        return [got[rid] for rid in ids]
+
+    # ---- streaming: prompts in flight, one engine step at a time (actors/streaming.py) ----
+
+    def submit(self, key, prompt: Sequence[int], spec: SampleSpec) -> None:
+        from vllm.sampling_params import RequestOutputKind
+
+        params = sampling_params(spec)
+        params.output_kind = RequestOutputKind.FINAL_ONLY  # a group's outputs when all n end
+        rid = f"stream-{next(self._rids)}"
+        self.llm.llm_engine.add_request(rid, {"prompt_token_ids": list(prompt)}, params)
+        self.streams[rid] = key
+
+    def step(self) -> list[tuple[object, list[Completion]]]:
+        """One engine step (one token for every running sequence, under the weights loaded
+        now); -> the groups that finished, as (key, completions)."""
+        done, self._ready = self._ready, []
+        if self.streams:
+            for out in self.llm.llm_engine.step():
+                if out.finished and out.request_id in self.streams:
+                    done.append((self.streams.pop(out.request_id), _completions(out)))
+        return done
+
+    def in_flight(self) -> int:
+        return len(self.streams) + len(self._ready)
+
+    def abort_all(self) -> None:
+        if self.streams:
+            self.llm.llm_engine.abort_request(list(self.streams))
+        self.streams.clear()
+        self._ready.clear()
 
     def _worker(self):
         return self.llm.llm_engine.model_executor.driver_worker.worker
@@ -184,6 +221,17 @@ class VLLMGenerator:
         from vllm import SamplingParams
 
         params = SamplingParams(temperature=1.0, max_tokens=1, prompt_logprobs=0)
-        out = self.llm.generate([{"prompt_token_ids": list(token_ids)}], params, use_tqdm=False)[0]
+        out = self._run([{"prompt_token_ids": list(token_ids)}], params)[0]
         steps = out.prompt_logprobs[1:]
         return float(sum(step[t].logprob for step, t in zip(steps, token_ids[1:], strict=True)))
+
+
+def _completions(out) -> list[Completion]:
+    """A finished RequestOutput's responses: tokens and their sampled log-probs."""
+    group = []
+    for c in out.outputs:
+        ids = np.asarray(c.token_ids, dtype=np.int32)
+        lps = np.array([step[t].logprob for step, t in zip(c.logprobs, c.token_ids, strict=True)],
+                       dtype=np.float32)  # fmt: skip
+        group.append(Completion(ids, lps, "stop" if c.finish_reason == "stop" else "length"))
+    return group

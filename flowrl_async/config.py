@@ -86,8 +86,8 @@ class GeneratorSection:
     streaming: bool = False
     """Keep up to ``max_in_flight`` prompts in the engine, push each group as soon as its n
     responses finish, and load new weights between engine steps, the running sequences
-    going on under them (actors/streaming.py); false: batch by batch. torch engine only so
-    far (vLLM's engine loop: not yet)."""
+    going on under them (actors/streaming.py); false: batch by batch. vLLM: with the engine
+    in the actor's process (engine_process=false)."""
     max_in_flight: int = 8
     """streaming: prompts in the engine at once."""
     engine_process: bool = False
@@ -397,9 +397,10 @@ def validate(cfg: TrainConfig) -> None:
             "without it every client reads the server's secret certificate, and with it could "
             "connect as the service itself, which may make every request"
         )
-    if cfg.generator.streaming and cfg.generator.engine != "torch":
-        problems.append("generator.streaming=true needs generator.engine=torch (vLLM's "
-                        "streaming loop is not built yet)")  # fmt: skip
+    if cfg.generator.streaming and cfg.generator.engine_process:
+        problems.append("generator.streaming=true needs generator.engine_process=false (the "
+                        "engine in the actor's process; streaming from an engine process is "
+                        "not built yet)")  # fmt: skip
     if cfg.generator.streaming and cfg.generator.max_in_flight < 1:
         problems.append("generator.max_in_flight must be >= 1")
     if r.retain not in ("all", "needed"):

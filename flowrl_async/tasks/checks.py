@@ -138,8 +138,9 @@ def _try_constant(node: ast.AST) -> tuple | None:
         return None
 
 
-HINT = ('write it as {"call": ..., "expected": ...}, or {"exec": ...} to run it inside the '
-        "sandbox (a candidate can game that form)")  # fmt: skip
+HINT = ("write one test per call, each comparing a call of the solution's function with a "
+        'constant (assert f(1) == 2), or {"exec": ...} to run it inside the sandbox (a '
+        "candidate can game that form)")  # fmt: skip
 
 
 def parse_check(test, where: str) -> Check:
@@ -196,19 +197,34 @@ def _assert_check(expr: ast.AST) -> Check | None:
     return None
 
 
-def _plain_call(node: ast.AST, op: str, expected=None) -> Check | None:
-    """A check judged here on the value of ``node``; None when ``node`` compares, combines
-    or tests closeness anywhere inside (that part would be computed in the sandbox, where
-    the candidate's objects decide it: ``(f(1) == 2) == True``, ``f(1) == 2 and f(2) ==
-    3``, a comprehension's ``if``)."""
+def _plain_call(node, op: str, expected=None) -> Check | None:
+    """A check judged here on the value of ``node``; None unless ``node`` is calls of named
+    functions (``f``, ``mod.f``, ``sorted``) whose arguments are constants, names, lambdas
+    or such calls. Anything else would be computed in the sandbox on the candidate's
+    objects, whose methods decide it: ``(f(1) == 2) == True``, ``f(1) - 3 == 0`` (its
+    ``__sub__``), ``f(1).startswith('Hi')``, ``[f(1)].count(42) == 1``,
+    ``operator.eq(f(1), 42)``."""
     if isinstance(node, str):
         node = ast.parse(node, mode="eval").body
-    for sub in ast.walk(node):
-        if isinstance(sub, ast.Compare | ast.BoolOp | ast.IfExp):
-            return None
-        if isinstance(sub, ast.Call) and _name(sub.func) in ("isclose", "all", "any"):
-            return None
-    return Check("value", ast.unparse(node), op, expected)
+    return Check("value", ast.unparse(node), op, expected) if _direct(node) else None
+
+
+COMPARING = {"isclose", "eq", "ne", "lt", "le", "gt", "ge", "contains", "is_", "is_not",
+             "all", "any", "isinstance", "issubclass", "callable", "hasattr"}  # fmt: skip
+
+
+def _direct(node: ast.AST, top: bool = True) -> bool:
+    if _try_constant(node) is not None or not top and isinstance(node, ast.Name | ast.Lambda):
+        return True  # an argument: its value goes to a function, which is judged by its result
+    if not isinstance(node, ast.Call) or any(k.arg is None for k in node.keywords):
+        return False
+    func = node.func
+    while isinstance(func, ast.Attribute):  # mod.f, pkg.mod.f: a dotted name
+        func = func.value
+    if not isinstance(func, ast.Name) or _name(node.func) in COMPARING:
+        return False
+    args = [*node.args, *(k.value for k in node.keywords)]
+    return all(_direct(a, top=False) for a in args)
 
 
 def _name(func: ast.AST) -> str:
@@ -256,14 +272,18 @@ def _from_dict(test: dict, where: str) -> Check:
         raise ValueError(f'{where}: a test object is {{"call": str, "expected": str, "abs_tol"?, '
                          f'"rel_tol"?}} or {{"exec": str}}, got {test!r:.80}')  # fmt: skip
     try:
-        compile(test["call"], "call", "eval")
-        expected = constant(ast.parse(test["expected"], mode="eval").body)
+        check = _plain_call(
+            test["call"], "eq", constant(ast.parse(test["expected"], mode="eval").body)
+        )
     except (SyntaxError, ValueError, RecursionError) as e:
         raise ValueError(f"{where}: test {test!r:.80}: {e}") from None
+    if check is None:
+        raise ValueError(f"{where}: test {test!r:.80}: the call must be calls of named "
+                         f"functions on constants; {HINT}")  # fmt: skip
     tols = [test.get(k) for k in ("abs_tol", "rel_tol")]
     if any(t is not None and (type(t) not in (int, float) or not t >= 0) for t in tols):
         raise ValueError(f"{where}: abs_tol and rel_tol must be numbers >= 0")
-    return Check("value", test["call"], "eq", expected, *tols)
+    return replace(check, source=test["call"], abs_tol=tols[0], rel_tol=tols[1])
 
 
 MAX_DEPTH = 64
@@ -309,7 +329,7 @@ def decode_value(encoded: str):
     try:
         tree = json.loads(base64.b64decode(encoded, validate=True))
         return _plain(tree, 0, [MAX_NODES])
-    except (ValueError, TypeError, KeyError, IndexError, RecursionError) as e:
+    except (ValueError, TypeError, KeyError, IndexError, RecursionError, ArithmeticError) as e:
         raise ValueError(f"not a plain value: {e}") from None
 
 

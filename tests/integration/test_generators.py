@@ -88,6 +88,42 @@ def test_vllm_generator_matches_transformers_and_follows_loads(models):
     gen.load_weights(load_policy(a).state_dict().items())
     with pytest.raises(WeightLoadError):
         check_probe(gen, probe, expected_b, 1e-4)
+    streams_across_a_load(gen, load_policy(a), load_policy(b), expected_b)
+
+
+def streams_across_a_load(gen, old, new, expected_new):
+    """Streaming (actors/streaming.py) on vLLM: a group submitted under ``old`` weights,
+    three engine steps, a load of ``new`` (and its probe) mid-flight, then on to the end.
+    Each token's recorded log-prob is what vLLM sampled it with: the first three from the
+    old weights (prefill, then tokens 0 and 1 fed under them); from token 3 on, the new
+    weights over the old weights' keys and values for the prompt and tokens 0, 1."""
+    spec = SampleSpec(n=2, temperature=1.0, top_p=1.0, max_tokens=10, seed=3)
+    prompt = PROMPTS[0]
+    gen.submit("g", prompt, spec)
+    for _ in range(3):
+        assert gen.step() == []
+    gen.load_weights(new.state_dict().items())
+    check_probe(gen, prompt, expected_new, 1e-4)  # through the engine: the group stays
+    assert gen.in_flight() == 1
+    finished = []
+    while not finished:
+        finished = gen.step()
+    ((key, group),) = finished
+    assert key == "g" and len(group) == 2 and gen.in_flight() == 0
+    assert any(len(c.token_ids) > 4 for c in group)
+    p = len(prompt)
+    for c in group:
+        seq = torch.tensor([list(prompt) + c.token_ids.tolist()])
+        with torch.no_grad():
+            head = old(input_ids=seq[:, : p + 2], use_cache=True)
+            tail = new(input_ids=seq[:, p + 2 :], past_key_values=head.past_key_values)
+        logits = torch.cat([head.logits[0, p - 1 :], tail.logits[0, :-1]])
+        want = torch.log_softmax(logits.float(), -1).gather(-1, seq[0, p:, None])[:, 0]
+        np.testing.assert_allclose(c.logprobs, want.numpy(), atol=1e-4, rtol=0)
+        if len(c.token_ids) > 4:  # neither version alone gives the tokens after the load
+            for model in (old, new):
+                alone = teacher_forced(model, prompt, c.token_ids.tolist(), 1.0).numpy()
+                assert not np.allclose(c.logprobs[3:], alone[3:], atol=1e-4)
 
 
 @pytest.mark.integration

@@ -146,6 +146,7 @@ def test_off_policy_trajectory_balance_mixes_fresh_and_replayed_groups(tmp_path)
     cfg.algo = AlgoConfig(name="flowrl", beta=3.0, reward_norm="raw", is_mode="off")
     cfg.replay.selector, cfg.replay.max_times_sampled, cfg.replay.fresh_fraction = "mixed", 3, 0.5
     cfg.generator.engine = "torch"  # the selector is the subject
+    cfg.generator.streaming = True  # and the actors stream (off-policy: any staleness)
     summary = train(cfg)
     assert summary["replay"]["sampled_groups"] == 12 * 4
     times = Counter()

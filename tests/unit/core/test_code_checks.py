@@ -35,6 +35,9 @@ from flowrl_async.tasks.sandbox import WORKER
          Check("value", "area(2)", "eq", 12.566, None, 1e-3)),
         ("assert abs(f(x) - 0.5) < 1e-6", Check("value", "f(x)", "eq", 0.5, 1e-6)),
         ("assert not isclose(f(), 1.0)", Check("value", "f()", "ne", 1.0, None, 1e-9)),
+        ("assert sorted(f(x, key=lambda a: -a)) == [1, 2]",
+         Check("value", "sorted(f(x, key=lambda a: -a))", "eq", [1, 2])),
+        ("assert mod.f(g(2), 'a') == 3", Check("value", "mod.f(g(2), 'a')", "eq", 3)),
     ],
 )  # fmt: skip
 def test_the_forms_a_problem_file_may_use(test, check):
@@ -65,6 +68,16 @@ def test_the_forms_a_problem_file_may_use(test, check):
         ("assert all(f(x) == x for x in (1, 2))", "compare a call with a constant"),
         ("assert math.isclose(f(1), g(2))", "compare a call with a constant"),
         ("assert " + " * ".join(["9**10000"] * 8) + " == f()", "compare a call with a constant"),
+        # the second review's: a constant inside the call meets the candidate's own methods
+        ("assert f(1).startswith('Hello')", "compare a call with a constant"),
+        ("assert f(1) - 3 == 0", "compare a call with a constant"),
+        ("assert not f(1) % 2", "compare a call with a constant"),
+        ("assert f(1).__eq__(42)", "compare a call with a constant"),
+        ("assert __import__('operator').eq(f(1), 42)", "compare a call with a constant"),
+        ("assert [f(1)].count(42) == 1", "compare a call with a constant"),
+        ("assert f(1).issubset({1, 2})", "compare a call with a constant"),
+        ({"call": "f(1) == 2", "expected": "True"}, "calls of named functions on constants"),
+        ({"call": "all(x == 1 for x in [f(1)])", "expected": "True"}, "calls of named"),
         ("assert f() == " + " + ".join(["'" + "a" * 1000 + "'"] * 200), "compare a call"),
         ("assert f() == " + "(" * 5000 + "1" + ")" * 5000, "nested too deeply|does not parse"),
     ],

@@ -123,12 +123,12 @@ def test_a_stopped_loop_pushes_nothing_half_generated(model_dir, replay):
     assert replay.stats()["in_flight"] == 2  # still outstanding: a release hands them out
 
 
-def test_streaming_needs_the_torch_engine_for_now():
+def test_streaming_needs_the_engine_in_the_actors_process():
     from flowrl_async.config import TrainConfig, validate
 
     cfg = TrainConfig()
-    cfg.generator.streaming = True
-    with pytest.raises(ValueError, match="generator.streaming=true needs generator.engine=torch"):
+    cfg.generator.streaming, cfg.generator.engine_process = True, True
+    with pytest.raises(ValueError, match="generator.streaming=true needs generator.engine_proc"):
         validate(cfg)
-    cfg.generator.engine = "torch"
+    cfg.generator.engine_process = False
     validate(cfg)
