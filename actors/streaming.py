@@ -41,6 +41,12 @@ class StreamingLoop(RolloutLoop):
         self.engine_steps = 0
         self.engine_s = 0.0  # time inside engine steps (the busy fraction's numerator)
 
+    def run(self, max_batches: int | None = None) -> None:
+        try:
+            super().run(max_batches)
+        finally:
+            self.stop_streaming()  # what is in flight goes; its positions stay outstanding
+
     def run_once(self) -> int:
         """Fill free slots, one engine step, push what finished; -> 1 if a group went."""
         self.maybe_load_weights()

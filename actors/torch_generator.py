@@ -75,12 +75,10 @@ class TorchGenerator:
     # ---- streaming: groups in flight, one token per step (actors/streaming.py) ----
 
     def submit(self, key, prompt: Sequence[int], spec: SampleSpec) -> None:
-        """Start one group: ``spec.n`` responses to ``prompt``, advanced by ``step``."""
+        """Start one group: ``spec.n`` responses to ``prompt``, advanced by ``step`` (its
+        prompt is read at the first step, as a vLLM engine's is)."""
         rng = torch.Generator().manual_seed(spec.seed) if spec.seed is not None else self.rng
-        ids = torch.tensor([list(prompt)] * spec.n)
-        with torch.no_grad():
-            out = self.model(input_ids=ids, use_cache=True)
-        self.active[key] = _Group(spec, rng, out.logits[:, -1], out.past_key_values, ids.shape[1])
+        self.active[key] = _Group(spec, rng, torch.tensor([list(prompt)] * spec.n))
 
     def in_flight(self) -> int:
         return len(self.active)
@@ -90,12 +88,19 @@ class TorchGenerator:
 
     @torch.no_grad()
     def step(self) -> list[tuple[object, list[Completion]]]:
-        """One token for every response in flight (with the weights loaded now; earlier
-        tokens' keys and values stay as they were computed); -> the groups that finished."""
+        """One token for every response in flight, from the weights loaded now (the keys and
+        values of earlier tokens stay as they were computed); -> the groups that finished."""
         finished = []
         for key, g in list(self.active.items()):
             spec = g.spec
-            lp = nucleus_logprobs(torch.log_softmax(g.logits.float() / spec.temperature, -1),
+            if g.cache is None:  # the prompt, on the first step
+                out = self.model(input_ids=g.feed, use_cache=True)
+            else:  # the last sampled token
+                out = self.model(input_ids=g.feed, past_key_values=g.cache, use_cache=True,
+                                 position_ids=torch.full((len(g.feed), 1), g.length))  # fmt: skip
+                g.length += 1
+            g.cache = out.past_key_values
+            lp = nucleus_logprobs(torch.log_softmax(out.logits[:, -1].float() / spec.temperature, -1),
                                   spec.top_p)  # fmt: skip
             tok = torch.multinomial(lp.exp(), 1, generator=g.rng).squeeze(-1)
             tok = torch.where(g.done, torch.full_like(tok, self.eos), tok)
@@ -103,15 +108,11 @@ class TorchGenerator:
             g.logps.append(lp.gather(-1, tok[:, None]).squeeze(-1))
             g.done |= tok == self.eos
             if bool(g.done.all()) or len(g.tokens) == spec.max_tokens:
-                finished.append(
-                    (key, _completions(torch.stack(g.tokens, 1), torch.stack(g.logps, 1), self.eos))
-                )
+                tokens, logps = torch.stack(g.tokens, 1), torch.stack(g.logps, 1)
+                finished.append((key, _completions(tokens, logps, self.eos)))
                 del self.active[key]
-                continue
-            g.length += 1
-            out = self.model(input_ids=tok[:, None], past_key_values=g.cache, use_cache=True,
-                             position_ids=torch.full((len(tok), 1), g.length - 1))  # fmt: skip
-            g.logits, g.cache = out.logits[:, -1], out.past_key_values
+            else:
+                g.feed = tok[:, None]
         return finished
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -135,13 +136,14 @@ class TorchGenerator:
 
 
 class _Group:
-    """One group in flight: its rows' next-token logits, KV cache and tokens so far."""
+    """One group in flight: what its rows feed next, their KV cache and tokens so far."""
 
-    def __init__(self, spec: SampleSpec, rng, logits, cache, length: int):
-        self.spec, self.rng, self.logits, self.cache, self.length = spec, rng, logits, cache, length
+    def __init__(self, spec: SampleSpec, rng, prompt: torch.Tensor):
+        self.spec, self.rng, self.feed, self.cache = spec, rng, prompt, None
+        self.length = prompt.shape[1]  # the position of the next token fed
         self.tokens: list[torch.Tensor] = []
         self.logps: list[torch.Tensor] = []
-        self.done = torch.zeros(len(logits), dtype=torch.bool)
+        self.done = torch.zeros(len(prompt), dtype=torch.bool)
 
 
 def _completions(tokens: torch.Tensor, logps: torch.Tensor, eos: int) -> list[Completion]:

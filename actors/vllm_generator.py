@@ -59,9 +59,10 @@ NEUTRAL = {
 }
 
 
-def sampling_params(spec: SampleSpec):
+def sampling_params(spec: SampleSpec, skip_prefix_cache: bool = False):
     """The SamplingParams of ``spec``, checked to sample the distribution the learner's
-    log-probs compute (``check_neutral``)."""
+    log-probs compute (``check_neutral``); ``skip_prefix_cache``: read no cached prefix
+    (one may hold keys and values of weights loaded before)."""
     from vllm import SamplingParams
 
     params = SamplingParams(
@@ -71,6 +72,7 @@ def sampling_params(spec: SampleSpec):
         max_tokens=spec.max_tokens,
         logprobs=0,
         seed=spec.seed,
+        skip_reading_prefix_cache=True if skip_prefix_cache else None,
     )
     check_neutral(params)
     return params
@@ -116,6 +118,7 @@ class VLLMGenerator:
         self.streams: dict[str, object] = {}  # streaming request id -> the caller's key
         self._ready: list = []  # streaming groups that finished inside another call
         self._rids = itertools.count()
+        self._stale = False  # the prefix cache may hold older weights' blocks
         self.llm = LLM(
             worker_extension_cls=EXTENSION,
             model=model_path,
@@ -137,9 +140,16 @@ class VLLMGenerator:
     def generate(
         self, prompts: Sequence[Sequence[int]], spec: SampleSpec
     ) -> list[list[Completion]]:
-        params = sampling_params(spec)
+        params = sampling_params(spec, self._cache_stale())
         outputs = self._run([{"prompt_token_ids": list(p)} for p in prompts], params)
         return [_completions(out) for out in outputs]
+
+    def _cache_stale(self) -> bool:
+        """Whether the prefix cache may hold blocks of older weights: a reset refused while
+        streams ran (vLLM resets only with no request running) and not redone since."""
+        if self._stale and not self.streams and self.llm.reset_prefix_cache():
+            self._stale = False
+        return self._stale
 
     def _run(self, prompts: list, params) -> list:
         """Outputs of ``prompts``, in order. With streaming requests in the engine, through
@@ -148,8 +158,12 @@ class VLLMGenerator:
         if not self.streams:
             return self.llm.generate(prompts, params, use_tqdm=False)
         engine, ids = self.llm.llm_engine, [f"own-{next(self._rids)}" for _ in prompts]
-        for rid, prompt in zip(ids, prompts, strict=True):
-            engine.add_request(rid, prompt, params)
+        try:
+            for rid, prompt in zip(ids, prompts, strict=True):
+                engine.add_request(rid, prompt, params)
+        except BaseException:  # none of them stays in the engine
+            engine.abort_request(ids)
+            raise
         got: dict = {}
         while len(got) < len(ids):
             for out in engine.step():
@@ -164,7 +178,7 @@ class VLLMGenerator:
     def submit(self, key, prompt: Sequence[int], spec: SampleSpec) -> None:
         from vllm.sampling_params import RequestOutputKind
 
-        params = sampling_params(spec)
+        params = sampling_params(spec, self._cache_stale())
         params.output_kind = RequestOutputKind.FINAL_ONLY  # a group's outputs when all n end
         rid = f"stream-{next(self._rids)}"
         self.llm.llm_engine.add_request(rid, {"prompt_token_ids": list(prompt)}, params)
@@ -198,7 +212,9 @@ class VLLMGenerator:
             self.llm.collective_rpc("flowrl_load_named", args=(named,))
         else:
             self._worker().reload_weights(weights_iterator=iter(named))
-        self.llm.reset_prefix_cache()
+        # refused while streams run: until a reset succeeds, new requests read no cached
+        # prefix (it would hold the old weights' keys and values)
+        self._stale = not self.llm.reset_prefix_cache()
 
     def close(self) -> None:
         """Stop the engine (its process too, with engine_process)."""

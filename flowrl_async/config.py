@@ -401,8 +401,13 @@ def validate(cfg: TrainConfig) -> None:
         problems.append("generator.streaming=true needs generator.engine_process=false (the "
                         "engine in the actor's process; streaming from an engine process is "
                         "not built yet)")  # fmt: skip
-    if cfg.generator.streaming and cfg.generator.max_in_flight < 1:
-        problems.append("generator.max_in_flight must be >= 1")
+    from flowrl_async.replay.config import ServerConfig
+
+    most = ServerConfig.__dataclass_fields__["max_admit"].default  # one admission's limit
+    if cfg.generator.streaming and not 1 <= cfg.generator.max_in_flight <= most:
+        problems.append(f"generator.max_in_flight must be in [1, {most}]")
+    if cfg.generator.streaming and cfg.mode == "sync":
+        problems.append("generator.streaming=true needs mode=async (sync counts whole batches)")
     if r.retain not in ("all", "needed"):
         problems.append(f"replay.retain={r.retain!r}: expected all or needed")
     if r.capacity_bytes is not None and r.capacity_bytes < 1:

@@ -99,17 +99,27 @@ def streams_across_a_load(gen, old, new, expected_new):
     weights over the old weights' keys and values for the prompt and tokens 0, 1."""
     spec = SampleSpec(n=2, temperature=1.0, top_p=1.0, max_tokens=10, seed=3)
     prompt = PROMPTS[0]
+    long_prompt = [1] + [20, 21, 22, 23] * 12  # whole KV blocks: the prefix cache keeps them
+    gen.generate([long_prompt], spec)  # cached under the old weights
     gen.submit("g", prompt, spec)
     for _ in range(3):
         assert gen.step() == []
     gen.load_weights(new.state_dict().items())
     check_probe(gen, prompt, expected_new, 1e-4)  # through the engine: the group stays
     assert gen.in_flight() == 1
-    finished = []
-    while not finished:
-        finished = gen.step()
-    ((key, group),) = finished
-    assert key == "g" and len(group) == 2 and gen.in_flight() == 0
+    # vLLM refuses to reset the prefix cache while "g" runs: until a reset succeeds, new
+    # requests read no cached block (it may hold the old weights' keys and values)
+    assert gen._stale and gen._cache_stale()
+    gen.submit("late", long_prompt, spec)
+    finished = {}
+    while len(finished) < 2:
+        finished.update(gen.step())
+    for c in finished["late"]:
+        expected = teacher_forced(new, long_prompt, c.token_ids.tolist(), 1.0)
+        np.testing.assert_allclose(c.logprobs, expected.numpy(), atol=1e-4, rtol=0)
+    assert not gen._cache_stale()  # nothing runs now: the reset went through
+    group = finished["g"]
+    assert len(group) == 2 and gen.in_flight() == 0
     assert any(len(c.token_ids) > 4 for c in group)
     p = len(prompt)
     for c in group:

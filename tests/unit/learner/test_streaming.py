@@ -77,7 +77,7 @@ def test_a_response_spanning_a_weight_load_records_what_each_token_was_sampled_w
     old = copy.deepcopy(loop.generator.model)
     loop.fill()
     key = next(iter(loop.pending))
-    for _ in range(3):  # three tokens under version 0
+    for _ in range(3):  # three tokens sampled under version 0 (the prompt, tokens 0, 1 fed)
         assert loop.generator.step() == []
     new_state = {k: v + 0.05 * torch.randn_like(v) for k, v in old.state_dict().items()}
     loop.generator.load_weights(new_state.items())
@@ -99,9 +99,9 @@ def test_a_response_spanning_a_weight_load_records_what_each_token_was_sampled_w
     for i, r in enumerate(group.responses):
         seq = torch.tensor([list(ids) + r.token_ids.tolist()])
         p = len(ids)
-        with torch.no_grad():  # old weights up to the third token, then the new ones
-            head = old(input_ids=seq[:, : p + 3], use_cache=True)
-            tail = new(input_ids=seq[:, p + 3 :], past_key_values=head.past_key_values)
+        with torch.no_grad():  # the prompt and tokens 0, 1 fed under the old weights
+            head = old(input_ids=seq[:, : p + 2], use_cache=True)
+            tail = new(input_ids=seq[:, p + 2 :], past_key_values=head.past_key_values)
         logits = torch.cat([head.logits[0, p - 1 :], tail.logits[0, :-1]])
         want = torch.log_softmax(logits.float(), -1).gather(-1, seq[0, p:, None])[:, 0]
         np.testing.assert_allclose(r.behavior_logprobs, want.numpy(), atol=1e-5)
@@ -109,7 +109,7 @@ def test_a_response_spanning_a_weight_load_records_what_each_token_was_sampled_w
         np.testing.assert_allclose(r.behavior_logprobs[:3], alone[0][i, :3].numpy(), atol=1e-5)
         if n > 4:  # after the load: neither version alone gives them
             for lp in alone:
-                assert not np.allclose(r.behavior_logprobs[4:], lp[i, 4:n].numpy(), atol=1e-4)
+                assert not np.allclose(r.behavior_logprobs[3:], lp[i, 3:n].numpy(), atol=1e-4)
 
 
 def test_a_stopped_loop_pushes_nothing_half_generated(model_dir, replay):
@@ -132,3 +132,15 @@ def test_streaming_needs_the_engine_in_the_actors_process():
         validate(cfg)
     cfg.generator.engine_process = False
     validate(cfg)
+
+
+def test_streaming_is_refused_with_sync_mode_and_past_one_admission():
+    from flowrl_async.config import TrainConfig, validate
+
+    cfg = TrainConfig()
+    cfg.generator.streaming, cfg.mode = True, "sync"  # before: stuck, then a sample timeout
+    with pytest.raises(ValueError, match="needs mode=async"):
+        validate(cfg)
+    cfg.mode, cfg.generator.max_in_flight = "async", 5000
+    with pytest.raises(ValueError, match=r"max_in_flight must be in \[1, 1024\]"):
+        validate(cfg)
