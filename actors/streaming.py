@@ -40,6 +40,7 @@ class StreamingLoop(RolloutLoop):
         self._keys = itertools.count()
         self.engine_steps = 0
         self.engine_s = 0.0  # time inside engine steps (the busy fraction's numerator)
+        self._admit_after = 0.0  # monotonic time before which admission is not asked again
 
     def run(self, max_batches: int | None = None) -> None:
         try:
@@ -63,6 +64,8 @@ class StreamingLoop(RolloutLoop):
         self.stats.generate_s += elapsed
         self.engine_steps += 1
         groups = []
+        if finished:
+            self._admit_after = 0.0  # slots freed: ask again at once
         for key, completions in finished:
             position, prompt, ids, started, version = self.pending.pop(key)
             groups.append(self.build_group(position, prompt, ids, completions, started, version))
@@ -75,10 +78,15 @@ class StreamingLoop(RolloutLoop):
         return 1
 
     def fill(self) -> None:
+        """Ask admission for the free slots; after a refusal, not again before a group
+        finishes or ``idle_sleep_s`` passes (one request per engine step would be waste)."""
         free = self.max_in_flight - len(self.pending)
-        if free <= 0:
+        if free <= 0 or (self.pending and time.monotonic() < self._admit_after):
             return
-        for position in self.replay.admit(self.actor_id, free, weights=self.version):
+        positions = self.replay.admit(self.actor_id, free, weights=self.version)
+        if not positions:
+            self._admit_after = time.monotonic() + self.idle_sleep_s
+        for position in positions:
             prompt = self.prompts.at(position)
             ids = self.tokenizer(prompt.text)["input_ids"]
             key = next(self._keys)

@@ -144,3 +144,30 @@ def test_streaming_is_refused_with_sync_mode_and_past_one_admission():
     cfg.mode, cfg.generator.max_in_flight = "async", 5000
     with pytest.raises(ValueError, match=r"max_in_flight must be in \[1, 1024\]"):
         validate(cfg)
+
+
+def test_after_a_refused_admission_the_loop_asks_again_only_when_a_slot_frees(model_dir):
+    class Admission:
+        def __init__(self):
+            self.calls, self.granted = 0, False
+
+        def admit(self, actor_id, k, weights=None):
+            self.calls += 1
+            if self.granted:
+                return []  # the staleness bound says wait
+            self.granted = True
+            return list(range(2))
+
+        def insert_many(self, groups, **_):
+            return [True] * len(groups)
+
+    replay = Admission()
+    loop, _ = make_loop(model_dir, replay, max_in_flight=3, max_tokens=12)
+    loop.idle_sleep_s = 60.0
+    steps = 0
+    while loop.pending or steps == 0:
+        loop.run_once()
+        steps += 1
+    # before: one admit per engine step (a slot was free all along)
+    assert steps > 4 and replay.calls <= 1 + 1 + 2  # first fill, the refusal, one per group
+    assert loop.stats.groups == 2
