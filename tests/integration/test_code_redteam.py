@@ -257,3 +257,52 @@ def test_the_candidate_sees_only_the_runtime_and_its_own_processes(task):
 def test_bombs_score_nothing(task, bomb, info):
     v = task.verify(asserts(*ADD_TESTS), bomb)
     assert (v.reward, v.info) == (0.0, info)
+
+
+def _hidden_ancestor(path: str) -> str | None:
+    """The highest directory above ``path`` that others cannot enter (e.g. /root)."""
+    parts = os.path.realpath(path).split("/")
+    for i in range(2, len(parts) + 1):
+        d = "/".join(parts[:i])
+        if not os.stat(d).st_mode & 0o001:
+            return d
+    return None
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(os.geteuid() != 0, reason="as non-root, the fixture runs user isolation")
+def test_the_red_team_suite_holds_under_user_isolation_for_an_unprivileged_caller():
+    # root gets isolation "root"; "user" is what a non-root deployment runs: this whole
+    # suite again as nobody, with this Python reachable (a directory others cannot enter,
+    # e.g. /root, is covered by a tmpfs holding only the runtime, in a private mount space)
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    work = Path(tempfile.mkdtemp(prefix="redteam-nobody-"))  # /tmp: nobody can reach it
+    work.chmod(0o777)
+    request_cleanup = work  # removed below, whatever happens
+    prefix = os.path.realpath(sys.base_prefix)
+    hidden = _hidden_ancestor(prefix)
+    cover = ""
+    if hidden is not None:  # bind the runtime aside, cover the directory, bind it back
+        inner = os.path.relpath(prefix, hidden)
+        cover = (f"mkdir -p {work}/rt && mount --bind {prefix} {work}/rt && "
+                 f"mount -t tmpfs -o mode=0755 tmpfs {hidden} && mkdir -p {hidden}/{inner} && "
+                 f"mount --bind {work}/rt {hidden}/{inner} && ")  # fmt: skip
+    me = Path(__file__)
+    pytest_cmd = (f"{sys.executable} -B -m pytest -q -p no:cacheprovider {me} "
+                  f"-k 'not unprivileged_caller and not refused_for_root' "
+                  f"--basetemp {work}/t")  # fmt: skip
+    script = (f"set -e; {cover}cd {me.parents[2]} && exec setpriv --reuid=65534 "
+              f"--regid=65534 --clear-groups env HOME={work} {pytest_cmd}")  # fmt: skip
+    try:
+        done = subprocess.run(["unshare", "--mount", "sh", "-c", script], capture_output=True,
+                              text=True, timeout=600)  # fmt: skip
+    finally:
+        shutil.rmtree(request_cleanup, ignore_errors=True)
+    tail = (done.stdout + done.stderr)[-3000:]
+    assert done.returncode == 0, tail
+    assert " passed" in tail and "failed" not in tail and "skipped" not in tail, tail
