@@ -283,16 +283,20 @@ def test_the_red_team_suite_holds_under_user_isolation_for_an_unprivileged_calle
 
     work = Path(tempfile.mkdtemp(prefix="redteam-nobody-"))  # /tmp: nobody can reach it
     work.chmod(0o777)
-    request_cleanup = work  # removed below, whatever happens
-    prefix = os.path.realpath(sys.base_prefix)
-    hidden = _hidden_ancestor(prefix)
-    cover = ""
-    if hidden is not None:  # bind the runtime aside, cover the directory, bind it back
-        inner = os.path.relpath(prefix, hidden)
-        cover = (f"mkdir -p {work}/rt && mount --bind {prefix} {work}/rt && "
-                 f"mount -t tmpfs -o mode=0755 tmpfs {hidden} && mkdir -p {hidden}/{inner} && "
-                 f"mount --bind {work}/rt {hidden}/{inner} && ")  # fmt: skip
     me = Path(__file__)
+    needed = {os.path.realpath(p) for p in (sys.base_prefix, sys.prefix, me.parents[2])}
+    cover, covered = "", {}
+    for path in sorted(needed):  # this Python, the venv, the repository
+        hidden = _hidden_ancestor(path)
+        if hidden is not None:
+            covered.setdefault(hidden, []).append(path)
+    aside = {path: f"{work}/rt{i}" for i, path in enumerate(sorted(needed))}
+    for hidden, paths in covered.items():  # bind each aside, cover the directory, bind back
+        for path in paths:
+            cover += f"mkdir -p {aside[path]} && mount --bind {path} {aside[path]} && "
+        cover += f"mount -t tmpfs -o mode=0755 tmpfs {hidden} && "
+        for path in paths:
+            cover += f"mkdir -p {path} && mount --bind {aside[path]} {path} && "
     pytest_cmd = (f"{sys.executable} -B -m pytest -q -p no:cacheprovider {me} "
                   f"-k 'not unprivileged_caller and not refused_for_root' "
                   f"--basetemp {work}/t")  # fmt: skip
@@ -302,7 +306,7 @@ def test_the_red_team_suite_holds_under_user_isolation_for_an_unprivileged_calle
         done = subprocess.run(["unshare", "--mount", "sh", "-c", script], capture_output=True,
                               text=True, timeout=600)  # fmt: skip
     finally:
-        shutil.rmtree(request_cleanup, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
     tail = (done.stdout + done.stderr)[-3000:]
     assert done.returncode == 0, tail
     assert " passed" in tail and "failed" not in tail and "skipped" not in tail, tail
