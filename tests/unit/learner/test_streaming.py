@@ -171,3 +171,40 @@ def test_after_a_refused_admission_the_loop_asks_again_only_when_a_slot_frees(mo
     # before: one admit per engine step (a slot was free all along)
     assert steps > 4 and replay.calls <= 1 + 1 + 2  # first fill, the refusal, one per group
     assert loop.stats.groups == 2
+
+
+def test_a_publication_is_in_use_from_the_next_engine_step(model_dir, replay):
+    # the loop's own path: the receiver's publication is loaded and proved before the
+    # next step, while the group in flight goes on under it
+    from types import SimpleNamespace
+
+    loop, _ = make_loop(model_dir, replay, max_in_flight=1, max_tokens=30)
+    new_state = {k: v + 0.05 * torch.randn_like(v)
+                 for k, v in loop.generator.model.state_dict().items()}  # fmt: skip
+
+    class Receiver:
+        def __init__(self):
+            self.ready = None
+
+        def take(self):
+            got, self.ready = self.ready, None
+            return got
+
+    publication = SimpleNamespace(
+        header=SimpleNamespace(version=5, probe_token_ids=()),
+        load_into=lambda gen: gen.load_weights(new_state.items()),
+    )
+    loop.receiver = Receiver()
+    loop.run_once()  # submits and steps under version 0
+    assert loop.pending and loop.version == 0
+    loop.receiver.ready = publication
+    steps = loop.engine_steps
+    loop.run_once()
+    assert loop.version == 5 and loop.stats.weight_loads == 1  # loaded before that step
+    assert loop.engine_steps == steps + 1
+    assert torch.equal(loop.generator.model.state_dict()["lm_head.weight"],
+                       new_state["lm_head.weight"])  # fmt: skip
+    while loop.stats.groups == 0:
+        loop.run_once()
+    ((group, _),) = replay.sample(1, version=5)
+    assert {(r.first_version, r.last_version) for r in group.responses} == {(0, 5)}
