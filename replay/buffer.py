@@ -123,14 +123,17 @@ class ReplayBuffer:
         h = self.priority_half_life
         if h is None:
             return w
-        if (e.min_version - self.weight_base) / h > WEIGHT_EXPONENT:  # keep 2^x finite
-            self.weight_base = e.min_version
+        # a group "ahead" of the learner (a rewind, or an actor stamping versions it never
+        # had) weighs as a fresh one, never more
+        version = min(e.min_version, self.version)
+        if (version - self.weight_base) / h > WEIGHT_EXPONENT:  # keep 2^x finite
+            self.weight_base = version
             for other in self.entries.values():  # O(n), once per WEIGHT_EXPONENT half lives
                 if other.group_id in self.tree.slot:
                     self.tree.set(other.group_id, self._weight(other))
         # a common factor 2^(-version/h) leaves the picks' odds alone: weights need no
         # update when the version rises
-        return max(w * 2.0 ** ((e.min_version - self.weight_base) / h), TINY)
+        return max(w * 2.0 ** ((version - self.weight_base) / h), TINY)
 
     def __len__(self) -> int:
         return len(self.entries)

@@ -105,15 +105,19 @@ def test_stale_groups_leave_by_version_without_touching_the_rest():
 def test_freshness_aware_priority_halves_per_half_life_of_staleness():
     buf = ReplayBuffer(capacity=100, max_staleness=None, selector="prioritized")
     buf.priority_half_life = 2.0
+    buf.evict_stale(4)  # the learner's version
     buf.insert(entry("old", 0, priority=1.0))
     buf.insert(entry("new", 4, priority=1.0))  # 4 versions newer: 2 half lives
     buf.insert(entry("spread", 4, priority=3.0))
-    w = {k: buf.tree.weight(k) for k in ("old", "new", "spread")}
+    buf.insert(entry("ahead", 9, priority=1.0))  # past the learner: weighs as a fresh one
+    w = {k: buf.tree.weight(k) for k in ("old", "new", "spread", "ahead")}
     assert w["new"] / w["old"] == 4.0 and w["spread"] / w["new"] == 3.0
+    assert w["ahead"] == w["new"]
     buf.evict_stale(100)  # no staleness bound: nothing leaves
     assert {k: buf.tree.weight(k) for k in w} == w
     bounded = ReplayBuffer(capacity=100, max_staleness=10, selector="prioritized")
     bounded.priority_half_life = 2.0
+    bounded.evict_stale(4)
     for k, v in (("old", 0), ("new", 4)):
         bounded.insert(entry(k, v))
     before = {k: bounded.tree.weight(k) for k in ("old", "new")}
@@ -126,11 +130,13 @@ def test_freshness_weights_stay_finite_over_a_long_run():
     buf = ReplayBuffer(capacity=100, max_staleness=None, selector="prioritized")
     buf.priority_half_life = 1.0
     buf.insert(entry("a", 0))
+    buf.evict_stale(514)
     buf.insert(entry("b", 513))  # 2^513 would be near the float limit: rebased
     buf.insert(entry("c", 514))
     assert buf.weight_base == 513
     assert buf.tree.weight("b") == 1.0 and buf.tree.weight("c") == 2.0
     assert buf.tree.weight("a") == 2.0**-513
+    buf.evict_stale(1600)
     buf.insert(entry("d", 1600))  # rebased again: a and b fall below the floor
     assert buf.weight_base == 1600 and buf.tree.weight("d") == 1.0
     assert buf.tree.weight("a") == buf.tree.weight("b") == 1e-300
