@@ -18,7 +18,7 @@ from hydra.core.config_store import ConfigStore
 
 from flowrl_async.actors.config import ENGINES
 from flowrl_async.learner.config import IS_MODES, OBJECTIVES, REWARD_NORMS, AlgoConfig
-from flowrl_async.replay.config import ADMISSIONS, FSYNC, SELECTORS, ReplaySettings
+from flowrl_async.replay.config import ADMISSIONS, FSYNC, SELECTORS, ReplaySettings, ServerConfig
 from flowrl_async.replay.filter import GroupFilter, parse_time
 
 PLACEMENTS = ("SPREAD", "PACK", "STRICT_SPREAD", "STRICT_PACK")
@@ -370,39 +370,31 @@ def validate(cfg: TrainConfig) -> None:
             "replay.min_size_to_sample must be >= learner.batch_groups when the rate limiter "
             "is on (samples_per_insert set); otherwise a batch can never be served"
         )
-    if cfg.cluster.address and r.curve_secret_key is None and not r.insecure:
-        problems.append(
-            "cluster mode serves the replay service on the node's IP: give it CURVE keys "
-            "(replay.curve_secret_key, python -m flowrl_async.replay.curve DIR NAME) or set "
-            "replay.insecure=true (any peer reaching it could insert or drain groups)"
-        )
-    if (cfg.cluster.address and r.curve_secret_key is not None and r.curve_authorized_keys is None
-            and not r.insecure):  # fmt: skip
-        problems.append(
-            "cluster mode with CURVE but no replay.curve_authorized_keys is encryption only: "
-            "anyone with the server's public key may insert, rewind or prune; give the "
-            "clients' keys directory or set replay.insecure=true"
-        )
-    if (cfg.cluster.address and r.curve_authorized_keys is not None and r.curve_learner_key is None
-            and not r.insecure):  # fmt: skip
-        problems.append(
-            "cluster mode needs the learner's own key (replay.curve_learner_key, its public "
-            "half in curve_authorized_keys/learner/): otherwise every actor's key may sample, "
-            "rewind and prune; or set replay.insecure=true"
-        )
-    if (cfg.cluster.address and r.curve_authorized_keys is not None and r.curve_public_key is None
-            and not r.insecure):  # fmt: skip
-        problems.append(
-            "cluster mode needs replay.curve_public_key (the server's public certificate): "
-            "without it every client reads the server's secret certificate, and with it could "
-            "connect as the service itself, which may make every request"
-        )
+    if cfg.cluster.address and not r.insecure:  # the service listens on the node's IP
+        curve, keys = r.curve_secret_key is not None, r.curve_authorized_keys is not None
+        rules = [
+            (not curve, "cluster mode serves the replay service on the node's IP: give it CURVE "
+                        "keys (replay.curve_secret_key, python -m flowrl_async.replay.curve DIR "
+                        "NAME) or set replay.insecure=true (any peer reaching it could insert or "
+                        "drain groups)"),
+            (curve and not keys, "cluster mode with CURVE but no replay.curve_authorized_keys is "
+                                 "encryption only: anyone with the server's public key may "
+                                 "insert, rewind or prune; give the clients' keys directory or "
+                                 "set replay.insecure=true"),
+            (keys and r.curve_learner_key is None,
+             "cluster mode needs the learner's own key (replay.curve_learner_key, its public half "
+             "in curve_authorized_keys/learner/): otherwise every actor's key may sample, rewind "
+             "and prune; or set replay.insecure=true"),
+            (keys and r.curve_public_key is None,
+             "cluster mode needs replay.curve_public_key (the server's public certificate): "
+             "without it every client reads the server's secret certificate, and with it could "
+             "connect as the service itself, which may make every request"),
+        ]  # fmt: skip
+        problems += [message for broken, message in rules if broken]
     if cfg.generator.streaming and cfg.generator.engine_process:
         problems.append("generator.streaming=true needs generator.engine_process=false (the "
                         "engine in the actor's process; streaming from an engine process is "
                         "not built yet)")  # fmt: skip
-    from flowrl_async.replay.config import ServerConfig
-
     most = ServerConfig.__dataclass_fields__["max_admit"].default  # one admission's limit
     if cfg.generator.streaming and not 1 <= cfg.generator.max_in_flight <= most:
         problems.append(f"generator.max_in_flight must be in [1, {most}]")

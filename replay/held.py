@@ -92,16 +92,19 @@ class HeldRequests:
         """Held inserts past their deadline, removed."""
         if now < self.insert_due:
             return []
-        gone = [gid for gid, held in self.inserts.items() if held.deadline <= now]
-        out = [self.inserts.pop(gid) for gid in gone]
-        self.insert_due = min((h.deadline for h in self.inserts.values()), default=float("inf"))
+        out, self.insert_due = _expire(self.inserts, now)
         return out
 
     def expired_samples(self, now: float) -> list[Held]:
         """Held samples past their deadline, removed."""
         if now < self.sample_due:
             return []
-        gone = [req for req, held in self.samples.items() if held.deadline <= now]
-        out = [self.samples.pop(req) for req in gone]
-        self.sample_due = min((h.deadline for h in self.samples.values()), default=float("inf"))
+        out, self.sample_due = _expire(self.samples, now)
         return out
+
+
+def _expire(held: dict, now: float) -> tuple[list, float]:
+    """Remove the entries past their deadline; -> (them, the earliest deadline left)."""
+    gone = [key for key, h in held.items() if h.deadline <= now]
+    out = [held.pop(key) for key in gone]
+    return out, min((h.deadline for h in held.values()), default=float("inf"))

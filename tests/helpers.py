@@ -7,12 +7,13 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 
 import zmq
 
 from flowrl_async.config import TrainConfig
 from flowrl_async.replay.client import ReplayClient
-from flowrl_async.replay.server import ReplayServer
+from flowrl_async.replay.server import ReplayServer, ServerConfig
 
 
 def small_config(tmp_path, steps: int, max_staleness: int | None = 0) -> TrainConfig:
@@ -86,3 +87,21 @@ class ServerProcess:
         self.client.close()
         self.proc.send_signal(signal.SIGTERM)
         assert self.proc.wait(10) == 0
+
+
+@contextmanager
+def served_replay(directory, **settings):
+    """A ReplayServer on ``directory`` serving on a thread (loopback, a free port); ->
+    a ReplayClient connected to it. Stops the server on exit."""
+    server = ReplayServer(ServerConfig(str(directory), "tcp://127.0.0.1:0", **settings))
+    thread = threading.Thread(target=server.serve, daemon=True)
+    thread.start()
+    while server.bound_address is None:
+        time.sleep(0.01)
+    client = ReplayClient(server.bound_address)
+    try:
+        yield client
+    finally:
+        client.close()
+        server.stop()
+        thread.join(5)

@@ -1,7 +1,5 @@
 """The actor loop and the learner step on the tiny model, wired through a real replay server."""
 
-import threading
-import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -16,12 +14,11 @@ from flowrl_async.learner.config import AlgoConfig
 from flowrl_async.learner.learner import Learner
 from flowrl_async.learner.log_z import LogZHead
 from flowrl_async.model import build_tiny_model, load_policy, load_tokenizer
-from flowrl_async.replay.client import ReplayClient
-from flowrl_async.replay.server import ReplayServer, ServerConfig
 from flowrl_async.tasks import PromptSource
 from flowrl_async.tasks.digits import DigitSumTask
 
 from factories import make_group
+from helpers import served_replay
 
 
 @pytest.fixture(scope="module")
@@ -31,20 +28,8 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture
 def replay(tmp_path):
-    server = ReplayServer(
-        ServerConfig(
-            str(tmp_path / "replay"), "tcp://127.0.0.1:0", max_staleness=None, groups_per_version=4
-        )
-    )
-    thread = threading.Thread(target=server.serve, daemon=True)
-    thread.start()
-    while server.bound_address is None:
-        time.sleep(0.01)
-    client = ReplayClient(server.bound_address)
-    yield client
-    client.close()
-    server.stop()
-    thread.join(5)
+    with served_replay(tmp_path / "replay", max_staleness=None, groups_per_version=4) as client:
+        yield client
 
 
 def test_rollout_loop_pushes_verified_groups_with_behaviour_logprobs(model_dir, replay):

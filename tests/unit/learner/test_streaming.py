@@ -3,8 +3,6 @@ finish, weights load between engine steps with the running sequences' keys and v
 and the recorded log-probs are those the tokens were sampled with."""
 
 import copy
-import threading
-import time
 
 import numpy as np
 import pytest
@@ -15,10 +13,10 @@ from flowrl_async.actors.streaming import StreamingLoop
 from flowrl_async.actors.torch_generator import TorchGenerator
 from flowrl_async.learner.batch import collate, forward
 from flowrl_async.model import build_tiny_model, load_policy, load_tokenizer
-from flowrl_async.replay.client import ReplayClient
-from flowrl_async.replay.server import ReplayServer, ServerConfig
 from flowrl_async.tasks import PromptSource
 from flowrl_async.tasks.sums import DigitPartsTask
+
+from helpers import served_replay
 
 
 @pytest.fixture(scope="module")
@@ -28,17 +26,8 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture
 def replay(tmp_path):
-    server = ReplayServer(ServerConfig(str(tmp_path / "replay"), "tcp://127.0.0.1:0",
-                                       max_staleness=None, groups_per_version=64))  # fmt: skip
-    thread = threading.Thread(target=server.serve, daemon=True)
-    thread.start()
-    while server.bound_address is None:
-        time.sleep(0.01)
-    client = ReplayClient(server.bound_address)
-    yield client
-    client.close()
-    server.stop()
-    thread.join(5)
+    with served_replay(tmp_path / "replay", max_staleness=None, groups_per_version=64) as client:
+        yield client
 
 
 def make_loop(model_dir, replay, max_in_flight=3, max_tokens=12):
