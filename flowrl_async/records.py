@@ -8,6 +8,10 @@ Invariants (checked by ``Group.validate``, which the validating decoder calls on
 group; vectorised over the group's responses):
 - every response has as many behaviour log-probs as token ids, all finite and <= 0;
 - rewards are finite; 0 <= first_version <= last_version;
+- a response's ``switches`` (where its tokens' weight version changed: flat pairs
+  position, version) have positions rising strictly inside (0, len) and versions rising
+  strictly from above first_version to exactly last_version; with no switches the split is
+  unknown (records written before per-token versions) unless first == last;
 - a group has at least one response and a non-empty id.
 """
 
@@ -51,6 +55,17 @@ class Response:
     first_version: int  # weight version that generated the first token
     last_version: int  # ... and the last token
     info: str = ""  # the verifier's reason, e.g. "ok", "no answer", "timeout"
+    # where the weight version changed, flat pairs (position, version): tokens from
+    # ``position`` on were sampled under ``version`` (until the next pair); empty: every token
+    # at first_version (or, when last_version is higher, a split not recorded)
+    switches: tuple[int, ...] = ()
+
+    def token_versions(self) -> np.ndarray:
+        """The weight version of each token, int64 [L] (an unrecorded split: the oldest)."""
+        versions = np.full(len(self.token_ids), self.first_version, dtype=np.int64)
+        for position, version in zip(self.switches[::2], self.switches[1::2], strict=True):
+            versions[position:] = version
+        return versions
 
     def validate(self, where: str = "response") -> None:
         if self.token_ids.ndim != 1 or self.behavior_logprobs.ndim != 1:
@@ -72,6 +87,26 @@ class Response:
                 f"{where}: versions must satisfy 0 <= first ({self.first_version}) "
                 f"<= last ({self.last_version})"
             )
+        problem = switches_problem(self.switches, n, self.first_version, self.last_version)
+        if problem:
+            raise RecordError(f"{where}: {problem}")
+
+
+def switches_problem(switches, n: int, first: int, last: int) -> str | None:
+    """What is wrong with a response's version switches (see ``Response``), or None."""
+    if not switches:
+        return None
+    if len(switches) % 2 or not all(type(x) is int for x in switches):
+        return "switches must be pairs of integers (position, version)"
+    positions, versions = switches[::2], switches[1::2]
+    steps = zip(positions, positions[1:])
+    if not (0 < positions[0] and positions[-1] < n and all(a < b for a, b in steps)):
+        return f"switch positions must rise strictly inside (0, {n})"
+    steps = zip(versions, versions[1:])
+    if not (first < versions[0] and versions[-1] == last and all(a < b for a, b in steps)):
+        return (f"switch versions must rise strictly from above first ({first}) to last "
+                f"({last})")  # fmt: skip
+    return None
 
 
 @dataclass(frozen=True)
@@ -126,6 +161,9 @@ class Group:
             if r.finish_reason not in FINISH_REASONS or not math.isfinite(r.reward):
                 return False
             if not 0 <= r.first_version <= r.last_version:
+                return False
+            if r.switches and switches_problem(r.switches, tok.shape[0], r.first_version,
+                                               r.last_version):  # fmt: skip
                 return False
             logprobs.append(lp)
         lp = np.concatenate(logprobs) if len(logprobs) > 1 else logprobs[0]

@@ -24,9 +24,17 @@ from typing import Any, NamedTuple
 import msgpack
 import numpy as np
 
-from flowrl_async.records import FINISH_REASONS, Group, RecordError, Response, SamplingParams
+from flowrl_async.records import (
+    FINISH_REASONS,
+    Group,
+    RecordError,
+    Response,
+    SamplingParams,
+    switches_problem,
+)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: a response may carry "vsw", its per-token version switches
+READABLE_SCHEMAS = (1, 2)  # a version-1 message is a version-2 one without switches
 DTYPES = {"int32": np.int32, "float32": np.float32, "int64": np.int64, "float64": np.float64}
 
 
@@ -97,6 +105,20 @@ def unpack_array(obj: Any, what: str, limits: WireLimits) -> np.ndarray:
     return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
 
+def _response_to_wire(r: Response) -> dict:
+    out = {
+        "tok": pack_array(np.asarray(r.token_ids, dtype=np.int32)),
+        "lp": pack_array(np.asarray(r.behavior_logprobs, dtype=np.float32)),
+        "r": float(r.reward),
+        "fin": r.finish_reason,
+        "ver": [r.first_version, r.last_version],
+        "info": r.info,
+    }
+    if r.switches:  # only then: a group of one version is byte for byte a version-1 group
+        out["vsw"] = list(r.switches)
+    return out
+
+
 def group_to_wire(g: Group) -> dict:
     s = g.sampling
     return {
@@ -108,17 +130,7 @@ def group_to_wire(g: Group) -> dict:
         "cursor": g.cursor,
         "sampling": [s.temperature, s.top_p, s.max_tokens, s.n],
         "times": [g.created_at, g.finished_at],
-        "responses": [
-            {
-                "tok": pack_array(np.asarray(r.token_ids, dtype=np.int32)),
-                "lp": pack_array(np.asarray(r.behavior_logprobs, dtype=np.float32)),
-                "r": float(r.reward),
-                "fin": r.finish_reason,
-                "ver": [r.first_version, r.last_version],
-                "info": r.info,
-            }
-            for r in g.responses
-        ],
+        "responses": [_response_to_wire(r) for r in g.responses],
     }
 
 
@@ -263,6 +275,8 @@ def _check_fast(obj: Any, limits: WireLimits) -> GroupInfo | None:
             return None
         if len(tok_raw) != 4 * n or len(lp_raw) != 4 * n:
             return None
+        if len(r) != 6 and not (len(r) == 7 and _switches_ok(r.get("vsw"), n, first, last)):
+            return None
         logprobs.append(lp_raw)
         tokens.append(tok_raw)
         rewards.append(reward)
@@ -276,6 +290,10 @@ def _check_fast(obj: Any, limits: WireLimits) -> GroupInfo | None:
     if ids.size and not _ids_in_vocab(ids, limits.vocab_size):
         return None
     return GroupInfo(gid, actor, cursor, min(firsts), max(rewards) - min(rewards))
+
+
+def _switches_ok(vsw: Any, n: int, first: int, last: int) -> bool:
+    return type(vsw) is list and bool(vsw) and switches_problem(vsw, n, first, last) is None
 
 
 def _ids_in_vocab(ids: np.ndarray, vocab_size: int | None) -> bool:
@@ -308,6 +326,9 @@ def _group_from_wire_checked(obj: Any, limits: WireLimits) -> Group:
         first, last = _numbers(r.get("ver"), 2, f"{where} versions")
         if not (isinstance(first, int) and isinstance(last, int)):
             raise WireError(f"{where}: versions must be integers")
+        switches = r.get("vsw", [])
+        if not isinstance(switches, list) or ("vsw" in r and not switches):
+            raise WireError(f"{where}: switches must be a non-empty list")
         responses.append(
             Response(
                 token_ids=unpack_array(_get(r, "tok", dict, where), f"{where} token ids", limits),
@@ -319,6 +340,7 @@ def _group_from_wire_checked(obj: Any, limits: WireLimits) -> Group:
                 first_version=first,
                 last_version=last,
                 info=_get(r, "info", str, where),
+                switches=tuple(switches),
             )
         )
     group = Group(
@@ -378,6 +400,7 @@ def _trusted_response(r: dict) -> Response:
         first_version=first,
         last_version=last,
         info=r["info"],
+        switches=tuple(r["vsw"]) if "vsw" in r else (),
     )
     return response
 
@@ -501,8 +524,9 @@ def decode(data: bytes, limits: WireLimits = WireLimits(),
         raise WireError(f"not a valid msgpack message: {type(e).__name__}: {e}") from None
     if not isinstance(obj, dict):
         raise WireError("message must be a map")
-    if type(obj.get("v")) is not int or obj["v"] != SCHEMA_VERSION:  # True == 1 in Python
-        raise WireError(f"schema version {_clip(repr(obj.get('v')))} is not {SCHEMA_VERSION}")
+    if type(obj.get("v")) is not int or obj["v"] not in READABLE_SCHEMAS:  # True == 1 in Python
+        raise WireError(f"schema version {_clip(repr(obj.get('v')))} is not one of "
+                        f"{READABLE_SCHEMAS}")  # fmt: skip
     msg_type = obj.get("t")
     if not isinstance(msg_type, str):
         raise WireError("message has no type")

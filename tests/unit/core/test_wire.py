@@ -155,6 +155,7 @@ def assert_same_group(a, b):
             y.last_version,
             y.info,
         )
+        assert x.switches == y.switches and type(x.switches) is tuple
 
 
 GROUPS = [
@@ -224,10 +225,12 @@ def test_every_group_the_fast_check_accepts_the_full_check_accepts_alike():
     for key in list(base):
         for value in odd:
             cases.append({**base, key: value})
-    for key in base["responses"][0]:
-        for value in odd:
+    for key in [*base["responses"][0], "vsw"]:
+        for value in [*odd, [2, 1], [1, 1, 2, 2]]:
             g = msgpack.unpackb(msgpack.packb(base), raw=False)
             g["responses"][1][key] = value
+            if key == "vsw" and value in ([2, 1], [1, 1, 2, 2]):  # valid once last agrees
+                g["responses"][1]["ver"] = [0, value[-1]]
             cases.append(g)
     accepted = 0
     for obj in cases:
@@ -282,3 +285,70 @@ def test_packed_fields_are_spliced_in_as_they_are():
     plain = [msgpack.unpackb(b, raw=False) for b in groups]
     assert msg["groups"] == plain
     assert spliced == encode("batch", rid=3, groups=plain, info=[[1, 0, 2.5]])
+
+
+def switched(group, *switches):
+    """``group`` with response i's version switches set to switches[i] (last_version too)."""
+    responses = []
+    for r, sw in zip(group.responses, switches, strict=False):
+        last = sw[-1] if sw else r.first_version
+        responses.append(dataclasses.replace(r, switches=tuple(sw), last_version=last))
+    return dataclasses.replace(group, responses=(*responses, *group.responses[len(switches):]))
+
+
+def test_per_token_versions_round_trip_and_read_back_per_token():
+    # response 0: tokens 0-1 at version 3, 2-4 at 5, 5 at 6; response 1: 0-3 at 3, 4-5 at 4
+    g = switched(make_group(n=3, tokens=6, version=3), (2, 5, 5, 6), (4, 4))
+    obj = msgpack.unpackb(pack_group(g), raw=False)
+    assert obj["responses"][0]["vsw"] == [2, 5, 5, 6] and "vsw" not in obj["responses"][2]
+    for back in (roundtrip(g), group_from_wire_trusted(obj)):
+        assert_same_group(back, g)
+        assert back.responses[0].token_versions().tolist() == [3, 3, 5, 5, 5, 6]
+        assert back.responses[1].token_versions().tolist() == [3, 3, 3, 3, 4, 4]
+        assert back.responses[2].token_versions().tolist() == [3] * 6
+        assert back.min_version == 3
+    assert _check_fast(obj, WireLimits()) is not None  # switches take the fast path
+    # a group of one version is byte for byte what schema 1 wrote
+    plain = make_group(n=2, tokens=3, version=1)
+    assert "vsw" not in msgpack.unpackb(pack_group(plain), raw=False)["responses"][0]
+
+
+def test_schema_1_messages_and_records_still_read():
+    old = msgpack.packb({"v": 1, "t": "insert", "group": group_to_wire(make_group())})
+    kind, msg = decode(old)
+    assert kind == "insert" and group_from_wire(msg["group"]).responses[0].switches == ()
+    # streaming records of schema 1: versions spanning a load, the split not recorded
+    r = dataclasses.replace(make_group(tokens=4).responses[0], first_version=2, last_version=5)
+    assert r.token_versions().tolist() == [2, 2, 2, 2]  # the oldest: staleness never understated
+
+
+@pytest.mark.parametrize(
+    "switches, reason",
+    [
+        ([0, 4], "positions must rise strictly inside"),  # a switch before any token
+        ([6, 4], "positions must rise strictly inside"),  # past the last token
+        ([3, 4, 3, 5], "positions must rise strictly inside"),
+        ([2, 3], "versions must rise strictly from above first"),  # not above first (3)
+        ([2, 5, 4, 4], "versions must rise strictly"),
+        ([2, 4, 3], "pairs of integers"),
+        ([2, True], "pairs of integers"),
+        ([2, 4.0], "pairs of integers"),
+        ([], "non-empty list"),
+        ("x", "non-empty list"),
+    ],
+)
+def test_bad_switches_are_rejected_with_a_reason(switches, reason):
+    obj = group_to_wire(make_group(n=2, tokens=6, version=3))
+    obj["responses"][0]["vsw"] = switches
+    obj["responses"][0]["ver"] = [3, 4]
+    obj = msgpack.unpackb(msgpack.packb(obj), raw=False)
+    assert _check_fast(obj, WireLimits()) is None
+    with pytest.raises(WireError, match=reason):
+        group_from_wire(obj)
+
+
+def test_switches_whose_last_version_is_not_last_are_rejected():
+    obj = group_to_wire(switched(make_group(n=2, tokens=6, version=3), (2, 5)))
+    obj["responses"][0]["ver"] = [3, 6]  # the last switch says 5
+    with pytest.raises(WireError, match=r"to last \(6\)"):
+        group_from_wire(msgpack.unpackb(msgpack.packb(obj), raw=False))
