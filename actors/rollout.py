@@ -48,6 +48,23 @@ class ActorStats:
     rewards: Counter = field(default_factory=Counter)
 
 
+def token_switches(first: int, loads: list[tuple[int, int]], length: int):
+    """A response's versions from the loads while it was in flight, (version, tokens it had
+    then) oldest first: -> (version of its first token, its switches as Response keeps
+    them). A load before its first token moves its first version; one after its last token
+    (it had finished, its group had not) leaves no trace."""
+    switches: list[int] = []
+    for version, had in loads:
+        if had == 0:
+            first = version
+        elif had < length:
+            if switches and switches[-2] == had:  # two loads between the same two tokens
+                switches[-1] = version
+            else:
+                switches += [had, version]
+    return first, tuple(switches)
+
+
 class RolloutLoop:
     """Admit, generate, verify, insert; load newer weights between batches."""
 
@@ -123,23 +140,28 @@ class RolloutLoop:
                 self.stats.insert_retries += 1
 
     def build_group(self, position, prompt, prompt_ids, completions, started,
-                    first_version: int | None = None) -> Group:  # fmt: skip
+                    first_version: int | None = None, loads=()) -> Group:  # fmt: skip
         """``first_version``: the weights its first tokens came from (streaming: the version
-        when it was submitted); its last tokens came from the current ones."""
+        when it was submitted); ``loads``: (version, tokens each response had then) of every
+        load while it was in flight (streaming), oldest first."""
         t0 = time.perf_counter()
         responses = []
-        for c in completions:
+        for i, c in enumerate(completions):
             text = self.tokenizer.decode(c.token_ids, skip_special_tokens=True)
             verdict = self.prompts.verify(prompt, text)
+            first = self.version if first_version is None else first_version
+            first, switches = token_switches(first, [(v, had[i]) for v, had in loads],
+                                             len(c.token_ids))  # fmt: skip
             responses.append(
                 Response(
                     token_ids=c.token_ids,
                     behavior_logprobs=c.logprobs,
                     reward=float(verdict.reward),
                     finish_reason=c.finish_reason,
-                    first_version=self.version if first_version is None else first_version,
-                    last_version=self.version,
+                    first_version=first,
+                    last_version=switches[-1] if switches else first,
                     info=verdict.info,
+                    switches=switches,
                 )
             )
             self.stats.rewards[verdict.info] += 1
@@ -158,6 +180,9 @@ class RolloutLoop:
             created_at=started,
             finished_at=time.time(),
         )
+
+    def loaded(self, version: int) -> None:
+        """Called once new weights are in the engine, before the probe runs."""
 
     def maybe_load_weights(self) -> bool:
         receiver = self.receiver
@@ -179,6 +204,7 @@ class RolloutLoop:
                 return False
             header = publication.header
             publication.load_into(self.generator)
+            self.loaded(header.version)
             if header.probe_token_ids:
                 scored = len(header.probe_token_ids) - 1  # every token after the first
                 tol = probe_tolerance(self.probe_tolerance, self.dtype, scored)

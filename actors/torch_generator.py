@@ -83,6 +83,18 @@ class TorchGenerator:
     def in_flight(self) -> int:
         return len(self.active)
 
+    def progress(self) -> dict[object, list[int]]:
+        """Tokens sampled so far by each response of every group in flight."""
+        return {key: [len(g.tokens)] * len(g.done) for key, g in self.active.items()}
+
+    def recompute_in_flight(self) -> None:
+        """Drop every group's keys and values: its next step feeds the prompt and all its
+        tokens so far again, under the weights loaded now."""
+        for g in self.active.values():
+            if g.cache is not None:
+                g.feed = torch.cat([g.prompt, torch.stack(g.tokens, 1)], 1)
+                g.cache = None
+
     def abort_all(self) -> None:
         self.active.clear()
 
@@ -93,8 +105,9 @@ class TorchGenerator:
         finished = []
         for key, g in list(self.active.items()):
             spec = g.spec
-            if g.cache is None:  # the prompt, on the first step
+            if g.cache is None:  # the prompt (and tokens so far, after a recompute)
                 out = self.model(input_ids=g.feed, use_cache=True)
+                g.length = g.feed.shape[1]
             else:  # the last sampled token
                 out = self.model(input_ids=g.feed, past_key_values=g.cache, use_cache=True,
                                  position_ids=torch.full((len(g.feed), 1), g.length))  # fmt: skip
@@ -140,6 +153,7 @@ class _Group:
 
     def __init__(self, spec: SampleSpec, rng, prompt: torch.Tensor):
         self.spec, self.rng, self.feed, self.cache = spec, rng, prompt, None
+        self.prompt = prompt
         self.length = prompt.shape[1]  # the position of the next token fed
         self.tokens: list[torch.Tensor] = []
         self.logps: list[torch.Tensor] = []

@@ -58,6 +58,10 @@ class WeightSyncExtension:
         self._flowrl_receiver = WeightReceiver(group, device=device, pool=pool)
         return rank
 
+    def flowrl_waiting(self) -> bool:
+        receiver = getattr(self, "_flowrl_receiver", None)
+        return receiver is not None and receiver.waiting()
+
     def flowrl_load_named(self, named: list) -> None:
         self.reload_weights(weights_iterator=iter(named))
 
@@ -152,6 +156,9 @@ class EngineWeightReceiver:
 
     def __init__(self, generator):
         self.generator = generator
+
+    def waiting(self) -> bool:
+        return bool(self.generator.llm.collective_rpc("flowrl_waiting")[0])
 
     def take(self) -> LoadedInEngine | None:
         results = self.generator.llm.collective_rpc(

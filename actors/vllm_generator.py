@@ -115,7 +115,7 @@ class VLLMGenerator:
         from flowrl_async.actors.vllm_extension import EXTENSION
 
         self.engine_process = engine_process
-        self.streams: dict[str, object] = {}  # streaming request id -> the caller's key
+        self.streams: dict[str, _Stream] = {}  # streaming request id -> its group so far
         self._ready: list = []  # streaming groups that finished inside another call
         self._rids = itertools.count()
         self._stale = False  # the prefix cache may hold older weights' blocks
@@ -167,9 +167,7 @@ class VLLMGenerator:
         got: dict = {}
         while len(got) < len(ids):
             for out in engine.step():
-                if out.finished and out.request_id in self.streams:
-                    self._ready.append((self.streams.pop(out.request_id), _completions(out)))
-                elif out.finished:
+                if not self._absorb(out) and out.finished:
                     got[out.request_id] = out
         return [got[rid] for rid in ids]
 
@@ -179,20 +177,46 @@ class VLLMGenerator:
         from vllm.sampling_params import RequestOutputKind
 
         params = sampling_params(spec, self._cache_stale())
-        params.output_kind = RequestOutputKind.FINAL_ONLY  # a group's outputs when all n end
+        # each step's new tokens of every sequence: how many each has is known at a load
+        params.output_kind = RequestOutputKind.DELTA
+        params.detokenize = False  # the actor decodes what it verifies
         rid = f"stream-{next(self._rids)}"
         self.llm.llm_engine.add_request(rid, {"prompt_token_ids": list(prompt)}, params)
-        self.streams[rid] = key
+        self.streams[rid] = _Stream(key, spec.n)
 
     def step(self) -> list[tuple[object, list[Completion]]]:
         """One engine step (one token for every running sequence, under the weights loaded
         now); -> the groups that finished, as (key, completions)."""
-        done, self._ready = self._ready, []
         if self.streams:
             for out in self.llm.llm_engine.step():
-                if out.finished and out.request_id in self.streams:
-                    done.append((self.streams.pop(out.request_id), _completions(out)))
+                self._absorb(out)
+        done, self._ready = self._ready, []
         return done
+
+    def _absorb(self, out) -> bool:
+        """Add a streaming request's new tokens; a finished group goes to ``_ready``."""
+        stream = self.streams.get(out.request_id)
+        if stream is None:
+            return False
+        for c in out.outputs:
+            stream.add(c)
+        if out.finished:
+            del self.streams[out.request_id]
+            self._ready.append((stream.key, stream.completions()))
+        return True
+
+    def progress(self) -> dict[object, list[int]]:
+        """Tokens sampled so far by each response of every group in flight."""
+        out = {s.key: [len(t) for t in s.tokens] for s in self.streams.values()}
+        out.update((key, [len(c.token_ids) for c in group]) for key, group in self._ready)
+        return out
+
+    def recompute_in_flight(self) -> None:
+        """Drop the keys and values of every running sequence: vLLM preempts them, and each
+        computes its prompt and tokens so far again, under the weights loaded now, before it
+        samples on (``reset_prefix_cache(reset_running_requests=True)``)."""
+        self.llm.llm_engine.reset_prefix_cache(reset_running_requests=True)
+        self._stale = False
 
     def in_flight(self) -> int:
         return len(self.streams) + len(self._ready)
@@ -240,6 +264,28 @@ class VLLMGenerator:
         out = self._run([{"prompt_token_ids": list(token_ids)}], params)[0]
         steps = out.prompt_logprobs[1:]
         return float(sum(step[t].logprob for step, t in zip(steps, token_ids[1:], strict=True)))
+
+
+class _Stream:
+    """A streaming group's responses so far: tokens, log-probs and finish reasons."""
+
+    def __init__(self, key, n: int):
+        self.key = key
+        self.tokens: list[list[int]] = [[] for _ in range(n)]
+        self.logprobs: list[list[float]] = [[] for _ in range(n)]
+        self.finish = ["length"] * n
+
+    def add(self, c) -> None:
+        """One response's new tokens (a DELTA CompletionOutput)."""
+        self.tokens[c.index] += c.token_ids
+        self.logprobs[c.index] += [step[t].logprob
+                                   for step, t in zip(c.logprobs, c.token_ids, strict=True)]  # fmt: skip
+        if c.finish_reason is not None:
+            self.finish[c.index] = "stop" if c.finish_reason == "stop" else "length"
+
+    def completions(self) -> list[Completion]:
+        return [Completion(np.asarray(t, dtype=np.int32), np.asarray(lp, dtype=np.float32), f)
+                for t, lp, f in zip(self.tokens, self.logprobs, self.finish, strict=True)]  # fmt: skip
 
 
 def _completions(out) -> list[Completion]:

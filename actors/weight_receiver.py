@@ -111,6 +111,10 @@ class WeightReceiver:
                 return self.pool.pop(i)
         return [torch.empty(n, dtype=d, device=self.device) for n, d in layout]
 
+    def waiting(self) -> bool:
+        """Whether a complete publication waits to be taken."""
+        return self._latest is not None
+
     def take(self) -> Publication | None:
         with self._lock:
             latest, self._latest = self._latest, None

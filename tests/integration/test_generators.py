@@ -94,9 +94,10 @@ def test_vllm_generator_matches_transformers_and_follows_loads(models):
 def streams_across_a_load(gen, old, new, expected_new):
     """Streaming (actors/streaming.py) on vLLM: a group submitted under ``old`` weights,
     three engine steps, a load of ``new`` (and its probe) mid-flight, then on to the end.
-    Each token's recorded log-prob is what vLLM sampled it with: the first three from the
-    old weights (prefill, then tokens 0 and 1 fed under them); from token 3 on, the new
-    weights over the old weights' keys and values for the prompt and tokens 0, 1."""
+    The engine's progress at the load says three tokens each came from the old weights
+    (prefill, then tokens 0 and 1 fed under them); each token's recorded log-prob is what
+    vLLM sampled it with: from token 3 on, the new weights over the old weights' keys and
+    values for the prompt and tokens 0, 1 (KV kept)."""
     spec = SampleSpec(n=2, temperature=1.0, top_p=1.0, max_tokens=10, seed=3)
     prompt = PROMPTS[0]
     long_prompt = [1] + [20, 21, 22, 23] * 12  # whole KV blocks: the prefix cache keeps them
@@ -105,6 +106,7 @@ def streams_across_a_load(gen, old, new, expected_new):
     for _ in range(3):
         assert gen.step() == []
     gen.load_weights(new.state_dict().items())
+    assert gen.progress() == {"g": [3, 3]}  # the switch: tokens 0-2 old, 3 on new
     check_probe(gen, prompt, expected_new, 1e-4)  # through the engine: the group stays
     assert gen.in_flight() == 1
     # vLLM refuses to reset the prefix cache while "g" runs: until a reset succeeds, new
@@ -121,19 +123,61 @@ def streams_across_a_load(gen, old, new, expected_new):
     group = finished["g"]
     assert len(group) == 2 and gen.in_flight() == 0
     assert any(len(c.token_ids) > 4 for c in group)
-    p = len(prompt)
     for c in group:
-        seq = torch.tensor([list(prompt) + c.token_ids.tolist()])
-        with torch.no_grad():
-            head = old(input_ids=seq[:, : p + 2], use_cache=True)
-            tail = new(input_ids=seq[:, p + 2 :], past_key_values=head.past_key_values)
-        logits = torch.cat([head.logits[0, p - 1 :], tail.logits[0, :-1]])
-        want = torch.log_softmax(logits.float(), -1).gather(-1, seq[0, p:, None])[:, 0]
-        np.testing.assert_allclose(c.logprobs, want.numpy(), atol=1e-4, rtol=0)
+        want = kept_cache_logprobs(old, new, prompt, c.token_ids.tolist(), switch=3)
+        np.testing.assert_allclose(c.logprobs, want, atol=1e-4, rtol=0)
         if len(c.token_ids) > 4:  # neither version alone gives the tokens after the load
             for model in (old, new):
                 alone = teacher_forced(model, prompt, c.token_ids.tolist(), 1.0).numpy()
                 assert not np.allclose(c.logprobs[3:], alone[3:], atol=1e-4)
+
+
+def kept_cache_logprobs(old, new, prompt, tokens, switch):
+    """Tokens before ``switch`` sampled under ``old``; after it, ``new`` over ``old``'s keys
+    and values for the prompt and the tokens fed before the switch (computed here)."""
+    seq = torch.tensor([list(prompt) + list(tokens)])
+    p = len(prompt)
+    with torch.no_grad():
+        head = old(input_ids=seq[:, : p + switch - 1], use_cache=True)
+        tail = new(input_ids=seq[:, p + switch - 1 :], past_key_values=head.past_key_values)
+    logits = torch.cat([head.logits[0, p - 1 :], tail.logits[0, :-1]])
+    return torch.log_softmax(logits.float(), -1).gather(-1, seq[0, p:, None])[:, 0].numpy()
+
+
+@pytest.mark.integration
+def test_vllm_recompute_samples_every_token_after_a_load_from_the_new_version(models):
+    """inflight_kv=recompute on vLLM: the running sequences are preempted and compute their
+    prompt and tokens so far again under the new weights, so each token's recorded log-prob
+    is teacher forcing of its whole prefix under the version that sampled it."""
+    from flowrl_async.actors.vllm_generator import VLLMGenerator
+
+    a, b = models
+    old, new = load_policy(a), load_policy(b)
+    gen = VLLMGenerator(str(a), max_model_len=64)
+    spec = SampleSpec(n=2, temperature=1.0, top_p=1.0, max_tokens=10, seed=4)
+    prompt = PROMPTS[1]
+    gen.submit("g", prompt, spec)
+    for _ in range(4):
+        assert gen.step() == []
+    gen.load_weights(new.state_dict().items())
+    assert gen.progress() == {"g": [4, 4]}
+    gen.recompute_in_flight()
+    assert not gen._cache_stale()  # the preemption freed every block: the reset went through
+    finished = []
+    while not finished:
+        finished = gen.step()
+    ((_, group),) = finished
+    assert any(len(c.token_ids) > 5 for c in group)
+    for c in group:
+        tokens = c.token_ids.tolist()
+        assert len(tokens) == len(c.logprobs) <= 10  # nothing sampled twice or dropped
+        before = teacher_forced(old, prompt, tokens, 1.0).numpy()
+        after = teacher_forced(new, prompt, tokens, 1.0).numpy()
+        np.testing.assert_allclose(c.logprobs[:4], before[:4], atol=1e-4, rtol=0)
+        np.testing.assert_allclose(c.logprobs[4:], after[4:], atol=1e-4, rtol=0)
+        if len(tokens) > 5:  # and not what keeping the cache would have given
+            kept = kept_cache_logprobs(old, new, prompt, tokens, switch=4)
+            assert not np.allclose(c.logprobs[4:], kept[4:], atol=1e-4)
 
 
 @pytest.mark.integration

@@ -57,55 +57,165 @@ def test_groups_leave_as_they_finish_and_slots_refill(model_dir, replay):
     assert all(len(g.responses) == 3 for g, _ in got)  # whole groups only
 
 
-def test_a_response_spanning_a_weight_load_records_what_each_token_was_sampled_with(
-    model_dir, replay
-):
-    # keep mode: the tokens before the load keep the old weights' keys and values; every
-    # token's recorded log-prob is log softmax of what the engine computed at that moment
-    loop, tok = make_loop(model_dir, replay, max_in_flight=1, max_tokens=12)
+class Ready:
+    """A receiver holding at most one publication (WeightReceiver's take/waiting)."""
+
+    def __init__(self):
+        self.ready = None
+
+    def waiting(self):
+        return self.ready is not None
+
+    def take(self):
+        got, self.ready = self.ready, None
+        return got
+
+
+def publication(version, state):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(header=SimpleNamespace(version=version, probe_token_ids=()),
+                           load_into=lambda gen: gen.load_weights(state.items()))  # fmt: skip
+
+
+def perturbed(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    return {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in model.state_dict().items()}
+
+
+def stream_across_a_load(loop, steps_before=3):
+    """One prompt in flight, ``steps_before`` engine steps under version 0, then version 1
+    loaded through the loop's own path, then on to the end; -> (group, old, new models)."""
     old = copy.deepcopy(loop.generator.model)
+    new_state = perturbed(old, 0)
+    loop.receiver = Ready()
     loop.fill()
-    key = next(iter(loop.pending))
-    for _ in range(3):  # three tokens sampled under version 0 (the prompt, tokens 0, 1 fed)
+    for _ in range(steps_before):
         assert loop.generator.step() == []
-    new_state = {k: v + 0.05 * torch.randn_like(v) for k, v in old.state_dict().items()}
-    loop.generator.load_weights(new_state.items())
-    loop.version = 1
-    finished = []
-    while not finished:
-        finished = loop.generator.step()
-    ((done_key, completions),) = finished
-    assert done_key == key
-    position, prompt, ids, started, version = loop.pending.pop(key)
-    group = loop.build_group(position, prompt, ids, completions, started, version)
-    assert all((r.first_version, r.last_version) == (0, 1) for r in group.responses)
+        loop.engine_steps += 1
+    loop.receiver.ready = publication(1, new_state)
+    while loop.stats.groups == 0:
+        loop.run_once()
+    ((group, _),) = loop.replay.sample(1, version=1)
     new = copy.deepcopy(old)
     new.load_state_dict(new_state)
+    return group, old, new
+
+
+def keep_logprobs(old, new, ids, response):
+    """Independently: the tokens before the switch sampled under ``old``; after it, ``new``
+    over ``old``'s keys and values for the prompt and the tokens fed before the switch."""
+    seq = torch.tensor([list(ids) + response.token_ids.tolist()])
+    p, (k, _) = len(ids), response.switches
+    with torch.no_grad():
+        head = old(input_ids=seq[:, : p + k - 1], use_cache=True)
+        tail = new(input_ids=seq[:, p + k - 1 :], past_key_values=head.past_key_values)
+    logits = torch.cat([head.logits[0, p - 1 :], tail.logits[0, :-1]])
+    return torch.log_softmax(logits.float(), -1).gather(-1, seq[0, p:, None])[:, 0].numpy()
+
+
+def teacher_forced(model, ids, response):
+    seq = torch.tensor([list(ids) + response.token_ids.tolist()])
+    with torch.no_grad():
+        logits = model(input_ids=seq).logits[0, len(ids) - 1 : -1]
+    return torch.log_softmax(logits.float(), -1).gather(-1, seq[0, len(ids) :, None])[:, 0].numpy()
+
+
+def check_is_weights(group, new, tok):
+    """The learner's IS weights from the recorded log-probs equal exp(Σ log π − Σ log μ)
+    computed here token by token from the group's own arrays."""
+    from flowrl_async.learner.objectives import sequence_importance_weights
+
     batch = collate([group], [0], tok.pad_token_id)
-    with torch.no_grad():  # teacher forcing under either version alone
-        alone = [forward(m, batch, 1.0, want_hidden=False).logprobs for m in (old, new)]
+    with torch.no_grad():
+        lp = forward(new, batch, 1.0, want_hidden=False).logprobs
+    w = sequence_importance_weights(lp, batch.behavior_logprobs, batch.response_mask, "none")
+    ids = group.prompt_token_ids.tolist()
+    want = [np.exp(np.float64(teacher_forced(new, ids, r)).sum()
+                   - np.float64(r.behavior_logprobs).sum()) for r in group.responses]  # fmt: skip
+    np.testing.assert_allclose(w.double().numpy(), want, rtol=1e-4)
+
+
+def test_a_response_spanning_a_load_keeps_its_cache_and_records_each_tokens_version(
+    model_dir, replay
+):
+    # keep: the tokens after the load are sampled from the new weights over the old
+    # weights' keys and values; each recorded log-prob is the one it was sampled with
+    loop, tok = make_loop(model_dir, replay, max_in_flight=1, max_tokens=12)
+    group, old, new = stream_across_a_load(loop, steps_before=3)
+    ids = group.prompt_token_ids.tolist()
     assert any(len(r.token_ids) > 4 for r in group.responses)
-    for i, r in enumerate(group.responses):
-        seq = torch.tensor([list(ids) + r.token_ids.tolist()])
-        p = len(ids)
-        with torch.no_grad():  # the prompt and tokens 0, 1 fed under the old weights
-            head = old(input_ids=seq[:, : p + 2], use_cache=True)
-            tail = new(input_ids=seq[:, p + 2 :], past_key_values=head.past_key_values)
-        logits = torch.cat([head.logits[0, p - 1 :], tail.logits[0, :-1]])
-        want = torch.log_softmax(logits.float(), -1).gather(-1, seq[0, p:, None])[:, 0]
-        np.testing.assert_allclose(r.behavior_logprobs, want.numpy(), atol=1e-5)
+    for r in group.responses:
         n = len(r.token_ids)
-        np.testing.assert_allclose(r.behavior_logprobs[:3], alone[0][i, :3].numpy(), atol=1e-5)
+        # three tokens were sampled under version 0 (the prompt, tokens 0, 1 fed), then 1
+        assert (r.first_version, r.last_version) == (0, 1 if n > 3 else 0)
+        assert r.switches == ((3, 1) if n > 3 else ())
+        assert r.token_versions().tolist() == [0] * min(n, 3) + [1] * (n - 3)
+        np.testing.assert_allclose(r.behavior_logprobs, keep_logprobs(old, new, ids, r)
+                                   if n > 3 else teacher_forced(old, ids, r), atol=1e-5)  # fmt: skip
         if n > 4:  # after the load: neither version alone gives them
-            for lp in alone:
-                assert not np.allclose(r.behavior_logprobs[3:], lp[i, 3:n].numpy(), atol=1e-4)
+            for model in (old, new):
+                alone = teacher_forced(model, ids, r)
+                assert not np.allclose(r.behavior_logprobs[3:], alone[3:], atol=1e-4)
+    check_is_weights(group, new, tok)
+
+
+def test_recompute_samples_every_token_after_a_load_from_the_new_version_alone(
+    model_dir, replay
+):
+    loop, tok = make_loop(model_dir, replay, max_in_flight=1, max_tokens=12)
+    loop.inflight_kv = "recompute"
+    group, old, new = stream_across_a_load(loop, steps_before=3)
+    ids = group.prompt_token_ids.tolist()
+    assert any(len(r.token_ids) > 4 for r in group.responses)
+    for r in group.responses:
+        versions = r.token_versions()
+        # each token's log-prob is teacher forcing of its whole prefix under its version
+        want = np.where(versions == 0, teacher_forced(old, ids, r), teacher_forced(new, ids, r))
+        np.testing.assert_allclose(r.behavior_logprobs, want, atol=1e-5)
+        assert versions.tolist() == [0] * min(len(versions), 3) + [1] * (len(versions) - 3)
+    check_is_weights(group, new, tok)
+
+
+def test_drain_mode_loads_only_once_the_engine_is_empty(model_dir, replay):
+    loop, _ = make_loop(model_dir, replay, max_in_flight=2, max_tokens=12)
+    loop.inflight_updates = False
+    loop.receiver = Ready()
+    loop.run_once()
+    assert len(loop.pending) == 2
+    loop.receiver.ready = publication(1, perturbed(loop.generator.model, 1))
+    while loop.pending:  # admission stops; the engine drains under version 0
+        loop.run_once()
+        assert loop.version == 0 and len(loop.pending) <= 2
+    loop.run_once()
+    assert loop.version == 1 and loop.stats.weight_loads == 1 and loop.load_waits[0] >= 1
+    got = replay.sample(replay.stats()["size"], version=1)
+    assert got and all(r.switches == () and r.first_version == r.last_version == 0
+                       for g, _ in got for r in g.responses)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "first, loads, length, want",
+    [
+        (0, [], 5, (0, ())),
+        (0, [(1, 3)], 5, (0, (3, 1))),
+        (0, [(1, 0)], 5, (1, ())),  # loaded before its first token
+        (0, [(1, 0), (2, 2), (4, 4)], 5, (1, (2, 2, 4, 4))),
+        (0, [(1, 2), (3, 2)], 5, (0, (2, 3))),  # two loads between the same two tokens
+        (0, [(1, 3), (2, 5), (3, 7)], 5, (0, (3, 1))),  # after its end: no trace
+    ],
+)
+def test_token_switches_from_the_loads_while_in_flight(first, loads, length, want):
+    from flowrl_async.actors.rollout import token_switches
+
+    assert token_switches(first, loads, length) == want
 
 
 def test_a_stopped_loop_pushes_nothing_half_generated(model_dir, replay):
     loop, _ = make_loop(model_dir, replay, max_in_flight=2, max_tokens=12)
     loop.fill()
     loop.generator.step()
-    in_flight = [p[0] for p in loop.pending.values()]
+    in_flight = [p.position for p in loop.pending.values()]
     loop.stop_streaming()
     assert not loop.pending and loop.generator.in_flight() == 0
     assert replay.stats()["inserted"] == 0 and len(in_flight) == 2
@@ -163,37 +273,23 @@ def test_after_a_refused_admission_the_loop_asks_again_only_when_a_slot_frees(mo
 
 
 def test_a_publication_is_in_use_from_the_next_engine_step(model_dir, replay):
-    # the loop's own path: the receiver's publication is loaded and proved before the
-    # next step, while the group in flight goes on under it
-    from types import SimpleNamespace
-
+    # the loop's own path: the receiver's publication is loaded (and would be proved) before
+    # the next step, while the group in flight goes on under it
     loop, _ = make_loop(model_dir, replay, max_in_flight=1, max_tokens=30)
-    new_state = {k: v + 0.05 * torch.randn_like(v)
-                 for k, v in loop.generator.model.state_dict().items()}  # fmt: skip
-
-    class Receiver:
-        def __init__(self):
-            self.ready = None
-
-        def take(self):
-            got, self.ready = self.ready, None
-            return got
-
-    publication = SimpleNamespace(
-        header=SimpleNamespace(version=5, probe_token_ids=()),
-        load_into=lambda gen: gen.load_weights(new_state.items()),
-    )
-    loop.receiver = Receiver()
+    new_state = perturbed(loop.generator.model, 2)
+    loop.receiver = Ready()
     loop.run_once()  # submits and steps under version 0
     assert loop.pending and loop.version == 0
-    loop.receiver.ready = publication
+    loop.receiver.ready = publication(5, new_state)
     steps = loop.engine_steps
     loop.run_once()
     assert loop.version == 5 and loop.stats.weight_loads == 1  # loaded before that step
-    assert loop.engine_steps == steps + 1
+    assert loop.engine_steps == steps + 1 and loop.load_waits == [0]
     assert torch.equal(loop.generator.model.state_dict()["lm_head.weight"],
                        new_state["lm_head.weight"])  # fmt: skip
     while loop.stats.groups == 0:
         loop.run_once()
     ((group, _),) = replay.sample(1, version=5)
-    assert {(r.first_version, r.last_version) for r in group.responses} == {(0, 5)}
+    # one token (the prefill's) under version 0, the rest under 5
+    assert {(r.first_version, r.last_version, r.switches) for r in group.responses
+            if len(r.token_ids) > 1} == {(0, 5, (1, 5))}  # fmt: skip
