@@ -48,11 +48,15 @@ class ActorStats:
     rewards: Counter = field(default_factory=Counter)
 
 
-def token_switches(first: int, loads: list[tuple[int, int]], length: int):
+def token_switches(first: int, loads: list[tuple[int, int | None]], length: int):
     """A response's versions from the loads while it was in flight, (version, tokens it had
     then) oldest first: -> (version of its first token, its switches as Response keeps
-    them). A load before its first token moves its first version; one after its last token
-    (it had finished, its group had not) leaves no trace."""
+    them, version of its last token). A load before its first token moves its first
+    version; one after its last token (it had finished, its group had not) leaves no trace.
+    A load whose count is not known (None) leaves the split unrecorded: no switches, the
+    last version that load's (staleness then counts from the first)."""
+    if any(had is None for _, had in loads):
+        return first, (), max(v for v, _ in loads)
     switches: list[int] = []
     for version, had in loads:
         if had == 0:
@@ -62,7 +66,7 @@ def token_switches(first: int, loads: list[tuple[int, int]], length: int):
                 switches[-1] = version
             else:
                 switches += [had, version]
-    return first, tuple(switches)
+    return first, tuple(switches), switches[-1] if switches else first
 
 
 class RolloutLoop:
@@ -150,8 +154,9 @@ class RolloutLoop:
             text = self.tokenizer.decode(c.token_ids, skip_special_tokens=True)
             verdict = self.prompts.verify(prompt, text)
             first = self.version if first_version is None else first_version
-            first, switches = token_switches(first, [(v, had[i]) for v, had in loads],
-                                             len(c.token_ids))  # fmt: skip
+            first, switches, last = token_switches(
+                first, [(v, None if had is None else had[i]) for v, had in loads], len(c.token_ids)
+            )
             responses.append(
                 Response(
                     token_ids=c.token_ids,
@@ -159,7 +164,7 @@ class RolloutLoop:
                     reward=float(verdict.reward),
                     finish_reason=c.finish_reason,
                     first_version=first,
-                    last_version=switches[-1] if switches else first,
+                    last_version=last,
                     info=verdict.info,
                     switches=switches,
                 )

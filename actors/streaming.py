@@ -14,7 +14,9 @@ Invariants (beside RolloutLoop's):
   again when the actor's restart releases them);
 - every token records the weight version it was sampled under: a load between two steps
   records, for each response in flight, how many tokens it had (``Response.switches``);
-  staleness counts from the oldest token's version;
+  staleness counts from the oldest token's version. A vLLM engine in a process of its own
+  steps on by itself, so there the count is not known: such a response keeps its first
+  and last version and no switches (an unrecorded split, counted from the oldest);
 - each token's behaviour log-prob is the one the engine computed when it sampled that token,
   so the learner's importance weights are exact whatever the engine's state was:
   - ``inflight_kv="keep"``: the running sequences keep their cached keys and values, so a
@@ -35,9 +37,8 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
+from flowrl_async.actors.config import KV_MODES
 from flowrl_async.actors.rollout import RolloutLoop
-
-KV_MODES = ("keep", "recompute")
 
 
 @dataclass
@@ -126,8 +127,9 @@ class StreamingLoop(RolloutLoop):
     def loaded(self, version: int) -> None:
         """New weights are in the engine: note how far each response in flight had got, and
         with ``recompute`` drop their keys and values."""
-        for key, had in self.generator.progress().items():
-            self.pending[key].loads.append((version, had))
+        progress = self.generator.progress()  # None: not known (an engine process)
+        for key, job in self.pending.items():
+            job.loads.append((version, None if progress is None else progress.get(key)))
         if self.inflight_kv == "recompute":
             self.generator.recompute_in_flight()
 

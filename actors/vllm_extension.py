@@ -148,7 +148,7 @@ class LoadedInEngine:
     header: Header
 
     def load_into(self, generator) -> None:
-        generator.llm.reset_prefix_cache()
+        generator.weights_changed()
 
 
 class EngineWeightReceiver:

@@ -205,8 +205,12 @@ class VLLMGenerator:
             self._ready.append((stream.key, stream.completions()))
         return True
 
-    def progress(self) -> dict[object, list[int]]:
-        """Tokens sampled so far by each response of every group in flight."""
+    def progress(self) -> dict[object, list[int]] | None:
+        """Tokens sampled so far by each response of every group in flight; None with an
+        engine process, whose engine steps on by itself (what this process has received
+        lags what it has sampled, so the count at a load is not known)."""
+        if self.engine_process:
+            return None
         out = {s.key: [len(t) for t in s.tokens] for s in self.streams.values()}
         out.update((key, [len(c.token_ids) for c in group]) for key, group in self._ready)
         return out
@@ -236,8 +240,12 @@ class VLLMGenerator:
             self.llm.collective_rpc("flowrl_load_named", args=(named,))
         else:
             self._worker().reload_weights(weights_iterator=iter(named))
-        # refused while streams run: until a reset succeeds, new requests read no cached
-        # prefix (it would hold the old weights' keys and values)
+        self.weights_changed()
+
+    def weights_changed(self) -> None:
+        """After a load: reset the prefix cache. vLLM refuses while streams run; until a
+        reset succeeds, new requests read no cached prefix (it would hold the old weights'
+        keys and values)."""
         self._stale = not self.llm.reset_prefix_cache()
 
     def close(self) -> None:

@@ -44,6 +44,8 @@ class RolloutWorker:
         tensor_parallel_size: int = 1,
         replay_keys: dict | None = None,
         max_in_flight: int | None = None,
+        inflight_updates: bool = True,
+        inflight_kv: str = "keep",
     ):
         """``replay_keys``: ReplayClient's CURVE keyword arguments (encrypted replay socket);
         ``max_in_flight``: stream (actors/streaming.py) with this many prompts in flight."""
@@ -63,7 +65,9 @@ class RolloutWorker:
         )
         loop, extra = RolloutLoop, {}
         if max_in_flight is not None:
-            loop, extra = StreamingLoop, {"max_in_flight": max_in_flight}
+            loop, extra = StreamingLoop, dict(max_in_flight=max_in_flight,
+                                              inflight_updates=inflight_updates,
+                                              inflight_kv=inflight_kv)  # fmt: skip
         self.loop = loop(
             actor_id,
             self.generator,
@@ -127,5 +131,7 @@ class RolloutWorker:
         out["rewards"] = dict(self.loop.stats.rewards)
         out["version"] = self.loop.version
         if isinstance(self.loop, StreamingLoop):  # its busy share: time inside engine steps
-            out.update(engine_steps=self.loop.engine_steps, engine_s=self.loop.engine_s)
+            loop = self.loop
+            out.update(engine_steps=loop.engine_steps, engine_s=loop.engine_s,
+                       open_s=loop.open_s, load_wait_steps_max=max(loop.load_waits, default=0))  # fmt: skip
         return out

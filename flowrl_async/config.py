@@ -16,7 +16,7 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
-from flowrl_async.actors.config import ENGINES
+from flowrl_async.actors.config import ENGINES, KV_MODES
 from flowrl_async.learner.config import IS_MODES, OBJECTIVES, REWARD_NORMS, AlgoConfig
 from flowrl_async.replay.config import ADMISSIONS, FSYNC, SELECTORS, ReplaySettings, ServerConfig
 from flowrl_async.replay.filter import GroupFilter, parse_time
@@ -83,13 +83,26 @@ class GeneratorSection:
     """Prompts an actor generates for at once (it asks admission for this many)."""
     probe_tolerance: float = 1e-3
     """Largest accepted gap between actor and learner probe log-probs after a load."""
-    streaming: bool = False
+    streaming: bool = True
     """Keep up to ``max_in_flight`` prompts in the engine, push each group as soon as its n
-    responses finish, and load new weights between engine steps, the running sequences
-    going on under them (actors/streaming.py); false: batch by batch. vLLM: with the engine
-    in the actor's process (engine_process=false)."""
+    responses finish, and load new weights between engine steps (actors/streaming.py);
+    false: batch by batch (``groups_per_batch`` prompts, each batch waits for its slowest
+    response; weights load between batches). mode=sync always runs batch by batch (it
+    counts whole batches)."""
     max_in_flight: int = 8
     """streaming: prompts in the engine at once."""
+    inflight_updates: bool = True
+    """streaming: load a publication between two engine steps while sequences run, which
+    go on under the new weights (each token records its version); false: stop admitting
+    and load once the engine has drained (no response spans two versions)."""
+    inflight_kv: str = "keep"
+    """streaming with in-flight updates: what the running sequences' cached keys and values
+    become at a load. keep: kept (fastest; tokens after the load are sampled from the new
+    weights over the old weights' keys and values, a mixed distribution); recompute: the
+    prompt and tokens so far are computed again under the new weights (one prefill per
+    running sequence per load; every later token from the new version alone). Either way
+    the recorded behaviour log-probs are those each token was sampled with, so the
+    learner's importance weights stay exact."""
     engine_process: bool = False
     """vLLM only: run the engine in a process of its own (vLLM's default on GPU) and receive
     weights inside it through a worker extension and collective_rpc; false runs the engine
@@ -391,15 +404,12 @@ def validate(cfg: TrainConfig) -> None:
              "connect as the service itself, which may make every request"),
         ]  # fmt: skip
         problems += [message for broken, message in rules if broken]
-    if cfg.generator.streaming and cfg.generator.engine_process:
-        problems.append("generator.streaming=true needs generator.engine_process=false (the "
-                        "engine in the actor's process; streaming from an engine process is "
-                        "not built yet)")  # fmt: skip
+    if cfg.generator.inflight_kv not in KV_MODES:
+        problems.append(f"generator.inflight_kv={cfg.generator.inflight_kv!r}: expected one of "
+                        f"{', '.join(KV_MODES)}")  # fmt: skip
     most = ServerConfig.__dataclass_fields__["max_admit"].default  # one admission's limit
     if cfg.generator.streaming and not 1 <= cfg.generator.max_in_flight <= most:
         problems.append(f"generator.max_in_flight must be in [1, {most}]")
-    if cfg.generator.streaming and cfg.mode == "sync":
-        problems.append("generator.streaming=true needs mode=async (sync counts whole batches)")
     if r.retain not in ("all", "needed"):
         problems.append(f"replay.retain={r.retain!r}: expected all or needed")
     if r.capacity_bytes is not None and r.capacity_bytes < 1:

@@ -97,7 +97,8 @@ def actor_args(cfg: TrainConfig, actor_id: int, model_path: str, address: str):
         groups_per_batch=gc.groups_per_batch, engine=gc.engine, data_seed=cfg.seed,
         seed=cfg.seed, threads=cfg.cluster.actor_threads, max_model_len=cfg.model.max_model_len,
         dtype=cfg.model.dtype, probe_tolerance=gc.probe_tolerance,
-        max_in_flight=gc.max_in_flight if gc.streaming else None,
+        max_in_flight=gc.max_in_flight if gc.streaming and cfg.mode == "async" else None,
+        inflight_updates=gc.inflight_updates, inflight_kv=gc.inflight_kv,
         engine_process=gc.engine_process, tensor_parallel_size=gc.tensor_parallel_size,
         replay_keys=replay_keys(cfg),
     )  # fmt: skip

@@ -63,8 +63,47 @@ def test_weights_reach_a_vllm_engine_process_through_the_extension(tmp_path):
     # and the probe still catches a load that does not match what the learner sent
     with pytest.raises(WeightLoadError):
         check_probe(gen, PROMPT, sequence_logprob(load_policy(a), PROMPT), 1e-4)
+    streams_across_a_publication(gen, receiver, sender, model_b, load_policy(a))
     sender.stop()  # the engine's receiver thread ends
     gen.close()
+
+
+def streams_across_a_publication(gen, receiver, sender, old, new):
+    """Streaming from an engine process: a group in flight under ``old``, a publication of
+    ``new`` loaded inside the engine between two of its steps; the stream goes on, and each
+    token's log-prob is the one it was sampled with (old keys and values kept). The engine
+    steps on by itself, so where the switch fell is not known here (progress None): the
+    log-probs must match the kept-cache computation at one switch point, at least 3."""
+    spec = SampleSpec(n=2, temperature=1.0, top_p=1.0, max_tokens=10, seed=2)
+    gen.submit("g", PROMPT, spec)
+    for _ in range(3):
+        assert gen.step() == []
+    sender.publish([(n, t.detach()) for n, t in new.state_dict().items()], 8, tuple(PROMPT),
+                   sequence_logprob(new, PROMPT))  # fmt: skip
+    for _ in range(500):
+        if receiver.waiting():
+            break
+        threading.Event().wait(0.02)
+    receiver.take().load_into(gen)
+    assert gen.progress() is None and gen._cache_stale()  # the reset is refused while it runs
+    check_probe(gen, PROMPT, sequence_logprob(new, PROMPT), 1e-4)
+    finished = []
+    while not finished:
+        finished = gen.step()
+    ((_, group),) = finished
+    assert any(len(c.token_ids) > 4 for c in group)
+    p = len(PROMPT)
+    for c in group:
+        seq = torch.tensor([PROMPT + c.token_ids.tolist()])
+        matches = []
+        for switch in range(3, len(c.token_ids)):
+            with torch.no_grad():
+                head = old(input_ids=seq[:, : p + switch - 1], use_cache=True)
+                tail = new(input_ids=seq[:, p + switch - 1 :], past_key_values=head.past_key_values)
+            logits = torch.cat([head.logits[0, p - 1 :], tail.logits[0, :-1]])
+            want = torch.log_softmax(logits.float(), -1).gather(-1, seq[0, p:, None])[:, 0]
+            matches.append(np.allclose(c.logprobs, want.numpy(), atol=1e-4, rtol=0))
+        assert any(matches), "no switch point explains the recorded log-probs"
 
 
 class GlooTP:

@@ -197,12 +197,13 @@ def test_drain_mode_loads_only_once_the_engine_is_empty(model_dir, replay):
 @pytest.mark.parametrize(
     "first, loads, length, want",
     [
-        (0, [], 5, (0, ())),
-        (0, [(1, 3)], 5, (0, (3, 1))),
-        (0, [(1, 0)], 5, (1, ())),  # loaded before its first token
-        (0, [(1, 0), (2, 2), (4, 4)], 5, (1, (2, 2, 4, 4))),
-        (0, [(1, 2), (3, 2)], 5, (0, (2, 3))),  # two loads between the same two tokens
-        (0, [(1, 3), (2, 5), (3, 7)], 5, (0, (3, 1))),  # after its end: no trace
+        (0, [], 5, (0, (), 0)),
+        (0, [(1, 3)], 5, (0, (3, 1), 1)),
+        (0, [(1, 0)], 5, (1, (), 1)),  # loaded before its first token
+        (0, [(1, 0), (2, 2), (4, 4)], 5, (1, (2, 2, 4, 4), 4)),
+        (0, [(1, 2), (3, 2)], 5, (0, (2, 3), 3)),  # two loads between the same two tokens
+        (0, [(1, 3), (2, 5), (3, 7)], 5, (0, (3, 1), 1)),  # after its end: no trace
+        (2, [(3, 1), (4, None)], 5, (2, (), 4)),  # a count not known: an unrecorded split
     ],
 )
 def test_token_switches_from_the_loads_while_in_flight(first, loads, length, want):
@@ -222,26 +223,27 @@ def test_a_stopped_loop_pushes_nothing_half_generated(model_dir, replay):
     assert replay.stats()["in_flight"] == 2  # still outstanding: a release hands them out
 
 
-def test_streaming_needs_the_engine_in_the_actors_process():
+def test_streaming_is_the_default_and_sync_mode_runs_batch_by_batch(tmp_path):
     from flowrl_async.config import TrainConfig, validate
+    from flowrl_async.run.processes import actor_args
 
     cfg = TrainConfig()
-    cfg.generator.streaming, cfg.generator.engine_process = True, True
-    with pytest.raises(ValueError, match="generator.streaming=true needs generator.engine_proc"):
-        validate(cfg)
-    cfg.generator.engine_process = False
+    assert cfg.generator.streaming and cfg.generator.inflight_updates
+    assert cfg.generator.inflight_kv == "keep"
+    _, kwargs = actor_args(cfg, 1, "m", "tcp://x:1")
+    assert kwargs["max_in_flight"] == 8 and kwargs["inflight_kv"] == "keep"
+    cfg.mode = "sync"  # lock-step counts whole batches: the actors batch (was refused)
     validate(cfg)
-
-
-def test_streaming_is_refused_with_sync_mode_and_past_one_admission():
-    from flowrl_async.config import TrainConfig, validate
-
-    cfg = TrainConfig()
-    cfg.generator.streaming, cfg.mode = True, "sync"  # before: stuck, then a sample timeout
-    with pytest.raises(ValueError, match="needs mode=async"):
-        validate(cfg)
-    cfg.mode, cfg.generator.max_in_flight = "async", 5000
+    assert actor_args(cfg, 1, "m", "tcp://x:1")[1]["max_in_flight"] is None
+    cfg.mode, cfg.generator.streaming = "async", False  # batch mode: one setting away
+    assert actor_args(cfg, 1, "m", "tcp://x:1")[1]["max_in_flight"] is None
+    cfg.generator.streaming, cfg.generator.engine_process = True, True  # was refused
+    validate(cfg)
+    cfg.generator.max_in_flight = 5000
     with pytest.raises(ValueError, match=r"max_in_flight must be in \[1, 1024\]"):
+        validate(cfg)
+    cfg.generator.max_in_flight, cfg.generator.inflight_kv = 8, "drop"
+    with pytest.raises(ValueError, match="inflight_kv='drop': expected one of keep, recompute"):
         validate(cfg)
 
 
