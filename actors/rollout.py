@@ -52,13 +52,16 @@ def token_switches(first: int, loads: list[tuple[int, int | None]], length: int)
     """A response's versions from the loads while it was in flight, (version, tokens it had
     then) oldest first: -> (version of its first token, its switches as Response keeps
     them, version of its last token). A load before its first token moves its first
-    version; one after its last token (it had finished, its group had not) leaves no trace.
+    version; one after its last token (it had finished, its group had not) leaves no trace,
+    and so does one of a version not above the last one (the same weights again).
     A load whose count is not known (None) leaves the split unrecorded: no switches, the
     last version that load's (staleness then counts from the first)."""
     if any(had is None for _, had in loads):
-        return first, (), max(v for v, _ in loads)
+        return first, (), max(first, *(v for v, _ in loads))
     switches: list[int] = []
     for version, had in loads:
+        if version <= (switches[-1] if switches else first):
+            continue  # the same weights again (e.g. sent to a re-formed group): no change
         if had == 0:
             first = version
         elif had < length:

@@ -95,11 +95,17 @@ def test_bad_combinations_are_rejected_with_the_field_names():
 
 
 @pytest.mark.integration
-def test_an_actor_killed_mid_run_is_restarted_and_rejoins(tmp_path):
+def test_an_actor_killed_mid_stream_is_restarted_and_its_prompts_go_out_again(tmp_path):
+    from flowrl_async.replay.reader import stored_groups
     from flowrl_async.run.launch import train
 
-    cfg = small_config(tmp_path, steps=40, max_staleness=0)
+    # streaming actors with in-flight loads (the default), staleness 2 so groups spanning a
+    # load are trained; SIGKILL one actor while it has prompts in flight
+    cfg = small_config(tmp_path, steps=40, max_staleness=2)
     cfg.generator.engine = "torch"  # the restart is the subject (vLLM actors: the short run)
+    cfg.generator.max_in_flight, cfg.generator.max_tokens = 4, 24
+    cfg.model.warm_start_steps = 0  # long random answers: loads land mid-response
+    cfg.replay.retain = "all"  # every group stays in the log, for the check below
     summary = train(cfg, on_step=sigkill_at(3, lambda procs: procs.actors[0]))
     assert summary["actor_restarts"] == 1
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
@@ -107,12 +113,23 @@ def test_an_actor_killed_mid_run_is_restarted_and_rejoins(tmp_path):
     restarted = summary["actors"][0]
     # the new process loaded weights after it rejoined, and generated with them
     assert restarted["weight_loads"] >= 1 and restarted["groups"] >= 1
-    assert restarted["version"] > 3
+    assert restarted["version"] > 3 and restarted["engine_steps"] > 0
     replay = summary["replay"]
     # nothing acknowledged was lost, nothing was trained twice (FIFO hands each group out once)
     assert accounted_for(replay)
     assert replay["sampled_groups"] == 40 * 4
-    assert all(r["fresh_rows"] == 1 for r in rows)
+    groups = [g for g, _, _ in stored_groups(tmp_path / "run" / "replay")]
+    # whole groups only, each prompt position once: nothing half-generated or doubled
+    assert groups and all(len(g.responses) == cfg.generator.n for g in groups)
+    cursors = [g.cursor for g in groups]
+    assert len(cursors) == len(set(cursors)) == replay["inserted"]
+    # every position handed out is in the buffer's log or still out with a live actor at
+    # the end: the killed actor's prompts in flight were handed out again
+    assert set(cursors) | set(range(replay["cursor"])) == set(range(replay["cursor"]))
+    assert replay["cursor"] - len(cursors) <= 2 * cfg.generator.max_in_flight
+    spanning = [r for g in groups for r in g.responses if r.switches]
+    assert spanning  # tokens of one response from two versions, each recorded
+    assert all(r.token_versions()[-1] == r.last_version > r.first_version for r in spanning)
     assert max(r["logprob_gap_fresh"] for r in rows) < 1e-4
 
 

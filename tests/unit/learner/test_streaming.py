@@ -204,6 +204,8 @@ def test_drain_mode_loads_only_once_the_engine_is_empty(model_dir, replay):
         (0, [(1, 2), (3, 2)], 5, (0, (2, 3), 3)),  # two loads between the same two tokens
         (0, [(1, 3), (2, 5), (3, 7)], 5, (0, (3, 1), 1)),  # after its end: no trace
         (2, [(3, 1), (4, None)], 5, (2, (), 4)),  # a count not known: an unrecorded split
+        (2, [(2, 3), (3, 4), (3, 4)], 5, (2, (4, 3), 3)),  # the same version again: no switch
+        (2, [(2, 0), (2, 1)], 5, (2, (), 2)),
     ],
 )
 def test_token_switches_from_the_loads_while_in_flight(first, loads, length, want):
