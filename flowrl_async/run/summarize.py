@@ -1,7 +1,8 @@
 """``flowrl-async summarize DIR [DIR ...]``: one table and one plot over a set of runs.
 
-Each DIR is a run directory or a folder of runs (e.g. a Hydra multirun sweep); a run is any
-directory with a metrics.jsonl. The table has, per run: its overrides (from Hydra's
+Each DIR is a run directory or a folder of runs (e.g. a Hydra multirun sweep of ``train`` or
+of ``simulate``, whose rows have no rewards: nan); a run is any directory with a
+metrics.jsonl. The table has, per run: its overrides (from Hydra's
 .hydra/overrides.yaml when present), reward, accuracy and distinct correct answers over the
 last fifth of training, learner tokens/s, mean staleness and the learner's waiting fraction.
 """
@@ -38,12 +39,13 @@ def row(run: Path) -> dict:
     rows = read_metrics(run / "metrics.jsonl")
     tail = rows[-max(1, len(rows) // 5) :]
     step_s = sum(r["step_s"] for r in rows)
+    nan = float("nan")  # a simulated run (flowrl-async simulate) has no rewards
     return {
         "run": label(run),
         "steps": len(rows),
-        "reward": statistics.mean(r["reward_mean"] for r in tail),
-        "accuracy": statistics.mean(r["accuracy"] for r in tail),
-        "distinct": statistics.mean(r["distinct_correct"] for r in tail),
+        "reward": statistics.mean(r.get("reward_mean", nan) for r in tail),
+        "accuracy": statistics.mean(r.get("accuracy", nan) for r in tail),
+        "distinct": statistics.mean(r.get("distinct_correct", nan) for r in tail),
         "tok/s": sum(r["tokens"] for r in rows) / max(step_s, 1e-9),
         "staleness": statistics.mean(r["staleness_mean"] for r in rows),
         "wait": sum(r["wait_s"] for r in rows) / max(step_s, 1e-9),
@@ -72,7 +74,7 @@ def plot(rows: list[dict], out: Path) -> Path:
     for r in rows:
         steps = [m["step"] for m in r["history"]]
         for ax, key in zip(axes, keys, strict=True):
-            ax.plot(steps, [m[key] for m in r["history"]], lw=1, label=r["run"])
+            ax.plot(steps, [m.get(key, float("nan")) for m in r["history"]], lw=1, label=r["run"])
     for ax, key in zip(axes, keys, strict=True):
         ax.set_title(key)
         ax.set_xlabel("learner step")
