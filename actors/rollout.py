@@ -48,27 +48,33 @@ class ActorStats:
     rewards: Counter = field(default_factory=Counter)
 
 
+MAX_SWITCHES = 256  # version changes a response records (more: an unrecorded split)
+
+
 def token_switches(first: int, loads: list[tuple[int, int | None]], length: int):
     """A response's versions from the loads while it was in flight, (version, tokens it had
     then) oldest first: -> (version of its first token, its switches as Response keeps
     them, version of its last token). A load before its first token moves its first
     version; one after its last token (it had finished, its group had not) leaves no trace,
     and so does one of a version not above the last one (the same weights again).
-    A load whose count is not known (None) leaves the split unrecorded: no switches, the
-    last version that load's (staleness then counts from the first)."""
+    A load before its first token is a switch at 0: every token is the new version's, but
+    the prompt's keys and values may be the old weights' (a prefix cache, a chunked prefill),
+    so the first version, from which staleness counts, stays. A load whose count is not
+    known (None), or more than MAX_SWITCHES loads, leave the split unrecorded: no switches,
+    the last version that of the last load (staleness then counts from the first)."""
+    last = max(first, *(v for v, _ in loads)) if loads else first
     if any(had is None for _, had in loads):
-        return first, (), max(first, *(v for v, _ in loads))
+        return first, (), last
     switches: list[int] = []
     for version, had in loads:
-        if version <= (switches[-1] if switches else first):
-            continue  # the same weights again (e.g. sent to a re-formed group): no change
-        if had == 0:
-            first = version
-        elif had < length:
-            if switches and switches[-2] == had:  # two loads between the same two tokens
-                switches[-1] = version
-            else:
-                switches += [had, version]
+        if version <= (switches[-1] if switches else first) or had >= length:
+            continue  # the same weights again (a re-formed group), or after its last token
+        if switches and switches[-2] == had:  # two loads between the same two tokens
+            switches[-1] = version
+        else:
+            switches += [had, version]
+    if len(switches) > 2 * MAX_SWITCHES:  # a message must stay within the decoder's limits
+        return first, (), switches[-1]
     return first, tuple(switches), switches[-1] if switches else first
 
 

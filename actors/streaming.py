@@ -71,7 +71,10 @@ class StreamingLoop(RolloutLoop):
         self.engine_steps = 0
         self.engine_s = 0.0  # time inside engine steps (the busy fraction's numerator)
         self.open_s = 0.0  # time with prompts in flight (its denominator)
-        self.load_waits: list[int] = []  # per load: engine steps run while it waited
+        self.load_wait_max = 0  # engine steps run while a waiting publication was not loaded
+        # engine step time against running sequences k, as sums (n, Σk, Σk², Σt, Σk·t): what
+        # ``flowrl-async simulate calibrate`` fits its step cost to
+        self.step_sums = [0, 0, 0, 0.0, 0.0]
         self._waited = None  # steps since a publication was seen waiting (drain mode)
         self._admit_after = 0.0  # monotonic time before which admission is not asked again
 
@@ -94,8 +97,11 @@ class StreamingLoop(RolloutLoop):
             return 0
         t1 = time.perf_counter()
         with self.engine_lock:
+            before = self.generator.stepped_tokens
             finished = self.generator.step()
+            k = self.generator.stepped_tokens - before  # one token per running sequence
         t2 = time.perf_counter()
+        self.count_step(k, t2 - t1)
         self.engine_s += t2 - t1
         self.stats.generate_s += t2 - t1
         self.engine_steps += 1
@@ -111,16 +117,22 @@ class StreamingLoop(RolloutLoop):
         self.open_s += time.perf_counter() - t0
         return 1 if groups else 0
 
+    def count_step(self, k: int, seconds: float) -> None:
+        s = self.step_sums
+        s[0], s[1], s[2] = s[0] + 1, s[1] + k, s[2] + k * k
+        s[3], s[4] = s[3] + seconds, s[4] + k * seconds
+
     def update_weights(self) -> bool:
         """Load a waiting publication: at once (in flight), or once the engine has drained;
         -> whether admission must wait for that drain."""
         if self.inflight_updates or not self.pending:
-            waited = self._waited or 0
+            waited, self._waited = self._waited or 0, None  # a failed take ends the drain too
             if self.maybe_load_weights():
-                self.load_waits.append(waited)
-                self._waited = None
+                self.load_wait_max = max(self.load_wait_max, waited)
             return False
-        if self._waited is None and self.receiver is not None and has_waiting(self.receiver):
+        if self.receiver is None or not has_waiting(self.receiver):
+            self._waited = None  # the link broke or was re-formed: nothing to wait for
+        elif self._waited is None:
             self._waited = 0
         return self._waited is not None
 

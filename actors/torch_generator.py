@@ -36,6 +36,7 @@ class TorchGenerator:
         self.eos, self.pad = eos_token_id, pad_token_id
         self.rng = torch.Generator().manual_seed(seed)
         self.active: dict = {}  # streaming: key -> _Group in flight
+        self.stepped_tokens = 0  # tokens streams have sampled (one per running sequence a step)
 
     @torch.no_grad()
     def generate(
@@ -117,6 +118,7 @@ class TorchGenerator:
                                   spec.top_p)  # fmt: skip
             tok = torch.multinomial(lp.exp(), 1, generator=g.rng).squeeze(-1)
             tok = torch.where(g.done, torch.full_like(tok, self.eos), tok)
+            self.stepped_tokens += int((~g.done).sum())
             g.tokens.append(tok)
             g.logps.append(lp.gather(-1, tok[:, None]).squeeze(-1))
             g.done |= tok == self.eos

@@ -119,6 +119,7 @@ class VLLMGenerator:
         self._ready: list = []  # streaming groups that finished inside another call
         self._rids = itertools.count()
         self._stale = False  # the prefix cache may hold older weights' blocks
+        self.stepped_tokens = 0  # tokens streams have sampled (one per running sequence a step)
         self.llm = LLM(
             worker_extension_cls=EXTENSION,
             model=model_path,
@@ -135,6 +136,11 @@ class VLLMGenerator:
             # inside a Ray actor vLLM would pick its Ray executor, whose workers cannot get
             # the GPUs the actor's bundle already holds: its own worker processes instead
             distributed_executor_backend="mp" if tensor_parallel_size > 1 else None,
+            # in process, a step returns the tokens of every batch it ran: with async
+            # scheduling (vLLM's default on CUDA) one more batch would already be running
+            # under the old weights when a load comes, and the per-token versions would be
+            # one token early
+            async_scheduling=False if not engine_process else None,
         )
 
     def generate(
@@ -200,6 +206,7 @@ class VLLMGenerator:
             return False
         for c in out.outputs:
             stream.add(c)
+            self.stepped_tokens += len(c.token_ids)
         if out.finished:
             del self.streams[out.request_id]
             self._ready.append((stream.key, stream.completions()))
@@ -219,8 +226,7 @@ class VLLMGenerator:
         """Drop the keys and values of every running sequence: vLLM preempts them, and each
         computes its prompt and tokens so far again, under the weights loaded now, before it
         samples on (``reset_prefix_cache(reset_running_requests=True)``)."""
-        self.llm.llm_engine.reset_prefix_cache(reset_running_requests=True)
-        self._stale = False
+        self._stale = not self.llm.llm_engine.reset_prefix_cache(reset_running_requests=True)
 
     def in_flight(self) -> int:
         return len(self.streams) + len(self._ready)

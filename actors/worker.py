@@ -132,6 +132,8 @@ class RolloutWorker:
         out["version"] = self.loop.version
         if isinstance(self.loop, StreamingLoop):  # its busy share: time inside engine steps
             loop = self.loop
+            n, k, kk, t, kt = loop.step_sums
             out.update(engine_steps=loop.engine_steps, engine_s=loop.engine_s,
-                       open_s=loop.open_s, load_wait_steps_max=max(loop.load_waits, default=0))  # fmt: skip
+                       open_s=loop.open_s, load_wait_steps_max=loop.load_wait_max,
+                       step_n=n, step_k=k, step_kk=kk, step_t=t, step_kt=kt)  # fmt: skip
         return out

@@ -8,9 +8,11 @@ Invariants (checked by ``Group.validate``, which the validating decoder calls on
 group; vectorised over the group's responses):
 - every response has as many behaviour log-probs as token ids, all finite and <= 0;
 - rewards are finite; 0 <= first_version <= last_version;
+- versions are below 2^63;
 - a response's ``switches`` (where its tokens' weight version changed: flat pairs
-  position, version) have positions rising strictly inside (0, len) and versions rising
-  strictly from above first_version to exactly last_version; with no switches the split is
+  position, version) have positions rising strictly within [0, len) and versions rising
+  strictly from above first_version to exactly last_version (a switch at 0: every token
+  from a later version than the prompt's keys and values); with no switches the split is
   unknown (records written before per-token versions) unless first == last;
 - a group has at least one response and a non-empty id.
 """
@@ -27,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 FINISH_REASONS = ("stop", "length", "abort")
+VERSION_LIMIT = 2**63  # weight versions are int64 wherever they are arrays
 
 
 class RecordError(ValueError):
@@ -82,10 +85,10 @@ class Response:
             raise RecordError(f"{where}: reward {self.reward} is not finite")
         if self.finish_reason not in FINISH_REASONS:
             raise RecordError(f"{where}: unknown finish reason {self.finish_reason!r}")
-        if not 0 <= self.first_version <= self.last_version:
+        if not 0 <= self.first_version <= self.last_version < VERSION_LIMIT:
             raise RecordError(
                 f"{where}: versions must satisfy 0 <= first ({self.first_version}) "
-                f"<= last ({self.last_version})"
+                f"<= last ({self.last_version}) < 2^63"
             )
         problem = switches_problem(self.switches, n, self.first_version, self.last_version)
         if problem:
@@ -100,8 +103,8 @@ def switches_problem(switches, n: int, first: int, last: int) -> str | None:
         return "switches must be pairs of integers (position, version)"
     positions, versions = switches[::2], switches[1::2]
     steps = zip(positions, positions[1:])
-    if not (0 < positions[0] and positions[-1] < n and all(a < b for a, b in steps)):
-        return f"switch positions must rise strictly inside (0, {n})"
+    if not (0 <= positions[0] and positions[-1] < n and all(a < b for a, b in steps)):
+        return f"switch positions must rise strictly within [0, {n})"
     steps = zip(versions, versions[1:])
     if not (first < versions[0] and versions[-1] == last and all(a < b for a, b in steps)):
         return (f"switch versions must rise strictly from above first ({first}) to last "
@@ -160,7 +163,7 @@ class Group:
                 return False
             if r.finish_reason not in FINISH_REASONS or not math.isfinite(r.reward):
                 return False
-            if not 0 <= r.first_version <= r.last_version:
+            if not 0 <= r.first_version <= r.last_version < VERSION_LIMIT:
                 return False
             if r.switches and switches_problem(r.switches, tok.shape[0], r.first_version,
                                                r.last_version):  # fmt: skip

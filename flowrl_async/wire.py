@@ -29,6 +29,7 @@ from flowrl_async.records import (
     Group,
     RecordError,
     Response,
+    VERSION_LIMIT,
     SamplingParams,
     switches_problem,
 )
@@ -242,7 +243,7 @@ def _check_fast(obj: Any, limits: WireLimits) -> GroupInfo | None:
         if type(ver) is not list or len(ver) != 2:
             return None
         first, last = ver
-        if type(first) is not int or type(last) is not int or not 0 <= first <= last:
+        if type(first) is not int or type(last) is not int or not 0 <= first <= last < VERSION_LIMIT:
             return None
         if type(reward) is float:
             if not math.isfinite(reward):

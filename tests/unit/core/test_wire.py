@@ -325,9 +325,9 @@ def test_schema_1_messages_and_records_still_read():
 @pytest.mark.parametrize(
     "switches, reason",
     [
-        ([0, 4], "positions must rise strictly inside"),  # a switch before any token
-        ([6, 4], "positions must rise strictly inside"),  # past the last token
-        ([3, 4, 3, 5], "positions must rise strictly inside"),
+        ([-1, 4], "positions must rise strictly within"),
+        ([6, 4], "positions must rise strictly within"),  # past the last token
+        ([3, 4, 3, 5], "positions must rise strictly within"),
         ([2, 3], "versions must rise strictly from above first"),  # not above first (3)
         ([2, 5, 4, 4], "versions must rise strictly"),
         ([2, 4, 3], "pairs of integers"),
@@ -352,3 +352,16 @@ def test_switches_whose_last_version_is_not_last_are_rejected():
     obj["responses"][0]["ver"] = [3, 6]  # the last switch says 5
     with pytest.raises(WireError, match=r"to last \(6\)"):
         group_from_wire(msgpack.unpackb(msgpack.packb(obj), raw=False))
+
+
+def test_a_switch_at_0_and_versions_past_int64():
+    # a switch at 0: every token from version 4, the prompt's keys and values maybe older
+    g = switched(make_group(n=1, tokens=3, version=3), (0, 4))
+    assert roundtrip(g).responses[0].token_versions().tolist() == [4, 4, 4]
+    for ver in ([0, 2**63], [2**63, 2**64 - 1]):  # token_versions would overflow int64
+        obj = group_to_wire(make_group())
+        obj["responses"][0]["ver"] = ver
+        obj = msgpack.unpackb(msgpack.packb(obj), raw=False)
+        assert _check_fast(obj, WireLimits()) is None
+        with pytest.raises(WireError, match="< 2\\^63"):
+            group_from_wire(obj)

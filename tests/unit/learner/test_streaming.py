@@ -188,7 +188,7 @@ def test_drain_mode_loads_only_once_the_engine_is_empty(model_dir, replay):
         loop.run_once()
         assert loop.version == 0 and len(loop.pending) <= 2
     loop.run_once()
-    assert loop.version == 1 and loop.stats.weight_loads == 1 and loop.load_waits[0] >= 1
+    assert loop.version == 1 and loop.stats.weight_loads == 1 and loop.load_wait_max >= 1
     got = replay.sample(replay.stats()["size"], version=1)
     assert got and all(r.switches == () and r.first_version == r.last_version == 0
                        for g, _ in got for r in g.responses)  # fmt: skip
@@ -199,13 +199,14 @@ def test_drain_mode_loads_only_once_the_engine_is_empty(model_dir, replay):
     [
         (0, [], 5, (0, (), 0)),
         (0, [(1, 3)], 5, (0, (3, 1), 1)),
-        (0, [(1, 0)], 5, (1, (), 1)),  # loaded before its first token
-        (0, [(1, 0), (2, 2), (4, 4)], 5, (1, (2, 2, 4, 4), 4)),
+        (0, [(1, 0)], 5, (0, (0, 1), 1)),  # before its first token: first (its prompt's) stays
+        (0, [(1, 0), (2, 0), (4, 4)], 5, (0, (0, 2, 4, 4), 4)),
         (0, [(1, 2), (3, 2)], 5, (0, (2, 3), 3)),  # two loads between the same two tokens
         (0, [(1, 3), (2, 5), (3, 7)], 5, (0, (3, 1), 1)),  # after its end: no trace
         (2, [(3, 1), (4, None)], 5, (2, (), 4)),  # a count not known: an unrecorded split
         (2, [(2, 3), (3, 4), (3, 4)], 5, (2, (4, 3), 3)),  # the same version again: no switch
         (2, [(2, 0), (2, 1)], 5, (2, (), 2)),
+        (0, [(v, v) for v in range(1, 300)], 400, (0, (), 299)),  # past MAX_SWITCHES: unrecorded
     ],
 )
 def test_token_switches_from_the_loads_while_in_flight(first, loads, length, want):
@@ -288,7 +289,7 @@ def test_a_publication_is_in_use_from_the_next_engine_step(model_dir, replay):
     steps = loop.engine_steps
     loop.run_once()
     assert loop.version == 5 and loop.stats.weight_loads == 1  # loaded before that step
-    assert loop.engine_steps == steps + 1 and loop.load_waits == [0]
+    assert loop.engine_steps == steps + 1
     assert torch.equal(loop.generator.model.state_dict()["lm_head.weight"],
                        new_state["lm_head.weight"])  # fmt: skip
     while loop.stats.groups == 0:
@@ -297,3 +298,30 @@ def test_a_publication_is_in_use_from_the_next_engine_step(model_dir, replay):
     # one token (the prefill's) under version 0, the rest under 5
     assert {(r.first_version, r.last_version, r.switches) for r in group.responses
             if len(r.token_ids) > 1} == {(0, 5, (1, 5))}  # fmt: skip
+
+
+def test_drain_mode_ends_its_drain_when_the_publication_is_gone(model_dir, replay):
+    # a receiver replaced (the group re-formed) or broken while draining: admission resumes
+    # (before: the loop kept draining before every admission, as batch mode)
+    loop, _ = make_loop(model_dir, replay, max_in_flight=2, max_tokens=12)
+    loop.inflight_updates = False
+    loop.receiver = Ready()
+    loop.run_once()
+    loop.receiver.ready = publication(1, perturbed(loop.generator.model, 3))
+    loop.run_once()
+    assert loop._waited is not None  # draining
+    loop.receiver = Ready()  # re-formed: the new receiver holds nothing
+    loop.run_once()
+    assert loop._waited is None and len(loop.pending) == 2  # slots refilled at once
+
+
+def test_the_engine_step_sums_count_running_sequences(model_dir, replay):
+    loop, _ = make_loop(model_dir, replay, max_in_flight=2, max_tokens=6)
+    while loop.stats.groups < 4:
+        loop.run_once()
+    n, k, kk, t, kt = loop.step_sums
+    assert n == loop.engine_steps and t == pytest.approx(loop.engine_s)
+    # every generated token was one running sequence in one step (finished rows that keep
+    # stepping in the torch engine do not count), and at most 2 prompts x 3 responses run
+    assert k == loop.generator.stepped_tokens >= loop.stats.tokens
+    assert 1 <= k / n <= 6 and kk <= 36 * n
