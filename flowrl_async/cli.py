@@ -16,6 +16,9 @@ COMMANDS = {  # name -> (what it does, an example)
               "flowrl-async train algo=flowrl_tb replay=mixed learner.steps=500"),
     "eval": ("sample k completions per prompt of a policy and score them",
              "flowrl-async eval checkpoint=runs/x samples=64 temperature=0.6"),
+    "simulate": ("simulate a run's throughput and staleness from a cost model (a Hydra app, "
+                 "train's config tree); `simulate calibrate RUN` fits the costs to a run",
+                 "flowrl-async simulate sim.costs=costs.json -m replay.max_staleness=0,1,4"),
     "summarize": ("one table and one plot over a set of runs (e.g. a sweep)",
                   "flowrl-async summarize multirun/<time>"),
     "replay": ("summarise, export or re-insert a stored run's groups",
@@ -61,6 +64,28 @@ def _resumed(cfg):
     return OmegaConf.merge(OmegaConf.structured(TrainConfig), merged)
 
 
+def _simulate(cfg) -> None:
+    from flowrl_async.sim.run import main as simulate
+
+    simulate(OmegaConf.to_object(cfg))
+
+
+def _calibrate(argv: list[str]) -> None:
+    import argparse
+
+    from flowrl_async.sim.calibrate import calibrate
+    from flowrl_async.sim.costs import save_costs
+
+    p = argparse.ArgumentParser(prog="flowrl-async simulate calibrate",
+                                description="fit a cost file to a finished run")  # fmt: skip
+    p.add_argument("run", help="a run directory (summary.json, metrics.jsonl, replay/)")
+    p.add_argument("--out", default=None, help="cost file to write (default: RUN/costs.json)")
+    a = p.parse_args(argv)
+    costs = calibrate(a.run)
+    out = save_costs(costs, a.out or Path(a.run) / "costs.json")
+    print(f"wrote {out}: use it with flowrl-async simulate sim.costs={out}")
+
+
 def _eval(cfg) -> None:
     from flowrl_async.config import EvalConfig
     from flowrl_async.run.evaluate import run_eval
@@ -86,6 +111,8 @@ def main(argv: list[str] | None = None) -> None:  # noqa: RET503
         from flowrl_async.replay.reader import main as replay
 
         return replay(rest)
+    if command == "simulate" and rest[:1] == ["calibrate"]:
+        return _calibrate(rest[1:])
     register()
     sys.argv = [f"flowrl-async {command}", *rest]
     if command == "train":
@@ -93,5 +120,7 @@ def main(argv: list[str] | None = None) -> None:  # noqa: RET503
             hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")(_train)()
         except KeyboardInterrupt:  # launch.train left a checkpoint and said how to resume
             raise SystemExit(130) from None
+    elif command == "simulate":
+        hydra.main(config_path=CONFIG_DIR, config_name="simulate", version_base="1.3")(_simulate)()
     elif command == "eval":
         hydra.main(config_path=CONFIG_DIR, config_name="eval", version_base="1.3")(_eval)()

@@ -245,6 +245,17 @@ class PeriodicEvalSection:
 
 
 @dataclass
+class SimSection:
+    """``flowrl-async simulate`` only (train ignores it): the cost model of the simulation."""
+
+    costs: str | None = None
+    """A cost file (YAML or JSON: flowrl_async/sim/costs.py; written by ``flowrl-async
+    simulate calibrate RUN`` or by hand, e.g. docs/sim/h100_7b.yaml); null: the defaults."""
+    seed: int | None = None
+    """Seed of the simulated response lengths (null: the run's seed)."""
+
+
+@dataclass
 class TrainConfig:
     """Everything ``flowrl-async train`` is configured with."""
 
@@ -256,6 +267,7 @@ class TrainConfig:
     learner: LearnerSection = field(default_factory=LearnerSection)
     cluster: ClusterSection = field(default_factory=ClusterSection)
     evaluation: PeriodicEvalSection = field(default_factory=PeriodicEvalSection)
+    sim: SimSection = field(default_factory=SimSection)
     run_dir: str = "runs/latest"
     """Where the run writes its config, metrics, checkpoints, replay log and plots."""
     seed: int = 0

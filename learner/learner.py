@@ -187,6 +187,7 @@ class Learner:
             normalizer = max(1, int(batch.response_mask[trained].sum())) / self.ranks.world
         idle_row = self.idle_row(batch, local or share.nonzero().view(-1).tolist())
         self.optimizer.zero_grad(set_to_none=True)
+        publish_s = 0.0  # time in this step's publication (probe, gathers, broadcast)
         totals: Counter = Counter()
         for i in range(self.ranks.max(len(micros))):  # every rank: the same passes
             pad = i >= len(micros)  # a zero-weight pass, only to join the collectives
@@ -211,7 +212,9 @@ class Learner:
             self.optimizer.step()
             self.scheduler.step()
             if self.step_count % self.publish_every == 0:
+                published = time.perf_counter()
                 self.publish()
+                publish_s = time.perf_counter() - published
         out = {k: v / max(1, int(trained.sum())) for k, v in totals.items()}
         out["no_eos_ratio"] = float(truncated.float().mean())
         out["empty_steps"] = float(self.empty_steps)
@@ -224,6 +227,7 @@ class Learner:
             grad_norm=float(grad_norm),
             lr=self.scheduler.get_last_lr()[0],
             wait_s=waited,
+            publish_s=publish_s,
             step_s=time.perf_counter() - started,
             tokens=float(batch.response_mask.sum()),
             skipped_steps=float(self.skipped_steps),

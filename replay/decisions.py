@@ -57,12 +57,13 @@ def admit(state: ReplayState, cfg: ServerConfig, k: int, weights: int | None,
     return redo + list(range(state.cursor, state.cursor + n - len(redo)))
 
 
-def select(state: ReplayState, batch_size: int) -> tuple[list[str] | None, bool]:
-    """The groups a sample of ``batch_size`` takes now, or None; and whether the limiter
-    allowed it but too few groups were eligible (starved: inserts must then go ahead)."""
+def select(state: ReplayState, batch_size: int) -> tuple[list[str] | None, bool | None]:
+    """The groups a sample of ``batch_size`` takes now, or None; and, when the limiter
+    allowed it, whether too few groups were eligible (starved: inserts must then go ahead;
+    None: the limiter refused, which says nothing about that)."""
     limiter = state.limiter
     if limiter is not None and not limiter.can_sample(batch_size, len(state.buffer)):
-        return None, False
+        return None, None
     ids = state.buffer.select(batch_size)
     return ids, ids is None
 

@@ -39,6 +39,7 @@ import zmq
 
 from flowrl_async.heap import Refreezer, freeze_survivors
 from flowrl_async.replay import checkpoint as ckpt
+from flowrl_async.replay import decisions
 from flowrl_async.replay.buffer import ReplayBuffer
 from flowrl_async.replay.config import ServerConfig, parse_args
 from flowrl_async.replay.curve import ANY, RECHECK_S, ServerCurve, allowed
@@ -111,13 +112,7 @@ class ReplayServer:
         self.metrics = ServiceMetrics()
 
     def _new_state(self) -> ReplayState:
-        c = self.cfg
-        buffer = ReplayBuffer(
-            c.capacity, c.max_staleness, c.selector, c.max_times_sampled, c.seed, c.fresh_fraction
-        )
-        buffer.capacity_bytes = c.capacity_bytes
-        buffer.priority_half_life = c.priority_half_life
-        return ReplayState(buffer, c.rate_limiter(), self.limits)
+        return decisions.new_state(self.cfg, self.limits)
 
     @property
     def buffer(self) -> ReplayBuffer:
@@ -236,23 +231,6 @@ class ReplayServer:
         self._changes += 1
         return {"checkpoint": name, "version": self.buffer.version, "size": len(self.buffer)}
 
-    def _admission_version(self, weights: int | None) -> int:
-        """The version admission counts from: with ``admission="weights"`` (the default) and
-        a staleness bound, the actor's weights when older than the learner's; else the
-        learner's. A group made with
-        weights w is trained only up to version w + bound, and the learner takes
-        groups_per_version per version, so counting from w admits only what can be trained
-        in time: no generation is thrown away as stale, but nothing fresher is left to pick
-        either (see ServerConfig.admission)."""
-        version = self.buffer.version
-        if self.cfg.admission != "weights" or weights is None or self.buffer.max_staleness is None:
-            return version
-        return min(version, weights)
-
-    def _dead_on_arrival(self, weights_version: int) -> bool:
-        bound = self.buffer.max_staleness
-        return bound is not None and weights_version < self.buffer.version - bound
-
     # ---------------------------------------------------------------- handlers
     def handle(self, msg_type: str, msg: dict, identity: bytes = b"") -> tuple[str, dict] | None:
         """One request -> (reply type, fields), or None when it is held: the answer goes to
@@ -268,14 +246,8 @@ class ReplayServer:
         if "version" in msg:
             self._advance_version(_int(msg, "version"))
         weights = _int(msg, "weights") if "weights" in msg else None
-        free = self.buffer.admission_capacity(
-            self._admission_version(weights), self.cfg.groups_per_version, self.state.in_flight
-        )
-        if weights is not None and self._dead_on_arrival(weights):
-            free = 0  # this actor's weights are too old: its groups would be evicted
-        n = max(0, min(k, free, self.limits.max_groups))  # the reply lists n positions
-        redo = self.state.redo[:n]
-        positions = redo + list(range(self.state.cursor, self.state.cursor + n - len(redo)))
+        # the reply lists at most max_groups positions
+        positions = decisions.admit(self.state, self.cfg, k, weights, self.limits.max_groups)
         if positions:
             self._record({"k": "adm", "a": actor, "p": positions})
         return "admitted", {"n": n, "positions": positions}
@@ -431,8 +403,7 @@ class ReplayServer:
         """The limiter allows an insert, or a sample the limiter allows found too few
         groups the selector may pick (mixed: fresh ones): holding inserts then would hold
         both sides forever, so inserts go until a sample is served."""
-        limiter = self.state.limiter
-        return limiter is None or self.starved or limiter.can_insert(len(self.buffer))
+        return decisions.may_insert(self.state, self.starved)
 
     def _hold_insert(self, info: GroupInfo, obj: dict, raw: bytes, timeout_ms: int, waiter) -> None:
         old = self.held.take_insert_waiter(info.group_id, waiter)
@@ -505,11 +476,9 @@ class ReplayServer:
 
     def _try_sample(self, batch_size: int, version: int, req: str) -> tuple[str, dict] | None:
         self._advance_version(version)
-        limiter = self.state.limiter
-        if limiter is not None and not limiter.can_sample(batch_size, len(self.buffer)):
-            return None
-        ids = self.buffer.select(batch_size)
-        self.starved = ids is None  # the limiter allowed it: only the groups are missing
+        ids, starved = decisions.select(self.state, batch_size)
+        if starved is not None:  # the limiter allowed it: starved if the groups are missing
+            self.starved = starved
         if ids is None:
             return None
         size = sum(len(self.buffer.entries[i].payload) for i in ids)

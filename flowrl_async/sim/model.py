@@ -100,7 +100,9 @@ class Replay:
     def sample(self, batch: int, version: int) -> list[tuple[str, int]] | None:
         """-> (group id, staleness) of the groups taken, or None (as the server decides)."""
         self.set_version(version)
-        ids, self.starved = decisions.select(self.state, batch)
+        ids, starved = decisions.select(self.state, batch)
+        if starved is not None:
+            self.starved = starved
         if ids is None:
             return None
         req = f"r{next(self._req)}"

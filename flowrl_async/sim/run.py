@@ -41,7 +41,7 @@ def simulate(cfg: TrainConfig, costs: Costs, steps: int | None = None, seed: int
 
 def main(cfg: TrainConfig) -> dict:
     costs = load_costs(cfg.sim.costs) if cfg.sim.costs else Costs()
-    out, summary = simulate(cfg, costs)
+    out, summary = simulate(cfg, costs, seed=cfg.sim.seed)
     run = Path(cfg.run_dir)
     run.mkdir(parents=True, exist_ok=True)
     with (run / "metrics.jsonl").open("w") as f:
