@@ -4,7 +4,8 @@ Each DIR is a run directory or a folder of runs (e.g. a Hydra multirun sweep of 
 of ``simulate``, whose rows have no rewards: nan); a run is any directory with a
 metrics.jsonl. The table has, per run: its overrides (from Hydra's
 .hydra/overrides.yaml when present), reward, accuracy and distinct correct answers over the
-last fifth of training, learner tokens/s, mean staleness and the learner's waiting fraction.
+last fifth of training, learner steps/s and tokens/s, mean staleness and the learner's waiting
+fraction.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from flowrl_async.run.progress import read_metrics
 
-COLUMNS = ("reward", "accuracy", "distinct", "tok/s", "staleness", "wait")
+COLUMNS = ("reward", "accuracy", "distinct", "steps/s", "tok/s", "staleness", "wait")
 
 
 def find_runs(paths: list[str]) -> list[Path]:
@@ -46,6 +47,7 @@ def row(run: Path) -> dict:
         "reward": statistics.mean(r.get("reward_mean", nan) for r in tail),
         "accuracy": statistics.mean(r.get("accuracy", nan) for r in tail),
         "distinct": statistics.mean(r.get("distinct_correct", nan) for r in tail),
+        "steps/s": len(rows) / max(step_s, 1e-9),
         "tok/s": sum(r["tokens"] for r in rows) / max(step_s, 1e-9),
         "staleness": statistics.mean(r["staleness_mean"] for r in rows),
         "wait": sum(r["wait_s"] for r in rows) / max(step_s, 1e-9),

@@ -43,21 +43,33 @@ def test_summarize_table_and_plot(tmp_path, capsys):
         "reward",
         "accuracy",
         "distinct",
+        "steps/s",
         "tok/s",
         "staleness",
         "wait",
     ]
-    # run 0: accuracy at step 5 = 0.5, reward 0.25, distinct 1.0; tok/s = 500/2.5 = 200;
-    # staleness 0; wait = 0.5/2.5 = 0.2
+    # run 0: accuracy at step 5 = 0.5, reward 0.25, distinct 1.0; steps/s = 5/2.5 = 2;
+    # tok/s = 500/2.5 = 200; staleness 0; wait = 0.5/2.5 = 0.2
     assert out[2].split() == [
         "replay.max_staleness=0",
         "5",
         "0.250",
         "0.500",
         "1.000",
+        "2.000",
         "200",
         "0.000",
         "0.200",
     ]
     assert out[3].split()[:4] == ["replay.max_staleness=4", "5", "0.125", "0.250"]
     assert (sweep / "summary.png").stat().st_size > 1000
+
+
+def test_summarize_reads_simulated_runs_which_have_no_rewards(tmp_path, capsys):
+    rows = [{k: v for k, v in metrics(s, 0.0).items()
+             if k not in ("reward_mean", "accuracy", "distinct_correct")} for s in range(1, 3)]  # fmt: skip
+    write_run(tmp_path / "sims" / "0", ["replay.max_staleness=2"], rows)
+    main(["summarize", str(tmp_path / "sims")])
+    line = capsys.readouterr().out.splitlines()[2].split()
+    assert line == ["replay.max_staleness=2", "2", "nan", "nan", "nan", "2.000", "200", "1.000",
+                    "0.200"]  # fmt: skip
