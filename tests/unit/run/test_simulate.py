@@ -150,3 +150,60 @@ def same_state(server, sim) -> bool:
             and a.buffer.counters == b.buffer.counters and server.starved == sim.starved
             and [e.times_sampled for e in a.buffer.entries.values()]
             == [e.times_sampled for e in b.buffer.entries.values()])  # fmt: skip
+
+
+def test_calibrate_fits_a_runs_figures(tmp_path):
+    import json
+
+    from flowrl_async.sim.calibrate import calibrate
+    from helpers import served_replay
+
+    run = tmp_path / "run"
+    run.mkdir()
+    # actor 1: 10 steps with 2 sequences running (0.014 s each) and 10 with 4 (0.018 s):
+    # n 20, Σk 60, Σk² 200, Σt 0.32, Σk·t 1.0 -> b = (1.0 − 60·0.32/20)/(200 − 60²/20) =
+    # 0.04/20 = 0.002, a = (0.32 − 0.002·60)/20 = 0.01; actor 2 ran no step
+    sums = dict(step_n=20, step_k=60, step_kk=200, step_t=0.32, step_kt=1.0)
+    actors = [dict(groups=10, verify_s=0.1, push_s=0.05, load_s=0.3, weight_loads=2, **sums),
+              dict(groups=10, verify_s=0.1, push_s=0.15, load_s=0.1, weight_loads=2,
+                   step_n=0, step_k=0, step_kk=0, step_t=0.0, step_kt=0.0)]  # fmt: skip
+    (run / "summary.json").write_text(json.dumps({"actors": actors}))
+    rows = [dict(step=1, step_s=1.0, wait_s=0.2, publish_s=0.1, tokens=70.0),
+            dict(step=2, step_s=2.0, wait_s=0.5, publish_s=0.3, tokens=130.0)]  # fmt: skip
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with served_replay(run / "replay", max_staleness=None) as client:
+        client.insert_many([make_group("a", n=2, tokens=3), make_group("b", n=2, tokens=5)])
+    costs = calibrate(run)
+    assert costs.step_s == pytest.approx(0.01) and costs.step_per_seq_s == pytest.approx(0.002)
+    assert costs.verify_s == pytest.approx(0.4 / 20)  # (verify + push) per group
+    assert costs.load_s == pytest.approx(0.4 / 4)
+    # (1.0 − 0.2 − 0.1) + (2.0 − 0.5 − 0.3) = 1.9 s over 200 tokens; publish mean 0.2 s
+    assert costs.train_per_token_s == pytest.approx(1.9 / 200)
+    assert costs.publish_s == pytest.approx(0.2)
+    assert costs.lengths == [[3, 2], [5, 2]] and costs.prompt_tokens == 3
+
+
+def test_the_simulate_command_writes_a_run_that_summarize_reads(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from flowrl_async.sim.costs import save_costs
+
+    costs = save_costs(Costs(step_s=0.002, train_per_token_s=1e-4, lengths=[[4, 1], [16, 1]]),
+                       tmp_path / "costs.json")  # fmt: skip
+    sweep = tmp_path / "sims"
+    out = subprocess.run(
+        [sys.executable, "-m", "flowrl_async", "simulate", "-m", f"sim.costs={costs}",
+         "learner.steps=30", "replay.max_staleness=0,2", f"hydra.sweep.dir={sweep}"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert out.count("learner steps/s") == 2
+    for job in ("0", "1"):
+        summary = json.loads((sweep / job / "summary.json").read_text())
+        assert summary["steps"] == 30 and summary["steps_per_s"] > 0
+        assert (sweep / job / "sim.png").stat().st_size > 1000
+    assert json.loads((sweep / "0" / "summary.json").read_text())["staleness_hist"] == {"0": 240}
+    table = subprocess.run([sys.executable, "-m", "flowrl_async", "summarize", str(sweep)],
+                           capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert "replay.max_staleness=0" in table and "replay.max_staleness=2" in table
