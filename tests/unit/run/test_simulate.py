@@ -203,7 +203,7 @@ def test_the_simulate_command_writes_a_run_that_summarize_reads(tmp_path):
         summary = json.loads((sweep / job / "summary.json").read_text())
         assert summary["steps"] == 30 and summary["steps_per_s"] > 0
         assert (sweep / job / "sim.png").stat().st_size > 1000
-    assert json.loads((sweep / "0" / "summary.json").read_text())["staleness_hist"] == {"0": 240}
+    assert json.loads((sweep / "0" / "summary.json").read_text())["staleness_hist"] == {"0": 120}
     table = subprocess.run([sys.executable, "-m", "flowrl_async", "summarize", str(sweep)],
                            capture_output=True, text=True, check=True).stdout  # fmt: skip
     assert "replay.max_staleness=0" in table and "replay.max_staleness=2" in table
