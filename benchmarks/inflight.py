@@ -35,9 +35,8 @@ import statistics
 import tempfile
 import time
 
-import numpy as np
-
 import _common  # noqa: F401  (one thread per process)
+import numpy as np
 
 
 class AdmitAll:
@@ -155,8 +154,10 @@ def main(argv=None) -> None:
                 rows[name].append(measure(each, a.seconds))
             line = " | ".join(f"{k} {v[-1]['tok/s']:.0f}" for k, v in rows.items())
             print(f"round {r + 1} tok/s: {line}", flush=True)
-        print("| arm | tokens/s | / batch (per round) | engine busy | publication to first use "
-              "(s) | staleness per token, mean | p95 |")
+        print(
+            "| arm | tokens/s | / batch (per round) | engine busy | publication to first use "
+            "(s) | staleness per token, mean | p95 |"
+        )
         print("|---|---|---|---|---|---|---|")
         for name, got in rows.items():
             med = {k: statistics.median(x[k] for x in got) for k in got[0]}

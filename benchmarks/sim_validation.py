@@ -44,7 +44,7 @@ def predicted(run: Path, costs) -> tuple[float, float]:
 
     from flowrl_async.config import TrainConfig
     from flowrl_async.run import resume
-    from flowrl_async.sim.run import simulate
+    from flowrl_async.run.sim.run import simulate
 
     saved = OmegaConf.merge(OmegaConf.structured(TrainConfig), resume.saved_config(run))
     cfg: TrainConfig = OmegaConf.to_object(saved)
@@ -67,8 +67,8 @@ def main(argv=None) -> None:
     p.add_argument("extra", nargs="*", help="more train overrides (after --)")
     a = p.parse_args(argv)
 
-    from flowrl_async.sim.calibrate import calibrate
-    from flowrl_async.sim.costs import save_costs
+    from flowrl_async.run.sim.calibrate import calibrate
+    from flowrl_async.run.sim.costs import save_costs
 
     root = Path(a.dir)
     runs = {k: root / f"staleness-{k}" for k in a.staleness}
@@ -76,14 +76,19 @@ def main(argv=None) -> None:
         train(run, k, a.steps, a.extra)
     costs = calibrate(runs[a.calibrate_from])
     print(f"costs: {save_costs(costs, root / 'costs.json')}")
-    print("| max_staleness | steps/s measured | predicted | error | staleness measured | "
-          "predicted | error |")
+    print(
+        "| max_staleness | steps/s measured | predicted | error | staleness measured | "
+        "predicted | error |"
+    )
     print("|---|---|---|---|---|---|---|")
     for k, run in runs.items():
         (sps, stale), (psps, pstale) = measured(run), predicted(run, costs)
         mark = " (calibrated here)" if k == a.calibrate_from else ""
-        print(f"| {k}{mark} | {sps:.3f} | {psps:.3f} | {error(psps, sps)} | {stale:.3f} | "
-              f"{pstale:.3f} | {error(pstale, stale)} |", flush=True)
+        print(
+            f"| {k}{mark} | {sps:.3f} | {psps:.3f} | {error(psps, sps)} | {stale:.3f} | "
+            f"{pstale:.3f} | {error(pstale, stale)} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

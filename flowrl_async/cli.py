@@ -65,7 +65,7 @@ def _resumed(cfg):
 
 
 def _simulate(cfg) -> None:
-    from flowrl_async.sim.run import main as simulate
+    from flowrl_async.run.sim.run import main as simulate
 
     simulate(OmegaConf.to_object(cfg))
 
@@ -73,8 +73,8 @@ def _simulate(cfg) -> None:
 def _calibrate(argv: list[str]) -> None:
     import argparse
 
-    from flowrl_async.sim.calibrate import calibrate
-    from flowrl_async.sim.costs import save_costs
+    from flowrl_async.run.sim.calibrate import calibrate
+    from flowrl_async.run.sim.costs import save_costs
 
     p = argparse.ArgumentParser(prog="flowrl-async simulate calibrate",
                                 description="fit a cost file to a finished run")  # fmt: skip

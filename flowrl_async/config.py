@@ -249,7 +249,7 @@ class SimSection:
     """``flowrl-async simulate`` only (train ignores it): the cost model of the simulation."""
 
     costs: str | None = None
-    """A cost file (YAML or JSON: flowrl_async/sim/costs.py; written by ``flowrl-async
+    """A cost file (YAML or JSON: flowrl_async/run/sim/costs.py; written by ``flowrl-async
     simulate calibrate RUN`` or by hand, e.g. docs/sim/h100_7b.yaml); null: the defaults."""
     seed: int | None = None
     """Seed of the simulated response lengths (null: the run's seed)."""

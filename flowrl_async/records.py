@@ -102,10 +102,10 @@ def switches_problem(switches, n: int, first: int, last: int) -> str | None:
     if len(switches) % 2 or not all(type(x) is int for x in switches):
         return "switches must be pairs of integers (position, version)"
     positions, versions = switches[::2], switches[1::2]
-    steps = zip(positions, positions[1:])
+    steps = zip(positions, positions[1:], strict=False)
     if not (0 <= positions[0] and positions[-1] < n and all(a < b for a, b in steps)):
         return f"switch positions must rise strictly within [0, {n})"
-    steps = zip(versions, versions[1:])
+    steps = zip(versions, versions[1:], strict=False)
     if not (first < versions[0] and versions[-1] == last and all(a < b for a, b in steps)):
         return (f"switch versions must rise strictly from above first ({first}) to last "
                 f"({last})")  # fmt: skip

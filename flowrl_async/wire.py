@@ -26,10 +26,10 @@ import numpy as np
 
 from flowrl_async.records import (
     FINISH_REASONS,
+    VERSION_LIMIT,
     Group,
     RecordError,
     Response,
-    VERSION_LIMIT,
     SamplingParams,
     switches_problem,
 )
@@ -243,7 +243,11 @@ def _check_fast(obj: Any, limits: WireLimits) -> GroupInfo | None:
         if type(ver) is not list or len(ver) != 2:
             return None
         first, last = ver
-        if type(first) is not int or type(last) is not int or not 0 <= first <= last < VERSION_LIMIT:
+        if (
+            type(first) is not int
+            or type(last) is not int
+            or not 0 <= first <= last < VERSION_LIMIT
+        ):
             return None
         if type(reward) is float:
             if not math.isfinite(reward):

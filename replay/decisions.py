@@ -1,5 +1,5 @@
 """The replay service's decisions as pure functions of its state, shared by the server and
-by the simulator (``flowrl_async.sim``), so both decide alike for the same events.
+by the simulator (``flowrl_async.run.sim``), so both decide alike for the same events.
 
 The state changes only through ``ReplayState.apply`` (records); these functions read it and
 say what the server then records: which prompt positions an admission grants, which groups

@@ -250,7 +250,7 @@ class ReplayServer:
         positions = decisions.admit(self.state, self.cfg, k, weights, self.limits.max_groups)
         if positions:
             self._record({"k": "adm", "a": actor, "p": positions})
-        return "admitted", {"n": n, "positions": positions}
+        return "admitted", {"n": len(positions), "positions": positions}
 
     def _version(self, msg: dict, identity: bytes) -> tuple[str, dict]:
         self._advance_version(_int(msg, "version"))  # the learner published

@@ -76,8 +76,10 @@ def test_streaming_keeps_the_engine_busy_under_a_long_tail_and_loads_in_flight(t
         while loop.engine_steps - steps0 < 800:
             loop.run_once()
         busy = (loop.engine_s - engine0) / (loop.open_s - open0)
-        print(f"busy {busy:.3f} over {loop.engine_steps - steps0} steps, "
-              f"{loop.stats.groups} groups, {len(loop.load_waits)} loads")
+        print(
+            f"busy {busy:.3f} over {loop.engine_steps - steps0} steps, "
+            f"{loop.stats.groups} groups, {len(loop.load_waits)} loads"
+        )
         assert busy >= 0.9
         # every publication was loaded before the engine step after it became available:
         # taken exactly at the step count where it appeared

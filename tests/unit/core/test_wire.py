@@ -293,7 +293,7 @@ def switched(group, *switches):
     for r, sw in zip(group.responses, switches, strict=False):
         last = sw[-1] if sw else r.first_version
         responses.append(dataclasses.replace(r, switches=tuple(sw), last_version=last))
-    return dataclasses.replace(group, responses=(*responses, *group.responses[len(switches):]))
+    return dataclasses.replace(group, responses=(*responses, *group.responses[len(switches) :]))
 
 
 def test_per_token_versions_round_trip_and_read_back_per_token():

@@ -160,9 +160,7 @@ def test_a_response_spanning_a_load_keeps_its_cache_and_records_each_tokens_vers
     check_is_weights(group, new, tok)
 
 
-def test_recompute_samples_every_token_after_a_load_from_the_new_version_alone(
-    model_dir, replay
-):
+def test_recompute_samples_every_token_after_a_load_from_the_new_version_alone(model_dir, replay):
     loop, tok = make_loop(model_dir, replay, max_in_flight=1, max_tokens=12)
     loop.inflight_kv = "recompute"
     group, old, new = stream_across_a_load(loop, steps_before=3)

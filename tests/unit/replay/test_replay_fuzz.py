@@ -147,7 +147,7 @@ def fuzz_messages(seed: int = 1234) -> list[tuple[str, list[bytes], bool]]:
     for i in range(2000):
         out.append(("bad map", [bad_map(rng, groups, i)], True))
     for i in range(500):
-        v = rng.choice([0, 2, 99, -1, "1", None, b"\x01", [1]])
+        v = rng.choice([0, 3, 99, -1, "1", None, b"\x01", [1]])
         data = msgpack.packb({"v": v, "t": "insert", "rid": i, "group": rng.choice(groups)})
         out.append(("schema version", [data], True))
     for i in range(500):

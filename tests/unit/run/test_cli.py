@@ -17,7 +17,7 @@ def test_help_lists_every_command_with_an_example():
     assert out.returncode == 0
     for name, (what, example) in COMMANDS.items():
         assert f"  {name}" in out.stdout and what in out.stdout and example in out.stdout
-    assert set(COMMANDS) == {"train", "eval", "summarize", "replay"}
+    assert set(COMMANDS) == {"train", "eval", "summarize", "replay", "simulate"}
     unknown = run("fly")
     assert unknown.returncode == 2 and "commands:" in unknown.stderr
 
@@ -32,6 +32,9 @@ def test_train_help_opens_with_the_projects_header_and_shows_the_groups():
     ) in out.stdout
     assert "replay: default, mixed" in out.stdout
     assert run("eval", "--help").stdout.startswith("flowrl-async eval: ")
+    sim = run("simulate", "--help").stdout  # train's tree plus the cost model's group
+    assert sim.startswith("flowrl-async simulate: ") and "sim: default, h100_7b" in sim
+    assert "replay: default, mixed" in sim
 
 
 def test_bad_overrides_are_refused_with_the_field_names(tmp_path):

@@ -7,9 +7,9 @@ import pytest
 
 from flowrl_async.config import TrainConfig
 from flowrl_async.replay.server import ReplayServer, ServerConfig
-from flowrl_async.sim.costs import Costs
-from flowrl_async.sim.model import Replay, SimGroup
-from flowrl_async.sim.run import simulate
+from flowrl_async.run.sim.costs import Costs
+from flowrl_async.run.sim.model import Replay, SimGroup
+from flowrl_async.run.sim.run import simulate
 
 from factories import make_group
 
@@ -71,8 +71,14 @@ def test_learner_bound_async_runs_at_the_learners_rate(tmp_path):
         dict(selector="prioritized", max_staleness=None, max_times_sampled=3),
         dict(selector="mixed", max_staleness=None, max_times_sampled=4, fresh_fraction=0.5),
         dict(selector="uniform", max_staleness=3, samples_per_insert=1.0, min_size_to_sample=4),
-        dict(selector="mixed", max_staleness=None, max_times_sampled=4, fresh_fraction=1.0,
-             samples_per_insert=2.0, min_size_to_sample=3),  # starved: too few fresh groups
+        dict(
+            selector="mixed",
+            max_staleness=None,
+            max_times_sampled=4,
+            fresh_fraction=1.0,
+            samples_per_insert=2.0,
+            min_size_to_sample=3,
+        ),  # starved: too few fresh groups
     ],
     ids=lambda s: s["selector"] + ("+limiter" if "samples_per_insert" in s else ""),
 )
@@ -110,7 +116,9 @@ def test_the_simulated_replay_decides_as_the_real_service(tmp_path, settings):
                        spread=max(rewards) - min(rewards))  # fmt: skip
         elif what == "sample":
             version = max(versions.values())
-            reply = server.handle("sample", {"batch_size": 3, "version": version, "req": f"q{step}"})
+            reply = server.handle(
+                "sample", {"batch_size": 3, "version": version, "req": f"q{step}"}
+            )
             got = sim.sample(3, version)
             if reply is None:  # held: the server's next turn tries it again (and so learns
                 server._serve_held_samples()  # whether the limiter or the groups stopped it)
@@ -155,7 +163,8 @@ def same_state(server, sim) -> bool:
 def test_calibrate_fits_a_runs_figures(tmp_path):
     import json
 
-    from flowrl_async.sim.calibrate import calibrate
+    from flowrl_async.run.sim.calibrate import calibrate
+
     from helpers import served_replay
 
     run = tmp_path / "run"
@@ -188,7 +197,7 @@ def test_the_simulate_command_writes_a_run_that_summarize_reads(tmp_path):
     import subprocess
     import sys
 
-    from flowrl_async.sim.costs import save_costs
+    from flowrl_async.run.sim.costs import save_costs
 
     costs = save_costs(Costs(step_s=0.002, train_per_token_s=1e-4, lengths=[[4, 1], [16, 1]]),
                        tmp_path / "costs.json")  # fmt: skip
@@ -203,7 +212,9 @@ def test_the_simulate_command_writes_a_run_that_summarize_reads(tmp_path):
         summary = json.loads((sweep / job / "summary.json").read_text())
         assert summary["steps"] == 30 and summary["steps_per_s"] > 0
         assert (sweep / job / "sim.png").stat().st_size > 1000
-    assert json.loads((sweep / "0" / "summary.json").read_text())["staleness_hist"] == {"0": 120}
+    assert json.loads((sweep / "0" / "summary.json").read_text())["staleness_hist"] == {
+        "0": 30 * 8
+    }  # 8 groups a step
     table = subprocess.run([sys.executable, "-m", "flowrl_async", "summarize", str(sweep)],
                            capture_output=True, text=True, check=True).stdout  # fmt: skip
     assert "replay.max_staleness=0" in table and "replay.max_staleness=2" in table

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 from flowrl_async.replay import decisions
 from flowrl_async.replay.config import ServerConfig
-from flowrl_async.sim.costs import Costs
+from flowrl_async.run.sim.costs import Costs
 from flowrl_async.wire import GroupInfo
 
 NEVER = math.inf
@@ -69,7 +69,6 @@ class SimGroup:
     @property
     def tokens(self) -> int:
         return sum(self.lengths)
-
 
 
 class Replay:
@@ -270,7 +269,9 @@ class Actor:
             return None
         spent = 0.0
         newest = sim.newest(now, self.version)
-        if newest is not None and (shape.inflight_updates or not self.groups or not shape.streaming):
+        if newest is not None and (
+            shape.inflight_updates or not self.groups or not shape.streaming
+        ):
             spent += self.load(newest)
         if not shape.streaming:
             return self.batch(now + spent)

@@ -22,7 +22,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from flowrl_async.sim.costs import Costs
+from flowrl_async.run.sim.costs import Costs
 
 
 def fit_steps(actors: list[dict]) -> tuple[float, float]:
@@ -48,11 +48,11 @@ def calibrate(run: str | Path) -> Costs:
 
     run = Path(run)
     summary = json.loads((run / "summary.json").read_text())
-    actors = [a for a in summary.get("actors", []) if a and a.get("step_n")]
-    if not actors:
+    actors = [a for a in summary.get("actors", []) if a]
+    if not any(a.get("step_n") for a in actors):
         raise ValueError(f"{run}: no streaming actor's engine-step figures in summary.json "
                          "(calibrate needs a run with generator.streaming=true, the default)")  # fmt: skip
-    step_s, per_seq = fit_steps(actors)
+    step_s, per_seq = fit_steps([a for a in actors if a.get("step_n")])
     groups = sum(a["groups"] for a in actors)
     rows = read_metrics(run / "metrics.jsonl")
     train = sum(r["step_s"] - r["wait_s"] - r.get("publish_s", 0.0) for r in rows)

@@ -10,8 +10,8 @@ import json
 from pathlib import Path
 
 from flowrl_async.config import TrainConfig
-from flowrl_async.sim.costs import Costs, load_costs
-from flowrl_async.sim.model import Shape, Simulation
+from flowrl_async.run.sim.costs import Costs, load_costs
+from flowrl_async.run.sim.model import Shape, Simulation
 
 
 def shape_of(cfg: TrainConfig) -> Shape:
