@@ -134,6 +134,7 @@ class RolloutWorker:
             loop = self.loop
             n, k, kk, t, kt = loop.step_sums
             out.update(engine_steps=loop.engine_steps, engine_s=loop.engine_s,
+                       in_flight=len(loop.pending),
                        open_s=loop.open_s, load_wait_steps_max=loop.load_wait_max,
                        step_n=n, step_k=k, step_kk=kk, step_t=t, step_kt=kt)  # fmt: skip
         return out

@@ -78,7 +78,7 @@ def test_streaming_keeps_the_engine_busy_under_a_long_tail_and_loads_in_flight(t
         busy = (loop.engine_s - engine0) / (loop.open_s - open0)
         print(
             f"busy {busy:.3f} over {loop.engine_steps - steps0} steps, "
-            f"{loop.stats.groups} groups, {len(loop.load_waits)} loads"
+            f"{loop.stats.groups} groups, {len(loop.receiver.taken_at)} loads"
         )
         assert busy >= 0.9
         # every publication was loaded before the engine step after it became available:
