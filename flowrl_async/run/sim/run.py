@@ -59,7 +59,8 @@ def main(cfg: TrainConfig) -> dict:
 
 def table(s: dict) -> str:
     """The summary as printed: one figure a line (model output, not a measurement)."""
-    hist = ", ".join(f"{k}: {v}" for k, v in s["staleness_hist"].items())
+    items = list(s["staleness_hist"].items())
+    hist = ", ".join(f"{k}: {v}" for k, v in items[:12]) + (", ..." if len(items) > 12 else "")
     return "\n".join([
         f"simulated {s['steps']} learner steps in {s['time_s']:.1f} s (model output)",
         f"  learner steps/s      {s['steps_per_s']:.3f}",
