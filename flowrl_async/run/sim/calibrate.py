@@ -8,8 +8,9 @@ response and prompt lengths of every stored group):
                      steps (sums kept by the actor: n, Σk, Σk², Σt, Σk·t)
     verify_s         (verify + push time) per group
     load_s           load time (the probe included) per load
-    train            base 0, per response token: Σ(step − wait − publish) / Σ tokens
-    publish          mean publish time (a fixed cost: publish_bytes 0)
+    train            base 0, per response token and rank: Σ(step − wait − publish) / Σ tokens,
+                     times the run's learner ranks (each trained 1/L of the batch)
+    publish          mean time of the steps that published (a fixed cost: publish_bytes 0)
     lengths          the histogram of stored response lengths; prompt_tokens their mean
 
 The fit describes the machine the run used, contention included: it predicts runs of the
@@ -42,6 +43,14 @@ def fit_steps(actors: list[dict]) -> tuple[float, float]:
     return a, b
 
 
+def learner_ranks(run: Path) -> int:
+    """The run's learner.world_size (1 when its config cannot be read)."""
+    try:
+        return int(json.loads((run / "run_config.json").read_text())["learner"]["world_size"])
+    except (OSError, KeyError, ValueError, TypeError):
+        return 1
+
+
 def calibrate(run: str | Path) -> Costs:
     from flowrl_async.replay.reader import stored_groups
     from flowrl_async.run.progress import read_metrics
@@ -57,6 +66,8 @@ def calibrate(run: str | Path) -> Costs:
     rows = read_metrics(run / "metrics.jsonl")
     train = sum(r["step_s"] - r["wait_s"] - r.get("publish_s", 0.0) for r in rows)
     tokens = sum(r["tokens"] for r in rows)
+    ranks = learner_ranks(run)
+    published = [r["publish_s"] for r in rows if r.get("publish_s", 0.0) > 0]
     lengths, prompts = Counter(), []
     for g, _, _ in stored_groups(run / "replay"):
         prompts.append(len(g.prompt_token_ids))
@@ -66,8 +77,8 @@ def calibrate(run: str | Path) -> Costs:
         step_s=step_s, step_per_seq_s=per_seq,
         verify_s=sum(a["verify_s"] + a["push_s"] for a in actors) / max(1, groups),
         load_s=sum(a["load_s"] for a in actors) / max(1, loads),
-        train_base_s=0.0, train_per_token_s=train / max(1.0, tokens),
-        publish_base_s=sum(r.get("publish_s", 0.0) for r in rows) / max(1, len(rows)),
+        train_base_s=0.0, train_per_token_s=ranks * train / max(1.0, tokens),
+        publish_base_s=sum(published) / max(1, len(published)),
         prompt_tokens=round(sum(prompts) / max(1, len(prompts))),
         lengths=[[n, c] for n, c in sorted(lengths.items())],
         source=f"calibrated from {run}",

@@ -160,7 +160,7 @@ class Simulation:
         self.learner = Learner(self)
         self._heap: list = []
         self._seq = itertools.count()
-        self.waiting: set = set()
+        self.waiting: dict = {}  # insertion-ordered: the same seed wakes in the same order
         self.now = 0.0
 
     def new_group(self, cursor: int, version: int) -> SimGroup:
@@ -178,16 +178,26 @@ class Simulation:
         return self.published_at[i] if i < len(self.published_at) else NEVER
 
     def publish(self, at: float, version: int) -> None:
+        """A publication available at ``at``: actors in the middle of a run of engine steps
+        then stop at the first step boundary after it."""
         self.publications.append((at, version))
         self.published_at.append(at)
         self.schedule(at, Wake())
+        for actor in self.actors:
+            end = actor.cut(at)
+            if end is not None:
+                self.schedule(end, actor)
 
     def schedule(self, at: float, who) -> None:
-        heapq.heappush(self._heap, (at, next(self._seq), who))
+        """``who`` acts at ``at``; an actor's earlier entry is void (its epoch moved on)."""
+        epoch = getattr(who, "epoch", 0) + 1
+        if hasattr(who, "epoch"):
+            who.epoch = epoch
+        heapq.heappush(self._heap, (at, next(self._seq), who, epoch))
 
     def wake(self, at: float, kind: type) -> None:
         for who in [w for w in self.waiting if isinstance(w, kind)]:
-            self.waiting.discard(who)
+            del self.waiting[who]
             self.schedule(at, who)
 
     def run(self, steps: int) -> Outcome:
@@ -196,7 +206,9 @@ class Simulation:
         for who in [*self.actors, self.learner]:
             self.schedule(0.0, who)
         while self._heap and self.learner.step < steps:
-            self.now, _, who = heapq.heappop(self._heap)
+            self.now, _, who, epoch = heapq.heappop(self._heap)
+            if getattr(who, "epoch", epoch) != epoch:
+                continue  # rescheduled since
             if isinstance(who, Wake):
                 if who.version is not None:  # the learner tells the service, then broadcasts
                     self.replay.set_version(who.version)
@@ -204,7 +216,7 @@ class Simulation:
                 continue
             at = who.act(self.now)
             if at is None:
-                self.waiting.add(who)
+                self.waiting[who] = None
             else:
                 self.schedule(at, who)
         return self.finish()
@@ -232,7 +244,6 @@ class Simulation:
                 for _ in range(self.shape.sync_batches):
                     took += actor.generate_batch(now + took) or 0.0
                 gen = max(gen, took)
-                actor.engine_s += took
             now += gen
             self.learner.train_step(now, waited=gen)
             now = self.learner.done_at
@@ -259,11 +270,17 @@ class Actor:
         self.left: dict[str, int] = {}  # responses of each group still running
         self.ends: list[tuple[int, str]] = []  # (engine step it ends at, group id)
         self.steps = 0  # engine steps done
+        self.run: list | None = None  # [start, step time, steps] planned, not yet booked
+        self.epoch = 0  # its heap entry's (a cut reschedules it)
         self.finished: list[SimGroup] = []
         self.engine_s, self.tokens, self.loads = 0.0, 0, 0
 
     def act(self, now: float) -> float | None:
         sim, shape, costs = self.sim, self.sim.shape, self.sim.costs
+        done = self.commit()
+        if done:  # verify what ended, then go on
+            self.finished += done
+            return now + costs.verify_s * len(done)
         self.push(now)
         if self.finished:  # the rate limiter holds its inserts: the actor waits
             return None
@@ -274,18 +291,28 @@ class Actor:
         ):
             spent += self.load(newest)
         if not shape.streaming:
-            return self.batch(now + spent)
+            return self.batch(now, spent)
         draining = newest is not None and not shape.inflight_updates and bool(self.groups)
         if not draining:
             spent += self.fill(shape.max_in_flight - len(self.groups))
         if not self.ends:
             return None if spent == 0 else now + spent
-        k = len(self.ends)
-        step = costs.step(k)
+        step = costs.step(len(self.ends))
         s = self.ends[0][0] - self.steps
         upcoming = sim.next_publication(now)
-        if upcoming < NEVER:  # a publication mid-way is seen at the first step boundary after it
+        if upcoming < NEVER and step > 0:  # seen at the first step boundary after it
             s = max(1, min(s, math.ceil((upcoming - now - spent) / step)))
+        self.run = [now + spent, step, s]  # committed when the actor next acts
+        return now + spent + s * step
+
+    def commit(self) -> list[SimGroup]:
+        """Book the run of engine steps planned at the last act (as ``cut`` left it); ->
+        the groups it ended."""
+        if self.run is None:
+            return []
+        _, step, s = self.run
+        self.run = None
+        k = len(self.ends)
         self.steps += s
         self.tokens += s * k
         self.engine_s += s * step
@@ -296,8 +323,21 @@ class Actor:
             if self.left[gid] == 0:
                 del self.left[gid]
                 done.append(self.groups.pop(gid))
-        self.finished += done
-        return now + spent + s * step + costs.verify_s * len(done)
+        return done
+
+    def cut(self, at: float) -> float | None:
+        """A publication at ``at``: end the planned run at the first step boundary after it;
+        -> the new end, or None when the run ends by then anyway."""
+        if self.run is None:
+            return None
+        start, step, s = self.run
+        if step <= 0 or at >= start + s * step:
+            return None
+        steps = max(1, math.ceil((at - start) / step))
+        if steps >= s:
+            return None
+        self.run[2] = steps
+        return start + steps * step
 
     def load(self, version: int) -> float:
         """Load ``version``; -> its cost (recompute: the running sequences' prefill too)."""
@@ -327,16 +367,21 @@ class Actor:
         """Insert the groups that finished (the replay's rate limiter may hold them)."""
         replay = self.sim.replay
         while self.finished and replay.may_insert():
+            limiter = replay.state.limiter
+            past = limiter is not None and not limiter.can_insert(len(replay.state.buffer))
             replay.insert(self.id, self.finished.pop(0), now)
             self.sim.wake(now, Learner)
+            if past:  # let in because a sample starved: one, then the sample tries again
+                replay.starved = False
+                break
 
-    def batch(self, now: float) -> float | None:
-        """Batch mode: one batch from admission to its slowest response."""
-        took = self.generate_batch(now)
+    def batch(self, now: float, spent: float) -> float | None:
+        """Batch mode: one batch from admission to its slowest response (after ``spent``
+        seconds of loading)."""
+        took = self.generate_batch(now + spent)
         if took is None:
-            return None
-        self.engine_s += took
-        return now + took
+            return None if spent == 0 else now + spent
+        return now + spent + took
 
     def generate_batch(self, now: float) -> float | None:
         """Admit a batch and generate it to the end; -> seconds, or None if refused."""
@@ -346,11 +391,13 @@ class Actor:
             return None
         groups = [self.sim.new_group(p, self.version) for p in positions]
         lengths = sorted(r for g in groups for r in g.lengths)
-        took, done_until = costs.prefill_per_token_s * costs.prompt_tokens * len(groups), 0
+        steps_s, done_until = 0.0, 0
         for i, length in enumerate(lengths):  # k sequences run until the shortest ends
-            took += (length - done_until) * costs.step(len(lengths) - i)
+            steps_s += (length - done_until) * costs.step(len(lengths) - i)
             done_until = length
+        self.engine_s += steps_s
         self.tokens += sum(lengths)
+        took = steps_s + costs.prefill_per_token_s * costs.prompt_tokens * len(groups)
         self.finished += groups
         if self.sim.shape.sync:
             self.push(now)
@@ -371,6 +418,8 @@ class Learner:
         if got is None:
             if self.waiting_since is None:
                 self.waiting_since = now
+            if sim.replay.starved:  # the limiter allows it, the groups are missing: held
+                sim.wake(now, Actor)  # inserts may go now
             return None
         waited = 0.0 if self.waiting_since is None else now - self.waiting_since
         self.waiting_since = None
@@ -404,7 +453,7 @@ class Learner:
         out.learner_publish_s += publish
         stale = [s for _, s in got]
         out.staleness += stale
-        out.occupancy.append((self.done_at, len(sim.replay.state.buffer)))
+        out.occupancy.append((now, len(sim.replay.state.buffer)))
         out.rows.append({"step": self.step, "version": self.version, "time_s": self.done_at,
                          "step_s": self.done_at - started, "wait_s": waited,
                          "tokens": float(tokens), "staleness_mean": sum(stale) / len(stale),

@@ -40,7 +40,7 @@ def simulate(cfg: TrainConfig, costs: Costs, steps: int | None = None, seed: int
 
 
 def main(cfg: TrainConfig) -> dict:
-    costs = load_costs(cfg.sim.costs) if cfg.sim.costs else Costs()
+    costs = load_costs(cost_file(cfg.sim.costs)) if cfg.sim.costs else Costs()
     out, summary = simulate(cfg, costs, seed=cfg.sim.seed)
     run = Path(cfg.run_dir)
     run.mkdir(parents=True, exist_ok=True)
@@ -55,6 +55,13 @@ def main(cfg: TrainConfig) -> dict:
         print(f"stopped after {out.steps} of {cfg.learner.steps} steps: nothing could move "
               "(every actor and the learner waiting)")  # fmt: skip
     return summary
+
+
+def cost_file(path: str) -> Path:
+    """``path`` as given, or within the repository (``sim=h100_7b`` names docs/sim/...)."""
+    given = Path(path)
+    inside = Path(__file__).resolve().parents[3] / path
+    return given if given.exists() or given.is_absolute() or not inside.exists() else inside
 
 
 def table(s: dict) -> str:
