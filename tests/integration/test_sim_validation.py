@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.integration
 def test_the_calibrated_simulation_predicts_three_real_runs(tmp_path):
     out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "sim_validation.py"), "--steps", "60",
+        [sys.executable, str(ROOT / "benchmarks" / "sim_validation.py"), "--steps", "100",
          "--dir", str(tmp_path)],
         capture_output=True, text=True, check=True, cwd=ROOT,
     ).stdout  # fmt: skip
