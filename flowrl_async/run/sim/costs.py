@@ -15,6 +15,7 @@ Response lengths are drawn from ``lengths`` (a histogram: [length, weight] pairs
 
 from __future__ import annotations
 
+import bisect
 import json
 import random
 from dataclasses import asdict, dataclass, field, fields
@@ -66,21 +67,7 @@ class Costs:
 
     def draw_length(self, rng: random.Random) -> int:
         x = rng.random() * self._cum[-1]
-        lo, hi = 0, len(self._cum) - 1
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if self._cum[mid] > x:
-                hi = mid
-            else:
-                lo = mid + 1
-        return self._values[lo]
-
-    @property
-    def mean_length(self) -> float:
-        return sum(n * w for n, w in self.lengths) / self._cum[-1]
-
-    def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return self._values[min(bisect.bisect_right(self._cum, x), len(self._values) - 1)]
 
 
 def load_costs(path: str | Path) -> Costs:
