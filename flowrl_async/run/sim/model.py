@@ -206,20 +206,30 @@ class Simulation:
         for who in [*self.actors, self.learner]:
             self.schedule(0.0, who)
         while self._heap and self.learner.step < steps:
-            self.now, _, who, epoch = heapq.heappop(self._heap)
-            if getattr(who, "epoch", epoch) != epoch:
-                continue  # rescheduled since
-            if isinstance(who, Wake):
-                if who.version is not None:  # the learner tells the service, then broadcasts
-                    self.replay.set_version(who.version)
-                self.wake(self.now, Actor)
-                continue
-            at = who.act(self.now)
-            if at is None:
-                self.waiting[who] = None
-            else:
-                self.schedule(at, who)
+            self.event()
+        # the actors go on until the last step (and its publication) ends: the shares and
+        # token counts cover the same span as the learner's
+        while self._heap and self._heap[0][0] <= self.learner.done_at:
+            self.event(learner=False)
+        for actor in self.actors:
+            actor.book_until(self.learner.done_at)
         return self.finish()
+
+    def event(self, learner: bool = True) -> None:
+        """The next event (``learner=False``: the learner's are dropped)."""
+        self.now, _, who, epoch = heapq.heappop(self._heap)
+        if getattr(who, "epoch", epoch) != epoch or (not learner and isinstance(who, Learner)):
+            return  # rescheduled since, or past the end
+        if isinstance(who, Wake):
+            if who.version is not None:  # the learner tells the service, then broadcasts
+                self.replay.set_version(who.version)
+            self.wake(self.now, Actor)
+            return
+        at = who.act(self.now)
+        if at is None:
+            self.waiting[who] = None
+        else:
+            self.schedule(at, who)
 
     def finish(self) -> Outcome:
         out = self.out
@@ -324,6 +334,15 @@ class Actor:
                 del self.left[gid]
                 done.append(self.groups.pop(gid))
         return done
+
+    def book_until(self, end: float) -> None:
+        """At the end of the simulation: book the engine steps of a planned run done by
+        ``end``."""
+        if self.run is not None:
+            start, step, s = self.run
+            if step > 0:
+                self.run[2] = min(s, max(0, math.floor((end - start) / step)))
+            self.commit()
 
     def cut(self, at: float) -> float | None:
         """A publication at ``at``: end the planned run at the first step boundary after it;
