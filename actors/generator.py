@@ -60,6 +60,32 @@ class Generator(Protocol):
     def probe_logprob(self, token_ids: Sequence[int]) -> float: ...
 
 
+class StreamingGenerator(Generator, Protocol):
+    """A Generator the streaming loop (actors/streaming.py) drives one step at a time."""
+
+    stepped_tokens: int  # tokens ``step`` has sampled so far (one per running sequence a step)
+
+    def submit(self, key, prompt: Sequence[int], spec: SampleSpec) -> None:
+        """Start ``spec.n`` responses to ``prompt``; ``step`` returns them under ``key``."""
+        ...
+
+    def step(self) -> list[tuple[object, list[Completion]]]:
+        """One token for every running sequence; -> the groups that finished."""
+        ...
+
+    def progress(self) -> dict[object, list[int]] | None:
+        """Tokens each response in flight has sampled (None: not known here)."""
+        ...
+
+    def recompute_in_flight(self) -> None:
+        """Compute the running sequences' keys and values again under the weights now."""
+        ...
+
+    def in_flight(self) -> int: ...
+
+    def abort_all(self) -> None: ...
+
+
 def check_probe(generator: Generator, token_ids: Sequence[int], expected: float, tol: float):
     """Raise WeightLoadError when the engine's probe log-prob differs from the learner's."""
     got = generator.probe_logprob(token_ids)
