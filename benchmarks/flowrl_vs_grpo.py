@@ -1,40 +1,42 @@
-"""FlowRL against GRPO on the real system: accuracy and diversity at the same budget.
+"""FlowRL against GRPO on the real system, on two tasks: accuracy, diversity, length.
 
-Three variants, each trained by the main job (Ray, replay service, learner, vLLM actors) with
-the same model, warm-start, task, steps × batch (= trained groups) and seeds:
+Each variant is trained by the main job (Ray, replay service, learner, vLLM actors) with the
+same model, warm-start, task, steps × batch (= trained groups) and seeds:
 
-    grpo            algo=grpo, FIFO replay, max_staleness 1
-    flowrl          the paper: group-normalised reward, β = 15, clipped IS, FIFO, staleness 1
-    flowrl_replay   off-policy trajectory balance: raw reward, β = 3, IS weight 1, batches of
-                    fresh groups plus groups replayed uniformly from the buffer, no staleness bound
-    flowrl_tb_fresh the ablation: the same objective on fresh groups only (FIFO, each once)
-    flowrl_replay_sol  flowrl_replay with the sum_over_len residual (target π_ref·exp(β r))
-    flowrl_replay_sol_b9  the same at β = 9: flowrl_replay's target here (see below)
-    vargrad_replay  VarGrad (configs/algo/vargrad.yaml: log Z the group's mean residual, no
-                    head, sum_over_len, β = 3) with flowrl_replay's replay
+    grpo              GRPO as users run it now (configs/algo/grpo_dapo.yaml: token-mean,
+                      clip-higher), FIFO, max_staleness 1
+    flowrl            the paper: group-normalised reward, β = 15, clipped IS, FIFO, staleness 1
+    flowrl_replay     off-policy trajectory balance (configs/algo/flowrl_tb.yaml: raw reward,
+                      β = 3, mean residual, IS off) with half of each batch replayed
+                      (configs/replay/mixed.yaml)
+    flowrl_replay_sol the same in the sum_over_len residual (target π_ref·exp(β r))
+    vargrad_replay    VarGrad (configs/algo/vargrad.yaml) with the same replay
+    flowrl_tb_fresh   the ablation: flowrl_replay's objective on fresh groups only
 
-On this task every answer has one length L (2 digits + <eos>), so the mean form at β is the
-sum form at L·β: flowrl_replay targets π_ref·exp(3·3·r), the sum_over_len variants
-π_ref·exp(3·r) (a weaker tilt toward full reward); on the valid set (every answer full
-reward, one length) all targets are π_ref renormalised.
+Tasks: ``digits`` (2 digits summing to s: one answer length, partial credit 0.5) and ``sums``
+(s as a sum of digits 1–9: 2^(s−1) answers of 1 to 2s − 1 characters, reward 0/1).
+``--tag NAME --set key=value ...`` runs a variant with overrides (e.g. ``--tag b9 --set
+algo.beta=9``), recorded as ``variant+NAME``.
 
-Each final policy is evaluated with ``--samples`` completions per prompt at T = 1.0 and 0.6
-(as in the paper) on the training prompts (diversity of what the policy learned) and on
-held-out prompts. Prints one
-table (mean ± std over seeds) and writes ``results.json`` and ``flowrl_vs_grpo.png`` (eval
-accuracy and distinct correct answers over training; the answer histogram on one prompt
-against the target distribution π_ref restricted to the valid set, and uniform).
+Each final policy is sampled ``--samples`` times per prompt at T = 1.0 and 0.6 on the train
+and held-out prompts; each prompt's counts and both targets' summaries are kept as one small
+JSON per run (``flowrl_async/run/evidence.py``) under ``--records`` (in the repository:
+docs/evidence/<task>/). Runs whose record exists are skipped; a run with a final policy but
+no record is evaluated; any other run directory starts over. ``--report`` rebuilds the
+tables, ``summary.json`` and the figures from the records alone.
 
-    .venv/bin/python benchmarks/flowrl_vs_grpo.py --steps 400 --seeds 0 1 2 --out bench-out/fvg
+    .venv/bin/python benchmarks/flowrl_vs_grpo.py --task sums --steps 500 --seeds 0 1 2 3 4
+    .venv/bin/python benchmarks/flowrl_vs_grpo.py --task sums --report
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import statistics
-from collections import Counter
+import time
 from pathlib import Path
 
 import _common  # noqa: F401 - one thread per process, before torch
@@ -42,229 +44,292 @@ from omegaconf import OmegaConf
 
 from flowrl_async.config import TrainConfig
 from flowrl_async.learner.config import AlgoConfig
+from flowrl_async.run import evidence
 from flowrl_async.run.launch import train
 from flowrl_async.run.progress import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-TASK = {"lengths": [2], "min_solutions": 5, "partial_credit": 0.5}
-VARIANTS = (
-    "grpo",
-    "flowrl",
-    "flowrl_replay",
-    "flowrl_tb_fresh",
-    "flowrl_replay_sol",
-    "flowrl_replay_sol_b9",
-    "vargrad_replay",
-)
+TASKS = {
+    "digits": ("flowrl_async.tasks.digits.DigitSumTask",
+               {"lengths": [2], "min_solutions": 5, "partial_credit": 0.5}, 8),
+    "sums": ("flowrl_async.tasks.sums.DigitPartsTask", {"totals": [2, 3, 4, 5, 6, 7, 8]}, 16),
+}  # fmt: skip  (target, kwargs, generator.max_tokens: the longest answer and <eos> fit)
+TASK = TASKS["digits"][1]  # the staleness sweep's task
+VARIANTS = ("grpo", "flowrl", "flowrl_replay", "flowrl_replay_sol", "vargrad_replay",
+            "flowrl_tb_fresh")  # fmt: skip
 TEMPERATURES = (1.0, 0.6)  # the paper evaluates at both
-COLUMNS = (
-    "accuracy",
-    "distinct_correct",
-    "coverage",
-    "tv_to_target",
-    "tv_to_uniform",
-    "entropy",
-)  # fmt: skip  (and pass@k, k = --samples)
+KS = (1, 4, 16, 64)
+REF_DRAWS = 256  # samples of π_ref per prompt for the targets' mass outside the valid set
 
 
 def algo(name: str) -> AlgoConfig:
     return AlgoConfig(**OmegaConf.to_container(OmegaConf.load(ROOT / f"configs/algo/{name}.yaml")))
 
 
-def config(variant: str, seed: int, steps: int, run_dir: Path, every: int) -> TrainConfig:
+def config(task: str, variant: str, seed: int, steps: int, run_dir: Path,
+           overrides: list[str] = ()) -> TrainConfig:  # fmt: skip
     cfg = TrainConfig(run_dir=str(run_dir), seed=seed)
-    cfg.task.kwargs = dict(TASK)
+    cfg.task.target, kwargs, cfg.generator.max_tokens = TASKS[task]
+    cfg.task.kwargs = dict(kwargs)
     cfg.learner.steps = steps
     cfg.learner.checkpoint_every = 10**6  # the final policy is all this benchmark needs
-    cfg.evaluation.every, cfg.evaluation.split, cfg.evaluation.samples = every, "train", 16
+    cfg.evaluation.every, cfg.evaluation.split = max(steps // 10, 1), "train"
+    cfg.evaluation.samples = 16
     if variant == "grpo":
-        cfg.algo = algo("grpo")
+        cfg.algo = algo("grpo_dapo")
     elif variant == "flowrl":
         cfg.algo = algo("flowrl")
-    elif variant in ("flowrl_replay", "flowrl_replay_sol", "flowrl_replay_sol_b9",
-                     "vargrad_replay"):  # fmt: skip
+    elif variant in ("flowrl_replay", "flowrl_replay_sol", "vargrad_replay"):
         cfg.algo = algo("vargrad" if variant == "vargrad_replay" else "flowrl_tb")
-        if variant.startswith("flowrl_replay_sol"):
+        if variant == "flowrl_replay_sol":
             cfg.algo.residual = "sum_over_len"
-        if variant == "flowrl_replay_sol_b9":  # flowrl_replay's target on this task
-            cfg.algo.beta = 9.0
         r = cfg.replay
         r.selector, r.fresh_fraction, r.max_times_sampled, r.max_staleness = "mixed", 0.5, 8, None
-    elif variant == "flowrl_tb_fresh":  # the ablation: the same objective, no replay
+    elif variant == "flowrl_tb_fresh":
         cfg.algo = algo("flowrl_tb")
         cfg.replay.max_staleness = None
     else:
         raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+    for item in overrides:  # section.key=value, parsed as YAML
+        key, _, value = item.partition("=")
+        section, _, field = key.partition(".")
+        if not hasattr(getattr(cfg, section, None), field):
+            raise ValueError(f"--set {item!r}: no such setting {key!r}")
+        setattr(getattr(cfg, section), field, OmegaConf.create({"v": value}).v)
     return cfg
 
 
-def eval_dir(run_dir: Path, split: str, temperature: float) -> Path:
-    return run_dir / (f"eval-{split}" if temperature == 1.0 else f"eval-{split}-T{temperature}")
+def own_form(cfg: TrainConfig) -> tuple[str, float]:
+    """The residual form and β whose target the run's objective has (others: the sum form)."""
+    trains_tb = cfg.algo.name in ("flowrl", "flowrl_no_z", "vargrad")
+    return (cfg.algo.residual if trains_tb else "sum"), float(cfg.algo.beta)
 
 
-def evaluate_policy(run_dir: Path, samples: int, seed: int, temperature: float = 1.0) -> dict:
-    """eval.json-style results on the train and the held-out prompts (torch sampler)."""
-    from flowrl_async.actors.generator import build_generator
-    from flowrl_async.model import load_tokenizer
-    from flowrl_async.run.evaluate import evaluate
-    from flowrl_async.tasks.digits import DigitSumTask
-
-    policy = run_dir / "final_policy"
-    task = DigitSumTask(**TASK)
-    gen = build_generator("torch", str(policy), seed, 256, "float32")
-    tok = load_tokenizer(policy)
-    return {
-        split: evaluate(
-            gen,
-            tok,
-            task,
-            prompts,
-            samples,
-            temperature,
-            8,
-            eval_dir(run_dir, split, temperature),
-            seed,
-        )  # fmt: skip
-        for split, prompts in (("train", task.train_prompts), ("eval", task.eval_prompts))
-    }
-
-
-def tv_to_target(run_dir: Path, eval_path: Path) -> float:
-    """Mean over prompts of the TV distance between the sampled correct answers and FlowRL's
-    target on the valid set (π_ref restricted to it; 1.0 for a prompt with no correct
-    sample), from an evaluation's samples.jsonl. Cached beside it."""
-    cache = eval_path / "tv_to_target.json"
-    if cache.exists():
-        return json.loads(cache.read_text())["tv_to_target"]
+def evaluate_records(cfg: TrainConfig, samples: int) -> dict:
+    """{"train T=1.0": [prompt records], ...} for the run's final policy."""
+    from flowrl_async.actors.generator import SampleSpec, build_generator
     from flowrl_async.model import load_policy, load_tokenizer
-    from flowrl_async.tasks.digits import DigitSumTask
-    from flowrl_async.tasks.scoring import distribution_metrics
-    from flowrl_async.tasks.target import Reference, reference_target
+    from flowrl_async.run.evaluate import reference_draws
+    from flowrl_async.tasks import load_task
+    from flowrl_async.tasks.target import Reference, reference_report
 
-    task, ref = DigitSumTask(**TASK), run_dir / "init_model"
-    reference = Reference(load_policy(ref), load_tokenizer(ref))  # sum form: π_ref on valid
-    samples = [json.loads(line) for line in (eval_path / "samples.jsonl").open()]
-    distances = []
-    for pid in sorted({s["prompt_id"] for s in samples}):
-        prompt = task.prompt(pid)
-        valid = task.valid_set(prompt)
-        answers = [s["completion"].strip() for s in samples
-                   if s["prompt_id"] == pid and s["info"] == "ok"]  # fmt: skip
-        target = reference_target(reference, task, prompt, valid)
-        distances.append(distribution_metrics(answers, valid, target)["tv_to_target"])
-    value = sum(distances) / len(distances)
-    cache.write_text(json.dumps({"tv_to_target": value}))
-    return value
+    run_dir = Path(cfg.run_dir)
+    task = load_task(cfg.task.target, **cfg.task.kwargs)
+    form, beta = own_form(cfg)
+    ref_model, ref_tok = load_policy(run_dir / "init_model"), load_tokenizer(run_dir / "init_model")
+    draw = reference_draws(ref_model, ref_tok, REF_DRAWS, 1.0, cfg.generator.max_tokens)
+    reference = Reference(ref_model, ref_tok, form, beta, 1.0, draw)
+    gen = build_generator("torch", str(run_dir / "final_policy"), cfg.seed, 256, "float32")
+    tok = load_tokenizer(run_dir / "final_policy")
+    out = {}
+    for split, prompts in (("train", task.train_prompts), ("eval", task.eval_prompts)):
+        reports = [reference_report(reference, task, p, task.valid_set(p)) for p in prompts]
+        ids = [tok(p.text)["input_ids"] for p in prompts]
+        for t in TEMPERATURES:
+            spec = SampleSpec(samples, t, 1.0, cfg.generator.max_tokens, cfg.seed)
+            records = []
+            for prompt, group, report in zip(prompts, gen.generate(ids, spec), reports,
+                                             strict=True):  # fmt: skip
+                texts = [tok.decode(c.token_ids, skip_special_tokens=True) for c in group]
+                verdicts = [task.verify(prompt, x) for x in texts]
+                answers = [v.answer if v.info == "ok" else None for v in verdicts]
+                rec = evidence.prompt_record(answers, task.valid_set(prompt), report)
+                records.append({"prompt": prompt.text, **rec})
+            out[f"{split} T={t}"] = records
+    return out
 
 
-def mean_std(values: list[float]) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.3f} ± {sd:.3f}"
+def run_one(task: str, name: str, variant: str, seed: int, a, overrides) -> dict:
+    record_path = Path(a.records) / task / f"{name}-seed{seed}.json"
+    if record_path.exists():
+        return json.loads(record_path.read_text())
+    run_dir = Path(a.out).resolve() / task / f"{name}-seed{seed}"
+    cfg = config(task, variant, seed, a.steps, run_dir, overrides)
+    if not (run_dir / "final_policy").exists():  # an unfinished run starts over
+        shutil.rmtree(run_dir, ignore_errors=True)
+        t0 = time.time()
+        train(cfg)
+        (run_dir / "bench_wall_s").write_text(f"{time.time() - t0:.1f}")
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    tail = rows[-max(len(rows) // 5, 1) :]
+    wall = run_dir / "bench_wall_s"
+    record = {
+        "task": task, "variant": name, "seed": seed, "steps": a.steps,
+        "trained_groups": a.steps * cfg.learner.batch_groups,
+        "overrides": list(overrides), "target": dict(zip(("form", "beta"), own_form(cfg))),
+        "train_s": rows[-1]["time"],
+        "wall_s": float(wall.read_text()) if wall.exists() else None,
+        "last_fifth": {k: statistics.fmean(r[k] for r in tail)
+                       for k in ("reward_mean", "accuracy", "distinct_correct")},
+        "staleness_mean": statistics.fmean(r["staleness_mean"] for r in rows),
+        "curve": [{"step": r["step"], "time": round(r["time"], 2),
+                   "accuracy": r["eval_accuracy"], "distinct": r["eval_distinct_correct"]}
+                  for r in rows if "eval_accuracy" in r],
+        "eval": evaluate_records(cfg, a.samples),
+    }  # fmt: skip
+    record_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = record_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(_rounded(record), separators=(",", ":")))
+    tmp.replace(record_path)
+    return record
 
 
-def plot(results: dict, out: Path, hist: dict) -> Path:
+def _rounded(x):
+    if isinstance(x, float):
+        return None if math.isnan(x) else round(x, 5)
+    if isinstance(x, dict):
+        return {k: _rounded(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_rounded(v) for v in x]
+    return x
+
+
+def _nan(x):
+    return math.nan if x is None else x
+
+
+def load_records(folder: Path) -> dict[str, list[dict]]:
+    """Records by variant name, seeds in order."""
+    out: dict[str, list[dict]] = {}
+    for path in sorted(folder.glob("*-seed*.json")):
+        rec = json.loads(path.read_text())
+        out.setdefault(rec["variant"], []).append(rec)
+    return {k: sorted(v, key=lambda r: r["seed"]) for k, v in out.items()}
+
+
+def figures(recs: list[dict], split: str) -> list[dict]:
+    """Per seed: the run's figures on ``split`` (records' None read as nan)."""
+    return [evidence.run_figures([{k: _nan(v) if not isinstance(v, dict) else v
+                                   for k, v in p.items()} for p in r["eval"][split]], KS)
+            for r in recs]  # fmt: skip
+
+
+def equal_time(results: dict[str, list[dict]]) -> tuple[float, dict[str, list[float]]]:
+    """The shortest variant's median training time W, and per variant and seed the last
+    in-training eval accuracy reached by W."""
+    w = min(statistics.median(r["train_s"] for r in recs) for recs in results.values())
+    out = {}
+    for name, recs in results.items():
+        out[name] = [max((c for c in r["curve"] if c["time"] <= w), key=lambda c: c["time"],
+                         default={"accuracy": math.nan})["accuracy"] for r in recs]  # fmt: skip
+    return w, out
+
+
+COLUMNS = ("pass@1", "pass@4", "pass@16", "pass@64", "distinct", "coverage", "tv_own",
+           "tv_tb", "own_mass", "length", "own_length")  # fmt: skip
+
+
+def cell(values: list[float]) -> str:
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return "—"
+    s = evidence.interval(values)
+    ci = "" if math.isnan(s["ci95"]) else f" ±{s['ci95']:.3f}"
+    return f"{s['mean']:.3f} ({s['std']:.3f}{ci})"
+
+
+def report(task: str, folder: Path, docs: Path) -> dict:
+    results = load_records(folder)
+    if not results:
+        raise SystemExit(f"no records in {folder}")
+    summary = {"task": task, "variants": {}}
+    print(f"\n## task {task}: mean (std ±95% CI half-width) over seeds")
+    for split in [f"{s} T={t}" for s in ("train", "eval") for t in TEMPERATURES]:
+        rows = []
+        for name, recs in results.items():
+            figs = figures(recs, split)
+            cells = {c: [f.get(c, math.nan) for f in figs] for c in COLUMNS}
+            if recs[0]["target"]["form"] == "sum" and not name.startswith(("flowrl", "vargrad")):
+                cells["tv_own"] = cells["own_mass"] = cells["own_length"] = []  # no target
+            rows.append((f"{name} ({len(recs)})", *(cell(cells[c]) for c in COLUMNS)))
+            summary["variants"].setdefault(name, {})[split] = {
+                c: evidence.interval(v) for c, v in cells.items() if v and
+                not any(math.isnan(x) for x in v)}  # fmt: skip
+        print(f"\n{split.replace('eval', 'held-out')} prompts:")
+        print(_common.table(("variant (seeds)", *COLUMNS), rows, (24, *[20] * len(COLUMNS))))
+    w, acc_at_w = equal_time(results)
+    print(f"\nequal wall time: eval accuracy (16 samples/train prompt, T=1) by {w:.0f} s of "
+          "training, and training time per run:")  # fmt: skip
+    rows = []
+    for name, recs in results.items():
+        train_s = [r["train_s"] for r in recs]
+        rows.append((name, cell(acc_at_w[name]), cell(train_s),
+                     cell([r["last_fifth"]["accuracy"] for r in recs])))  # fmt: skip
+        summary["variants"][name]["equal_time"] = {
+            "w_s": w, "accuracy": evidence.interval(acc_at_w[name]),
+            "train_s": evidence.interval(train_s)}  # fmt: skip
+    print(_common.table(("variant", f"acc by {w:.0f}s", "train s", "train acc (last 5th)"),
+                        rows, (24, 20, 20, 20)))  # fmt: skip
+    docs.mkdir(parents=True, exist_ok=True)
+    (folder / "summary.json").write_text(json.dumps(_rounded(summary), indent=1))
+    plot(task, results, docs / f"evidence_{task}.png")
+    print(f"\nwrote {folder / 'summary.json'} and {docs / f'evidence_{task}.png'}")
+    return summary
+
+
+def plot(task: str, results: dict[str, list[dict]], out: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    for variant, runs in results.items():
-        for key, ax in (("eval_accuracy", axes[0]), ("eval_distinct_correct", axes[1])):
-            curves = [[(r["step"], r[key]) for r in run["metrics"] if key in r] for run in runs]
-            steps = [s for s, _ in curves[0]]
-            means = [statistics.mean(c[i][1] for c in curves) for i in range(len(steps))]
-            ax.plot(steps, means, marker="o", label=variant)
-    axes[0].set(title="accuracy on train prompts (16 samples, T=1)", xlabel="learner step")
-    axes[1].set(title="distinct correct answers per prompt", xlabel="learner step")
-    valid, width = hist["valid"], 0.8 / (len(results) + 2)
-    xs = range(len(valid))
-    for i, (label, probs) in enumerate([("target ∝ π_ref", hist["target"]),
-                                        *hist["empirical"].items()]):  # fmt: skip
-        axes[2].bar([x + i * width for x in xs], probs, width, label=label)
-    axes[2].axhline(1 / len(valid), color="gray", linestyle="--", label="uniform")
-    axes[2].set_xticks([x + width for x in xs], valid, rotation=90)
-    axes[2].set(title=f"answers to {hist['prompt']!r} (seed {hist['seed']})")
-    for ax in axes:
-        ax.legend(fontsize=8)
+    fig, axes = plt.subplots(2, 3, figsize=(17, 9))
+    for i, split in enumerate(("train T=1.0", "eval T=1.0")):
+        ax = axes[0][i]
+        for name, recs in results.items():
+            figs = figures(recs, split)
+            means = [statistics.fmean(f[f"pass@{k}"] for f in figs) for k in KS]
+            sds = [statistics.stdev(f[f"pass@{k}"] for f in figs) if len(figs) > 1 else 0
+                   for k in KS]  # fmt: skip
+            ax.errorbar(KS, means, yerr=sds, marker="o", capsize=3, label=name)
+        ax.set(xscale="log", xticks=KS, xticklabels=[str(k) for k in KS], ylim=(0, 1.02),
+               xlabel="k", title=f"pass@k, {split.replace('eval', 'held-out')} prompts")  # fmt: skip
+    ax = axes[0][2]
+    for name, recs in results.items():
+        curves = [[(c["time"], c["accuracy"]) for c in r["curve"]] for r in recs]
+        n = min(len(c) for c in curves)
+        ax.plot([statistics.fmean(c[j][0] for c in curves) for j in range(n)],
+                [statistics.fmean(c[j][1] for c in curves) for j in range(n)], marker=".",
+                label=name)  # fmt: skip
+    ax.set(xlabel="training time (s)", title="accuracy during training (train prompts)")
+    names = list(results)
+    for ax, name in zip(list(axes[1]) * 2, names[:3], strict=False):
+        recs = [p for r in results[name] for p in r["eval"]["train T=1.0"]]
+        for key, style in (("lengths", "-o"), ("own_lengths", "--"), ("tb_lengths", ":")):
+            h = evidence.length_histogram(recs, key)
+            ax.plot(list(h), list(h.values()), style, label=key.replace("lengths", "") or
+                    "policy's correct answers")  # fmt: skip
+        ax.set(xlabel="answer length (tokens, <eos> included)", title=f"{name}: lengths")
+    for ax in axes.flat:
+        ax.legend(fontsize=7)
+    fig.suptitle(f"task {task}")
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
     return out
-
-
-def histogram(out: Path, results: dict, seed: int) -> dict:
-    """The prompt with the largest valid set: target vs each variant's correct answers."""
-    from flowrl_async.tasks.digits import DigitSumTask
-
-    task = DigitSumTask(**TASK)
-    prompt = max(task.train_prompts, key=lambda p: len(task.valid_set(p)))
-    valid = task.valid_set(prompt)
-    some_run = Path(next(iter(results.values()))[0]["run_dir"])  # any variant given
-    empirical = {}
-    for variant, runs in results.items():
-        run = next(r for r in runs if r["seed"] == seed)
-        lines = Path(run["run_dir"], "eval-train", "samples.jsonl").read_text().splitlines()
-        got = Counter(
-            s["completion"].strip()
-            for s in map(json.loads, lines)
-            if s["prompt_id"] == prompt.prompt_id and s["info"] == "ok"
-        )
-        total = max(sum(got.values()), 1)
-        empirical[variant] = [got[v] / total for v in valid]
-    from flowrl_async.model import load_policy, load_tokenizer
-    from flowrl_async.tasks.target import Reference, reference_target
-
-    ref = some_run / "init_model"
-    target = reference_target(Reference(load_policy(ref), load_tokenizer(ref)), task, prompt, valid)
-    return {"prompt": prompt.text, "seed": seed, "valid": list(valid), "target": target,
-            "empirical": empirical}  # fmt: skip
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS[:3]), choices=VARIANTS)
+    p.add_argument("--task", choices=list(TASKS), default="sums")
+    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--tag", default="", help="a name for --set overrides (variant+tag)")
+    p.add_argument("--set", nargs="*", default=[], dest="overrides", metavar="KEY=VALUE")
     p.add_argument("--samples", type=int, default=64, help="eval completions per prompt")
-    p.add_argument("--out", default="bench-out/flowrl_vs_grpo")
+    p.add_argument("--out", default="bench-out/evidence", help="run directories")
+    p.add_argument("--records", default=str(ROOT / "docs/evidence"), help="per-run JSON")
+    p.add_argument("--report", action="store_true", help="tables and figures only")
     a = p.parse_args()
-    out = Path(a.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, list[dict]] = {v: [] for v in a.variants}
-    for seed in a.seeds:
-        for variant in a.variants:
-            run_dir = out / f"{variant}-seed{seed}"
-            if not (run_dir / "final_policy").exists():  # resumable: skip done runs
-                shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run starts over
-                train(config(variant, seed, a.steps, run_dir, max(a.steps // 8, 1)))
-            ev = {}
-            for t in TEMPERATURES:
-                if not (eval_dir(run_dir, "train", t) / "eval.json").exists():
-                    evaluate_policy(run_dir, a.samples, seed, t)
-                for s in ("train", "eval"):
-                    path = eval_dir(run_dir, s, t)
-                    ev[f"{s} T={t}"] = json.loads((path / "eval.json").read_text())
-                    ev[f"{s} T={t}"]["tv_to_target"] = tv_to_target(run_dir, path)
-            results[variant].append({"seed": seed, "run_dir": str(run_dir), "eval": ev,
-                                     "metrics": read_metrics(run_dir / "metrics.jsonl")})  # fmt: skip
-    trained = a.steps * TrainConfig().learner.batch_groups
-    print(f"\n{len(a.seeds)} seeds, {a.steps} steps × {TrainConfig().learner.batch_groups} groups "
-          f"= {trained} trained groups each; eval {a.samples} samples/prompt")  # fmt: skip
-    columns = (*COLUMNS, f"pass@{a.samples}")
-    for split in [f"{s} T={t}" for s in ("train", "eval") for t in TEMPERATURES]:
-        rows = [
-            (variant, *(mean_std([r["eval"][split][c] for r in runs]) for c in columns))
-            for variant, runs in results.items()
-        ]
-        print(f"\n{split.replace('eval', 'held-out')} prompts:")
-        print(_common.table(("variant", *columns), rows, (16, *[15] * len(columns))))
-    hist = histogram(out, results, a.seeds[0])
-    png = plot(results, out / "flowrl_vs_grpo.png", hist)
-    slim = {v: [{k: r[k] for k in ("seed", "run_dir", "eval")} for r in runs]
-            for v, runs in results.items()}  # fmt: skip
-    (out / "results.json").write_text(json.dumps({"args": vars(a), "results": slim,
-                                                   "histogram": hist}, indent=2))  # fmt: skip
-    print(f"\nwrote {png} and {out / 'results.json'}")
+    if a.overrides and not a.tag:
+        p.error("--set needs --tag (the records of a changed variant must not collide)")
+    if not a.report:
+        for seed in a.seeds:  # seed-major: a cut-short sweep has every variant's first seeds
+            for variant in a.variants:
+                name = f"{variant}+{a.tag}" if a.tag else variant
+                run_one(a.task, name, variant, seed, a, a.overrides)
+    report(a.task, Path(a.records) / a.task, ROOT / "docs")
 
 
 if __name__ == "__main__":

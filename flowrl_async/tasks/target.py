@@ -106,20 +106,59 @@ def reference_target(reference: Reference, task, prompt, valid: tuple[str, ...])
 def reference_targets(reference: Reference, task, prompt, valid: tuple[str, ...]):
     """(the target of ``reference.form``, π_ref·exp(β r)/Z) over ``valid``, from one pass
     of log-probs per answer."""
+    logps, lengths, rewards, others, drawn = _terms(reference, task, prompt, valid,
+                                                    reference.form == "mean")  # fmt: skip
+    own = target_probs(logps, lengths, rewards, reference.form, reference.beta, others, drawn)
+    if reference.form != "mean":  # the sum forms' target is π_ref·exp(β r)/Z itself
+        return own, own
+    return own, target_probs(logps, lengths, rewards, "sum", reference.beta)
+
+
+def reference_report(reference: Reference, task, prompt, valid: tuple[str, ...]) -> dict:
+    """Both targets over ``valid`` (``own``: the form's, ``tb``: π_ref·exp(β r)/Z), each
+    one's share on the valid set (``own_mass``, ``tb_mass``: the accuracy its optimum has),
+    and each answer's token ``lengths`` (<eos> included). Needs ``reference.draw``."""
+    logps, lengths, rewards, others, drawn = _terms(reference, task, prompt, valid, True)
+    form, beta = reference.form, reference.beta
+    return {
+        "own": target_probs(logps, lengths, rewards, form, beta, others, drawn),
+        "tb": target_probs(logps, lengths, rewards, "sum", beta),
+        "own_mass": valid_mass(logps, lengths, rewards, form, beta, others, drawn),
+        "tb_mass": valid_mass(logps, lengths, rewards, "sum", beta, others, drawn),
+        "lengths": lengths,
+    }
+
+
+def valid_mass(logps: list[float], lengths: list[int], rewards: list[float], form: str,
+               beta: float, others: list[tuple[int, float]], drawn: int) -> float:  # fmt: skip
+    """The share of the target of ``form`` on the valid answers (as ``target_probs``; each of
+    the ``drawn`` samples of π_ref in ``others`` stands for 1/drawn of its mass)."""
+    if drawn < 1:
+        raise ValueError("the target's share on the valid set needs samples of π_ref")
+    if form not in FORMS:
+        raise ValueError(f"unknown residual form {form!r}; expected one of {FORMS}")
+    outside = [(-math.log(drawn), n, r) for n, r in others]
+    inside = list(zip(logps, lengths, rewards, strict=True))
+    if form == "mean":
+        c = solve_log_z([(m, n, beta * r) for m, n, r in inside + outside])
+        logit = lambda m, n, r: m + n * (beta * r - c)  # noqa: E731
+    else:
+        logit = lambda m, n, r: m + beta * r  # noqa: E731
+    valid = _logsumexp([logit(*t) for t in inside])
+    return math.exp(valid - _logsumexp([logit(*t) for t in inside + outside]))
+
+
+def _terms(reference: Reference, task, prompt, valid: tuple[str, ...], draw: bool):
+    """log π_ref, token lengths and rewards of the valid answers (each followed by <eos>),
+    and with ``draw`` the draws of π_ref outside them (``draw_others``)."""
     tok = reference.tokenizer
     prompt_ids = tok(prompt.text)["input_ids"]
     answers = [tok(y, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for y in valid]
     logps = [answer_logprob(reference.model, prompt_ids, a, reference.temperature)
              for a in answers]  # fmt: skip
     rewards = [task.verify(prompt, y).reward for y in valid]
-    others, drawn = [], 0
-    if reference.form == "mean":
-        others, drawn = draw_others(reference, task, prompt, prompt_ids, answers)
-    lengths = [len(a) for a in answers]
-    own = target_probs(logps, lengths, rewards, reference.form, reference.beta, others, drawn)
-    if reference.form != "mean":  # the sum forms' target is π_ref·exp(β r)/Z itself
-        return own, own
-    return own, target_probs(logps, lengths, rewards, "sum", reference.beta)
+    others, drawn = draw_others(reference, task, prompt, prompt_ids, answers) if draw else ([], 0)
+    return logps, [len(a) for a in answers], rewards, others, drawn
 
 
 def draw_others(reference: Reference, task, prompt, prompt_ids, answers: list[list[int]]):

@@ -1,0 +1,115 @@
+"""The evidence benchmark's figures (benchmarks/flowrl_vs_grpo.py): what one run's final
+policy did on each prompt, kept as small JSON, and the statistics over seeds.
+
+A prompt's record holds only counts and the targets' summaries, so every table and figure
+can be rebuilt from the records without the run directories:
+    n, correct            samples and correct ones (pass@k for any k <= n)
+    distinct, coverage    distinct correct answers; their share of the valid set
+    tv_own, tv_tb         TV distance of the correct answers' distribution to the objective's
+                          own target and to π_ref·exp(β r)/Z, both on the valid set
+    own_mass, tb_mass     each target's share on the valid set: the accuracy its optimum has
+    length                mean token length (<eos> included) of the correct answers
+    own_length, tb_length the same under each target (restricted to the valid set)
+    lengths, own_lengths, tb_lengths   the three length distributions, {length: share}
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import Counter
+
+from flowrl_async.tasks.scoring import pass_at_k
+
+# two-sided 97.5% quantiles of Student's t for 1..10 degrees of freedom, then 30
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+         9: 2.262, 10: 2.228, 30: 2.042}  # fmt: skip
+
+
+def t_quantile(df: int) -> float:
+    """Student's t 0.975 quantile for ``df`` degrees of freedom (table; 1.96 past 30)."""
+    if df < 1:
+        raise ValueError("a confidence interval needs at least 2 values")
+    if df in _T975:
+        return _T975[df]
+    return _T975[30] if df <= 30 else 1.96  # 11..30 rounded up to the conservative 30's
+
+
+def interval(values: list[float]) -> dict:
+    """Mean, sample std and the 95% t-interval's half-width over ``values`` (one per seed)."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return {"mean": mean, "std": 0.0, "ci95": math.nan, "n": len(values)}
+    std = statistics.stdev(values)
+    return {"mean": mean, "std": std, "ci95": t_quantile(len(values) - 1) * std /
+            math.sqrt(len(values)), "n": len(values)}  # fmt: skip
+
+
+def _share(counter: Counter) -> dict[str, float]:
+    total = sum(counter.values())
+    return {str(k): v / total for k, v in sorted(counter.items())} if total else {}
+
+
+def _dist_lengths(probs: list[float], lengths: list[int]) -> dict[str, float]:
+    out: Counter = Counter()
+    for p, n in zip(probs, lengths, strict=True):
+        out[n] += p
+    return {str(k): v for k, v in sorted(out.items())}
+
+
+def _tv(counts: Counter, total: int, valid: tuple[str, ...], probs: list[float]) -> float:
+    if total == 0:
+        return 1.0
+    return 0.5 * sum(abs(counts.get(v, 0) / total - p) for v, p in zip(valid, probs, strict=True))
+
+
+def prompt_record(answers: list[str | None], valid: tuple[str, ...], report: dict) -> dict:
+    """One prompt's record from its samples' correct answers (None for a wrong sample) and
+    ``report`` (``tasks.target.reference_report``: targets, their shares, lengths)."""
+    index = {v: i for i, v in enumerate(valid)}
+    correct = [a for a in answers if a is not None and a in index]
+    counts = Counter(correct)
+    lengths = Counter(report["lengths"][index[a]] for a in correct)
+    own, tb, n_tokens = report["own"], report["tb"], report["lengths"]
+    return {
+        "n": len(answers),
+        "correct": len(correct),
+        "distinct": len(counts),
+        "coverage": len(counts) / len(valid),
+        "tv_own": _tv(counts, len(correct), valid, own),
+        "tv_tb": _tv(counts, len(correct), valid, tb),
+        "own_mass": report["own_mass"],
+        "tb_mass": report["tb_mass"],
+        "length": statistics.fmean(lengths.elements()) if correct else math.nan,
+        "own_length": sum(p * n for p, n in zip(own, n_tokens, strict=True)),
+        "tb_length": sum(p * n for p, n in zip(tb, n_tokens, strict=True)),
+        "lengths": _share(lengths),
+        "own_lengths": _dist_lengths(own, n_tokens),
+        "tb_lengths": _dist_lengths(tb, n_tokens),
+    }
+
+
+def run_figures(records: list[dict], ks: tuple[int, ...] = (1, 4, 16, 64)) -> dict[str, float]:
+    """One run's figures on one split: means over its prompts' records. ``length`` averages
+    the prompts with a correct answer (nan if none); pass@k is the unbiased estimator."""
+    out = {f"pass@{k}": statistics.fmean(pass_at_k(r["n"], r["correct"], k) for r in records)
+           for k in ks if all(r["n"] >= k for r in records)}  # fmt: skip
+    for key in ("distinct", "coverage", "tv_own", "tv_tb", "own_mass", "tb_mass",
+                "own_length", "tb_length"):  # fmt: skip
+        out[key] = statistics.fmean(r[key] for r in records)
+    solved = [r for r in records if r["correct"]]
+    out["length"] = statistics.fmean(r["length"] for r in solved) if solved else math.nan
+    out["length_vs_own"] = (statistics.fmean(r["length"] - r["own_length"] for r in solved)
+                            if solved else math.nan)  # fmt: skip
+    return out
+
+
+def length_histogram(records: list[dict], key: str) -> dict[int, float]:
+    """The mean over prompts of one length distribution (``lengths``, ``own_lengths``,
+    ``tb_lengths``); prompts without correct answers are left out of ``lengths``."""
+    rows = [r[key] for r in records if r[key]]
+    out: Counter = Counter()
+    for row in rows:
+        for k, v in row.items():
+            out[int(k)] += v / len(rows)
+    return dict(sorted(out.items()))
