@@ -50,8 +50,11 @@ from flowrl_async.run.progress import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = {
-    "digits": ("flowrl_async.tasks.digits.DigitSumTask",
-               {"lengths": [2], "min_solutions": 5, "partial_credit": 0.5}, 8),
+    "digits": (
+        "flowrl_async.tasks.digits.DigitSumTask",
+        {"lengths": [2], "min_solutions": 5, "partial_credit": 0.5},
+        8,
+    ),
     "sums": ("flowrl_async.tasks.sums.DigitPartsTask", {"totals": [2, 3, 4, 5, 6, 7, 8]}, 16),
 }  # fmt: skip  (target, kwargs, generator.max_tokens: the longest answer and <eos> fit)
 TASK = TASKS["digits"][1]  # the staleness sweep's task
@@ -156,7 +159,7 @@ def run_one(task: str, name: str, variant: str, seed: int, a, overrides) -> dict
     record = {
         "task": task, "variant": name, "seed": seed, "steps": a.steps,
         "trained_groups": a.steps * cfg.learner.batch_groups,
-        "overrides": list(overrides), "target": dict(zip(("form", "beta"), own_form(cfg))),
+        "overrides": list(overrides), "target": dict(zip(("form", "beta"), own_form(cfg), strict=True)),
         "train_s": rows[-1]["time"],
         "wall_s": float(wall.read_text()) if wall.exists() else None,
         "last_fifth": {k: statistics.fmean(r[k] for r in tail)
@@ -216,66 +219,80 @@ def equal_time(results: dict[str, list[dict]]) -> tuple[float, dict[str, list[fl
 
 
 COLUMNS = ("pass@1", "pass@4", "pass@16", "pass@64", "distinct", "coverage", "tv_own",
-           "tv_tb", "own_mass", "length", "own_length")  # fmt: skip
+           "tv_tb", "own_mass", "tb_mass", "length", "own_length", "tb_length")  # fmt: skip
+NO_TARGET = ("tv_own", "own_mass", "own_length", "tb_mass")  # GRPO has no target, no β
 
 
 def cell(values: list[float]) -> str:
+    """mean ± std [95% t-interval] over seeds; — if no value."""
     values = [v for v in values if not math.isnan(v)]
     if not values:
         return "—"
     s = evidence.interval(values)
-    ci = "" if math.isnan(s["ci95"]) else f" ±{s['ci95']:.3f}"
-    return f"{s['mean']:.3f} ({s['std']:.3f}{ci})"
+    if math.isnan(s["ci95"]):
+        return f"{s['mean']:.3f}"
+    lo, hi = s["mean"] - s["ci95"], s["mean"] + s["ci95"]
+    return f"{s['mean']:.3f} ± {s['std']:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def markdown(header: tuple[str, ...], rows: list[tuple]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
 
 
 def report(task: str, folder: Path, docs: Path) -> dict:
+    """Markdown tables (mean ± std [95% interval] over seeds), summary.json beside the
+    records, and the figures in ``docs``."""
     results = load_records(folder)
     if not results:
         raise SystemExit(f"no records in {folder}")
     summary = {"task": task, "variants": {}}
-    print(f"\n## task {task}: mean (std ±95% CI half-width) over seeds")
     for split in [f"{s} T={t}" for s in ("train", "eval") for t in TEMPERATURES]:
         rows = []
         for name, recs in results.items():
             figs = figures(recs, split)
             cells = {c: [f.get(c, math.nan) for f in figs] for c in COLUMNS}
             if recs[0]["target"]["form"] == "sum" and not name.startswith(("flowrl", "vargrad")):
-                cells["tv_own"] = cells["own_mass"] = cells["own_length"] = []  # no target
-            rows.append((f"{name} ({len(recs)})", *(cell(cells[c]) for c in COLUMNS)))
+                cells.update({c: [] for c in NO_TARGET})
+            rows.append((name, len(recs), *(cell(cells[c]) for c in COLUMNS)))
             summary["variants"].setdefault(name, {})[split] = {
-                c: evidence.interval(v) for c, v in cells.items() if v and
-                not any(math.isnan(x) for x in v)}  # fmt: skip
-        print(f"\n{split.replace('eval', 'held-out')} prompts:")
-        print(_common.table(("variant (seeds)", *COLUMNS), rows, (24, *[20] * len(COLUMNS))))
+                c: evidence.interval(v) for c, v in cells.items()
+                if v and not any(math.isnan(x) for x in v)}  # fmt: skip
+        print(f"\n{task}, {split.replace('eval', 'held-out')} prompts:\n")
+        print(markdown(("variant", "seeds", *COLUMNS), rows))
     w, acc_at_w = equal_time(results)
-    print(f"\nequal wall time: eval accuracy (16 samples/train prompt, T=1) by {w:.0f} s of "
-          "training, and training time per run:")  # fmt: skip
+    print(f"\n{task}, equal training time: in-training eval accuracy (16 samples per train "
+          f"prompt, T = 1) by {w:.0f} s, the shortest variant's median training time:\n")  # fmt: skip
     rows = []
     for name, recs in results.items():
         train_s = [r["train_s"] for r in recs]
-        rows.append((name, cell(acc_at_w[name]), cell(train_s),
+        groups_s = [r["trained_groups"] / r["train_s"] for r in recs]
+        rows.append((name, len(recs), cell(acc_at_w[name]), cell(train_s), cell(groups_s),
                      cell([r["last_fifth"]["accuracy"] for r in recs])))  # fmt: skip
         summary["variants"][name]["equal_time"] = {
             "w_s": w, "accuracy": evidence.interval(acc_at_w[name]),
-            "train_s": evidence.interval(train_s)}  # fmt: skip
-    print(_common.table(("variant", f"acc by {w:.0f}s", "train s", "train acc (last 5th)"),
-                        rows, (24, 20, 20, 20)))  # fmt: skip
+            "train_s": evidence.interval(train_s),
+            "groups_per_s": evidence.interval(groups_s)}  # fmt: skip
+    print(markdown(("variant", "seeds", f"accuracy by {w:.0f} s", "training s",
+                    "trained groups/s", "batch accuracy, last fifth"), rows))  # fmt: skip
     docs.mkdir(parents=True, exist_ok=True)
     (folder / "summary.json").write_text(json.dumps(_rounded(summary), indent=1))
-    plot(task, results, docs / f"evidence_{task}.png")
-    print(f"\nwrote {folder / 'summary.json'} and {docs / f'evidence_{task}.png'}")
+    pngs = plot(task, results, docs)
+    print(f"\nwrote {folder / 'summary.json'}, " + " and ".join(map(str, pngs)))
     return summary
 
 
-def plot(task: str, results: dict[str, list[dict]], out: Path) -> Path:
+def plot(task: str, results: dict[str, list[dict]], docs: Path) -> list[Path]:
+    """evidence_<task>.png (pass@k curves, accuracy over training time, distinct answers) and
+    evidence_<task>_lengths.png (each variant's correct answers' lengths against its own
+    target's and π_ref·exp(β r)/Z's, on the train prompts at T = 1)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 3, figsize=(17, 9))
-    for i, split in enumerate(("train T=1.0", "eval T=1.0")):
-        ax = axes[0][i]
+    fig, axes = plt.subplots(1, 4, figsize=(22, 4.8))
+    for ax, split in zip(axes, ("train T=1.0", "eval T=1.0"), strict=False):
         for name, recs in results.items():
             figs = figures(recs, split)
             means = [statistics.fmean(f[f"pass@{k}"] for f in figs) for k in KS]
@@ -284,29 +301,50 @@ def plot(task: str, results: dict[str, list[dict]], out: Path) -> Path:
             ax.errorbar(KS, means, yerr=sds, marker="o", capsize=3, label=name)
         ax.set(xscale="log", xticks=KS, xticklabels=[str(k) for k in KS], ylim=(0, 1.02),
                xlabel="k", title=f"pass@k, {split.replace('eval', 'held-out')} prompts")  # fmt: skip
-    ax = axes[0][2]
-    for name, recs in results.items():
-        curves = [[(c["time"], c["accuracy"]) for c in r["curve"]] for r in recs]
-        n = min(len(c) for c in curves)
-        ax.plot([statistics.fmean(c[j][0] for c in curves) for j in range(n)],
-                [statistics.fmean(c[j][1] for c in curves) for j in range(n)], marker=".",
-                label=name)  # fmt: skip
-    ax.set(xlabel="training time (s)", title="accuracy during training (train prompts)")
-    names = list(results)
-    for ax, name in zip(list(axes[1]) * 2, names[:3], strict=False):
-        recs = [p for r in results[name] for p in r["eval"]["train T=1.0"]]
-        for key, style in (("lengths", "-o"), ("own_lengths", "--"), ("tb_lengths", ":")):
-            h = evidence.length_histogram(recs, key)
-            ax.plot(list(h), list(h.values()), style, label=key.replace("lengths", "") or
-                    "policy's correct answers")  # fmt: skip
-        ax.set(xlabel="answer length (tokens, <eos> included)", title=f"{name}: lengths")
-    for ax in axes.flat:
+    for ax, key, title in (
+        (axes[2], "accuracy", "accuracy during training (train prompts)"),
+        (axes[3], "distinct", "distinct correct answers per prompt (of 16)"),
+    ):
+        for name, recs in results.items():
+            curves = [[(c["time"], c[key]) for c in r["curve"]] for r in recs]
+            n = min(len(c) for c in curves)
+            ax.plot([statistics.fmean(c[j][0] for c in curves) for j in range(n)],
+                    [statistics.fmean(c[j][1] for c in curves) for j in range(n)], marker=".",
+                    label=name)  # fmt: skip
+        ax.set(xlabel="training time (s), mean over seeds", title=title)
+    for ax in axes:
         ax.legend(fontsize=7)
-    fig.suptitle(f"task {task}")
+    fig.suptitle(f"task {task}: mean over seeds (error bars: std)")
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    main = docs / f"evidence_{task}.png"
+    fig.savefig(main, dpi=90)
     plt.close(fig)
-    return out
+    cols = 3
+    rows = (len(results) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(16, 4 * rows), squeeze=False)
+    for ax, (name, recs) in zip(axes.flat, results.items(), strict=False):
+        prompts = [p for r in recs for p in r["eval"]["train T=1.0"]]
+        for key, style, label in (("lengths", "-o", "policy's correct answers"),
+                                  ("own_lengths", "--", "its objective's target"),
+                                  ("tb_lengths", ":", "π_ref·exp(βr)/Z")):  # fmt: skip
+            if key == "own_lengths" and recs[0]["target"]["form"] == "sum":
+                continue  # the sum forms' own target is π_ref·exp(βr)/Z
+            h = evidence.length_histogram(prompts, key)
+            ax.plot(list(h), list(h.values()), style, label=label)
+        ax.set(
+            xlabel="answer length (tokens, <eos> included)",
+            ylabel="share",
+            title=f"{name} ({len(recs)} seeds)",
+        )
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(results) :]:
+        ax.axis("off")
+    fig.suptitle(f"task {task}: correct answers' lengths against the targets, train prompts")
+    fig.tight_layout()
+    lengths = docs / f"evidence_{task}_lengths.png"
+    fig.savefig(lengths, dpi=90)
+    plt.close(fig)
+    return [main, lengths]
 
 
 def main() -> None:
