@@ -1,92 +1,136 @@
-"""Staleness sweep: the paper's FlowRL at max_staleness 0, 1 and 4, with importance weights
-on (clipped, the default) and off (weight 1), same steps, batch and seeds.
+"""Importance weights under staleness: the paper's FlowRL at max_staleness 0 / 2 / 4 / 8 with
+the sequence IS weight clipped, masked (IcePop-style: ratios outside [0.5, 2] get weight 0)
+or off (weight 1), at a learning rate where policies move (3e-4), same steps and seeds.
 
-For each setting it prints the trained groups' mean staleness, the IS weight mean and
-effective sample size, the clip fraction, learner steps per second and the share of step
-time spent waiting for data, reward and accuracy over the last fifth of training, and the
-final policy's accuracy and distinct correct answers on the training prompts (64 samples,
-T = 1.0). Mean ± std over seeds.
+Per run it keeps a small JSON record (``--records``, in the repository:
+docs/evidence/staleness/<task>-lr<lr>/): the trained groups' mean staleness, the IS weight mean, the
+effective sample size of the raw weights (mean and the worst step), the clipped and masked
+fractions, learner steps/s and waiting share, whether the run collapsed, and the final
+policy's figures (``--samples`` per train and held-out prompt at T = 1). Staleness 0 runs
+once (clip): with no stale data every mode weighs 1. Finished records are skipped; an
+unfinished run starts over; ``--report`` prints the table from the records alone.
 
-    .venv/bin/python benchmarks/staleness_sweep.py --steps 300 --seeds 0 1 --out bench-out/stale
+Collapse: the batch reward's mean over the last 20 steps is below half the best 20-step mean
+the run reached (a policy that lost what it learned).
+
+    .venv/bin/python benchmarks/staleness_sweep.py --steps 250 --seeds 0 1 2
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import statistics
 from pathlib import Path
 
-from _common import table
-from flowrl_vs_grpo import TASK, evaluate_policy, mean_std
+from flowrl_vs_grpo import ROOT, _rounded, cell, config, evaluate_records, markdown
 
-from flowrl_async.config import TrainConfig
+from flowrl_async.run import evidence
 from flowrl_async.run.launch import train
 from flowrl_async.run.progress import read_metrics
 
-COLUMNS = ("stale", "IS mean", "ESS", "clipped", "steps/s", "wait", "reward", "acc",
-           "eval acc", "distinct")  # fmt: skip
+WINDOW = 20
 
 
-def config(staleness: int, is_mode: str, seed: int, steps: int, run_dir: Path,
-           lr: float) -> TrainConfig:  # fmt: skip
-    cfg = TrainConfig(run_dir=str(run_dir), seed=seed)
-    cfg.learner.lr = lr
-    cfg.task.kwargs = dict(TASK)
-    cfg.learner.steps, cfg.learner.checkpoint_every = steps, 10**6
-    cfg.replay.max_staleness, cfg.algo.is_mode = staleness, is_mode
-    return cfg
+def collapsed(rewards: list[float], window: int = WINDOW) -> bool:
+    """The last ``window`` steps' mean reward is below half the best ``window``-step mean."""
+    if len(rewards) < 2 * window:
+        return False
+    means = [statistics.fmean(rewards[i : i + window]) for i in range(len(rewards) - window + 1)]
+    return means[-1] < 0.5 * max(means)
 
 
-def measure(run_dir: Path, evaluation: dict) -> dict[str, float]:
+def settings(staleness: list[int], modes: list[str]) -> list[tuple[int, str]]:
+    return [(s, m) for s in staleness for m in (modes[:1] if s == 0 else modes)]
+
+
+def run_one(task: str, staleness: int, mode: str, seed: int, a) -> dict:
+    name = f"s{staleness}-{mode}-seed{seed}"
+    path = Path(a.records) / f"{task}-lr{a.lr:g}" / f"{name}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    run_dir = Path(a.out).resolve() / task / name
+    cfg = config(task, "flowrl", seed, a.steps, run_dir)
+    cfg.learner.lr, cfg.replay.max_staleness, cfg.algo.is_mode = a.lr, staleness, mode
+    if not (run_dir / "final_policy").exists():
+        shutil.rmtree(run_dir, ignore_errors=True)
+        train(cfg)
     rows = read_metrics(run_dir / "metrics.jsonl")
-    tail = rows[-max(len(rows) // 5, 1) :]
-    wall = rows[-1]["time"] - rows[0]["time"]
-    return {
-        "stale": statistics.mean(r["staleness_mean"] for r in rows),
-        "IS mean": statistics.mean(r["is_weight_mean"] for r in rows),
-        "ESS": statistics.mean(r["is_ess"] for r in rows),
-        "clipped": statistics.mean(r["is_clip_fraction"] for r in rows),
-        "steps/s": (len(rows) - 1) / wall,
+    rewards = [r["reward_mean"] for r in rows]
+    ev = evaluate_records(cfg, a.samples)
+    record = {
+        "task": task, "staleness": staleness, "is_mode": mode, "seed": seed, "lr": a.lr,
+        "steps": a.steps,
+        "stale": statistics.fmean(r["staleness_mean"] for r in rows),
+        "is_mean": statistics.fmean(r["is_weight_mean"] for r in rows),
+        "ess": statistics.fmean(r["is_ess"] for r in rows),
+        "ess_min": min(r["is_ess"] for r in rows),
+        "clipped": statistics.fmean(r["is_clip_fraction"] for r in rows),
+        "masked": statistics.fmean(r.get("is_masked_fraction", 0.0) for r in rows),
+        "steps_s": (len(rows) - 1) / (rows[-1]["time"] - rows[0]["time"]),
         "wait": sum(r["wait_s"] for r in rows) / sum(r["step_s"] for r in rows),
-        "reward": statistics.mean(r["reward_mean"] for r in tail),
-        "acc": statistics.mean(r["accuracy"] for r in tail),
-        "eval acc": evaluation["train"]["accuracy"],
-        "distinct": evaluation["train"]["distinct_correct"],
-    }
+        "collapsed": collapsed(rewards),
+        "reward_last": statistics.fmean(rewards[-WINDOW:]),
+        "reward_best": max(statistics.fmean(rewards[i : i + WINDOW])
+                           for i in range(len(rewards) - WINDOW + 1)),
+        "final": {split: evidence.run_figures(ev[f"{split} T=1.0"], (1, a.samples))
+                  for split in ("train", "eval")},
+    }  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(_rounded(record), indent=1))
+    tmp.replace(path)
+    return record
+
+
+COLUMNS = ("stale", "is_mean", "ess", "ess_min", "clipped", "masked", "steps_s", "wait")
+
+
+def report(folder: Path) -> None:
+    groups: dict[tuple, list[dict]] = {}
+    for path in sorted(folder.glob("s*-seed*.json")):
+        r = json.loads(path.read_text())
+        groups.setdefault((r["staleness"], r["is_mode"]), []).append(r)
+    if not groups:
+        raise SystemExit(f"no records in {folder}")
+    rows = []
+    for (staleness, mode), recs in sorted(groups.items()):
+        acc = [r["final"]["train"]["pass@1"] for r in recs]
+        held = [r["final"]["eval"]["pass@1"] for r in recs]
+        distinct = [r["final"]["train"]["distinct"] for r in recs]
+        rows.append((f"{staleness}", mode, len(recs),
+                     *(cell([_num(r[c]) for r in recs]) for c in COLUMNS),
+                     f"{sum(r['collapsed'] for r in recs)}/{len(recs)}",
+                     cell(acc), cell(held), cell(distinct)))  # fmt: skip
+    print(markdown(("max staleness", "IS", "seeds", *COLUMNS, "collapsed", "final accuracy",
+                    "held-out accuracy", "distinct"), rows))  # fmt: skip
+
+
+def _num(x) -> float:
+    return math.nan if x is None else float(x)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--staleness", type=int, nargs="+", default=[0, 1, 4])
-    p.add_argument("--is-modes", nargs="+", default=["clip", "off"])
+    p.add_argument("--task", default="digits", choices=("digits", "sums"))
+    p.add_argument("--steps", type=int, default=250)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--staleness", type=int, nargs="+", default=[0, 2, 4, 8])
+    p.add_argument("--is-modes", nargs="+", default=["clip", "mask", "off"])
+    p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--samples", type=int, default=64)
-    p.add_argument("--lr", type=float, default=TrainConfig().learner.lr)
-    p.add_argument("--out", default="bench-out/staleness_sweep")
+    p.add_argument("--out", default="bench-out/staleness")
+    p.add_argument("--records", default=str(ROOT / "docs/evidence/staleness"))
+    p.add_argument("--report", action="store_true", help="the table from the records only")
     a = p.parse_args()
-    out = Path(a.out).resolve()
-    results: dict[str, list[dict]] = {}
-    for seed in a.seeds:
-        for staleness in a.staleness:
-            for is_mode in a.is_modes:
-                run_dir = out / f"s{staleness}-{is_mode}-seed{seed}"
-                if not (run_dir / "eval-train" / "eval.json").exists():  # resumable (T=1.0)
-                    shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run starts over
-                    train(config(staleness, is_mode, seed, a.steps, run_dir, a.lr))
-                    evaluate_policy(run_dir, a.samples, seed)
-                ev = {s: json.loads((run_dir / f"eval-{s}" / "eval.json").read_text())
-                      for s in ("train", "eval")}  # fmt: skip
-                key = f"staleness {staleness}, IS {is_mode}"
-                results.setdefault(key, []).append(measure(run_dir, ev))
-    rows = [(key, *(mean_std([r[c] for r in runs]) for c in COLUMNS))
-            for key, runs in results.items()]  # fmt: skip
-    print(f"\nFlowRL (paper), {a.steps} steps, lr {a.lr}, seeds {a.seeds}; mean ± std over seeds")
-    print(table(("setting", *COLUMNS), rows, (24, *[15] * len(COLUMNS))))
-    (out / "results.json").write_text(json.dumps({"args": vars(a), "results": results}, indent=2))
-    print(f"\nwrote {out / 'results.json'}")
+    if not a.report:
+        for seed in a.seeds:
+            for staleness, mode in settings(a.staleness, a.is_modes):
+                run_one(a.task, staleness, mode, seed, a)
+    print(f"\nFlowRL (paper) on {a.task}, lr {a.lr}: mean ± std [95% interval] over seeds\n")
+    report(Path(a.records) / f"{a.task}-lr{a.lr:g}")
 
 
 if __name__ == "__main__":
