@@ -8,7 +8,9 @@ import sys
 import time
 from pathlib import Path
 
-CURVES = ("reward_mean", "accuracy", "distinct_correct", "loss", "entropy", "staleness_mean")
+CURVES = ("reward_mean", "accuracy", "distinct_correct", "loss", "entropy", "staleness_mean",
+          "eval_accuracy", "eval_distinct_correct", "eval_coverage")  # fmt: skip
+EVAL_FIGURES = ("accuracy", "distinct_correct", "coverage")  # periodic evaluation (eval_*)
 
 
 class MetricsLog:
@@ -79,10 +81,11 @@ def plot_curves(rows: list[dict], out: Path, title: str = "") -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 3, figsize=(12, 6), constrained_layout=True)
-    steps = [r["step"] for r in rows]
-    for ax, key in zip(axes.flat, CURVES, strict=True):
-        ax.plot(steps, [r.get(key, float("nan")) for r in rows], lw=1)
+    fig, axes = plt.subplots(3, 3, figsize=(12, 9), constrained_layout=True)
+    for ax, key in zip(axes.flat, CURVES, strict=True):  # eval_*: the steps that evaluated
+        points = [(r["step"], r[key]) for r in rows if key in r]
+        ax.plot([p[0] for p in points], [p[1] for p in points], lw=1,
+                marker="." if key.startswith("eval_") else None)  # fmt: skip
         ax.set_title(key)
         ax.set_xlabel("learner step")
         ax.grid(alpha=0.3)
@@ -102,7 +105,13 @@ def summarize(history: list[dict]) -> dict:
     def mean(rows, key):
         return sum(r[key] for r in rows) / len(rows)
 
+    evals = [r for r in history if "eval_accuracy" in r]
+    figures = {}  # the first and the last periodic evaluation (coverage: enumerable tasks)
+    for end, row in (("first", evals[0]), ("last", evals[-1])) if evals else ():
+        figures.update({f"eval_{key}_{end}": row[f"eval_{key}"] for key in EVAL_FIGURES
+                        if f"eval_{key}" in row})  # fmt: skip
     return {
+        **figures,
         "reward_first": mean(first, "reward_mean"),
         "reward_last": mean(last, "reward_mean"),
         "accuracy_first": mean(first, "accuracy"),
@@ -128,6 +137,18 @@ def print_summary(s: dict) -> None:
             "distinct correct / group",
             f"{s.get('distinct_correct_first', 0):.2f} → {s.get('distinct_correct_last', 0):.2f}",
         ),
+        *[
+            (
+                f"evaluation: {label} (first → last)",
+                f"{s[f'eval_{key}_first']:.3f} → {s[f'eval_{key}_last']:.3f}",
+            )
+            for key, label in (
+                ("accuracy", "accuracy"),
+                ("distinct_correct", "distinct correct / prompt"),
+                ("coverage", "coverage of the valid set"),
+            )
+            if f"eval_{key}_first" in s
+        ],  # fmt: skip
         (
             "learner waiting for data",
             f"{100 * s.get('learner_wait_fraction', 0):.0f}% of step time",
