@@ -32,11 +32,13 @@ tables, ``summary.json`` and the figures from the records alone.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import shutil
 import statistics
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import _common  # noqa: F401 - one thread per process, before torch
@@ -108,8 +110,18 @@ def own_form(cfg: TrainConfig) -> tuple[str, float]:
     return (cfg.algo.residual if trains_tb else "sum"), float(cfg.algo.beta)
 
 
-def evaluate_records(cfg: TrainConfig, samples: int) -> dict:
-    """{"train T=1.0": [prompt records], ...} for the run's final policy."""
+def settings_id(cfg: TrainConfig, **extra) -> str:
+    """A short hash of everything that sets a run apart but its seed and folder: records and
+    run folders made with other settings are never taken for this run's."""
+    settings = asdict(cfg)
+    settings.pop("run_dir"), settings.pop("seed")
+    blob = json.dumps({"cfg": settings, **extra}, sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+def evaluate_records(cfg: TrainConfig, samples: int, temperatures=TEMPERATURES) -> dict:
+    """{"train T=1.0": [prompt records], ...} for the run's final policy; π_ref is the run's
+    init_model at the run's sampling temperature."""
     from flowrl_async.actors.generator import SampleSpec, build_generator
     from flowrl_async.model import load_policy, load_tokenizer
     from flowrl_async.run.evaluate import reference_draws
@@ -120,15 +132,16 @@ def evaluate_records(cfg: TrainConfig, samples: int) -> dict:
     task = load_task(cfg.task.target, **cfg.task.kwargs)
     form, beta = own_form(cfg)
     ref_model, ref_tok = load_policy(run_dir / "init_model"), load_tokenizer(run_dir / "init_model")
-    draw = reference_draws(ref_model, ref_tok, REF_DRAWS, 1.0, cfg.generator.max_tokens)
-    reference = Reference(ref_model, ref_tok, form, beta, 1.0, draw)
+    temperature = cfg.generator.temperature
+    draw = reference_draws(ref_model, ref_tok, REF_DRAWS, temperature, cfg.generator.max_tokens)
+    reference = Reference(ref_model, ref_tok, form, beta, temperature, draw)
     gen = build_generator("torch", str(run_dir / "final_policy"), cfg.seed, 256, "float32")
     tok = load_tokenizer(run_dir / "final_policy")
     out = {}
     for split, prompts in (("train", task.train_prompts), ("eval", task.eval_prompts)):
         reports = [reference_report(reference, task, p, task.valid_set(p)) for p in prompts]
         ids = [tok(p.text)["input_ids"] for p in prompts]
-        for t in TEMPERATURES:
+        for t in temperatures:
             spec = SampleSpec(samples, t, 1.0, cfg.generator.max_tokens, cfg.seed)
             records = []
             for prompt, group, report in zip(prompts, gen.generate(ids, spec), reports,
@@ -143,13 +156,23 @@ def evaluate_records(cfg: TrainConfig, samples: int) -> dict:
 
 
 def run_one(task: str, name: str, variant: str, seed: int, a, overrides) -> dict:
-    record_path = Path(a.records) / task / f"{name}-seed{seed}.json"
-    if record_path.exists():
-        return json.loads(record_path.read_text())
     run_dir = Path(a.out).resolve() / task / f"{name}-seed{seed}"
     cfg = config(task, variant, seed, a.steps, run_dir, overrides)
-    if not (run_dir / "final_policy").exists():  # an unfinished run starts over
+    sid = settings_id(cfg, samples=a.samples, draws=REF_DRAWS, temperatures=TEMPERATURES)
+    record_path = Path(a.records) / task / f"{name}-seed{seed}.json"
+    if record_path.exists():
+        record = json.loads(record_path.read_text())
+        if record.get("settings") != sid:
+            raise SystemExit(f"{record_path} was made with other settings "
+                             f"({record.get('settings')}, these are {sid}): give another "
+                             "--tag or --records")  # fmt: skip
+        return record
+    marker = run_dir / "bench_settings"
+    done = (run_dir / "final_policy").exists() and marker.exists() and marker.read_text() == sid
+    if not done:  # an unfinished run, or one made with other settings, starts over
         shutil.rmtree(run_dir, ignore_errors=True)
+        run_dir.mkdir(parents=True)
+        marker.write_text(sid)
         t0 = time.time()
         train(cfg)
         (run_dir / "bench_wall_s").write_text(f"{time.time() - t0:.1f}")
@@ -157,8 +180,9 @@ def run_one(task: str, name: str, variant: str, seed: int, a, overrides) -> dict
     tail = rows[-max(len(rows) // 5, 1) :]
     wall = run_dir / "bench_wall_s"
     record = {
-        "task": task, "variant": name, "seed": seed, "steps": a.steps,
-        "trained_groups": a.steps * cfg.learner.batch_groups,
+        "task": task, "variant": name, "seed": seed, "settings": sid,
+        "steps": cfg.learner.steps,
+        "trained_groups": cfg.learner.steps * cfg.learner.batch_groups,
         "overrides": list(overrides), "target": dict(zip(("form", "beta"), own_form(cfg), strict=True)),
         "train_s": rows[-1]["time"],
         "wall_s": float(wall.read_text()) if wall.exists() else None,
@@ -192,11 +216,15 @@ def _nan(x):
 
 
 def load_records(folder: Path) -> dict[str, list[dict]]:
-    """Records by variant name, seeds in order."""
+    """Records by variant name, seeds in order; a variant's records must share settings."""
     out: dict[str, list[dict]] = {}
     for path in sorted(folder.glob("*-seed*.json")):
         rec = json.loads(path.read_text())
         out.setdefault(rec["variant"], []).append(rec)
+    for name, recs in out.items():
+        if len({r.get("settings") for r in recs}) > 1:
+            raise SystemExit(f"{folder}: the records of {name} were made with different "
+                             "settings; keep one set of settings per variant name")  # fmt: skip
     return {k: sorted(v, key=lambda r: r["seed"]) for k, v in out.items()}
 
 
@@ -207,32 +235,44 @@ def figures(recs: list[dict], split: str) -> list[dict]:
             for r in recs]  # fmt: skip
 
 
+def at_time(curve: list[dict], w: float) -> float:
+    """A run's in-training eval accuracy at training time ``w``, linear between evaluations
+    (the first evaluation's value before it)."""
+    points = [(c["time"], c["accuracy"]) for c in curve]
+    if not points or w < points[0][0]:
+        return points[0][1] if points else math.nan
+    for (t0, a0), (t1, a1) in zip(points, points[1:], strict=False):
+        if t0 <= w <= t1:
+            return a0 + (a1 - a0) * (w - t0) / (t1 - t0) if t1 > t0 else a1
+    return points[-1][1]
+
+
 def equal_time(results: dict[str, list[dict]]) -> tuple[float, dict[str, list[float]]]:
-    """The shortest variant's median training time W, and per variant and seed the last
-    in-training eval accuracy reached by W."""
-    w = min(statistics.median(r["train_s"] for r in recs) for recs in results.values())
-    out = {}
-    for name, recs in results.items():
-        out[name] = [max((c for c in r["curve"] if c["time"] <= w), key=lambda c: c["time"],
-                         default={"accuracy": math.nan})["accuracy"] for r in recs]  # fmt: skip
-    return w, out
+    """W, the shortest run's last evaluation time, and per variant and seed the in-training
+    eval accuracy at W (interpolated; the periodic evaluations' pauses count as time, the
+    same share for every variant)."""
+    w = min(r["curve"][-1]["time"] for recs in results.values() for r in recs if r["curve"])
+    return w, {name: [at_time(r["curve"], w) for r in recs] for name, recs in results.items()}
 
 
-COLUMNS = ("pass@1", "pass@4", "pass@16", "pass@64", "distinct", "coverage", "tv_own",
-           "tv_tb", "own_mass", "tb_mass", "length", "own_length", "tb_length")  # fmt: skip
-NO_TARGET = ("tv_own", "own_mass", "own_length", "tb_mass")  # GRPO has no target, no β
+MAIN = ("pass@1", "pass@4", "pass@16", "pass@64", "distinct", "coverage")
+SHAPE = ("tv_own", "tv_own_floor", "tv_tb", "tv_tb_floor", "own_mass", "tb_mass", "length",
+         "own_length", "tb_length")  # fmt: skip
+NO_TARGET = ("tv_own", "tv_own_floor", "own_mass", "own_length", "tb_mass")  # GRPO: no target
 
 
-def cell(values: list[float]) -> str:
-    """mean ± std [95% t-interval] over seeds; — if no value."""
+def cell(values: list[float], seeds: int | None = None) -> str:
+    """mean ± std [95% t-interval] over seeds (n=k where only k of ``seeds`` have a value:
+    a distance needs a solved prompt); — if none."""
     values = [v for v in values if not math.isnan(v)]
     if not values:
         return "—"
     s = evidence.interval(values)
+    some = f" (n={len(values)})" if seeds is not None and len(values) < seeds else ""
     if math.isnan(s["ci95"]):
-        return f"{s['mean']:.3f}"
+        return f"{s['mean']:.3f}{some}"
     lo, hi = s["mean"] - s["ci95"], s["mean"] + s["ci95"]
-    return f"{s['mean']:.3f} ± {s['std']:.3f} [{lo:.3f}, {hi:.3f}]"
+    return f"{s['mean']:.3f} ± {s['std']:.3f} [{lo:.3f}, {hi:.3f}]{some}"
 
 
 def markdown(header: tuple[str, ...], rows: list[tuple]) -> str:
@@ -248,21 +288,27 @@ def report(task: str, folder: Path, docs: Path) -> dict:
         raise SystemExit(f"no records in {folder}")
     summary = {"task": task, "variants": {}}
     for split in [f"{s} T={t}" for s in ("train", "eval") for t in TEMPERATURES]:
-        rows = []
+        tables = {"main": [], "shape": []}
         for name, recs in results.items():
             figs = figures(recs, split)
-            cells = {c: [f.get(c, math.nan) for f in figs] for c in COLUMNS}
+            cells = {c: [f.get(c, math.nan) for f in figs] for c in MAIN + SHAPE}
             if recs[0]["target"]["form"] == "sum" and not name.startswith(("flowrl", "vargrad")):
                 cells.update({c: [] for c in NO_TARGET})
-            rows.append((name, len(recs), *(cell(cells[c]) for c in COLUMNS)))
+            for table, columns in (("main", MAIN), ("shape", SHAPE)):
+                tables[table].append((name, len(recs),
+                                      *(cell(cells[c], len(recs)) for c in columns)))  # fmt: skip
             summary["variants"].setdefault(name, {})[split] = {
-                c: evidence.interval(v) for c, v in cells.items()
-                if v and not any(math.isnan(x) for x in v)}  # fmt: skip
-        print(f"\n{task}, {split.replace('eval', 'held-out')} prompts:\n")
-        print(markdown(("variant", "seeds", *COLUMNS), rows))
+                c: evidence.interval(kept) for c, v in cells.items()
+                if (kept := [x for x in v if not math.isnan(x)])}  # fmt: skip
+        where = split.replace("eval", "held-out")
+        print(f"\n{task}, {where} prompts: pass@k, distinct correct answers, coverage\n")
+        print(markdown(("variant", "seeds", *MAIN), tables["main"]))
+        print(f"\n{task}, {where} prompts: distances to the targets (prompts with a correct "
+              "answer), the targets' shares on the valid set, lengths\n")  # fmt: skip
+        print(markdown(("variant", "seeds", *SHAPE), tables["shape"]))
     w, acc_at_w = equal_time(results)
     print(f"\n{task}, equal training time: in-training eval accuracy (16 samples per train "
-          f"prompt, T = 1) by {w:.0f} s, the shortest variant's median training time:\n")  # fmt: skip
+          f"prompt, T = 1) at {w:.0f} s, the shortest run's last evaluation:\n")  # fmt: skip
     rows = []
     for name, recs in results.items():
         train_s = [r["train_s"] for r in recs]
@@ -273,7 +319,7 @@ def report(task: str, folder: Path, docs: Path) -> dict:
             "w_s": w, "accuracy": evidence.interval(acc_at_w[name]),
             "train_s": evidence.interval(train_s),
             "groups_per_s": evidence.interval(groups_s)}  # fmt: skip
-    print(markdown(("variant", "seeds", f"accuracy by {w:.0f} s", "training s",
+    print(markdown(("variant", "seeds", f"accuracy at {w:.0f} s", "training s",
                     "trained groups/s", "batch accuracy, last fifth"), rows))  # fmt: skip
     docs.mkdir(parents=True, exist_ok=True)
     (folder / "summary.json").write_text(json.dumps(_rounded(summary), indent=1))
@@ -295,10 +341,11 @@ def plot(task: str, results: dict[str, list[dict]], docs: Path) -> list[Path]:
     for ax, split in zip(axes, ("train T=1.0", "eval T=1.0"), strict=False):
         for name, recs in results.items():
             figs = figures(recs, split)
-            means = [statistics.fmean(f[f"pass@{k}"] for f in figs) for k in KS]
+            ks = [k for k in KS if all(f"pass@{k}" in f for f in figs)]
+            means = [statistics.fmean(f[f"pass@{k}"] for f in figs) for k in ks]
             sds = [statistics.stdev(f[f"pass@{k}"] for f in figs) if len(figs) > 1 else 0
-                   for k in KS]  # fmt: skip
-            ax.errorbar(KS, means, yerr=sds, marker="o", capsize=3, label=name)
+                   for k in ks]  # fmt: skip
+            ax.errorbar(ks, means, yerr=sds, marker="o", capsize=3, label=name)
         ax.set(xscale="log", xticks=KS, xticklabels=[str(k) for k in KS], ylim=(0, 1.02),
                xlabel="k", title=f"pass@k, {split.replace('eval', 'held-out')} prompts")  # fmt: skip
     for ax, key, title in (

@@ -7,7 +7,7 @@ docs/evidence/staleness/<task>-lr<lr>/): the trained groups' mean staleness, the
 effective sample size of the raw weights (mean and the worst step), the clipped and masked
 fractions, learner steps/s and waiting share, whether the run collapsed, and the final
 policy's figures (``--samples`` per train and held-out prompt at T = 1). Staleness 0 runs
-once (clip): with no stale data every mode weighs 1. Finished records are skipped; an
+once, with the first of ``--is-modes``: with no stale data every mode weighs 1. Finished records are skipped; an
 unfinished run starts over; ``--report`` prints the table from the records alone.
 
 Collapse: the batch reward's mean over the last 20 steps is below half the best 20-step mean
@@ -25,7 +25,7 @@ import shutil
 import statistics
 from pathlib import Path
 
-from flowrl_vs_grpo import ROOT, _rounded, cell, config, evaluate_records, markdown
+from flowrl_vs_grpo import ROOT, _rounded, cell, config, evaluate_records, markdown, settings_id
 
 from flowrl_async.run import evidence
 from flowrl_async.run.launch import train
@@ -48,20 +48,32 @@ def settings(staleness: list[int], modes: list[str]) -> list[tuple[int, str]]:
 
 def run_one(task: str, staleness: int, mode: str, seed: int, a) -> dict:
     name = f"s{staleness}-{mode}-seed{seed}"
-    path = Path(a.records) / f"{task}-lr{a.lr:g}" / f"{name}.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    run_dir = Path(a.out).resolve() / task / name
+    run_dir = Path(a.out).resolve() / f"{task}-lr{a.lr:g}" / name
     cfg = config(task, "flowrl", seed, a.steps, run_dir)
     cfg.learner.lr, cfg.replay.max_staleness, cfg.algo.is_mode = a.lr, staleness, mode
-    if not (run_dir / "final_policy").exists():
+    cfg.evaluation.every = 0  # no pauses of actor 1: the throughput figures are the run's own
+    sid = settings_id(cfg, samples=a.samples)
+    path = Path(a.records) / f"{task}-lr{a.lr:g}" / f"{name}.json"
+    if path.exists():
+        record = json.loads(path.read_text())
+        if record.get("settings") != sid:
+            raise SystemExit(f"{path} was made with other settings: give another --records")
+        return record
+    marker = run_dir / "bench_settings"
+    if not ((run_dir / "final_policy").exists() and marker.exists()
+            and marker.read_text() == sid):  # fmt: skip
         shutil.rmtree(run_dir, ignore_errors=True)
+        run_dir.mkdir(parents=True)
+        marker.write_text(sid)
         train(cfg)
     rows = read_metrics(run_dir / "metrics.jsonl")
     rewards = [r["reward_mean"] for r in rows]
-    ev = evaluate_records(cfg, a.samples)
+    ev = evaluate_records(cfg, a.samples, temperatures=(1.0,))
+    windows = [statistics.fmean(rewards[i : i + WINDOW])
+               for i in range(max(len(rewards) - WINDOW + 1, 1))]  # fmt: skip
     record = {
         "task": task, "staleness": staleness, "is_mode": mode, "seed": seed, "lr": a.lr,
+        "settings": sid,
         "steps": a.steps,
         "stale": statistics.fmean(r["staleness_mean"] for r in rows),
         "is_mean": statistics.fmean(r["is_weight_mean"] for r in rows),
@@ -73,8 +85,7 @@ def run_one(task: str, staleness: int, mode: str, seed: int, a) -> dict:
         "wait": sum(r["wait_s"] for r in rows) / sum(r["step_s"] for r in rows),
         "collapsed": collapsed(rewards),
         "reward_last": statistics.fmean(rewards[-WINDOW:]),
-        "reward_best": max(statistics.fmean(rewards[i : i + WINDOW])
-                           for i in range(len(rewards) - WINDOW + 1)),
+        "reward_best": max(windows),
         "final": {split: evidence.run_figures(ev[f"{split} T=1.0"], (1, a.samples))
                   for split in ("train", "eval")},
     }  # fmt: skip

@@ -1,12 +1,13 @@
-"""The accuracy each trajectory-balance objective's optimum has, before any training.
+"""The accuracy at convergence of each trajectory-balance objective, before any training.
 
 An objective that converges to π ∝ π_ref·exp(β r) (the sum forms, VarGrad) puts
 e^β·Z_valid / (e^β·Z_valid + Z_rest) of its mass on correct answers (Z: π_ref's mass,
 weighted by exp(β r) outside the valid set); the mean form's optimum π_ref·exp(|y|(β r − c))
 tilts by length as well. With π_ref the format warm-started built-in model (the π_ref of
 every run of benchmarks/flowrl_vs_grpo.py with that seed), this prints that share, averaged
-over the training prompts, for each form and β: a ceiling on the pass@1 a run of that
-objective can reach, whatever its optimiser, and the mean correct-answer length there.
+over the training prompts, for each form and β: the pass@1 a run of that objective has once
+it reaches its target (a run on its way there may pass it), and the mean correct-answer
+length there.
 
     .venv/bin/python benchmarks/target_ceiling.py --tasks digits sums --seeds 0 1 2
 """
@@ -39,7 +40,12 @@ def ceilings(task_name: str, seed: int, betas, out: Path) -> dict[tuple[str, flo
     task = load_task(cfg.task.target, **cfg.task.kwargs)
     draw = reference_draws(model, tok, REF_DRAWS, 1.0, cfg.generator.max_tokens)
     cache = {}
-    draw_once = lambda ids: cache.setdefault(tuple(ids), draw(ids))  # noqa: E731
+
+    def draw_once(ids):  # one set of π_ref's draws per prompt for every form and β
+        if tuple(ids) not in cache:
+            cache[tuple(ids)] = draw(ids)
+        return cache[tuple(ids)]
+
     out_rows = {}
     for form in ("sum", "mean"):
         for beta in betas:

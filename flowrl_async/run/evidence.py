@@ -6,9 +6,16 @@ can be rebuilt from the records without the run directories:
     n, correct            samples and correct ones (pass@k for any k <= n)
     distinct, coverage    distinct correct answers; their share of the valid set
     tv_own, tv_tb         TV distance of the correct answers' distribution to the objective's
-                          own target and to π_ref·exp(β r)/Z, both on the valid set
+                          own target and to π_ref·exp(β r)/Z, both on the valid set (None
+                          for a prompt with no correct answer). On the valid set every answer
+                          has the full reward, so π_ref·exp(β r)/Z there is π_ref renormalised,
+                          whatever β: tv_tb and tb_length compare every objective alike
+    tv_own_floor, tv_tb_floor   the expected TV of as many samples drawn from the target
+                          itself: what a policy equal to the target would score (few correct
+                          samples spread over many answers are far from any distribution)
     own_mass, tb_mass     each target's share on the valid set: the accuracy its optimum has
-    length                mean token length (<eos> included) of the correct answers
+    length                mean token length (<eos> included) of the correct answers, each
+                          counted at its valid spelling's length
     own_length, tb_length the same under each target (restricted to the valid set)
     lengths, own_lengths, tb_lengths   the three length distributions, {length: share}
 """
@@ -16,30 +23,31 @@ can be rebuilt from the records without the run directories:
 from __future__ import annotations
 
 import math
+import random
 import statistics
 from collections import Counter
 
 from flowrl_async.tasks.scoring import pass_at_k
 
-# two-sided 97.5% quantiles of Student's t for 1..10 degrees of freedom, then 30
-_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
-         9: 2.262, 10: 2.228, 30: 2.042}  # fmt: skip
+# Student's t 0.975 quantiles (a two-sided 95% interval) for 1..30 degrees of freedom
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+         2.060, 2.056, 2.052, 2.048, 2.045, 2.042)  # fmt: skip
+FLOOR_DRAWS = 200  # Monte Carlo draws of the expected TV of a sample of the target
 
 
 def t_quantile(df: int) -> float:
-    """Student's t 0.975 quantile for ``df`` degrees of freedom (table; 1.96 past 30)."""
+    """Student's t 0.975 quantile for ``df`` degrees of freedom (past 30: 30's, wider)."""
     if df < 1:
         raise ValueError("a confidence interval needs at least 2 values")
-    if df in _T975:
-        return _T975[df]
-    return _T975[30] if df <= 30 else 1.96  # 11..30 rounded up to the conservative 30's
+    return _T975[min(df, 30) - 1]
 
 
 def interval(values: list[float]) -> dict:
     """Mean, sample std and the 95% t-interval's half-width over ``values`` (one per seed)."""
     mean = statistics.fmean(values)
     if len(values) < 2:
-        return {"mean": mean, "std": 0.0, "ci95": math.nan, "n": len(values)}
+        return {"mean": mean, "std": math.nan, "ci95": math.nan, "n": len(values)}
     std = statistics.stdev(values)
     return {"mean": mean, "std": std, "ci95": t_quantile(len(values) - 1) * std /
             math.sqrt(len(values)), "n": len(values)}  # fmt: skip
@@ -59,8 +67,21 @@ def _dist_lengths(probs: list[float], lengths: list[int]) -> dict[str, float]:
 
 def _tv(counts: Counter, total: int, valid: tuple[str, ...], probs: list[float]) -> float:
     if total == 0:
-        return 1.0
+        return math.nan
     return 0.5 * sum(abs(counts.get(v, 0) / total - p) for v, p in zip(valid, probs, strict=True))
+
+
+def tv_floor(probs: list[float], n: int, draws: int = FLOOR_DRAWS, seed: int = 0) -> float:
+    """The expected TV distance between ``probs`` and the empirical distribution of ``n``
+    samples drawn from it (Monte Carlo, seeded); nan for n = 0."""
+    if n == 0:
+        return math.nan
+    rng, items = random.Random(seed), range(len(probs))
+    total = 0.0
+    for _ in range(draws):
+        counts = Counter(rng.choices(items, weights=probs, k=n))
+        total += 0.5 * sum(abs(counts.get(i, 0) / n - p) for i, p in enumerate(probs))
+    return total / draws
 
 
 def prompt_record(answers: list[str | None], valid: tuple[str, ...], report: dict) -> dict:
@@ -78,6 +99,8 @@ def prompt_record(answers: list[str | None], valid: tuple[str, ...], report: dic
         "coverage": len(counts) / len(valid),
         "tv_own": _tv(counts, len(correct), valid, own),
         "tv_tb": _tv(counts, len(correct), valid, tb),
+        "tv_own_floor": tv_floor(own, len(correct)),
+        "tv_tb_floor": tv_floor(tb, len(correct)),
         "own_mass": report["own_mass"],
         "tb_mass": report["tb_mass"],
         "length": statistics.fmean(lengths.elements()) if correct else math.nan,
@@ -90,14 +113,17 @@ def prompt_record(answers: list[str | None], valid: tuple[str, ...], report: dic
 
 
 def run_figures(records: list[dict], ks: tuple[int, ...] = (1, 4, 16, 64)) -> dict[str, float]:
-    """One run's figures on one split: means over its prompts' records. ``length`` averages
-    the prompts with a correct answer (nan if none); pass@k is the unbiased estimator."""
+    """One run's figures on one split: means over its prompts' records. The distances and
+    ``length`` average the prompts with a correct answer (nan if none); pass@k is the
+    unbiased estimator."""
     out = {f"pass@{k}": statistics.fmean(pass_at_k(r["n"], r["correct"], k) for r in records)
            for k in ks if all(r["n"] >= k for r in records)}  # fmt: skip
-    for key in ("distinct", "coverage", "tv_own", "tv_tb", "own_mass", "tb_mass",
-                "own_length", "tb_length"):  # fmt: skip
+    for key in ("distinct", "coverage", "own_mass", "tb_mass", "own_length", "tb_length"):
         out[key] = statistics.fmean(r[key] for r in records)
     solved = [r for r in records if r["correct"]]
+    for key in ("tv_own", "tv_tb", "tv_own_floor", "tv_tb_floor"):
+        values = [r[key] for r in solved if key in r]  # records before the floors lack them
+        out[key] = statistics.fmean(values) if values else math.nan
     out["length"] = statistics.fmean(r["length"] for r in solved) if solved else math.nan
     out["length_vs_own"] = (statistics.fmean(r["length"] - r["own_length"] for r in solved)
                             if solved else math.nan)  # fmt: skip

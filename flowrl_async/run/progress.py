@@ -147,7 +147,7 @@ def print_summary(s: dict) -> None:
                 ("distinct_correct", "distinct correct / prompt"),
                 ("coverage", "coverage of the valid set"),
             )
-            if f"eval_{key}_first" in s
+            if f"eval_{key}_first" in s and f"eval_{key}_last" in s
         ],  # fmt: skip
         (
             "learner waiting for data",

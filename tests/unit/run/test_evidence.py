@@ -28,11 +28,19 @@ def test_a_prompt_record_counts_and_measures_against_both_targets():
     assert (rec["own_mass"], rec["tb_mass"]) == (0.9, 0.8)
 
 
-def test_a_prompt_with_no_correct_answer_is_at_distance_one():
+def test_a_prompt_with_no_correct_answer_has_no_distance():
     rec = evidence.prompt_record([None, None], VALID, REPORT)
     assert (rec["correct"], rec["distinct"], rec["coverage"]) == (0, 0, 0.0)
-    assert rec["tv_own"] == rec["tv_tb"] == 1.0
-    assert math.isnan(rec["length"])
+    assert math.isnan(rec["tv_own"]) and math.isnan(rec["tv_tb"])
+    assert math.isnan(rec["length"]) and math.isnan(rec["tv_own_floor"])
+
+
+def test_the_floor_is_the_expected_distance_of_a_sample_of_the_target():
+    assert evidence.tv_floor([1.0, 0.0], 5) == 0.0  # a point mass: every sample is exact
+    assert evidence.tv_floor([0.5, 0.5], 1) == pytest.approx(0.5, abs=1e-12)  # one-hot: 1/2
+    # two samples of (1/2, 1/2): both alike (TV 1/2) half the time, split (TV 0) otherwise
+    assert evidence.tv_floor([0.5, 0.5], 2, draws=4000) == pytest.approx(0.25, abs=0.02)
+    assert math.isnan(evidence.tv_floor([0.5, 0.5], 0))
 
 
 def test_run_figures_average_prompts_and_estimate_pass_at_k():
@@ -45,7 +53,7 @@ def test_run_figures_average_prompts_and_estimate_pass_at_k():
     assert f["distinct"] == 1.0 and f["coverage"] == pytest.approx(1 / 3, abs=1e-12)
     assert f["length"] == pytest.approx(8 / 3, abs=1e-12)  # the solved prompt only
     assert f["length_vs_own"] == pytest.approx(8 / 3 - 3.5, abs=1e-12)
-    assert f["tv_own"] == pytest.approx((0.25 + 1.0) / 2, abs=1e-12)
+    assert f["tv_own"] == pytest.approx(0.25, abs=1e-12)  # the solved prompt only
 
 
 def test_interval_is_the_t_interval_over_seeds():
@@ -55,6 +63,7 @@ def test_interval_is_the_t_interval_over_seeds():
     five = evidence.interval([0.0, 0.0, 0.0, 0.0, 1.0])  # std sqrt(0.2), t(4) = 2.776
     assert five["ci95"] == pytest.approx(2.776 * math.sqrt(0.2) / math.sqrt(5), abs=1e-12)
     assert math.isnan(evidence.interval([1.0])["ci95"])
+    assert evidence.t_quantile(11) == 2.201 and evidence.t_quantile(40) == 2.042
     with pytest.raises(ValueError):
         evidence.t_quantile(0)
 
@@ -80,6 +89,14 @@ def test_the_mean_forms_share_is_the_sum_forms_at_length_times_beta():
     assert one == pytest.approx(0.9 / 1.4, abs=1e-9)
     two = valid_mass(LOGPS, [2, 2], INSIDE_R, "mean", math.log(3), [(2, 0.0), (2, 0.0)], 4)
     assert two == pytest.approx(2.7 / 3.2, abs=1e-9)  # e^(2β) = 9: 1.8 + 0.9 vs 0.5
+
+
+def test_the_mean_forms_normaliser_weighs_each_length():
+    # one valid answer (π_ref 1/2, 1 token, e^β = 3.5) and half the mass outside at 2 tokens:
+    # 1.75·e^(-c) + 0.5·e^(-2c) = 1 at c = log 2, so the valid share is 1.75 / 2 = 0.875
+    # (a normaliser outside the length factor, m + nβr − c, would give 0.778)
+    m = valid_mass([math.log(0.5)], [1], [1.0], "mean", math.log(3.5), [(2, 0.0)], 2)
+    assert m == pytest.approx(0.875, abs=1e-9)
 
 
 def test_the_share_needs_draws_of_pi_ref():
