@@ -120,8 +120,9 @@ def settings_id(cfg: TrainConfig, **extra) -> str:
 
 
 def evaluate_records(cfg: TrainConfig, samples: int, temperatures=TEMPERATURES) -> dict:
-    """{"train T=1.0": [prompt records], ...} for the run's final policy; π_ref is the run's
-    init_model at the run's sampling temperature."""
+    """({"train T=1.0": [prompt records], ...}, {"train": [each prompt's targets over its
+    valid set, in task.valid_set's order, and the answers' lengths], "eval": ...}) for the
+    run's final policy; π_ref is the run's init_model at the run's sampling temperature."""
     from flowrl_async.actors.generator import SampleSpec, build_generator
     from flowrl_async.model import load_policy, load_tokenizer
     from flowrl_async.run.evaluate import reference_draws
@@ -137,9 +138,11 @@ def evaluate_records(cfg: TrainConfig, samples: int, temperatures=TEMPERATURES) 
     reference = Reference(ref_model, ref_tok, form, beta, temperature, draw)
     gen = build_generator("torch", str(run_dir / "final_policy"), cfg.seed, 256, "float32")
     tok = load_tokenizer(run_dir / "final_policy")
-    out = {}
+    out, targets = {}, {}
     for split, prompts in (("train", task.train_prompts), ("eval", task.eval_prompts)):
         reports = [reference_report(reference, task, p, task.valid_set(p)) for p in prompts]
+        targets[split] = [{"prompt": p.text, **{k: r[k] for k in ("own", "tb", "lengths")}}
+                          for p, r in zip(prompts, reports, strict=True)]  # fmt: skip
         ids = [tok(p.text)["input_ids"] for p in prompts]
         for t in temperatures:
             spec = SampleSpec(samples, t, 1.0, cfg.generator.max_tokens, cfg.seed)
@@ -152,7 +155,7 @@ def evaluate_records(cfg: TrainConfig, samples: int, temperatures=TEMPERATURES) 
                 rec = evidence.prompt_record(answers, task.valid_set(prompt), report)
                 records.append({"prompt": prompt.text, **rec})
             out[f"{split} T={t}"] = records
-    return out
+    return out, targets
 
 
 def run_one(task: str, name: str, variant: str, seed: int, a, overrides) -> dict:
@@ -192,8 +195,8 @@ def run_one(task: str, name: str, variant: str, seed: int, a, overrides) -> dict
         "curve": [{"step": r["step"], "time": round(r["time"], 2),
                    "accuracy": r["eval_accuracy"], "distinct": r["eval_distinct_correct"]}
                   for r in rows if "eval_accuracy" in r],
-        "eval": evaluate_records(cfg, a.samples),
     }  # fmt: skip
+    record["eval"], record["targets"] = evaluate_records(cfg, a.samples)
     record_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = record_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(_rounded(record), separators=(",", ":")))
@@ -256,9 +259,9 @@ def equal_time(results: dict[str, list[dict]]) -> tuple[float, dict[str, list[fl
 
 
 MAIN = ("pass@1", "pass@4", "pass@16", "pass@64", "distinct", "coverage")
-SHAPE = ("tv_own", "tv_own_floor", "tv_tb", "tv_tb_floor", "own_mass", "tb_mass", "length",
-         "own_length", "tb_length")  # fmt: skip
-NO_TARGET = ("tv_own", "tv_own_floor", "own_mass", "own_length", "tb_mass")  # GRPO: no target
+SHAPE = ("tv_own", "tv_own_floor", "tv_tb", "tv_tb_floor", "own_distinct", "tb_distinct",
+         "own_mass", "tb_mass", "length", "own_length", "tb_length")  # fmt: skip
+NO_TARGET = ("tv_own", "tv_own_floor", "own_distinct", "own_mass", "own_length", "tb_mass")
 
 
 def cell(values: list[float], seeds: int | None = None) -> str:

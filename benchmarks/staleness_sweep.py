@@ -68,7 +68,7 @@ def run_one(task: str, staleness: int, mode: str, seed: int, a) -> dict:
         train(cfg)
     rows = read_metrics(run_dir / "metrics.jsonl")
     rewards = [r["reward_mean"] for r in rows]
-    ev = evaluate_records(cfg, a.samples, temperatures=(1.0,))
+    ev, _ = evaluate_records(cfg, a.samples, temperatures=(1.0,))
     windows = [statistics.fmean(rewards[i : i + WINDOW])
                for i in range(max(len(rewards) - WINDOW + 1, 1))]  # fmt: skip
     record = {

@@ -18,6 +18,9 @@ can be rebuilt from the records without the run directories:
                           counted at its valid spelling's length
     own_length, tb_length the same under each target (restricted to the valid set)
     lengths, own_lengths, tb_lengths   the three length distributions, {length: share}
+    own_distinct, tb_distinct   the expected distinct answers among as many samples of each
+                          target as the policy had correct ones: its diversity at that accuracy
+    answers               {correct answer: count}: any other figure can be computed later
 """
 
 from __future__ import annotations
@@ -84,6 +87,11 @@ def tv_floor(probs: list[float], n: int, draws: int = FLOOR_DRAWS, seed: int = 0
     return total / draws
 
 
+def expected_distinct(probs: list[float], n: int) -> float:
+    """The expected number of distinct values among ``n`` draws from ``probs``."""
+    return sum(1.0 - (1.0 - p) ** n for p in probs)
+
+
 def prompt_record(answers: list[str | None], valid: tuple[str, ...], report: dict) -> dict:
     """One prompt's record from its samples' correct answers (None for a wrong sample) and
     ``report`` (``tasks.target.reference_report``: targets, their shares, lengths)."""
@@ -101,6 +109,8 @@ def prompt_record(answers: list[str | None], valid: tuple[str, ...], report: dic
         "tv_tb": _tv(counts, len(correct), valid, tb),
         "tv_own_floor": tv_floor(own, len(correct)),
         "tv_tb_floor": tv_floor(tb, len(correct)),
+        "own_distinct": expected_distinct(own, len(correct)),
+        "tb_distinct": expected_distinct(tb, len(correct)),
         "own_mass": report["own_mass"],
         "tb_mass": report["tb_mass"],
         "length": statistics.fmean(lengths.elements()) if correct else math.nan,
@@ -109,6 +119,7 @@ def prompt_record(answers: list[str | None], valid: tuple[str, ...], report: dic
         "lengths": _share(lengths),
         "own_lengths": _dist_lengths(own, n_tokens),
         "tb_lengths": _dist_lengths(tb, n_tokens),
+        "answers": dict(sorted(counts.items())),
     }
 
 
@@ -118,8 +129,10 @@ def run_figures(records: list[dict], ks: tuple[int, ...] = (1, 4, 16, 64)) -> di
     unbiased estimator."""
     out = {f"pass@{k}": statistics.fmean(pass_at_k(r["n"], r["correct"], k) for r in records)
            for k in ks if all(r["n"] >= k for r in records)}  # fmt: skip
-    for key in ("distinct", "coverage", "own_mass", "tb_mass", "own_length", "tb_length"):
-        out[key] = statistics.fmean(r[key] for r in records)
+    for key in ("distinct", "coverage", "own_mass", "tb_mass", "own_length", "tb_length",
+                "own_distinct", "tb_distinct"):  # fmt: skip
+        if all(key in r for r in records):  # records before a figure existed lack it
+            out[key] = statistics.fmean(r[key] for r in records)
     solved = [r for r in records if r["correct"]]
     for key in ("tv_own", "tv_tb", "tv_own_floor", "tv_tb_floor"):
         values = [r[key] for r in solved if key in r]  # records before the floors lack them

@@ -26,6 +26,10 @@ def test_a_prompt_record_counts_and_measures_against_both_targets():
     assert rec["lengths"] == pytest.approx({"2": 2 / 3, "4": 1 / 3})
     assert rec["own_lengths"] == {"2": 0.5, "4": 0.25, "6": 0.25}
     assert (rec["own_mass"], rec["tb_mass"]) == (0.9, 0.8)
+    assert rec["answers"] == {"1": 2, "2": 1}
+    # 3 draws of (1/2, 1/4, 1/4): Σ 1 − (1 − p)^3 = 7/8 + 37/64 + 37/64
+    assert rec["own_distinct"] == pytest.approx(7 / 8 + 2 * 37 / 64, abs=1e-12)
+    assert rec["tb_distinct"] == pytest.approx(1 - 0.8**3 + 2 * (1 - 0.6**3), abs=1e-12)
 
 
 def test_a_prompt_with_no_correct_answer_has_no_distance():
