@@ -42,6 +42,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import _common  # noqa: F401 - one thread per process, before torch
+import yaml
 from omegaconf import OmegaConf
 
 from flowrl_async.config import TrainConfig
@@ -100,7 +101,7 @@ def config(task: str, variant: str, seed: int, steps: int, run_dir: Path,
         section, _, field = key.partition(".")
         if not hasattr(getattr(cfg, section, None), field):
             raise ValueError(f"--set {item!r}: no such setting {key!r}")
-        setattr(getattr(cfg, section), field, OmegaConf.create({"v": value}).v)
+        setattr(getattr(cfg, section), field, yaml.safe_load(value))
     return cfg
 
 
