@@ -98,3 +98,22 @@ def test_streaming_actors_train_and_keep_every_group(tmp_path):
     assert out["replay"]["sampled_groups"] == 4 * 4
     assert accounted_for(out["replay"])
     assert all(a["weight_loads"] >= 1 and a["engine_steps"] > 0 for a in out["actors"])
+
+
+@pytest.mark.integration
+def test_mixed_replay_admits_only_the_fresh_groups_the_learner_takes(tmp_path):
+    # mixed at fresh_fraction 0.5, batch 4: each step takes 2 never-trained groups, so the
+    # actors may insert at most (bound 1 + final version + 1) · 2 groups; admitting a whole
+    # batch a version let them insert ~4 a step and the untrained backlog (and its age) grew
+    from flowrl_async.run.inline import run_inline
+
+    cfg = small_config(tmp_path, steps=12, max_staleness=None)
+    r = cfg.replay
+    r.selector, r.fresh_fraction, r.max_times_sampled = "mixed", 0.5, 8
+    cfg.algo.reward_norm, cfg.algo.is_mode, cfg.algo.beta = "raw", "off", 3.0  # flowrl_tb
+    cfg.generator.engine = "torch"
+    out = run_inline(cfg)
+    assert [row["step"] for row in out["history"]] == list(range(1, 13))
+    assert out["replay"]["inserted"] <= (1 + 12 + 1) * 2
+    assert out["replay"]["sampled_groups"] == 12 * 4
+    assert accounted_for(out["replay"])
