@@ -380,6 +380,8 @@ def validate(cfg: TrainConfig) -> None:
         problems.append("replay.selector=mixed replays groups: set replay.max_times_sampled >= 2")
     if r.admission not in ADMISSIONS:
         problems.append(f"replay.admission={r.admission!r}: expected one of {ADMISSIONS}")
+    if r.admission_lead < 0:
+        problems.append(f"replay.admission_lead={r.admission_lead}: must be >= 0")
     if not 0.0 <= r.fresh_fraction <= 1.0:
         problems.append(f"replay.fresh_fraction={r.fresh_fraction}: expected a value in [0, 1]")
     if r.selector == "fifo" and r.max_times_sampled != 1:

@@ -92,6 +92,7 @@ class ReplayBuffer:
         self.version = 0  # the learner's, as last reported
         self.newest_version = 0  # the highest min_version of any group accepted
         self.capacity_bytes: int | None = None  # most payload bytes held (None: no bound)
+        self.admission_lead = 1  # admission's bound when max_staleness is None
         self.held_bytes = 0  # payload bytes of the held groups
         # priority x 2^(-staleness / half life) when set (freshness-aware prioritised)
         self.priority_half_life: float | None = None
@@ -248,9 +249,9 @@ class ReplayBuffer:
         Without a staleness bound (off-policy trajectory balance) old groups are still valid
         data, but actors must not run arbitrarily far ahead of the learner (their "fresh"
         groups would be tens of versions old), so admission then paces them as if the bound
-        were 1.
+        were ``admission_lead`` (1 unless set).
         """
-        bound = 1 if self.max_staleness is None else self.max_staleness
+        bound = self.admission_lead if self.max_staleness is None else self.max_staleness
         allowed = (bound + version + 1) * groups_per_version
         accepted = self.counters.inserted - self.counters.evicted_stale
         return max(0, allowed - (accepted + in_flight))

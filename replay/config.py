@@ -46,6 +46,11 @@ class ReplaySettings:
     (accepted + in flight), with version the asking actor's weights when older than the
     learner's (weights: nothing generated is evicted as stale), or always the learner's
     (learner: fresher groups may be picked from a surplus)."""
+    admission_lead: int = 1
+    """With max_staleness null (off-policy trajectory balance): the versions of fresh groups
+    actors may start ahead of the learner (admission's bound in AReaL's formula, which a set
+    max_staleness takes instead). 1 keeps what is trained fresh; under a long tail of lengths
+    a larger lead keeps the learner fed (``flowrl-async simulate`` shows how much)."""
     fresh_fraction: float = 1.0
     """selector=mixed: the share of each batch taken from never-trained groups; the rest is
     replayed uniformly (off-policy trajectory balance, e.g. with algo=flowrl_tb)."""

@@ -18,6 +18,7 @@ def new_state(cfg: ServerConfig, limits=None) -> ReplayState:
     buffer = ReplayBuffer(cfg.capacity, cfg.max_staleness, cfg.selector, cfg.max_times_sampled,
                           cfg.seed, cfg.fresh_fraction)  # fmt: skip
     buffer.capacity_bytes = cfg.capacity_bytes
+    buffer.admission_lead = cfg.admission_lead
     buffer.priority_half_life = cfg.priority_half_life
     if limits is None:
         return ReplayState(buffer, cfg.rate_limiter())

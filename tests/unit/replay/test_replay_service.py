@@ -210,3 +210,15 @@ def test_admission_counts_from_the_learner_or_the_actors_weights(
 def test_an_unknown_admission_mode_is_refused():
     with pytest.raises(ValueError, match="admission='oldest'"):
         ServerConfig("x", admission="oldest")
+
+
+def test_admission_lead_sets_how_far_actors_run_ahead_without_a_staleness_bound(tmp_path):
+    from flowrl_async.replay.decisions import new_state
+
+    def capacity(**settings):
+        cfg = ServerConfig(str(tmp_path), groups_per_version=4, **settings)
+        return new_state(cfg).buffer.admission_capacity(0, 4, in_flight=1)
+
+    assert capacity(max_staleness=None) == (1 + 0 + 1) * 4 - 1  # the default lead: 1
+    assert capacity(max_staleness=None, admission_lead=3) == (3 + 0 + 1) * 4 - 1
+    assert capacity(max_staleness=2, admission_lead=5) == (2 + 0 + 1) * 4 - 1  # the bound rules

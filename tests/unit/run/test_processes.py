@@ -38,7 +38,9 @@ def test_admission_lets_actors_start_what_the_learner_takes_fresh_per_version():
     from flowrl_async.run.processes import replay_config
 
     cfg = TrainConfig()
-    assert replay_config(cfg, Path("/tmp/r"), "tcp://x:1").groups_per_version == 8  # fifo: all fresh
+    assert (
+        replay_config(cfg, Path("/tmp/r"), "tcp://x:1").groups_per_version == 8
+    )  # fifo: all fresh
     cfg.replay.selector, cfg.replay.fresh_fraction, cfg.replay.max_times_sampled = "mixed", 0.5, 8
     assert replay_config(cfg, Path("/tmp/r"), "tcp://x:1").groups_per_version == 4
     cfg.learner.publish_every, cfg.replay.fresh_fraction = 2, 0.25
