@@ -111,12 +111,26 @@ def own_form(cfg: TrainConfig) -> tuple[str, float]:
     return (cfg.algo.residual if trains_tb else "sum"), float(cfg.algo.beta)
 
 
+def changed_settings(cfg: TrainConfig) -> dict:
+    """The settings where ``cfg`` differs from the schema's defaults, flattened (seed and
+    folder left out): a setting added later, at a default that keeps the old behaviour,
+    changes nothing here."""
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+        return out
+
+    mine, default = flat(asdict(cfg)), flat(asdict(TrainConfig()))
+    return {k: v for k, v in mine.items()
+            if k not in ("run_dir", "seed") and default.get(k, object()) != v}  # fmt: skip
+
+
 def settings_id(cfg: TrainConfig, **extra) -> str:
-    """A short hash of everything that sets a run apart but its seed and folder: records and
-    run folders made with other settings are never taken for this run's."""
-    settings = asdict(cfg)
-    settings.pop("run_dir"), settings.pop("seed")
-    blob = json.dumps({"cfg": settings, **extra}, sort_keys=True, default=str)
+    """A short hash of the changed settings and ``extra``: records and run folders made
+    with other settings are never taken for this run's."""
+    blob = json.dumps({"cfg": changed_settings(cfg), **extra}, sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
@@ -185,6 +199,7 @@ def run_one(task: str, name: str, variant: str, seed: int, a, overrides) -> dict
     wall = run_dir / "bench_wall_s"
     record = {
         "task": task, "variant": name, "seed": seed, "settings": sid,
+        "changed_settings": changed_settings(cfg),
         "steps": cfg.learner.steps,
         "trained_groups": cfg.learner.steps * cfg.learner.batch_groups,
         "overrides": list(overrides), "target": dict(zip(("form", "beta"), own_form(cfg), strict=True)),
