@@ -222,6 +222,18 @@ class ReplayBuffer:
         fresh = iter(self.fresh)
         return [next(fresh) for _ in range(n_fresh)] + self.used.sample(self.rng, n_replay)
 
+    def _fresh_supply_room(self, groups_per_version: int, in_flight: int) -> int:
+        """Mixed replay without a staleness bound. A batch takes round(fresh_fraction·B)
+        never-trained groups once enough have been trained, but a whole batch at first and
+        more whenever the trained pool runs short, so counting from the start cannot pace
+        it: at a batch a version a backlog of ever older "fresh" groups grows, and at the
+        fresh share any step that took more starves admission for good. Admission keeps the
+        never-trained supply, held or in flight, at max(a batch, (lead + 1) versions' fresh
+        share) instead."""
+        share = max(1, round(self.fresh_fraction * groups_per_version))
+        supply = max(groups_per_version, (self.admission_lead + 1) * share)
+        return max(0, supply - (len(self.fresh) + in_flight))
+
     def mark_sampled(self, ids: list[str]) -> int:
         """Count one sample of each id still held; used-up groups leave. -> groups counted."""
         n = 0
@@ -249,8 +261,11 @@ class ReplayBuffer:
         Without a staleness bound (off-policy trajectory balance) old groups are still valid
         data, but actors must not run arbitrarily far ahead of the learner (their "fresh"
         groups would be tens of versions old), so admission then paces them as if the bound
-        were ``admission_lead`` (1 unless set).
+        were ``admission_lead`` (1 unless set); mixed replay keeps a supply instead
+        (``_fresh_supply_room``).
         """
+        if self.max_staleness is None and self.selector == "mixed":
+            return self._fresh_supply_room(groups_per_version, in_flight)
         bound = self.admission_lead if self.max_staleness is None else self.max_staleness
         allowed = (bound + version + 1) * groups_per_version
         accepted = self.counters.inserted - self.counters.evicted_stale

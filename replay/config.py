@@ -47,10 +47,12 @@ class ReplaySettings:
     learner's (weights: nothing generated is evicted as stale), or always the learner's
     (learner: fresher groups may be picked from a surplus)."""
     admission_lead: int = 1
-    """With max_staleness null (off-policy trajectory balance): the versions of fresh groups
-    actors may start ahead of the learner (admission's bound in AReaL's formula, which a set
-    max_staleness takes instead). 1 keeps what is trained fresh; under a long tail of lengths
-    a larger lead keeps the learner fed (``flowrl-async simulate`` shows how much)."""
+    """With max_staleness null (off-policy trajectory balance): how far actors may run ahead
+    of the learner, in versions. AReaL's formula takes it as its bound (a set max_staleness
+    takes its place); with selector=mixed admission keeps max(a batch, (lead + 1) versions'
+    fresh share) of never-trained groups held or in flight. 1 keeps what is trained fresh;
+    under a long tail of lengths a larger lead keeps the learner fed (``flowrl-async
+    simulate`` shows how much)."""
     fresh_fraction: float = 1.0
     """selector=mixed: the share of each batch taken from never-trained groups; the rest is
     replayed uniformly (off-policy trajectory balance, e.g. with algo=flowrl_tb)."""
@@ -98,6 +100,8 @@ class ReplaySettings:
             raise ValueError(f"retain={self.retain!r}: expected one of {RETAIN}")
         if self.priority_half_life is not None and not self.priority_half_life > 0:
             raise ValueError(f"priority_half_life must be > 0, got {self.priority_half_life}")
+        if self.admission_lead < 0:
+            raise ValueError(f"admission_lead must be >= 0, got {self.admission_lead}")
 
 
 @dataclass

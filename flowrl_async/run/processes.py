@@ -47,23 +47,12 @@ def replay_config(cfg: TrainConfig, run_dir, address: str, model_path: str | Non
     settings = settings_of(cfg.replay)
     if cfg.mode == "sync":  # lock-step: every trained group is from the current weights
         settings["max_staleness"] = 0
+    lc = cfg.learner
     return ServerConfig(
         directory=str(run_dir / "replay"), address=address, seed=cfg.seed,
-        groups_per_version=new_groups_per_version(cfg),
+        groups_per_version=lc.batch_groups * lc.publish_every,
         vocab_size=model_vocab_size(model_path) if model_path else None, **settings,
     )  # fmt: skip
-
-
-def new_groups_per_version(cfg: TrainConfig) -> int:
-    """The never-trained groups the learner takes per published version: what admission
-    lets actors start per version. A mixed batch takes round(fresh_fraction·B) of them (at
-    least 1); admitting a whole batch per version would pile up fresh groups that grow
-    older each step (a backlog of ~B/2 a step at fresh_fraction 0.5)."""
-    lc, r = cfg.learner, cfg.replay
-    fresh = lc.batch_groups
-    if r.selector == "mixed":
-        fresh = max(1, round(r.fresh_fraction * lc.batch_groups))
-    return fresh * lc.publish_every
 
 
 def replay_keys(cfg: TrainConfig, learner: bool = False) -> dict:

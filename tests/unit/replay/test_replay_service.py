@@ -222,3 +222,23 @@ def test_admission_lead_sets_how_far_actors_run_ahead_without_a_staleness_bound(
     assert capacity(max_staleness=None) == (1 + 0 + 1) * 4 - 1  # the default lead: 1
     assert capacity(max_staleness=None, admission_lead=3) == (3 + 0 + 1) * 4 - 1
     assert capacity(max_staleness=2, admission_lead=5) == (2 + 0 + 1) * 4 - 1  # the bound rules
+
+
+def test_mixed_replay_admission_keeps_a_supply_of_never_trained_groups():
+    # batch 8, fresh_fraction 0.5: a supply of max(8, (lead + 1) · 4) never-trained groups,
+    # held or in flight, whatever was accepted before (counting from the start admitted a
+    # batch a version: a backlog of ever older "fresh" groups)
+    buf = ReplayBuffer(100, None, "mixed", 8, fresh_fraction=0.5)
+    assert buf.admission_capacity(0, 8, in_flight=0) == 8
+    for i in range(8):
+        buf.insert(make_group(f"g{i}", version=0))
+    assert buf.admission_capacity(0, 8, in_flight=0) == 0  # the supply is full
+    buf.mark_sampled(buf.select(8))  # step 1 takes the whole batch fresh
+    assert buf.admission_capacity(1, 8, in_flight=3) == 8 - 3
+    for i in range(8, 13):
+        buf.insert(make_group(f"g{i}", version=1))
+    assert buf.admission_capacity(1, 8, in_flight=0) == 3
+    buf.admission_lead = 4  # (4 + 1) · 4 = 20
+    assert buf.admission_capacity(50, 8, in_flight=0) == 20 - 5
+    held = ReplayBuffer(100, None, "mixed", 8, fresh_fraction=0.0)  # pure replay: a batch
+    assert held.admission_capacity(7, 8, in_flight=0) == 8
