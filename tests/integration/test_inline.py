@@ -4,7 +4,6 @@ whose members are threads."""
 
 import pytest
 
-from factories import make_group
 from helpers import accounted_for, small_config
 
 
@@ -108,7 +107,7 @@ def test_mixed_replay_keeps_a_fresh_supply_and_never_starves(tmp_path, fresh_fra
     # never-trained groups held or in flight, so the actors insert what the learner takes
     # fresh plus that supply (a batch a version before: 52 inserts in 12 steps of batch 4 at
     # 0.5), and no share or odd batch starves it (pacing at the share deadlocked those)
-    from flowrl_async.replay.buffer import ReplayBuffer
+    from flowrl_async.replay.buffer import Entry, ReplayBuffer
     from flowrl_async.run.inline import run_inline
 
     cfg = small_config(tmp_path, steps=12, max_staleness=None)
@@ -123,7 +122,7 @@ def test_mixed_replay_keeps_a_fresh_supply_and_never_starves(tmp_path, fresh_fra
     buf, taken = ReplayBuffer(1000, None, "mixed", 8, fresh_fraction=fresh_fraction), 0
     for step in range(12):
         for i in range(batch):
-            buf.insert(make_group(f"s{step}-{i}", version=0))
+            buf.insert(Entry(f"s{step}-{i}", 0, {}))
         before = len(buf.fresh)
         buf.mark_sampled(buf.select(batch))
         taken += before - len(buf.fresh)

@@ -231,12 +231,12 @@ def test_mixed_replay_admission_keeps_a_supply_of_never_trained_groups():
     buf = ReplayBuffer(100, None, "mixed", 8, fresh_fraction=0.5)
     assert buf.admission_capacity(0, 8, in_flight=0) == 8
     for i in range(8):
-        buf.insert(make_group(f"g{i}", version=0))
+        buf.insert(Entry(f"g{i}", 0, {}))
     assert buf.admission_capacity(0, 8, in_flight=0) == 0  # the supply is full
     buf.mark_sampled(buf.select(8))  # step 1 takes the whole batch fresh
     assert buf.admission_capacity(1, 8, in_flight=3) == 8 - 3
     for i in range(8, 13):
-        buf.insert(make_group(f"g{i}", version=1))
+        buf.insert(Entry(f"g{i}", 1, {}))
     assert buf.admission_capacity(1, 8, in_flight=0) == 3
     buf.admission_lead = 4  # (4 + 1) · 4 = 20
     assert buf.admission_capacity(50, 8, in_flight=0) == 20 - 5
