@@ -42,7 +42,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import _common  # noqa: F401 - one thread per process, before torch
-import yaml
 from omegaconf import OmegaConf
 
 from flowrl_async.config import TrainConfig
@@ -65,6 +64,9 @@ VARIANTS = ("grpo", "flowrl", "flowrl_replay", "flowrl_replay_sol", "vargrad_rep
             "flowrl_tb_fresh")  # fmt: skip
 TEMPERATURES = (1.0, 0.6)  # the paper evaluates at both
 KS = (1, 4, 16, 64)
+# bumped when a code change alters what a run does at the same settings (the settings hash
+# cannot see it): 2: mixed replay's admission keeps a fresh supply (2026-12-07)
+BENCH_REVISION = 2
 REF_DRAWS = 256  # samples of π_ref per prompt for the targets' mass outside the valid set
 
 
@@ -101,7 +103,11 @@ def config(task: str, variant: str, seed: int, steps: int, run_dir: Path,
         section, _, field = key.partition(".")
         if not hasattr(getattr(cfg, section, None), field):
             raise ValueError(f"--set {item!r}: no such setting {key!r}")
-        setattr(getattr(cfg, section), field, yaml.safe_load(value))
+        setattr(
+            getattr(cfg, section),
+            field,
+            OmegaConf.to_container(OmegaConf.create(f"v: {value}"))["v"],
+        )
     return cfg
 
 
@@ -130,7 +136,8 @@ def changed_settings(cfg: TrainConfig) -> dict:
 def settings_id(cfg: TrainConfig, **extra) -> str:
     """A short hash of the changed settings and ``extra``: records and run folders made
     with other settings are never taken for this run's."""
-    blob = json.dumps({"cfg": changed_settings(cfg), **extra}, sort_keys=True, default=str)
+    blob = json.dumps({"cfg": changed_settings(cfg), "revision": BENCH_REVISION, **extra},
+                      sort_keys=True, default=str)  # fmt: skip
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
