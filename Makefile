@@ -13,7 +13,7 @@ train: setup
 	$(PY) -m flowrl_async train evaluation.every=50 evaluation.split=train $(ARGS)
 
 test: setup
-	$(PY) -m pytest -m "not slow" $(ARGS)
+	$(PY) -m pytest -m "not slow" --durations=30 $(ARGS)
 
 lint: setup
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .

@@ -6,8 +6,9 @@ weighted by exp(β r) outside the valid set); the mean form's optimum π_ref·ex
 tilts by length as well. With π_ref the format warm-started built-in model (the π_ref of
 every run of benchmarks/flowrl_vs_grpo.py with that seed), this prints that share, averaged
 over the training prompts, for each form and β: the pass@1 a run of that objective has once
-it reaches its target (a run on its way there may pass it), and the mean correct-answer
-length there.
+it reaches its target (a run on its way there may pass it), the mean correct-answer
+length there, and the distinct correct answers expected among 64 of its samples: how much
+diversity each objective keeps if it converges, against what a run measures.
 
     .venv/bin/python benchmarks/target_ceiling.py --tasks digits sums --seeds 0 1 2
 """
@@ -26,8 +27,10 @@ BETAS = (1.0, 3.0, 5.0, 9.0, 15.0)
 
 
 def ceilings(task_name: str, seed: int, betas, out: Path) -> dict[tuple[str, float], tuple]:
-    """(form, β) -> (share on the valid set, mean correct length) over the train prompts."""
+    """(form, β) -> (share on the valid set, mean correct length, expected distinct correct
+    answers in 64 samples), each averaged over the train prompts."""
     from flowrl_async.model import load_policy, load_tokenizer
+    from flowrl_async.run.evidence import expected_distinct
     from flowrl_async.run.evaluate import reference_draws
     from flowrl_async.tasks import load_task
     from flowrl_async.tasks.target import Reference, reference_report
@@ -56,6 +59,8 @@ def ceilings(task_name: str, seed: int, betas, out: Path) -> dict[tuple[str, flo
                 statistics.fmean(r["own_mass"] for r in reports),
                 statistics.fmean(sum(p * n for p, n in zip(r["own"], r["lengths"], strict=True))
                                  for r in reports),
+                statistics.fmean(expected_distinct([r["own_mass"] * p for p in r["own"]], 64)
+                                 for r in reports),
             )  # fmt: skip
     return out_rows
 
@@ -73,13 +78,16 @@ def main() -> None:
         for key in per_seed[0]:
             mass = [r[key][0] for r in per_seed]
             length = [r[key][1] for r in per_seed]
+            distinct = [r[key][2] for r in per_seed]
             rows.append((key[0], f"{key[1]:g}", f"{statistics.fmean(mass):.3f}",
                          f"{min(mass):.3f} – {max(mass):.3f}",
-                         f"{statistics.fmean(length):.2f}"))  # fmt: skip
+                         f"{statistics.fmean(length):.2f}",
+                         f"{statistics.fmean(distinct):.2f}"))  # fmt: skip
         print(f"\n{task}: the optimum's accuracy (share on the valid set), train prompts, "
               f"π_ref of seeds {a.seeds}\n")  # fmt: skip
         print(markdown(("form", "β", "optimum's accuracy", "range over seeds",
-                        "mean correct length (tokens)"), rows))  # fmt: skip
+                        "mean correct length (tokens)", "distinct correct in 64"),
+                       rows))  # fmt: skip
 
 
 if __name__ == "__main__":
