@@ -99,7 +99,7 @@ def run_one(task: str, staleness: int, mode: str, seed: int, a) -> dict:
 COLUMNS = ("stale", "is_mean", "ess", "ess_min", "clipped", "masked", "steps_s", "wait")
 
 
-def report(folder: Path) -> None:
+def report(folder: Path, figure: Path | None = None) -> None:
     groups: dict[tuple, list[dict]] = {}
     for path in sorted(folder.glob("s*-seed*.json")):
         r = json.loads(path.read_text())
@@ -117,6 +117,45 @@ def report(folder: Path) -> None:
                      cell(acc), cell(held), cell(distinct)))  # fmt: skip
     print(markdown(("max staleness", "IS", "seeds", *COLUMNS, "collapsed", "final accuracy",
                     "held-out accuracy", "distinct"), rows))  # fmt: skip
+    if figure is not None:
+        plot(groups, figure)
+        print(f"\nfigure: {figure}")
+
+
+def plot(groups: dict[tuple, list[dict]], path: Path) -> None:
+    """Final accuracy, worst-step ESS and collapses against max staleness, a line per IS
+    mode (staleness 0 runs once: every mode weighs 1 there, so each line starts at it);
+    error bars: 95% t-intervals over the seeds (none on the collapse share: a count). The
+    lines are shifted apart a little along x so that their bars do not hide each other."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = (("final train accuracy (pass@1)", lambda r: r["final"]["train"]["pass@1"], True),
+              ("ESS of the worst step (share of the batch)", lambda r: _num(r["ess_min"]), True),
+              ("collapsed runs (share)", lambda r: float(r["collapsed"]), False))  # fmt: skip
+    modes = sorted({m for s, m in groups if s > 0})
+    fig, axes = plt.subplots(1, len(panels), figsize=(16, 4.4))
+    for ax, (title, value, bars) in zip(axes, panels, strict=True):
+        for i, mode in enumerate(modes):
+            keys = sorted(k for k in groups if k[1] == mode or k[0] == 0)
+            xs, means, errs = [], [], []
+            for key in keys:
+                stats = evidence.interval([value(r) for r in groups[key]])
+                xs.append(key[0] + 0.08 * (i - (len(modes) - 1) / 2))
+                means.append(stats["mean"])
+                errs.append(0.0 if math.isnan(stats["ci95"]) or not bars else stats["ci95"])
+            ax.errorbar(xs, means, yerr=errs, marker="o", capsize=3, label=f"IS {mode}")
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_xlabel("max staleness (versions)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 def _num(x) -> float:
@@ -135,13 +174,16 @@ def main() -> None:
     p.add_argument("--out", default="bench-out/staleness")
     p.add_argument("--records", default=str(ROOT / "docs/evidence/staleness"))
     p.add_argument("--report", action="store_true", help="the table from the records only")
+    p.add_argument("--figure", default=None,
+                   help="PNG path (default docs/evidence_staleness_<task>.png)")
     a = p.parse_args()
     if not a.report:
         for seed in a.seeds:
             for staleness, mode in settings(a.staleness, a.is_modes):
                 run_one(a.task, staleness, mode, seed, a)
     print(f"\nFlowRL (paper) on {a.task}, lr {a.lr}: mean ± std [95% interval] over seeds\n")
-    report(Path(a.records) / f"{a.task}-lr{a.lr:g}")
+    figure = Path(a.figure or ROOT / f"docs/evidence_staleness_{a.task}.png")
+    report(Path(a.records) / f"{a.task}-lr{a.lr:g}", figure)
 
 
 if __name__ == "__main__":
