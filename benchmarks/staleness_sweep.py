@@ -174,8 +174,9 @@ def main() -> None:
     p.add_argument("--out", default="bench-out/staleness")
     p.add_argument("--records", default=str(ROOT / "docs/evidence/staleness"))
     p.add_argument("--report", action="store_true", help="the table from the records only")
-    p.add_argument("--figure", default=None,
-                   help="PNG path (default docs/evidence_staleness_<task>.png)")
+    p.add_argument(
+        "--figure", default=None, help="PNG path (default docs/evidence_staleness_<task>.png)"
+    )
     a = p.parse_args()
     if not a.report:
         for seed in a.seeds:

@@ -30,8 +30,8 @@ def ceilings(task_name: str, seed: int, betas, out: Path) -> dict[tuple[str, flo
     """(form, β) -> (share on the valid set, mean correct length, expected distinct correct
     answers in 64 samples), each averaged over the train prompts."""
     from flowrl_async.model import load_policy, load_tokenizer
-    from flowrl_async.run.evidence import expected_distinct
     from flowrl_async.run.evaluate import reference_draws
+    from flowrl_async.run.evidence import expected_distinct
     from flowrl_async.tasks import load_task
     from flowrl_async.tasks.target import Reference, reference_report
 
