@@ -417,7 +417,66 @@ def plot(task: str, results: dict[str, list[dict]], docs: Path) -> list[Path]:
     lengths = docs / f"evidence_{task}_lengths.png"
     fig.savefig(lengths, dpi=90)
     plt.close(fig)
-    return [main, lengths]
+    return [main, lengths, tradeoff(task, results, docs)]
+
+
+def tradeoff(task: str, results: dict[str, list[dict]], docs: Path) -> Path:
+    """evidence_<task>_tradeoff.png: pass@1 against distinct correct answers per train prompt
+    (64 samples, T = 1), a point per seed and each variant's mean; the issue's bar (within 3
+    points of GRPO's pass@1 with ≥ 3× its distinct answers) shaded, and where each objective's
+    own target sits (its accuracy and the distinct answers expected in 64 of its samples)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    split = "train T=1.0"
+    fig, ax = plt.subplots(figsize=(8.5, 6))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (name, recs) in enumerate(results.items()):
+        figs = figures(recs, split)
+        x, y = [f["distinct"] for f in figs], [f["pass@1"] for f in figs]
+        color = colors[i % len(colors)]
+        ax.scatter(x, y, color=color, alpha=0.35, s=18)
+        ax.errorbar(statistics.fmean(x), statistics.fmean(y), marker="o", color=color,
+                    label=f"{name} ({len(recs)} seeds)")  # fmt: skip
+        if recs[0]["target"]["form"] == "sum" and not name.startswith(("flowrl", "vargrad")):
+            continue  # GRPO has no target
+        optimum = [optimum_point(r, split) for r in recs]
+        ax.scatter(statistics.fmean(o[0] for o in optimum),
+                   statistics.fmean(o[1] for o in optimum), marker="*", s=160, color=color,
+                   edgecolor="black", linewidth=0.6)  # fmt: skip
+    if "grpo" in results:
+        figs = figures(results["grpo"], split)
+        acc = statistics.fmean(f["pass@1"] for f in figs)
+        distinct = statistics.fmean(f["distinct"] for f in figs)
+        right = max(ax.get_xlim()[1], 3 * distinct + 1)
+        ax.fill_between([3 * distinct, right], acc - 0.03, 1.02,
+                        color="green", alpha=0.12,
+                        label="the issue's bar: ≥ GRPO − 3 points, ≥ 3× its distinct")  # fmt: skip
+    ax.set(xlabel="distinct correct answers per train prompt (64 samples, T = 1)",
+           ylabel="pass@1 (train prompts, T = 1)", ylim=(0, 1.02),
+           title=f"task {task}: accuracy against diversity "
+                 "(dots: seeds; circles: means; stars: each objective's own target)")  # fmt: skip
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = docs / f"evidence_{task}_tradeoff.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def optimum_point(record: dict, split: str) -> tuple[float, float]:
+    """(distinct correct answers expected in 64 samples, accuracy) of the run's own target,
+    averaged over the prompts of ``split``: where the objective would take the policy."""
+    prompts = record["eval"][split]
+    targets = {t["prompt"]: t for t in record["targets"][split.split()[0]]}
+    distinct = [evidence.expected_distinct([p["own_mass"] * q for q in
+                                            targets[p["prompt"]]["own"]], 64)
+                for p in prompts]  # fmt: skip
+    return statistics.fmean(distinct), statistics.fmean(p["own_mass"] for p in prompts)
 
 
 def main() -> None:
