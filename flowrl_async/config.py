@@ -349,11 +349,12 @@ def validate(cfg: TrainConfig) -> None:
     if a.name == "grpo" and a.is_level != "sequence":
         problems.append("algo.name=grpo weights every token already: leave algo.is_level=sequence")
     if (a.temperature is not None and abs(a.temperature - g.temperature) > 1e-6
-            and cfg.cluster.num_actors > 0):  # fmt: skip
+            and cfg.cluster.num_actors > 0 and not a.ignores_behavior()):  # fmt: skip
         problems.append(
             f"algo.temperature={a.temperature} differs from generator.temperature="
             f"{g.temperature}: the learner would refuse every group its actors sample (set "
-            "algo.temperature only to train on stored groups of another temperature)"
+            "algo.temperature only to train on stored groups of another temperature, or "
+            "with off-policy trajectory balance, is_mode=off, to sample hotter)"
         )
     if a.is_mode == "mask" and not 0 < a.mask_low < 1 < a.mask_high:
         problems.append("algo.is_mode=mask needs 0 < algo.mask_low < 1 < algo.mask_high")

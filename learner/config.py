@@ -86,7 +86,17 @@ class AlgoConfig:
     gets no gradient from it (false: the paper's, the head's gradient reaches the trunk)."""
     temperature: float | None = None
     """The temperature of the learner's log-probs; null: the actors' sampling temperature
-    (generator.temperature), which the run fills in (1.0 for a learner built directly)."""
+    (generator.temperature), which the run fills in (1.0 for a learner built directly).
+    Off-policy trajectory balance (``ignores_behavior``) may train at 1.0 on groups its
+    actors sample hotter (generator.temperature > 1: exploration); every other objective
+    needs the two equal."""
+
+    def ignores_behavior(self) -> bool:
+        """Off-policy trajectory balance (flowrl, flowrl_no_z or vargrad with is_mode=off):
+        the loss never reads the behaviour log-probs, so a group sampled from any policy
+        with full support (another temperature, older weights) is valid data for the same
+        target."""
+        return self.name in ("flowrl", "flowrl_no_z", "vargrad") and self.is_mode == "off"
 
     def __post_init__(self):
         if self.name not in OBJECTIVES:

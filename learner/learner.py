@@ -257,10 +257,13 @@ class Learner:
 
     def check_sampling(self, groups) -> None:
         """Refuse groups sampled from another distribution than the one the learner's
-        log-probs and IS weights assume: another temperature, or top_p < 1."""
+        log-probs and IS weights assume: another temperature (unless the objective ignores
+        the behaviour policy: off-policy trajectory balance), or top_p < 1 (a behaviour
+        without full support never samples part of the target)."""
+        any_temperature = self.algo.ignores_behavior()
         for g in groups:
             t, top_p = g.sampling.temperature, g.sampling.top_p
-            if abs(t - self.temperature) > 1e-6 or top_p != 1.0:
+            if (abs(t - self.temperature) > 1e-6 and not any_temperature) or top_p != 1.0:
                 raise SamplingMismatch(
                     f"group {g.group_id} was sampled at temperature {t}, top_p {top_p}; the "
                     f"learner computes log-probs at temperature {self.temperature}, top_p 1.0 "

@@ -85,6 +85,25 @@ def test_the_variable_length_task_runs_from_the_config(tmp_path):
 
 
 @pytest.mark.integration
+def test_off_policy_tb_trains_at_1_on_groups_its_actors_sample_at_1_5(tmp_path):
+    # exploration: actors sample hotter, the learner's log-probs (and target) stay at T = 1
+    from flowrl_async.replay.reader import stored_groups
+    from flowrl_async.run.inline import run_inline
+
+    cfg = small_config(tmp_path, steps=4, max_staleness=0)
+    cfg.generator.engine, cfg.generator.temperature = "torch", 1.5
+    cfg.algo.temperature, cfg.algo.reward_norm, cfg.algo.is_mode = 1.0, "raw", "off"
+    out = run_inline(cfg)
+    rows = out["history"]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    groups = [g for g, _, _ in stored_groups(tmp_path / "run" / "replay")]
+    assert groups and {g.sampling.temperature for g in groups} == {1.5}
+    # staleness 0: the actors' log-probs are the learner's weights at 1.5, the learner's
+    # own at 1.0, so they differ on every row (at equal temperatures: < 1e-4)
+    assert min(r["logprob_gap_fresh"] for r in rows) > 0.01
+
+
+@pytest.mark.integration
 def test_streaming_actors_train_and_keep_every_group(tmp_path):
     # generator.streaming: prompts stay in flight, groups go as they finish, weights load
     # between engine steps (responses may span versions: first_version <= last_version)

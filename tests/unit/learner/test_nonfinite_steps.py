@@ -73,3 +73,37 @@ def test_a_group_sampled_at_another_temperature_is_refused_by_name(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(before, learner.trainable(), strict=True))
     learner.temperature = 0.7  # what algo.temperature=0.7 sets
     assert learner.step()["step"] == 1
+
+
+def test_off_policy_tb_trains_at_temperature_1_on_groups_sampled_hotter(tmp_path):
+    # trajectory balance with is_mode=off never reads the behaviour log-probs: a group the
+    # actors sampled at 1.5 (exploration) is trained exactly as the same group sampled at 1.0
+    from dataclasses import replace
+
+    from flowrl_async.learner.learner import SamplingMismatch
+    from flowrl_async.records import SamplingParams
+
+    path = build_tiny_model(tmp_path / "m")
+    tb = AlgoConfig(beta=3.0, reward_norm="raw", is_mode="off")
+
+    def learner_on(g, algo=tb):
+        policy = load_policy(path)
+        return Learner(policy, load_policy(path), LogZHead(policy.config.hidden_size), algo,
+                       lambda b, v: ([g], [SampleInfo(1, 0, 0.0)]), pad_token_id=0,
+                       batch_groups=1)  # fmt: skip
+
+    hot = replace(group(1.0), sampling=SamplingParams(temperature=1.5))
+    torch.manual_seed(0)
+    on_hot = learner_on(hot)
+    torch.manual_seed(0)
+    on_cold = learner_on(group(1.0))
+    assert on_hot.temperature == 1.0
+    assert on_hot.step()["loss"] == on_cold.step()["loss"]
+    assert all(torch.equal(a, b) for a, b in
+               zip(on_hot.trainable(), on_cold.trainable(), strict=True))  # fmt: skip
+    # clipped IS weights read them: the same group is refused there, and so is top_p < 1
+    with pytest.raises(SamplingMismatch, match="sampled at temperature 1.5"):
+        learner_on(hot, AlgoConfig(beta=3.0, reward_norm="raw", is_mode="clip")).step()
+    nucleus = replace(group(1.0), sampling=SamplingParams(temperature=1.5, top_p=0.9))
+    with pytest.raises(SamplingMismatch, match="top_p 0.9"):
+        learner_on(nucleus).step()

@@ -32,7 +32,17 @@ def test_settings_that_would_be_ignored_or_contradict_are_refused():
         algo__name="grpo", algo__norm_len=100
     )
     assert "differs from generator.temperature" in refused(algo__temperature=0.7)
+    assert "differs from generator.temperature" in refused(
+        generator__temperature=1.5, algo__temperature=1.0, algo__reward_norm="raw",
+        algo__is_mode="truncate")
     assert "generator.temperature=0" in refused(generator__temperature=0.0)
+
+
+def test_off_policy_tb_may_sample_hotter_than_it_trains():
+    cfg = TrainConfig()
+    cfg.generator.temperature, cfg.algo.temperature = 1.5, 1.0
+    cfg.algo.reward_norm, cfg.algo.is_mode, cfg.replay.max_staleness = "raw", "off", None
+    validate(cfg)
 
 
 def test_the_presets_are_valid():
