@@ -33,8 +33,11 @@ def test_settings_that_would_be_ignored_or_contradict_are_refused():
     )
     assert "differs from generator.temperature" in refused(algo__temperature=0.7)
     assert "differs from generator.temperature" in refused(
-        generator__temperature=1.5, algo__temperature=1.0, algo__reward_norm="raw",
-        algo__is_mode="truncate")
+        generator__temperature=1.5,
+        algo__temperature=1.0,
+        algo__reward_norm="raw",
+        algo__is_mode="truncate",
+    )
     assert "generator.temperature=0" in refused(generator__temperature=0.0)
 
 
