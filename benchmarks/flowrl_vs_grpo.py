@@ -155,7 +155,9 @@ def evaluate_records(cfg: TrainConfig, samples: int, temperatures=TEMPERATURES) 
     task = load_task(cfg.task.target, **cfg.task.kwargs)
     form, beta = own_form(cfg)
     ref_model, ref_tok = load_policy(run_dir / "init_model"), load_tokenizer(run_dir / "init_model")
-    temperature = cfg.generator.temperature
+    # the targets are defined at the learner's temperature (off-policy TB may sample hotter)
+    temperature = cfg.algo.temperature if cfg.algo.temperature is not None else \
+        cfg.generator.temperature  # fmt: skip
     draw = reference_draws(ref_model, ref_tok, REF_DRAWS, temperature, cfg.generator.max_tokens)
     reference = Reference(ref_model, ref_tok, form, beta, temperature, draw)
     gen = build_generator("torch", str(run_dir / "final_policy"), cfg.seed, 256, "float32")
@@ -422,7 +424,7 @@ def plot(task: str, results: dict[str, list[dict]], docs: Path) -> list[Path]:
 
 def tradeoff(task: str, results: dict[str, list[dict]], docs: Path) -> Path:
     """evidence_<task>_tradeoff.png: pass@1 against distinct correct answers per train prompt
-    (64 samples, T = 1), a point per seed and each variant's mean; the issue's bar (within 3
+    (the evaluation's samples per prompt, T = 1), a point per seed and each variant's mean; the issue's bar (within 3
     points of GRPO's pass@1 with ≥ 3× its distinct answers) shaded, and where each objective's
     own target sits (its accuracy and the distinct answers expected in 64 of its samples)."""
     import matplotlib
@@ -454,7 +456,8 @@ def tradeoff(task: str, results: dict[str, list[dict]], docs: Path) -> Path:
         ax.fill_between([3 * distinct, right], acc - 0.03, 1.02,
                         color="green", alpha=0.12,
                         label="the issue's bar: ≥ GRPO − 3 points, ≥ 3× its distinct")  # fmt: skip
-    ax.set(xlabel="distinct correct answers per train prompt (64 samples, T = 1)",
+    samples = next(iter(results.values()))[0]["eval"][split][0]["n"]
+    ax.set(xlabel=f"distinct correct answers per train prompt ({samples} samples, T = 1)",
            ylabel="pass@1 (train prompts, T = 1)", ylim=(0, 1.02),
            title=f"task {task}: accuracy against diversity "
                  "(dots: seeds; circles: means; stars: each objective's own target)")  # fmt: skip
@@ -469,12 +472,13 @@ def tradeoff(task: str, results: dict[str, list[dict]], docs: Path) -> Path:
 
 
 def optimum_point(record: dict, split: str) -> tuple[float, float]:
-    """(distinct correct answers expected in 64 samples, accuracy) of the run's own target,
+    """(distinct correct answers expected in as many samples as the policy had, accuracy) of
+    the run's own target,
     averaged over the prompts of ``split``: where the objective would take the policy."""
     prompts = record["eval"][split]
     targets = {t["prompt"]: t for t in record["targets"][split.split()[0]]}
     distinct = [evidence.expected_distinct([p["own_mass"] * q for q in
-                                            targets[p["prompt"]]["own"]], 64)
+                                            targets[p["prompt"]]["own"]], p["n"])
                 for p in prompts]  # fmt: skip
     return statistics.fmean(distinct), statistics.fmean(p["own_mass"] for p in prompts)
 

@@ -175,7 +175,9 @@ def main() -> None:
     p.add_argument("--records", default=str(ROOT / "docs/evidence/staleness"))
     p.add_argument("--report", action="store_true", help="the table from the records only")
     p.add_argument(
-        "--figure", default=None, help="PNG path (default docs/evidence_staleness_<task>.png)"
+        "--figure",
+        default=None,
+        help="PNG path (default docs/evidence_staleness_<task>-lr<lr>.png)",
     )
     a = p.parse_args()
     if not a.report:
@@ -183,7 +185,7 @@ def main() -> None:
             for staleness, mode in settings(a.staleness, a.is_modes):
                 run_one(a.task, staleness, mode, seed, a)
     print(f"\nFlowRL (paper) on {a.task}, lr {a.lr}: mean ± std [95% interval] over seeds\n")
-    figure = Path(a.figure or ROOT / f"docs/evidence_staleness_{a.task}.png")
+    figure = Path(a.figure or ROOT / f"docs/evidence_staleness_{a.task}-lr{a.lr:g}.png")
     report(Path(a.records) / f"{a.task}-lr{a.lr:g}", figure)
 
 

@@ -70,7 +70,8 @@ class GeneratorSection:
     n: int = 8
     """Responses per prompt (the group size)."""
     temperature: float = 1.0
-    """Sampling temperature; the learner computes log-probs at the same temperature."""
+    """Sampling temperature; the learner computes log-probs at the same temperature (unless
+    algo.temperature differs: off-policy trajectory balance only)."""
     top_p: float = 1.0
     """Nucleus sampling; keep 1.0 for RL (the learner does not truncate its log-probs).
     top_k, min_p, min_tokens, penalties, logit bias, bad words and structured outputs are

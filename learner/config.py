@@ -87,16 +87,19 @@ class AlgoConfig:
     temperature: float | None = None
     """The temperature of the learner's log-probs; null: the actors' sampling temperature
     (generator.temperature), which the run fills in (1.0 for a learner built directly).
-    Off-policy trajectory balance (``ignores_behavior``) may train at 1.0 on groups its
-    actors sample hotter (generator.temperature > 1: exploration); every other objective
-    needs the two equal."""
+    Off-policy trajectory balance (``ignores_behavior``) may train at another temperature
+    than its actors sample at (e.g. 1.0 on groups sampled at 1.5: exploration; its target
+    is defined at this one); every other objective needs the two equal."""
 
     def ignores_behavior(self) -> bool:
-        """Off-policy trajectory balance (flowrl, flowrl_no_z or vargrad with is_mode=off):
-        the loss never reads the behaviour log-probs, so a group sampled from any policy
-        with full support (another temperature, older weights) is valid data for the same
-        target."""
-        return self.name in ("flowrl", "flowrl_no_z", "vargrad") and self.is_mode == "off"
+        """Off-policy trajectory balance (flowrl or vargrad, raw rewards, is_mode=off): the
+        loss never reads the behaviour log-probs and its fixed point is the target whatever
+        policy sampled the data, so a group from any policy with full support (another
+        temperature, older weights) is valid data for the same target. Not with group-
+        normalised rewards (a group's shaped rewards depend on how likely its sampler was
+        to be right) nor flowrl_no_z (its fixed point depends on where samples fall)."""
+        return (self.name in ("flowrl", "vargrad") and self.reward_norm == "raw"
+                and self.is_mode == "off")  # fmt: skip
 
     def __post_init__(self):
         if self.name not in OBJECTIVES:

@@ -15,18 +15,19 @@ from pathlib import Path
 import pytest
 
 
-def default_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def interrupt_after(cmd: list[str], metrics: Path, rows: int, timeout_s: float = 240):
     """Start ``cmd``, send SIGINT once metrics.jsonl has ``rows`` lines; -> (status, output)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # a shell without job control starts background jobs with SIGINT ignored, and children
-    # inherit that (Python then installs no KeyboardInterrupt handler): the job gets Ctrl-C's
-    # default back, so the test holds however pytest itself was started
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env, preexec_fn=default_sigint)  # fmt: skip
+    # inherit that (Python then installs no KeyboardInterrupt handler). A handled signal is
+    # reset to its default by exec: with Python's handler set here while the job starts, the
+    # job gets Ctrl-C however pytest itself was started
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, env=env)  # fmt: skip
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and proc.poll() is None:
         if metrics.exists() and len(metrics.read_text().splitlines()) >= rows:

@@ -38,6 +38,9 @@ def test_settings_that_would_be_ignored_or_contradict_are_refused():
         algo__reward_norm="raw",
         algo__is_mode="truncate",
     )
+    assert "differs from generator.temperature" in refused(  # group-normalised rewards
+        generator__temperature=1.5, algo__temperature=1.0, algo__is_mode="off"
+    )
     assert "generator.temperature=0" in refused(generator__temperature=0.0)
 
 
